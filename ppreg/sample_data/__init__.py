@@ -1,0 +1,1 @@
+"""Bundled sample images (NIfTI); see README.md here and :mod:`ppreg.data`."""

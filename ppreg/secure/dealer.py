@@ -1,0 +1,150 @@
+"""Trusted dealer (third party) and each party's view of its correlated randomness.
+
+Security model: semi-honest parties, a dealer that follows the protocol and colludes with
+neither party (as CrypTen's trusted third party). The dealer holds one 256-bit seed per
+party (drawn from the OS CSPRNG and sent once, offline). Everything a party can derive
+from its own seed is never sent: the dealer sends only *corrections*, the part of a
+correlated value that depends on the other party's stream (e.g. ``c - c1`` for a Beaver
+triple). Each piece of randomness has a unique label; the dealer refuses to issue a label
+twice, so no triple or mask is ever reused.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from .channel import Channel
+from .prg import new_seed, prf_uint64
+from .ring import x64
+
+PARTIES = ("party1", "party2")
+
+
+def _ring_op(op: str, x, y):
+    with x64():
+        x, y = jnp.asarray(x), jnp.asarray(y)
+        return np.asarray(x * y if op == "mul" else x @ y)
+
+
+def _product_shape(op, shape_x, shape_y):
+    return tuple(np.broadcast_shapes(shape_x, shape_y)) if op == "mul" else tuple(shape_x[:-1]) + tuple(shape_y[1:])
+
+
+class Dealer:
+    """The dealer's side.
+
+    Args:
+        channel: carries seeds and corrections (counted as the receivers' offline bytes).
+        seeds: optional fixed ``(seed1, seed2)`` (tests); fresh CSPRNG seeds otherwise.
+    """
+
+    def __init__(self, channel: Channel, *, seeds: tuple[bytes, bytes] | None = None):
+        self.channel = channel
+        s1, s2 = seeds if seeds is not None else (new_seed(), new_seed())
+        self._seeds = {"party1": s1, "party2": s2}
+        self._issued: set[str] = set()
+        self._mask_sizes: dict[str, int] = {}
+
+    def distribute_seeds(self) -> None:
+        """Send each party its seed (offline, 32 bytes + header each)."""
+        for party in PARTIES:
+            self.channel.send("dealer", party, "seed", np.frombuffer(self._seeds[party], np.uint8), phase="offline")
+
+    def _claim(self, label: str) -> None:
+        if label in self._issued:
+            raise RuntimeError(f"correlated randomness {label!r} was already issued; it is never reused")
+        self._issued.add(label)
+
+    def _stream(self, party, label, shape):
+        return prf_uint64(self._seeds[party], label, shape)
+
+    def beaver(self, label: str, shape_x, shape_y, op: str = "mul") -> None:
+        """Issue a Beaver triple ``(a, b, c = a op b)`` for ``op`` in {"mul", "matmul"}.
+
+        Party1's shares of a, b, c and party2's of a, b come from their streams; the
+        dealer sends party2 ``c - c1``.
+        """
+        self._claim(label)
+        a = self._stream("party1", label + "/a", shape_x) + self._stream("party2", label + "/a", shape_x)
+        b = self._stream("party1", label + "/b", shape_y) + self._stream("party2", label + "/b", shape_y)
+        c = _ring_op(op, a, b)
+        c1 = self._stream("party1", label + "/c", c.shape)
+        self.channel.send("dealer", "party2", label, c - c1, phase="offline")
+
+    def product_mask(self, mask_label: str, n: int) -> None:
+        """Register party2's mask ``v`` (``n`` ring elements from party2's stream; nothing is sent)."""
+        self._claim(mask_label)
+        self._mask_sizes[mask_label] = int(n)
+
+    def product(self, label: str, mask_label: str, shape: tuple[int, int], idx=None, *, receive_idx: bool = False) -> None:
+        """Correlated randomness for one masked product (see :mod:`ppreg.secure.ppir`).
+
+        ``u`` (``shape = (k, c)``) is party1's, ``v`` the registered mask of party2;
+        ``w = u * v[idx]`` is shared as ``w1`` (party1's stream) and ``w - w1`` (sent to
+        party2). ``idx`` are public sample indices (``None``: every voxel); with
+        ``receive_idx`` they come from party1 instead (GMS) and are forwarded to party2
+        as a bitmask before the correction.
+        """
+        self._claim(label)
+        n = self._mask_sizes[mask_label]
+        if receive_idx:
+            mask = self.channel.recv("dealer", "party1", label + "/idx")
+            idx = bitmask_to_indices(mask, n)
+            self.channel.send("dealer", "party2", label + "/idx", mask, phase="offline")
+        v = self._stream("party2", mask_label + "/v", (n,))
+        v_sel = v if idx is None else v[np.asarray(idx)]
+        u = self._stream("party1", label + "/u", shape)
+        w = _ring_op("mul", u, v_sel[:, None])
+        self.channel.send("dealer", "party2", label, w - self._stream("party1", label + "/w", shape), phase="offline")
+
+
+class PartyRandomness:
+    """One party's view of the dealer: its seed and the corrections it receives.
+
+    Args:
+        party: ``"party1"`` or ``"party2"``.
+        channel: the channel the dealer sends on.
+    """
+
+    def __init__(self, party: str, channel: Channel):
+        if party not in PARTIES:
+            raise ValueError(f"party must be one of {PARTIES}, got {party!r}")
+        self.party, self.channel = party, channel
+        self._seed: bytes | None = None
+
+    def receive_seed(self) -> None:
+        self._seed = bytes(self.channel.recv(self.party, "dealer", "seed"))
+
+    def stream(self, label: str, shape) -> np.ndarray:
+        if self._seed is None:
+            raise RuntimeError(f"{self.party} has no seed from the dealer yet")
+        return prf_uint64(self._seed, label, tuple(shape))
+
+    def beaver(self, label: str, shape_x, shape_y, op: str = "mul"):
+        """This party's shares ``(a_i, b_i, c_i)`` of the triple ``label``."""
+        a = self.stream(label + "/a", shape_x)
+        b = self.stream(label + "/b", shape_y)
+        if self.party == "party1":
+            c = self.stream(label + "/c", _product_shape(op, shape_x, shape_y))
+        else:
+            c = self.channel.recv(self.party, "dealer", label)
+        return a, b, c
+
+    def correction(self, label: str) -> np.ndarray:
+        """Party2: the dealer's correction for ``label``."""
+        return self.channel.recv(self.party, "dealer", label)
+
+
+def indices_to_bitmask(idx, n: int) -> np.ndarray:
+    """Pack a set of indices in ``[0, n)`` as ``ceil(n / 8)`` bytes."""
+    bits = np.zeros(n, np.uint8)
+    bits[np.asarray(idx)] = 1
+    return np.packbits(bits)
+
+
+def bitmask_to_indices(mask: np.ndarray, n: int) -> np.ndarray:
+    """Sorted int32 indices from :func:`indices_to_bitmask` (ProtocolError-free: validates length)."""
+    if mask.shape != ((n + 7) // 8,):
+        raise ValueError(f"index bitmask of shape {mask.shape} does not describe {n} voxels")
+    return np.flatnonzero(np.unpackbits(mask)[:n]).astype(np.int32)

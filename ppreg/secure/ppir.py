@@ -1,0 +1,151 @@
+"""PPIR(MPC) for SSD: the joint term ``R = M^T (a ⊙ J)`` revealed to party1 only.
+
+Party1 holds ``a`` (``(k, c)``: the gradient of its warped image, Taiello et al. 2024
+Eq. 5, or any per-sample vector of its own), party2 holds ``J`` (its image, ``(n,)``),
+and ``M`` (``(k, c, P)``) is public: ``dW/dtheta`` at the identity on the sampled voxels.
+Since ``S^T J = (dW/dtheta)^T (grad I ⊙ J)`` the secure work is ``c`` element-wise
+products per sample followed by a public linear map on shares, so traffic does not grow
+with the number of parameters.
+
+Protocol (a Beaver product in which each factor is known to one party; the dealer
+supplies ``u``, ``v`` and ``w = u ⊙ v[idx]`` from seeded streams):
+
+1. Once per pyramid level, party2 sends ``delta = J - v`` (``v`` uniform, its stream).
+2. Each query, party1 sends ``eps = a - u`` (``u`` uniform, its stream): ``c * k`` elements.
+   With GMS sampling party1 also sends the index set to the dealer, who forwards it
+   to party2.
+3. Shares of ``a ⊙ J = a ⊙ delta + eps ⊙ v + w``: party1 holds ``a ⊙ delta + w1``,
+   party2 holds ``eps ⊙ v + w2``. Each applies ``M`` locally; party2 sends its ``P``
+   elements; party1 adds and decodes.
+
+What each party learns: party1 learns ``R`` (its output) and ``delta``, uniform; party2
+learns ``eps``, uniform, and the sample indices (public for full sampling and URS with a
+public key; for GMS they are a function of party1's image: a documented leak). Both learn
+the public shapes, the iteration count and the common power-of-two intensity scale.
+Security: semi-honest parties, non-colluding trusted dealer.
+
+Precision: ``a`` and ``J`` carry ``f`` fractional bits, ``M`` ``PUBLIC_FRAC_BITS`` (exact
+for ``dW/dtheta`` at the identity on pyramid grids, whose entries are multiples of 1/2),
+and ``R`` is revealed at ``2f + PUBLIC_FRAC_BITS`` bits with no truncation, so
+``|R - R_clear| <= 2^-(f+1) * sum |M| (|a| + |J| + 2^-(f+1))`` (:func:`error_bound`).
+Party1 checks before each query that ``sum |M| |a| * max|J|`` fits the ring
+(OverflowError otherwise), with ``max|J| <= 1`` guaranteed by the intensity scaling.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .channel import Channel
+from .dealer import PartyRandomness, bitmask_to_indices, indices_to_bitmask
+from .ring import check_frac_bits, check_range, decode, encode, to_ring, x64
+
+PUBLIC_FRAC_BITS = 1
+VALUE_BOUND = 1.0
+
+
+def encode_public_map(jac0) -> jnp.ndarray:
+    """Encode the public map ``M`` exactly with ``PUBLIC_FRAC_BITS`` bits.
+
+    Raises:
+        ValueError: if ``M`` is not a multiple of ``2^-PUBLIC_FRAC_BITS``.
+    """
+    scaled = np.asarray(jac0, np.float64) * 2.0**PUBLIC_FRAC_BITS
+    if not np.array_equal(scaled, np.round(scaled)):
+        raise ValueError("the public map dW/dtheta is not a multiple of 1/2; it cannot be encoded exactly")
+    return encode(jac0, PUBLIC_FRAC_BITS)
+
+
+@jax.jit
+def _linear_share(x, y, w, m):
+    """One party's share of ``M^T (x ⊙ y + w)``: ``x, w (k, c)``, ``y (k,)``, ``m (k, c, P)``."""
+    z = x * y[:, None] + w
+    return jnp.sum(m * z[:, :, None], axis=(0, 1))
+
+
+def error_bound(a, jac0, frac_bits: int, value_bound: float = VALUE_BOUND) -> float:
+    """Worst-case ``max_p |R_p - R_clear_p|`` from fixed-point encoding (see module docstring)."""
+    eps = 2.0 ** -(frac_bits + 1)
+    mag = np.abs(np.asarray(a, np.float64))[:, :, None] + value_bound + eps
+    return float(eps * np.max(np.sum(np.abs(np.asarray(jac0, np.float64)) * mag, axis=(0, 1))))
+
+
+def _select(x, idx):
+    return x if idx is None else x[jnp.asarray(idx)]
+
+
+class Party1:
+    """The moving-image holder's side of the product protocol."""
+
+    def __init__(self, channel: Channel, rand: PartyRandomness, frac_bits: int):
+        self.channel, self.rand, self.f = channel, rand, check_frac_bits(frac_bits)
+        self._delta: dict[str, jnp.ndarray] = {}
+        self._pending: dict[str, tuple] = {}
+
+    def receive_mask(self, mask_label: str) -> None:
+        """Step 1: receive ``J - v`` for a level."""
+        self._delta[mask_label] = to_ring(self.channel.recv("party1", "party2", mask_label))
+
+    def send_query(self, label: str, a, jac0, idx=None, *, n: int | None = None, send_idx: bool = False) -> None:
+        """Step 2: send ``eps = a - u`` (and, for GMS, the index set to the dealer).
+
+        Raises:
+            OverflowError: if ``R`` could overflow the ring at ``2f + 1`` bits.
+        """
+        a = np.asarray(a, np.float64)
+        check_range(float(np.sum(np.abs(np.asarray(jac0)) * np.abs(a)[:, :, None], axis=(0, 1)).max(initial=0.0)) * VALUE_BOUND,
+                    2 * self.f + PUBLIC_FRAC_BITS, "the secure term R")
+        if send_idx:
+            self.channel.send("party1", "dealer", label + "/idx", indices_to_bitmask(idx, n))
+        a_enc = encode(a, self.f)
+        with x64():
+            eps = a_enc - to_ring(self.rand.stream(label + "/u", a.shape))
+        self.channel.send("party1", "party2", label, np.asarray(eps))
+        self._pending[label] = (a_enc, idx)
+
+    def finish(self, label: str, mask_label: str, jac0) -> np.ndarray:
+        """Step 3: receive party2's share and reveal ``R`` (float64 ``(P,)``)."""
+        a_enc, idx = self._pending.pop(label)
+        with x64():
+            w1 = to_ring(self.rand.stream(label + "/w", a_enc.shape))
+            mine = _linear_share(a_enc, _select(self._delta[mask_label], idx), w1, encode_public_map(jac0))
+            theirs = to_ring(self.channel.recv("party1", "party2", label))
+            return decode(mine + theirs, 2 * self.f + PUBLIC_FRAC_BITS)
+
+
+class Party2:
+    """The fixed-image holder's side of the product protocol."""
+
+    def __init__(self, channel: Channel, rand: PartyRandomness, frac_bits: int):
+        self.channel, self.rand, self.f = channel, rand, check_frac_bits(frac_bits)
+        self._mask: dict[str, jnp.ndarray] = {}
+
+    def send_mask(self, mask_label: str, values) -> None:
+        """Step 1: send ``J - v`` for a level (``values``: float ``(n,)``, ``|J| <= 1``).
+
+        Raises:
+            ValueError: if ``|J| > 1`` (the public intensity bound) or non-finite.
+        """
+        values = np.asarray(values, np.float64)
+        if values.size and not np.max(np.abs(values)) <= VALUE_BOUND:
+            raise ValueError("party2's image must be scaled into [-1, 1] before the protocol")
+        v = to_ring(self.rand.stream(mask_label + "/v", values.shape))
+        self._mask[mask_label] = v
+        with x64():
+            self.channel.send("party2", "party1", mask_label, np.asarray(encode(values, self.f) - v))
+
+    def receive_indices(self, label: str, n: int) -> np.ndarray:
+        """GMS: the sample indices forwarded by the dealer."""
+        return bitmask_to_indices(self.rand.correction(label + "/idx"), n)
+
+    def respond(self, label: str, mask_label: str, jac0, idx=None, *, offset: float | None = None) -> None:
+        """Step 3: compute and send party2's share of ``R`` (plus a private ``offset``)."""
+        eps = to_ring(self.channel.recv("party2", "party1", label))
+        w2 = to_ring(self.rand.correction(label))
+        with x64():
+            share = _linear_share(eps, _select(self._mask[mask_label], idx), w2, encode_public_map(jac0))
+            if offset is not None:
+                share = share + encode(jnp.asarray([offset]), 2 * self.f + PUBLIC_FRAC_BITS)
+            self.channel.send("party2", "party1", label, np.asarray(share))

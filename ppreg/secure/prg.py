@@ -1,0 +1,46 @@
+"""Cryptographic randomness for shares and correlated randomness.
+
+* :func:`fresh_uint64` draws from the operating system's CSPRNG (``secrets``), for
+  one-off shares.
+* :func:`prf_uint64` expands a 256-bit seed and a label with SHAKE-256 (FIPS 202), a
+  standard extendable-output function. The dealer and a party that share a seed derive
+  the same stream for the same label without sending it; distinct labels give
+  independent streams, so every triple and mask has its own label and is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import numpy as np
+
+SEED_BYTES = 32
+
+
+def new_seed() -> bytes:
+    """A fresh 256-bit seed from the OS CSPRNG."""
+    return secrets.token_bytes(SEED_BYTES)
+
+
+def _check_seed(seed: bytes) -> None:
+    if not isinstance(seed, (bytes, bytearray)) or len(seed) != SEED_BYTES:
+        raise ValueError(f"a seed must be {SEED_BYTES} bytes")
+
+
+def prf_uint64(seed: bytes, label: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform uint64 array ``shape`` from ``SHAKE-256(seed || label)``.
+
+    Raises:
+        ValueError: if the seed is not 32 bytes.
+    """
+    _check_seed(seed)
+    count = int(np.prod(shape, dtype=np.int64))
+    data = hashlib.shake_256(bytes(seed) + label.encode("utf-8")).digest(8 * count) if count else b""
+    return np.frombuffer(data, dtype="<u8").reshape(shape).astype(np.uint64)
+
+
+def fresh_uint64(shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform uint64 array from the OS CSPRNG."""
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(secrets.token_bytes(8 * count), dtype="<u8").reshape(shape).astype(np.uint64)
