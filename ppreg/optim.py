@@ -3,7 +3,9 @@
 Forward-compositional Gauss-Newton (Baker & Matthews 2004) of Taiello et al. 2024,
 Algorithm 1 and Eq. 2-6. The update is composed on the fixed side,
 ``W <- W o W_delta``, so the Jacobian that enters ``S`` is ``dW/dtheta`` at the identity,
-``M(x) = J0(x)``: it is public and independent of the current parameters. Then
+``M(x) = J0(x) = C . xh(x)`` with ``xh = [x - c, 1]`` and a constant ``C``
+(:func:`~ppreg.transforms.identity_basis`): public and independent of the current
+parameters, and never materialised as a ``(k, d, P)`` array. Then
 
     S(x) = grad(I o W)(x)^T M(x),    grad(I o W)(x) = L^T grad I(W(x))        (Eq. 5)
     H = sum_x S S^T,   G = sum_x S (I(W(x)) - J(x)) = S^T I_w - R            (Eq. 4, 6)
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 
 from . import sampling as smp
 from .grid import downsample, gradient, level_coordinates, level_shape
-from .transforms import apply_matrix, identity_params, jacobian, matrix
+from .transforms import apply_matrix, homogeneous, identity_basis, matrix
 from .warp import interpolate, inside_mask
 
 
@@ -112,7 +114,7 @@ class Terms(NamedTuple):
 
     idx: jnp.ndarray | None
     a: jnp.ndarray  # (k, d)
-    jac0: jnp.ndarray  # (k, d, P) public
+    xh: jnp.ndarray  # (k, d + 1) public: [x - c, 1] of the samples
     hessian: jnp.ndarray  # (P, P)
     b: jnp.ndarray  # (P,) = S^T I_w
     iw: jnp.ndarray  # (k,)
@@ -138,14 +140,15 @@ def local_terms(mat, level: Level, key, iteration, *, kind, factor, method, k, f
     iw, a, inside = warp_terms(mat, level.moving, pts, factor)
     if frac_bits is not None:
         a = jnp.round(a * 2.0**frac_bits) / 2.0**frac_bits
-    jac0 = jacobian(kind, identity_params(kind, coords.shape[-1]), pts, level.center)
-    s = jnp.einsum("kd,kdp->kp", a, jac0)
-    return Terms(idx, a, jac0, s.T @ s, s.T @ iw, iw, inside)
+    xh = homogeneous(pts, level.center)
+    s = jnp.einsum("dpj,kd,kj->kp", identity_basis(kind, coords.shape[-1]), a, xh)
+    return Terms(idx, a, xh, s.T @ s, s.T @ iw, iw, inside)
 
 
-def product_term(a, jac0, values):
-    """``R = M^T (a ⊙ J)``: float32 ``(P,)`` from ``a (k, d)``, ``M (k, d, P)``, ``J (k,)``."""
-    return jnp.einsum("kd,kdp,k->p", a, jac0, values)
+def product_term(a, xh, values, *, kind):
+    """``R = M^T (a ⊙ J)`` (float32 ``(P,)``) from ``a (k, d)``, ``xh (k, d + 1)``, ``J (k,)``."""
+    moment = jnp.einsum("kd,kj,k->dj", a, xh, values)
+    return jnp.einsum("dpj,dj->p", identity_basis(kind, a.shape[-1]), moment)
 
 
 def update(mat, terms: Terms, r, *, kind, center, damping):
@@ -155,7 +158,8 @@ def update(mat, terms: Terms, r, *, kind, center, damping):
     diag = jnp.diag(h)
     reg = damping * jnp.diag(diag) + 1e-9 * (jnp.mean(diag) + 1e-30) * jnp.eye(h.shape[0], dtype=h.dtype)
     delta = -jnp.linalg.solve(h + reg, grad)
-    step = jnp.sqrt(jnp.mean(jnp.sum(jnp.einsum("kdp,p->kd", terms.jac0, delta) ** 2, axis=-1)))
+    basis = identity_basis(kind, terms.a.shape[-1])
+    step = jnp.sqrt(jnp.mean(jnp.sum(jnp.einsum("dpj,kj,p->kd", basis, terms.xh, delta) ** 2, axis=-1)))
     return mat @ matrix(kind, delta, center), step
 
 
@@ -179,7 +183,7 @@ def run_level(mat, level: Level, key, *, kind, factor, method, k, max_iterations
         mat, it, _, losses = state
         t = local_terms(mat, level, key, it, kind=kind, factor=factor, method=method, k=k)
         values = level.fixed if t.idx is None else level.fixed[t.idx]
-        r = product_term(t.a, t.jac0, values)
+        r = product_term(t.a, t.xh, values, kind=kind)
         loss = jnp.sum(t.inside * (t.iw - values) ** 2) / jnp.maximum(jnp.sum(t.inside), 1.0)
         new, step = update(mat, t, r, kind=kind, center=level.center, damping=damping)
         return new, it + 1, step, losses.at[it].set(loss)

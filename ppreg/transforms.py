@@ -22,6 +22,9 @@ In 2D the rotation matrix acts on (row, col) indices: ``[[cos, -sin], [sin, cos]
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -63,7 +66,7 @@ def _rodrigues(w):
     small = theta2 < 1e-8
     theta = jnp.sqrt(jnp.where(small, 1.0, theta2))
     a = jnp.where(small, 1.0 - theta2 / 6.0, jnp.sin(theta) / theta)
-    b = jnp.where(small, 0.5 - theta2 / 24.0, (1.0 - jnp.cos(theta)) / jnp.where(small, 1.0, theta2))
+    b = jnp.where(small, 0.5 - theta2 / 24.0, 2.0 * jnp.sin(0.5 * theta) ** 2 / jnp.where(small, 1.0, theta2))
     k = _skew(w)
     return jnp.eye(3, dtype=w.dtype) + a * k + b * (k @ k)
 
@@ -122,17 +125,29 @@ def apply(kind: str, params: jnp.ndarray, coords: jnp.ndarray, center: jnp.ndarr
 
 
 def _rotation_vector_derivatives(w):
-    """``dR/dw_i`` for the Rodrigues map, ``(3, 3, 3)`` indexed ``[i]`` (Gallego & Yezzi 2015, Eq. 9)."""
+    """``dR/dw_i`` for the Rodrigues map, ``(3, 3, 3)`` indexed ``[i]``.
+
+    With ``R = I + a K + b K^2``: ``dR/dw_i = a E_i + b (E_i K + K E_i) + w_i (c_a K + c_b K^2)``,
+    ``c_a = a'(theta) / theta``, ``c_b = b'(theta) / theta`` (series below theta^2 = 1e-2).
+    """
     theta2 = jnp.sum(w * w)
-    small = theta2 < 1e-12
-    rot = _rodrigues(w)
+    small = theta2 < 1e-2
+    t2 = jnp.where(small, 1.0, theta2)
+    t = jnp.sqrt(t2)
+    s, c = jnp.sin(t), jnp.cos(t)
+    omc = 2.0 * jnp.sin(0.5 * t) ** 2
+    a = jnp.where(small, 1.0 - theta2 / 6.0 + theta2**2 / 120.0, s / t)
+    b = jnp.where(small, 0.5 - theta2 / 24.0 + theta2**2 / 720.0, omc / t2)
+    ca = jnp.where(small, -1.0 / 3.0 + theta2 / 30.0, (t * c - s) / (t2 * t))
+    cb = jnp.where(small, -1.0 / 12.0 + theta2 / 180.0, (t * s - 2.0 * omc) / (t2 * t2))
+    k = _skew(w)
+    k2 = k @ k
     eye = jnp.eye(3, dtype=w.dtype)
-    general = []
+    out = []
     for i in range(3):
-        cross = jnp.cross(w, (eye - rot)[:, i])
-        general.append((w[i] * _skew(w) + _skew(cross)) @ rot / jnp.where(small, 1.0, theta2))
-    at_zero = [_skew(eye[i]) for i in range(3)]
-    return jnp.stack([jnp.where(small, z, g) for z, g in zip(at_zero, general)])
+        e = _skew(eye[i])
+        out.append(a * e + b * (e @ k + k @ e) + w[i] * (ca * k + cb * k2))
+    return jnp.stack(out)
 
 
 def jacobian(kind: str, params: jnp.ndarray, coords: jnp.ndarray, center: jnp.ndarray) -> jnp.ndarray:
@@ -148,10 +163,11 @@ def jacobian(kind: str, params: jnp.ndarray, coords: jnp.ndarray, center: jnp.nd
         float32 ``(..., d, P)``: ``out[..., k, p] = dW_k / dtheta_p``.
 
     Source: Taiello et al. 2024 (MedIA 94, 103129), Eq. 5 uses ``dW/dtheta``; rotation-vector
-    derivative from Gallego & Yezzi, J. Math. Imaging Vis. 2015, Eq. 9.
+    derivative by differentiating the Rodrigues formula (series near 0; see _rotation_vector_derivatives).
     """
     ndim = coords.shape[-1]
-    check_kind(kind, ndim)
+    if params.shape != (n_params(kind, ndim),):
+        raise ValueError(f"{kind} in {ndim}D takes {n_params(kind, ndim)} parameters, got shape {params.shape}")
     rel = coords - center
     lead = coords.shape[:-1]
     trans = jnp.broadcast_to(jnp.eye(ndim, dtype=coords.dtype), lead + (ndim, ndim))
@@ -170,6 +186,35 @@ def jacobian(kind: str, params: jnp.ndarray, coords: jnp.ndarray, center: jnp.nd
     drot = _rotation_vector_derivatives(params[:3])  # (i, k, j)
     dw = jnp.einsum("ikj,...j->...ki", drot, rel)
     return jnp.concatenate([dw, trans], axis=-1)
+
+
+def homogeneous(coords: jnp.ndarray, center: jnp.ndarray) -> jnp.ndarray:
+    """Relative homogeneous coordinates ``[x - c, 1]``: float32 ``(..., d + 1)``."""
+    ones = jnp.ones(coords.shape[:-1] + (1,), coords.dtype)
+    return jnp.concatenate([coords - center, ones], axis=-1)
+
+
+def identity_basis(kind: str, ndim: int) -> np.ndarray:
+    """Constant tensor ``C (d, P, d + 1)`` with ``dW/dtheta`` at the identity = ``C . [x - c, 1]``.
+
+    At the identity every linear transform's Jacobian is linear in the homogeneous
+    relative coordinates: ``jacobian(kind, 0, x, c)[k, p] = sum_j C[k, p, j] xh_j`` with
+    ``xh = homogeneous(x, c)``. Entries are 0 and +-1, so ``M^T z`` reduces to the
+    ``(d, d + 1)`` moment ``z^T xh`` and an integer contraction (exact in a ring).
+    """
+    check_kind(kind, ndim)
+    return _identity_basis(kind, ndim)
+
+
+@functools.lru_cache(maxsize=None)
+def _identity_basis(kind, ndim):
+    eye = np.eye(ndim, dtype=np.float32)
+    points = np.concatenate([eye, np.zeros((1, ndim), np.float32)])  # rel = e_j, then rel = 0
+    with jax.ensure_compile_time_eval():
+        jac = np.asarray(jacobian(kind, identity_params(kind, ndim), jnp.asarray(points), jnp.zeros(ndim)))
+    basis = np.concatenate([np.moveaxis(jac[:ndim] - jac[ndim], 0, -1), jac[ndim][..., None]], axis=-1)
+    basis.setflags(write=False)
+    return basis
 
 
 def params_from_matrix(kind: str, mat, center) -> np.ndarray:
@@ -199,14 +244,16 @@ def params_from_matrix(kind: str, mat, center) -> np.ndarray:
 
 def _rotation_log(rot: np.ndarray) -> np.ndarray:
     cos = np.clip((np.trace(rot) - 1.0) / 2.0, -1.0, 1.0)
-    angle = np.arccos(cos)
     axis_raw = np.array([rot[2, 1] - rot[1, 2], rot[0, 2] - rot[2, 0], rot[1, 0] - rot[0, 1]])
+    angle = np.arctan2(np.linalg.norm(axis_raw) / 2.0, cos)  # better conditioned than arccos near 0 and pi
     if angle < 1e-7:
         return axis_raw / 2.0
     if np.pi - angle < 1e-4:
         # near pi the antisymmetric part vanishes: take the axis from R + I
-        sym = (rot + np.eye(3)) / 2.0
+        sym = (rot + rot.T) / 2.0 - cos * np.eye(3)  # = (1 - cos) n n^T
         axis = sym[:, np.argmax(np.diag(sym))]
         axis = axis / np.linalg.norm(axis)
+        if axis @ axis_raw < 0:  # R + I fixes the axis up to sign; the antisymmetric part gives it
+            axis = -axis
         return axis * angle
     return axis_raw * angle / (2.0 * np.sin(angle))

@@ -22,9 +22,10 @@ from .grid import identity_grid
 
 
 def _check(image: jnp.ndarray, coords: jnp.ndarray, ndim: int) -> None:
-    if coords.shape[-1] != ndim:
+    if not 1 <= ndim <= image.ndim:
         raise ValueError(
-            f"coords last axis must equal the number of spatial axes ({ndim}), got shape {coords.shape}"
+            f"coords last axis must be the number of spatial axes (1 to {image.ndim} for an image of shape "
+            f"{image.shape}), got coords shape {coords.shape}"
         )
     spatial = image.shape[:ndim]
     if min(spatial) < 2:
@@ -93,7 +94,9 @@ def _interp_bwd(res, cot):
     else:
         g_coords = cot[..., None] * grad
     _, vjp_image = jax.vjp(lambda im: _interp_value(im, coords, fill, ndim), image)
-    return vjp_image(cot)[0], g_coords, jnp.zeros_like(fill)
+    outside = ~inside_mask(coords, image.shape[:ndim])
+    g_fill = jnp.sum(jnp.where(_expand(outside, cot), cot, 0.0)).astype(fill.dtype)
+    return vjp_image(cot)[0], g_coords, g_fill
 
 
 _interp.defvjp(_interp_fwd, _interp_bwd)

@@ -13,6 +13,7 @@ messages it sent (its rounds). Counts are of the frames actually sent, headers i
 from __future__ import annotations
 
 import abc
+import math
 import struct
 from collections import defaultdict, deque
 
@@ -38,7 +39,7 @@ def encode_message(tag: str, array: np.ndarray) -> bytes:
     Raises:
         TypeError: unsupported dtype. ValueError: tag longer than 255 bytes or > 8 axes.
     """
-    arr = np.ascontiguousarray(array)
+    arr = np.asarray(array)
     code = _CODES.get((arr.dtype.kind, arr.dtype.itemsize))
     if code is None:
         raise TypeError(f"cannot send dtype {arr.dtype}")
@@ -77,7 +78,7 @@ def decode_message(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
         raise ProtocolError("malformed message: tag is not UTF-8") from exc
     pos += tag_len
     dtype = _DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(frame) - pos != expected:
         raise ProtocolError(f"malformed message: payload of {len(frame) - pos} bytes, shape {shape} needs {expected}")
     return tag, np.frombuffer(frame, dtype=dtype, offset=pos).reshape(shape)

@@ -2,7 +2,11 @@
 
 Party1 holds ``a`` (``(k, c)``: the gradient of its warped image, Taiello et al. 2024
 Eq. 5, or any per-sample vector of its own), party2 holds ``J`` (its image, ``(n,)``),
-and ``M`` (``(k, c, P)``) is public: ``dW/dtheta`` at the identity on the sampled voxels.
+and ``M`` is public: ``dW/dtheta`` at the identity on the sampled voxels, given as
+``M[x, i, p] = sum_j basis[i, p, j] xh[x, j]`` with ``xh (k, m)`` the relative homogeneous
+coordinates and an integer ``basis (c, P, m)`` (:func:`ppreg.transforms.identity_basis`).
+Each party reduces its share ``z`` of ``a ⊙ J`` to the moment ``z^T xh`` (``c x m``) and
+contracts it with ``basis``: nothing of size ``k x P`` is ever formed.
 Since ``S^T J = (dW/dtheta)^T (grad I ⊙ J)`` the secure work is ``c`` element-wise
 products per sample followed by a public linear map on shares, so traffic does not grow
 with the number of parameters.
@@ -24,8 +28,8 @@ public key; for GMS they are a function of party1's image: a documented leak). B
 the public shapes, the iteration count and the common power-of-two intensity scale.
 Security: semi-honest parties, non-colluding trusted dealer.
 
-Precision: ``a`` and ``J`` carry ``f`` fractional bits, ``M`` ``PUBLIC_FRAC_BITS`` (exact
-for ``dW/dtheta`` at the identity on pyramid grids, whose entries are multiples of 1/2),
+Precision: ``a`` and ``J`` carry ``f`` fractional bits, ``xh`` ``PUBLIC_FRAC_BITS`` (exact:
+pyramid grid coordinates relative to the centre are multiples of 1/2; ``basis`` is integer),
 and ``R`` is revealed at ``2f + PUBLIC_FRAC_BITS`` bits with no truncation, so
 ``|R - R_clear| <= 2^-(f+1) * sum |M| (|a| + |J| + 2^-(f+1))`` (:func:`error_bound`).
 Party1 checks before each query that ``sum |M| |a| * max|J|`` fits the ring
@@ -46,30 +50,44 @@ PUBLIC_FRAC_BITS = 1
 VALUE_BOUND = 1.0
 
 
-def encode_public_map(jac0) -> jnp.ndarray:
-    """Encode the public map ``M`` exactly with ``PUBLIC_FRAC_BITS`` bits.
+def _public_ring(xh, basis):
+    """Exact ring encodings of the public map: ``xh`` at ``PUBLIC_FRAC_BITS`` bits, ``basis`` as integers.
 
     Raises:
-        ValueError: if ``M`` is not a multiple of ``2^-PUBLIC_FRAC_BITS``.
+        ValueError: if ``xh`` is not a multiple of ``2^-PUBLIC_FRAC_BITS`` or ``basis`` is not integer.
     """
-    scaled = np.asarray(jac0, np.float64) * 2.0**PUBLIC_FRAC_BITS
-    if not np.array_equal(scaled, np.round(scaled)):
-        raise ValueError("the public map dW/dtheta is not a multiple of 1/2; it cannot be encoded exactly")
-    return encode(jac0, PUBLIC_FRAC_BITS)
+    scaled = np.asarray(xh, np.float64) * 2.0**PUBLIC_FRAC_BITS
+    basis = np.asarray(basis, np.float64)
+    if not np.array_equal(scaled, np.round(scaled)) or not np.array_equal(basis, np.round(basis)):
+        raise ValueError("the public map must have coordinates in multiples of 1/2 and an integer basis")
+    return encode(xh, PUBLIC_FRAC_BITS), encode(basis, 0)
 
 
 @jax.jit
-def _linear_share(x, y, w, m):
-    """One party's share of ``M^T (x ⊙ y + w)``: ``x, w (k, c)``, ``y (k,)``, ``m (k, c, P)``."""
+def _linear_share(x, y, w, xh, basis):
+    """One party's share of ``M^T (x ⊙ y + w)``: ``x, w (k, c)``, ``y (k,)``, ``xh (k, m)``, ``basis (c, P, m)``."""
     z = x * y[:, None] + w
-    return jnp.sum(m * z[:, :, None], axis=(0, 1))
+    moment = jnp.sum(z[:, :, None] * xh[:, None, :], axis=0)
+    return jnp.sum(basis * moment[:, None, :], axis=(0, 2))
 
 
-def error_bound(a, jac0, frac_bits: int, value_bound: float = VALUE_BOUND) -> float:
+def _abs_map(values, xh, basis):
+    """``max_p sum_x sum_i |M[x, i, p]| values[x, i]`` for non-negative ``values (k, c)``."""
+    moment = np.asarray(values, np.float64).T @ np.abs(np.asarray(xh, np.float64))
+    return float(np.max(np.einsum("ipj,ij->p", np.abs(np.asarray(basis, np.float64)), moment), initial=0.0))
+
+
+def error_bound(a, xh, basis, frac_bits: int, value_bound: float = VALUE_BOUND) -> float:
     """Worst-case ``max_p |R_p - R_clear_p|`` from fixed-point encoding (see module docstring)."""
     eps = 2.0 ** -(frac_bits + 1)
-    mag = np.abs(np.asarray(a, np.float64))[:, :, None] + value_bound + eps
-    return float(eps * np.max(np.sum(np.abs(np.asarray(jac0, np.float64)) * mag, axis=(0, 1))))
+    return eps * _abs_map(np.abs(np.asarray(a, np.float64)) + value_bound + eps, xh, basis)
+
+
+def _check_index_set(idx, n, k):
+    """Indices sent as a set must be sorted, distinct, in range and one per sample."""
+    idx = np.asarray(idx)
+    if idx.shape != (k,) or (k and (idx[0] < 0 or idx[-1] >= n or np.any(np.diff(idx) <= 0))):
+        raise ValueError(f"sample indices sent as a set must be {k} strictly increasing values in [0, {n})")
 
 
 def _select(x, idx):
@@ -88,16 +106,16 @@ class Party1:
         """Step 1: receive ``J - v`` for a level."""
         self._delta[mask_label] = to_ring(self.channel.recv("party1", "party2", mask_label))
 
-    def send_query(self, label: str, a, jac0, idx=None, *, n: int | None = None, send_idx: bool = False) -> None:
+    def send_query(self, label: str, a, xh, basis, idx=None, *, n: int | None = None, send_idx: bool = False) -> None:
         """Step 2: send ``eps = a - u`` (and, for GMS, the index set to the dealer).
 
         Raises:
             OverflowError: if ``R`` could overflow the ring at ``2f + 1`` bits.
         """
         a = np.asarray(a, np.float64)
-        check_range(float(np.sum(np.abs(np.asarray(jac0)) * np.abs(a)[:, :, None], axis=(0, 1)).max(initial=0.0)) * VALUE_BOUND,
-                    2 * self.f + PUBLIC_FRAC_BITS, "the secure term R")
+        check_range(_abs_map(np.abs(a), xh, basis) * VALUE_BOUND, 2 * self.f + PUBLIC_FRAC_BITS, "the secure term R")
         if send_idx:
+            _check_index_set(idx, n, a.shape[0])
             self.channel.send("party1", "dealer", label + "/idx", indices_to_bitmask(idx, n))
         a_enc = encode(a, self.f)
         with x64():
@@ -105,12 +123,12 @@ class Party1:
         self.channel.send("party1", "party2", label, np.asarray(eps))
         self._pending[label] = (a_enc, idx)
 
-    def finish(self, label: str, mask_label: str, jac0) -> np.ndarray:
+    def finish(self, label: str, mask_label: str, xh, basis) -> np.ndarray:
         """Step 3: receive party2's share and reveal ``R`` (float64 ``(P,)``)."""
         a_enc, idx = self._pending.pop(label)
         with x64():
             w1 = to_ring(self.rand.stream(label + "/w", a_enc.shape))
-            mine = _linear_share(a_enc, _select(self._delta[mask_label], idx), w1, encode_public_map(jac0))
+            mine = _linear_share(a_enc, _select(self._delta[mask_label], idx), w1, *_public_ring(xh, basis))
             theirs = to_ring(self.channel.recv("party1", "party2", label))
             return decode(mine + theirs, 2 * self.f + PUBLIC_FRAC_BITS)
 
@@ -140,12 +158,12 @@ class Party2:
         """GMS: the sample indices forwarded by the dealer."""
         return bitmask_to_indices(self.rand.correction(label + "/idx"), n)
 
-    def respond(self, label: str, mask_label: str, jac0, idx=None, *, offset: float | None = None) -> None:
+    def respond(self, label: str, mask_label: str, xh, basis, idx=None, *, offset: float | None = None) -> None:
         """Step 3: compute and send party2's share of ``R`` (plus a private ``offset``)."""
         eps = to_ring(self.channel.recv("party2", "party1", label))
         w2 = to_ring(self.rand.correction(label))
         with x64():
-            share = _linear_share(eps, _select(self._mask[mask_label], idx), w2, encode_public_map(jac0))
+            share = _linear_share(eps, _select(self._mask[mask_label], idx), w2, *_public_ring(xh, basis))
             if offset is not None:
                 share = share + encode(jnp.asarray([offset]), 2 * self.f + PUBLIC_FRAC_BITS)
             self.channel.send("party2", "party1", label, np.asarray(share))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import optim
-from ..transforms import identity_params, jacobian
+from ..transforms import homogeneous, identity_basis
 from .channel import Channel, InProcessChannel
 from .dealer import Dealer, PartyRandomness
 from .ppir import Party1, Party2
@@ -26,11 +26,10 @@ _local_terms = jax.jit(optim.local_terms, static_argnames=("kind", "factor", "me
 _update = jax.jit(optim.update, static_argnames=("kind", "damping"))
 
 
-@partial(jax.jit, static_argnames=("kind",))
-def public_map(coords, idx, center, *, kind):
-    """``dW/dtheta`` at the identity on the sampled voxels, from public data only."""
-    pts = coords if idx is None else coords[idx]
-    return jacobian(kind, identity_params(kind, coords.shape[-1]), pts, center)
+@jax.jit
+def public_coordinates(coords, idx, center):
+    """``xh = [x - c, 1]`` of the sampled voxels (public data only); see :func:`identity_basis`."""
+    return homogeneous(coords if idx is None else coords[idx], center)
 
 
 @partial(jax.jit, static_argnames=("n", "k"))
@@ -88,6 +87,7 @@ class SecureSession:
             ``(matrix, iterations)``.
         """
         n = level.coords.shape[0]
+        basis = identity_basis(kind, level.coords.shape[-1])
         mask_label = f"L{level_index}/mask"
         self.open_mask(mask_label, fixed_flat)
         before = self.channel.traffic.snapshot()["sent"]
@@ -98,7 +98,7 @@ class SecureSession:
                 terms = _local_terms(mat, level, key, it, kind=kind, factor=factor, method=method, k=k,
                                      frac_bits=self.party1.f)
                 idx = None if terms.idx is None else np.asarray(terms.idx)
-                self.party1.send_query(label, terms.a, terms.jac0, idx, n=n, send_idx=method == "gms")
+                self.party1.send_query(label, terms.a, terms.xh, basis, idx, n=n, send_idx=method == "gms")
             with self.timed("dealer"):
                 public_idx = _urs(key, it, n=n, k=k) if method == "urs" else None
                 self.dealer.product(label, mask_label, tuple(terms.a.shape), public_idx, receive_idx=method == "gms")
@@ -107,9 +107,9 @@ class SecureSession:
                     idx2 = jnp.asarray(self.party2.receive_indices(label, n))
                 else:
                     idx2 = _urs(key, it, n=n, k=k) if method == "urs" else None
-                self.party2.respond(label, mask_label, public_map(level.coords, idx2, level.center, kind=kind), idx2)
+                self.party2.respond(label, mask_label, public_coordinates(level.coords, idx2, level.center), basis, idx2)
             with self.timed("party1"):
-                r = self.party1.finish(label, mask_label, terms.jac0)
+                r = self.party1.finish(label, mask_label, terms.xh, basis)
                 mat, step = _update(mat, terms, jnp.asarray(r, jnp.float32), kind=kind, center=level.center,
                                     damping=damping)
                 done = float(step) <= tol
@@ -132,17 +132,17 @@ class SecureSession:
         """
         n = int(warped_flat.shape[0])
         label = "final/ssd"
-        ones = np.ones((n, 1, 1), np.float32)
+        ones, unit = np.ones((n, 1), np.float32), np.ones((1, 1, 1), np.float32)
         with self.timed("party1"):
             a = -2.0 * np.asarray(warped_flat, np.float64)[:, None]
-            self.party1.send_query(label, a, ones)
+            self.party1.send_query(label, a, ones, unit)
         with self.timed("dealer"):
             self.dealer.product(label, mask_label, (n, 1))
         with self.timed("party2"):
             fixed64 = np.asarray(fixed_flat, np.float64)
-            self.party2.respond(label, mask_label, ones, offset=float(np.sum(fixed64**2)))
+            self.party2.respond(label, mask_label, ones, unit, offset=float(np.sum(fixed64**2)))
         with self.timed("party1"):
-            cross_and_fixed = float(self.party1.finish(label, mask_label, ones)[0])
+            cross_and_fixed = float(self.party1.finish(label, mask_label, ones, unit)[0])
             return float(np.sum(np.asarray(warped_flat, np.float64) ** 2)) + cross_and_fixed
 
     def bytes_report(self) -> dict:

@@ -78,9 +78,14 @@ def reveal(x: Shared) -> np.ndarray:
         return decode(x.s1 + x.s2, x.frac_bits)
 
 
-def _same(x: Shared, y: Shared):
+def _same(x: Shared, y: Shared, *, broadcast: bool = True):
     if x.frac_bits != y.frac_bits:
         raise ValueError(f"fractional bits differ: {x.frac_bits} vs {y.frac_bits}")
+    if broadcast:
+        try:
+            np.broadcast_shapes(x.shape, y.shape)
+        except ValueError:
+            raise ValueError(f"shapes {x.shape} and {y.shape} do not broadcast") from None
 
 
 def add(x: Shared, y: Shared) -> Shared:
@@ -143,7 +148,7 @@ class TwoPartySession:
         self._counter = itertools.count()
 
     def _beaver(self, x: Shared, y: Shared, op: str) -> Shared:
-        _same(x, y)
+        _same(x, y, broadcast=op == "mul")
         label = f"beaver/{next(self._counter)}"
         self.dealer.beaver(label, x.shape, y.shape, op)
         triples = {p: self.rand[p].beaver(label, x.shape, y.shape, op) for p in self.rand}

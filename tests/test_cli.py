@@ -1,0 +1,104 @@
+"""The ``ppreg`` command: outputs, report format, errors without partial output, demo."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ppreg.cli import main
+from ppreg.data import sample_path
+
+FIXED = sample_path("BrainProtonDensitySliceBorder20")
+SHIFTED = sample_path("BrainProtonDensitySliceShifted13x17y")
+
+
+def _register(tmp_path, *extra, out="out"):
+    return main(["register", str(FIXED), str(SHIFTED), "-o", str(tmp_path / out), "--transform", "translation",
+                 *extra])
+
+
+def test_register_writes_outputs(tmp_path, capsys):
+    assert _register(tmp_path) == 0
+    out = tmp_path / "out"
+    transform = json.loads((out / "transform.json").read_text())
+    assert transform["type"] == "translation"
+    mat = np.asarray(transform["matrix"])
+    assert mat.shape == (3, 3)
+    np.testing.assert_allclose(mat[:2, 2], [17.0, 13.0], atol=0.05)
+    report = json.loads((out / "report.json").read_text())
+    assert isinstance(report["iterations"], int) and report["iterations"] > 0
+    assert report["final_loss"] < 1.0
+    assert [set(lv) >= {"shape", "iterations", "n_samples"} for lv in report["levels"]] == [True] * 3
+    assert report["bytes"]["party2"] == {"online": 0, "offline": 0}
+    assert set(report["bytes_per_iteration"]) == {"party1", "party2"}
+    warped = nib.load(out / "warped.nii.gz")
+    fixed = nib.load(FIXED)
+    assert warped.shape == fixed.shape
+    np.testing.assert_allclose(warped.affine, fixed.affine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging leftovers
+    assert "translation registration" in capsys.readouterr().out
+
+
+def test_register_mpc_urs_reports_traffic(tmp_path):
+    assert _register(tmp_path, "--secure", "mpc", "--sampling", "urs", "--fraction", "0.2", "--max-iterations",
+                     "15") == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["secure"] == "mpc"
+    assert report["bytes"]["party1"]["online"] > 0 and report["bytes"]["party2"]["offline"] > 0
+    assert report["bytes_per_iteration"]["party1"] > report["bytes_per_iteration"]["party2"] > 0
+    assert report["levels"][-1]["n_samples"] == round(0.2 * 257 * 221)
+    assert report["time_s"]["party2"] > 0
+
+
+def _assert_error(capsys, status, needle):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(err) == 1 and err[0].startswith("ppreg: error:") and needle in err[0]
+
+
+def test_missing_file(tmp_path, capsys):
+    status = main(["register", str(tmp_path / "nope.nii.gz"), str(SHIFTED), "-o", str(tmp_path / "out")])
+    _assert_error(capsys, status, "no such file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_2d_vs_3d(tmp_path, capsys):
+    nib.save(nib.Nifti1Image(np.ones((6, 7, 8), np.float32), np.eye(4)), tmp_path / "vol.nii.gz")
+    status = main(["register", str(FIXED), str(tmp_path / "vol.nii.gz"), "-o", str(tmp_path / "out")])
+    _assert_error(capsys, status, "3D")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_voxels(tmp_path, capsys):
+    data = nib.load(FIXED).get_fdata().astype(np.float32)
+    data[10, 10] = np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "bad.nii.gz")
+    status = main(["register", str(FIXED), str(tmp_path / "bad.nii.gz"), "-o", str(tmp_path / "out")])
+    _assert_error(capsys, status, "non-finite")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_file(tmp_path, capsys):
+    (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti file")
+    status = main(["register", str(FIXED), str(tmp_path / "junk.nii.gz"), "-o", str(tmp_path / "out")])
+    _assert_error(capsys, status, "junk.nii.gz")
+
+
+@pytest.mark.parametrize("argv", [["register", "a", "b"], ["register", "a", "b", "-o", "x", "--transform", "warp"],
+                                  ["register", "a", "b", "-o", "x", "--levels", "4,0"], ["frobnicate"]])
+def test_bad_arguments_exit_nonzero(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code != 0
+    assert "error:" in capsys.readouterr().err
+
+
+def test_failure_keeps_existing_outputs(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("old")
+    status = main(["register", str(FIXED), str(SHIFTED), "-o", str(out), "--levels", "400"])
+    _assert_error(capsys, status, "too large")
+    assert (out / "report.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
