@@ -191,8 +191,9 @@ def register(
     if fixed_a.ndim != moving_a.ndim:
         raise ValueError(f"fixed is {fixed_a.ndim}D but moving is {moving_a.ndim}D")
     _check_options(transform, loss, secure, sampling, levels, fixed_a.ndim)
-    for f in levels:
-        level_shape(fixed_a.shape, f), level_shape(moving_a.shape, f)
+    for f in levels:  # raises ValueError for a factor too large for either image
+        level_shape(fixed_a.shape, f)
+        level_shape(moving_a.shape, f)
     key = jax.random.key(key) if isinstance(key, int) else key
     scale = 2.0 ** max(scale_exponent(fixed_a), scale_exponent(moving_a))
     fixed_s, moving_s = fixed_a / scale, moving_a / scale

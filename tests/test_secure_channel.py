@@ -15,12 +15,7 @@ from ppreg.secure.channel import (
     decode_message,
     encode_message,
 )
-
-HEAD = 8  # magic (4) + version, dtype code, ndim, tag length (1 each)
-
-
-def frame_size(tag, shape, itemsize):
-    return HEAD + 8 * len(shape) + len(tag.encode()) + itemsize * int(np.prod(shape, dtype=np.int64))
+from secure_helpers import frame_size
 
 
 def raw_frame(shape, payload=b"", *, code=1, tag=b"t", magic=MAGIC, version=VERSION):

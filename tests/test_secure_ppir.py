@@ -10,36 +10,14 @@ import pytest
 from scipy.stats import chisquare
 
 from ppreg.secure import ppir
-from ppreg.secure.channel import InProcessChannel, decode_message
 from ppreg.secure.ring import encode
 from ppreg.secure.session import SecureSession
+from secure_helpers import HEAD, RecordingChannel, frame_size
+
 
 F = 16
 N, K, C, P, M = 300, 200, 2, 6, 3
 SEEDS = (b"a" * 32, b"b" * 32)
-HEAD = 8  # fixed frame header: magic + version + dtype + ndim + tag length
-
-
-def frame_size(tag, shape, itemsize=8):
-    return HEAD + 8 * len(shape) + len(tag) + itemsize * int(np.prod(shape, dtype=np.int64))
-
-
-class RecordingChannel(InProcessChannel):
-    """Keeps every frame sent: ``(src, dst, tag, array)``."""
-
-    def __init__(self):
-        super().__init__()
-        self.log = []
-
-    def _deliver(self, src, dst, frame):
-        tag, arr = decode_message(frame)
-        self.log.append((src, dst, tag, np.array(arr)))
-        super()._deliver(src, dst, frame)
-
-    def received(self, dst, src, tag):
-        return [arr for s, d, t, arr in self.log if (s, d, t) == (src, dst, tag)]
-
-
 @pytest.fixture(scope="module")
 def data():
     rng = np.random.default_rng(0)

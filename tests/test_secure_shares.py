@@ -17,33 +17,15 @@ import pytest
 from scipy.stats import chisquare
 
 from ppreg.secure import shares as sh
-from ppreg.secure.channel import InProcessChannel, decode_message
+from ppreg.secure.channel import InProcessChannel
 from ppreg.secure.dealer import Dealer
 from ppreg.secure.ring import decode, encode
 from ppreg.secure.shares import Shared, TwoPartySession, reveal, share
+from secure_helpers import HEAD, RecordingChannel, frame_size
+
 
 F = 16
 U = 2.0**-F
-HEAD = 8  # fixed frame header: magic + version + dtype + ndim + tag length
-
-
-def frame_size(tag, shape, itemsize=8):
-    return HEAD + 8 * len(shape) + len(tag) + itemsize * int(np.prod(shape, dtype=np.int64))
-
-
-class RecordingChannel(InProcessChannel):
-    """Keeps a copy of every frame sent: ``(src, dst, tag, array)``."""
-
-    def __init__(self):
-        super().__init__()
-        self.log = []
-
-    def _deliver(self, src, dst, frame):
-        tag, arr = decode_message(frame)
-        self.log.append((src, dst, tag, np.array(arr)))
-        super()._deliver(src, dst, frame)
-
-
 def mul_bound(x, y):
     return (np.abs(x) + np.abs(y)) * U / 2 + U**2 / 4 + U
 

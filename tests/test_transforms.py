@@ -146,16 +146,21 @@ def test_params_round_trip(kind, ndim, scale):
     np.testing.assert_allclose(back, params, rtol=1e-5, atol=2e-5)
 
 
+def _rigid3d_round_trip_float64(p):
+    """params -> matrix -> params -> matrix in float64; returns (params back, matrix, matrix back)."""
+    with jax.enable_x64(True):
+        c = jnp.asarray([4.5, 4.0, 3.5], jnp.float64)
+        mat = np.asarray(_matrix("rigid", jnp.asarray(p), c))
+        back = T.params_from_matrix("rigid", mat, c)
+        return back, mat, np.asarray(_matrix("rigid", jnp.asarray(back), c))
+
+
 @pytest.mark.parametrize("angle", [1e-6, 0.5, 2.5, 3.1])
 def test_rigid3d_round_trip_float64(angle):
     """With a float64 matrix the logarithm is accurate to ~1e-10 for every angle < pi."""
     axis = np.array([1.0, -2.0, 2.0]) / 3.0
     p = np.concatenate([axis * angle, [0.1, 0.2, -0.3]])
-    with jax.enable_x64(True):
-        c = jnp.asarray([4.5, 4.0, 3.5], jnp.float64)
-        mat = np.asarray(_matrix("rigid", jnp.asarray(p), c))
-        back = T.params_from_matrix("rigid", mat, c)
-        mat_back = np.asarray(_matrix("rigid", jnp.asarray(back), c))
+    back, mat, mat_back = _rigid3d_round_trip_float64(p)
     np.testing.assert_allclose(back, p, atol=1e-9)
     np.testing.assert_allclose(mat_back, mat, atol=1e-9)
 
@@ -172,11 +177,7 @@ def test_rigid3d_round_trip_near_pi_keeps_rotation_sense(axis):
     """
     axis = np.asarray(axis) / np.linalg.norm(axis)
     p = np.concatenate([axis * (np.pi - 5e-5), [0.1, 0.2, -0.3]])
-    with jax.enable_x64(True):
-        c = jnp.asarray([4.5, 4.0, 3.5], jnp.float64)
-        mat = np.asarray(_matrix("rigid", jnp.asarray(p), c))
-        back = T.params_from_matrix("rigid", mat, c)
-        mat_back = np.asarray(_matrix("rigid", jnp.asarray(back), c))
+    _, mat, mat_back = _rigid3d_round_trip_float64(p)
     np.testing.assert_allclose(mat_back, mat, atol=1e-7)
 
 
