@@ -1,11 +1,14 @@
 """Voxel sampling for stochastic gradient approximation (Taiello et al. 2024, Sec. 5.1).
 
-* URS (uniformly random selection, Viola & Wells 1997; Mattes et al. 2003): ``k`` distinct
-  voxels drawn uniformly. Drawn from a public key, so in PPIR both parties derive the same
-  indices and nothing leaks.
+* URS (uniformly random selection, Viola & Wells 1997; Mattes et al. 2003): ``k``
+  independent uniform draws, ``p(x) = 1/n`` each (repeats are possible, as in Viola &
+  Wells' stochastic approximation). O(k): a draw without replacement would sort all ``n``
+  voxels every iteration, slower than the iteration itself on 3D images. Drawn from a
+  public key, so in PPIR both parties derive the same indices and nothing leaks.
 * GMS (gradient magnitude sampling, Sabuncu & Ramadge 2004): ``k`` distinct voxels drawn
-  with probability proportional to the moving image's gradient norm. The indices are a
-  function of party1's image: revealing them to party2 leaks (documented in the protocol).
+  with probability proportional to the moving image's gradient norm (Gumbel top-k,
+  O(n log k)). The indices are a function of party1's image: revealing them to party2
+  leaks (documented in the protocol).
 
 The sample size depends only on the voxel count (public): ``k = round(fraction * n)``.
 """
@@ -32,8 +35,8 @@ def n_samples(n_voxels: int, fraction: float) -> int:
 
 
 def urs(key: jax.Array, n_voxels: int, k: int) -> jnp.ndarray:
-    """``k`` distinct voxel indices in ``[0, n_voxels)``, uniformly (int32 ``(k,)``)."""
-    return jax.random.choice(key, n_voxels, (k,), replace=False).astype(jnp.int32)
+    """``k`` i.i.d. uniform voxel indices in ``[0, n_voxels)`` (int32 ``(k,)``)."""
+    return jax.random.randint(key, (k,), 0, n_voxels, dtype=jnp.int32)
 
 
 def gms(key: jax.Array, weights: jnp.ndarray, k: int) -> jnp.ndarray:
@@ -46,4 +49,5 @@ def gms(key: jax.Array, weights: jnp.ndarray, k: int) -> jnp.ndarray:
         k: sample size.
     """
     w = jnp.maximum(weights, 0.0) + 1e-6 * (jnp.max(weights) + 1e-12)
-    return jax.random.choice(key, weights.shape[0], (k,), replace=False, p=w / jnp.sum(w)).astype(jnp.int32)
+    gumbel = jax.random.gumbel(key, w.shape, w.dtype)
+    return jax.lax.top_k(jnp.log(w) + gumbel, k)[1].astype(jnp.int32)
