@@ -34,6 +34,13 @@ class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``ppreg: error: ...``, status 2); ``--help`` still shows usage."""
+
+    def error(self, message):
+        self.exit(2, f"ppreg: error: {message} (see '{self.prog} --help')\n")
+
+
 def _levels(text: str) -> tuple[int, ...]:
     try:
         levels = tuple(int(v) for v in text.split(","))
@@ -68,7 +75,7 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ppreg", description="Privacy-preserving image registration.")
+    parser = _Parser(prog="ppreg", description="Privacy-preserving image registration.")
     parser.add_argument("--version", action="version", version=f"ppreg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     reg = sub.add_parser("register", help="register MOVING to FIXED (NIfTI files)")

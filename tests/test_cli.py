@@ -90,8 +90,9 @@ def test_unreadable_file(tmp_path, capsys):
 def test_bad_arguments_exit_nonzero(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
-    assert exc.value.code != 0
-    assert "error:" in capsys.readouterr().err
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ppreg: error:")
 
 
 def test_failure_keeps_existing_outputs(tmp_path, capsys):
