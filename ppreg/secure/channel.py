@@ -1,6 +1,6 @@
 """Message channels between the parties and the dealer, with measured traffic.
 
-Every message is a length-checked binary frame (no pickle):
+Every message is a length-checked binary frame (no Python object serialisation):
 
     magic "PPRG" | version u8 | dtype code u8 | ndim u8 | tag length u8 | shape (ndim x u64 LE) | tag | payload
 
