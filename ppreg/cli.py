@@ -110,7 +110,7 @@ def _run_register(args) -> int:
             secure=None if args.secure == "none" else args.secure, sampling=args.sampling, fraction=args.fraction,
             levels=args.levels, max_iterations=args.max_iterations, key=args.seed, frac_bits=args.frac_bits,
         )
-    except (ValueError, OverflowError) as exc:
+    except (ValueError, OverflowError, FloatingPointError) as exc:
         raise CLIError(str(exc)) from None
     write_outputs(args.output, result, fixed.affine)
     print(f"{result.transform} registration ({args.secure}): {result.iterations} iterations, "

@@ -129,8 +129,12 @@ def _warp_full(moving, mat, grid):
     return warp(moving, apply_matrix(mat, grid))
 
 
-def _check_options(transform, loss, secure, sampling, levels, ndim):
+def _check_options(transform, loss, secure, sampling, levels, ndim, max_iterations, tol, damping):
     check_kind(transform, ndim)
+    if int(max_iterations) != max_iterations or max_iterations < 1:
+        raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
+    if not (tol >= 0 and damping >= 0):
+        raise ValueError(f"tol and damping must be non-negative, got tol={tol!r}, damping={damping!r}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; this pipeline supports {LOSSES}")
     if secure not in SECURE:
@@ -183,6 +187,7 @@ def register(
     Raises:
         ValueError: bad shapes, non-finite or all-zero images, unknown options, a shrink
             factor too large for the image. OverflowError: fixed-point range exceeded.
+        FloatingPointError: the optimisation diverged (non-finite transform).
 
     Source: Taiello et al. 2024 (MedIA 94, 103129), Algorithm 1, Eq. 2-6; Table 2 setting.
     """
@@ -190,7 +195,7 @@ def register(
     fixed_a, moving_a = _as_array(fixed, "fixed"), _as_array(moving, "moving")
     if fixed_a.ndim != moving_a.ndim:
         raise ValueError(f"fixed is {fixed_a.ndim}D but moving is {moving_a.ndim}D")
-    _check_options(transform, loss, secure, sampling, levels, fixed_a.ndim)
+    _check_options(transform, loss, secure, sampling, levels, fixed_a.ndim, max_iterations, tol, damping)
     for f in levels:  # raises ValueError for a factor too large for either image
         level_shape(fixed_a.shape, f)
         level_shape(moving_a.shape, f)
@@ -221,6 +226,9 @@ def register(
             mat, it = session.run_level(mat, level, flat, key, level_index=li, **opts)
             losses = np.full(it, np.nan)
         reports.append(LevelReport(int(factor), level_shape(fixed_a.shape, factor), it, k, losses))
+        if not bool(jnp.all(jnp.isfinite(mat))):
+            raise FloatingPointError(f"registration diverged at pyramid level {li} (factor {factor}): "
+                                     "the transform is not finite; try more damping or coarser levels")
 
     grid = identity_grid(fixed_a.shape)
     warped = _warp_full(moving_a, mat, grid)

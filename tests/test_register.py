@@ -139,6 +139,8 @@ def test_3d_rigid_recovers_known_transform():
     (dict(sampling="random"), "unknown sampling"),
     (dict(levels=()), "at least one"),
     (dict(levels=(300,)), "too large"),
+    (dict(damping=-1.0), "non-negative"),
+    (dict(max_iterations=0), "positive integer"),
 ])
 def test_bad_options(images, kwargs, error):
     fixed = images["BrainProtonDensitySliceBorder20"]
@@ -158,3 +160,14 @@ def test_bad_images(images):
         register(fixed, np.zeros_like(fixed))
     with pytest.raises(ValueError, match="2D or 3D"):
         register(np.ones(10, np.float32), np.ones(10, np.float32))
+
+
+def test_divergence_is_reported(images, monkeypatch):
+    fixed = images["BrainProtonDensitySliceBorder20"]
+
+    def diverging(mat, *args, **kwargs):
+        return mat * jnp.nan, jnp.int32(1), jnp.zeros(kwargs["max_iterations"])
+
+    monkeypatch.setattr(optim, "run_level", diverging)
+    with pytest.raises(FloatingPointError, match="diverged at pyramid level 0"):
+        register(fixed, fixed, transform="affine", levels=(8,))
