@@ -1,9 +1,10 @@
 """The ``ppreg`` command.
 
 ``ppreg register FIXED MOVING -o OUTDIR [...]`` writes ``warped.nii.gz``,
-``transform.json`` and ``report.json`` into OUTDIR. All three are first written to a
-staging directory beside OUTDIR, then moved in one by one with ``os.replace``: a failure
-at any point leaves OUTDIR as it was. ``ppreg demo`` runs the bundled known-answer case
+``displacement.nii.gz``, ``transform.json`` and ``report.json`` into OUTDIR. All are first
+written to a staging directory beside OUTDIR, then moved in one by one with
+``os.replace``: a failure at any point leaves OUTDIR as it was. ``ppreg apply`` resamples
+another image (or a label map, nearest neighbour) with a saved transform. ``ppreg demo`` runs the bundled known-answer case
 clear and under MPC and prints a table in the shape of Taiello et al. 2024, Table 2.
 """
 
@@ -21,10 +22,12 @@ import numpy as np
 
 from . import __version__
 from ._atomic import atomic_write_text
-from .image import Image, load, save
+from .grid import identity_grid
+from .image import Image, load, load_field, save, save_field
 from .metrics import displacement_rmse
 from .sampling import METHODS
-from .transforms import KINDS
+from .transforms import KINDS, apply_matrix
+from .warp import interpolate, interpolate_nearest
 
 DEMO_FIXED = "BrainProtonDensitySliceBorder20"
 DEMO_MOVING = "BrainProtonDensitySliceR10X13Y17"
@@ -83,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("moving", type=Path)
     reg.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     _add_registration_options(reg)
+    app = sub.add_parser("apply", help="resample an image with a saved transform onto a reference grid")
+    app.add_argument("image", type=Path, help="image (or label map) in the moving image's grid")
+    app.add_argument("-t", "--transform", type=Path, required=True,
+                     help="transform.json or displacement.nii.gz written by 'ppreg register'")
+    app.add_argument("-r", "--reference", type=Path, required=True, help="the fixed image (output grid)")
+    app.add_argument("-o", "--output", type=Path, required=True, help="output NIfTI file")
+    app.add_argument("--interpolation", choices=("linear", "nearest"), default="linear",
+                     help="nearest keeps label values and their data type")
     demo = sub.add_parser("demo", help="clear vs MPC registration of bundled real MRI slices")
     demo.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
     return parser
@@ -119,20 +130,68 @@ def _run_register(args) -> int:
 
 
 def write_outputs(outdir: Path, result, affine) -> None:
-    """Write warped.nii.gz, transform.json and report.json into ``outdir`` (staged, then moved)."""
+    """Write warped.nii.gz, displacement.nii.gz, transform.json and report.json into ``outdir``
+    (staged, then moved)."""
     outdir = Path(outdir)
     parent = outdir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=parent))
     try:
         save(Image(result.warped, affine), stage / "warped.nii.gz")
+        save_field(result.displacement(), stage / "displacement.nii.gz", affine=affine)
         atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
         atomic_write_text(stage / "report.json", json.dumps(result.report_json(), indent=2) + "\n")
         outdir.mkdir(parents=True, exist_ok=True)
-        for name in ("warped.nii.gz", "transform.json", "report.json"):
+        for name in ("warped.nii.gz", "displacement.nii.gz", "transform.json", "report.json"):
             os.replace(stage / name, outdir / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """Moving-image voxel coordinates of every reference voxel, from a saved transform."""
+    grid = identity_grid(shape)
+    if path.name.endswith(".json"):
+        try:
+            mat = np.asarray(json.loads(path.read_text())["matrix"], np.float32)
+        except FileNotFoundError:
+            raise CLIError(f"no such file: {path}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CLIError(f"{path} is not a ppreg transform.json: {exc}") from None
+        if mat.shape != (len(shape) + 1,) * 2:
+            raise CLIError(f"{path}: a {len(shape)}D transform needs a {(len(shape) + 1,) * 2} matrix, got {mat.shape}")
+        return apply_matrix(mat, grid)
+    try:
+        field, _ = load_field(path)
+    except FileNotFoundError:
+        raise CLIError(f"no such file: {path}") from None
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if field.shape[:-1] != tuple(shape):
+        raise CLIError(f"displacement {path} has grid {field.shape[:-1]} but the reference grid is {tuple(shape)}")
+    return grid + field
+
+
+def _run_apply(args) -> int:
+    reference = _load(args.reference)
+    image = _load(args.image, ndim=reference.ndim)
+    coords = _transform_coords(args.transform, reference.shape)
+    if args.interpolation == "nearest":
+        out, dtype = interpolate_nearest(image.data, coords), _disk_dtype(args.image)
+    else:
+        out, dtype = interpolate(image.data, coords), np.float32
+    try:
+        save(Image(np.asarray(out, np.float32), reference.affine), args.output, dtype=dtype)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"wrote {args.output} ({args.interpolation} resampling of {args.image} onto {args.reference})")
+    return 0
+
+
+def _disk_dtype(path: Path):
+    import nibabel as nib
+
+    return np.dtype(nib.load(path).get_data_dtype())
 
 
 def demo_rows() -> list[dict]:
@@ -195,6 +254,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "register":
             return _run_register(args)
+        if args.command == "apply":
+            return _run_apply(args)
         return _run_demo(args)
     except CLIError as exc:
         print(f"ppreg: error: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ import scipy.ndimage as ndi
 
 from ppreg._atomic import atomic_write_bytes
 
-__all__ = ["Image", "load", "save", "resample_to_spacing"]
+__all__ = ["Image", "load", "load_field", "save", "save_field", "resample_to_spacing"]
 
 # What nibabel raises on a file that is not (or no longer) a readable image.
 _READ_ERRORS = (
@@ -191,12 +191,71 @@ def save(
                 f"values in [{data.min()}, {data.max()}] do not fit {dtype} "
                 f"[{info.min}, {info.max}]"
             )
-    nii = nib.Nifti1Image(data.astype(dtype), image.affine)
+    _write_nifti(nib.Nifti1Image(data.astype(dtype), image.affine), path)
+
+
+def _write_nifti(nii: nib.Nifti1Image, path: Path) -> None:
+    """Serialise in memory (gzip with a zero timestamp for ``.gz``) and write atomically."""
     nii.header.set_xyzt_units("mm")
     payload = nii.to_bytes()
     if path.name.endswith(".gz"):
         payload = gzip.compress(payload, mtime=0)
     atomic_write_bytes(path, payload)
+
+
+def save_field(field: np.ndarray, path: str | os.PathLike, *, affine: np.ndarray) -> None:
+    """Write a displacement (vector) field to NIfTI atomically.
+
+    The array is stored as is, shape ``(*spatial, ndim)``, float32, with the NIfTI
+    intent "vector": component k is the displacement along array axis k in voxels of the
+    grid described by ``affine`` (ppreg's convention, not ITK's physical-space fields).
+
+    Args:
+        field: ``(*spatial, ndim)`` with ``ndim == len(spatial)`` in {2, 3}, finite.
+        path: destination ending with ``.nii`` or ``.nii.gz``.
+        affine: (4, 4) voxel-to-world affine of the grid.
+
+    Raises:
+        ValueError: wrong shape, non-finite values or bad extension.
+    """
+    path = Path(path)
+    if not path.name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"NIfTI file name must end with .nii or .nii.gz: {path}")
+    field = np.asarray(field, np.float32)
+    _check_field(field, str(path))
+    nii = nib.Nifti1Image(field, np.asarray(affine, np.float64))
+    nii.header.set_intent("vector")
+    _write_nifti(nii, path)
+
+
+def _check_field(field: np.ndarray, where: str) -> None:
+    if field.ndim not in (3, 4) or field.shape[-1] != field.ndim - 1:
+        raise ValueError(f"{where}: a displacement field has shape (*spatial, ndim), got {field.shape}")
+    bad = int(field.size - np.count_nonzero(np.isfinite(field)))
+    if bad:
+        raise ValueError(f"{where}: displacement field has {bad} non-finite values")
+
+
+def load_field(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a displacement field written by :func:`save_field`.
+
+    Returns:
+        ``(field float32 (*spatial, ndim), affine float64 (4, 4))``.
+
+    Raises:
+        FileNotFoundError: missing file. ValueError: unreadable file, wrong shape or
+            non-finite values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such displacement file: {path}")
+    try:
+        img = nib.load(path)
+        field = img.get_fdata(dtype=np.float32)
+    except _READ_ERRORS as e:
+        raise ValueError(f"cannot read NIfTI displacement field {path}: {e}") from e
+    _check_field(field, str(path))
+    return field, np.asarray(img.affine, np.float64)
 
 
 def resample_to_spacing(image: Image, spacing_mm: float, *, order: int = 1) -> Image:

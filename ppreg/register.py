@@ -74,6 +74,11 @@ class Result:
     bytes: dict
     bytes_per_iteration: dict
 
+    def displacement(self) -> np.ndarray:
+        """Dense displacement ``u(x) = W(x) - x`` on the fixed grid: float32 ``(*fixed.shape, d)``, voxels."""
+        grid = identity_grid(self.warped.shape)
+        return np.asarray(apply_matrix(jnp.asarray(self.matrix, jnp.float32), grid) - grid)
+
     def transform_json(self) -> dict:
         """The ``transform.json`` document."""
         return {

@@ -150,6 +150,30 @@ def inside_mask(coords: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
     return jnp.all((coords >= -0.5) & (coords <= upper), axis=-1)
 
 
+def interpolate_nearest(image: jnp.ndarray, coords: jnp.ndarray, *, fill=0) -> jnp.ndarray:
+    """Nearest-neighbour interpolation (label maps): keeps the image dtype, no gradient.
+
+    Args:
+        image: ``(*spatial)`` or ``(*spatial, C)``, any dtype (e.g. int32 labels).
+        coords: float32 ``(..., ndim)`` voxel indices.
+        fill: value outside ``[-0.5, n_k - 0.5]``.
+
+    Returns:
+        ``(...)`` or ``(..., C)`` in ``image.dtype``; ties round half to even.
+
+    Raises:
+        ValueError: as :func:`interpolate`.
+    """
+    ndim = coords.shape[-1]
+    _check(image, coords, ndim)
+    spatial = image.shape[:ndim]
+    upper = jnp.asarray(spatial, jnp.int32) - 1
+    idx = jnp.clip(jnp.round(coords).astype(jnp.int32), 0, upper)
+    values = image[tuple(idx[..., k] for k in range(ndim))]
+    inside = _expand(inside_mask(coords, spatial), values)
+    return jnp.where(inside, values, jnp.asarray(fill, image.dtype))
+
+
 def warp(image: jnp.ndarray, coords: jnp.ndarray, *, fill: float = 0.0) -> jnp.ndarray:
     """Pull-back warp by coordinates: ``out[x] = image(coords[x])``.
 

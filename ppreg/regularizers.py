@@ -1,0 +1,217 @@
+"""Smoothness regularizers for displacement and velocity fields.
+
+Conventions (see ARCHITECTURE.md): a field is float32 ``(*spatial, ndim)`` channel-last in voxel
+units, component k along array axis k, ``ndim = len(spatial)`` in 1 to 3. Derivatives are finite
+differences on the voxel grid (unit spacing), so energies are in voxel units. Functions are pure,
+differentiable and unbatched (batch with ``jax.vmap``).
+
+- :func:`diffusion`: ``0.5 |grad u|^2`` per voxel; zero for a constant field.
+- :func:`bending_energy`: ``0.5 |Hessian u|^2`` per voxel (mixed derivatives included); zero for
+  an affine field.
+- :func:`laplacian_prior` and :func:`vmdiff_kl`: VoxelMorph-diff's graph-Laplacian prior
+  (Dalca et al. 2019, Eq. 2 and 6).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .grid import gradient
+from .losses import _reduce
+from .svf import check_field, field_gradient
+
+
+def diffusion(u: jnp.ndarray, *, reduction: str = "mean") -> jnp.ndarray:
+    """Diffusion (membrane) energy ``0.5 sum_{k,j} (d u_k / d x_j)^2`` per voxel.
+
+    First derivatives are central differences, one-sided at the borders
+    (:func:`ppreg.svf.field_gradient`): exact for affine fields everywhere and for quadratic
+    fields away from the borders. For ``u(x) = A x + b`` every voxel has ``0.5 ||A||_F^2``.
+
+    Args:
+        u: float32 ``(*spatial, ndim)`` displacement or velocity in voxels.
+        reduction: ``"mean"`` (over voxels), ``"sum"`` or ``"none"`` (per voxel).
+
+    Returns:
+        float32 scalar, or ``(*spatial)`` for ``"none"``; dimensionless.
+
+    Raises:
+        ValueError: if ``u`` is not a vector field (:func:`ppreg.svf.check_field`) or
+            ``reduction`` is unknown.
+
+    Source: Blendowski et al. 2020 (SUITS), Eq. 4, the term ``lambda / 2 ||grad u||^2`` (with
+    ``lambda = 1``); its discrete counterpart is the graph-Laplacian prior of Dalca et al. 2019,
+    Eq. 2 (:func:`laplacian_prior`).
+    """
+    density = 0.5 * jnp.sum(field_gradient(u) ** 2, axis=(-2, -1))
+    return _reduce(density, None, reduction)
+
+
+def _second_difference(f: jnp.ndarray, axis: int) -> jnp.ndarray:
+    """``f[i+1] - 2 f[i] + f[i-1]`` along ``axis``, the edge voxels copying their neighbour's value.
+
+    Exact for quadratics everywhere (their second derivative is constant).
+    """
+    n = f.shape[axis]
+    inner = (
+        _slice(f, 2, n, axis) - 2.0 * _slice(f, 1, n - 1, axis) + _slice(f, 0, n - 2, axis)
+    )
+    pad = [(0, 0)] * f.ndim
+    pad[axis] = (1, 1)
+    return jnp.pad(inner, pad, mode="edge")
+
+
+def _slice(f, start, stop, axis):
+    index = [slice(None)] * f.ndim
+    index[axis] = slice(start, stop)
+    return f[tuple(index)]
+
+
+def hessian(u: jnp.ndarray) -> jnp.ndarray:
+    """Finite-difference second derivatives of every component of a vector field.
+
+    Pure second derivatives use the compact stencil ``u[i+1] - 2 u[i] + u[i-1]`` (each border
+    voxel takes its neighbour's value); mixed derivatives are central differences of central
+    differences (one-sided at the borders). Both are exact for quadratic fields at every voxel,
+    so an affine field has a zero Hessian.
+
+    Args:
+        u: float32 ``(*spatial, ndim)`` in voxels, at least 3 voxels per axis.
+
+    Returns:
+        float32 ``(*spatial, ndim, ndim, ndim)``; entry ``[..., k, j, l]`` is
+        ``d^2 u_k / (d x_j d x_l)`` (symmetric in ``j, l``), per voxel.
+
+    Raises:
+        ValueError: if ``u`` is not a vector field or an axis has fewer than 3 voxels.
+    """
+    ndim = check_field(u, "u")
+    if min(u.shape[:-1]) < 3:
+        raise ValueError(f"second derivatives need at least 3 voxels per axis, got shape {u.shape}")
+    eye = jnp.eye(ndim, dtype=u.dtype)
+    out = []
+    for k in range(ndim):
+        mixed = field_gradient(gradient(u[..., k]))
+        pure = jnp.stack([_second_difference(u[..., k], j) for j in range(ndim)], axis=-1)
+        out.append(mixed * (1.0 - eye) + pure[..., None] * eye)
+    return jnp.stack(out, axis=-3)
+
+
+def bending_energy(u: jnp.ndarray, *, reduction: str = "mean") -> jnp.ndarray:
+    """Bending (thin-plate) energy ``0.5 sum_k sum_{j,l} (d^2 u_k / d x_j d x_l)^2`` per voxel.
+
+    Equivalently ``0.5 sum_k [sum_j (d_jj u_k)^2 + 2 sum_{j<l} (d_jl u_k)^2]``; derivatives as in
+    :func:`hessian`. Zero for any affine field; for ``u_0 = a x_0^2 + b x_0 x_1`` (2D) every voxel
+    has ``0.5 (4 a^2 + 2 b^2)``.
+
+    Args:
+        u: float32 ``(*spatial, ndim)`` in voxels, at least 3 voxels per axis.
+        reduction: ``"mean"`` (over voxels), ``"sum"`` or ``"none"`` (per voxel).
+
+    Returns:
+        float32 scalar, or ``(*spatial)`` for ``"none"``; voxel units (1/voxel^2).
+
+    Raises:
+        ValueError: see :func:`hessian`; unknown ``reduction``.
+
+    Source: Rueckert et al. 1999, "Nonrigid registration using free-form deformations", the
+    smoothness term ``C_smooth`` (here with a factor 1/2, so that its variation is the
+    bi-Laplacian).
+    """
+    density = 0.5 * jnp.sum(hessian(u) ** 2, axis=(-3, -2, -1))
+    return _reduce(density, None, reduction)
+
+
+def _check_lam(lam) -> None:
+    if isinstance(lam, (int, float)) and lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam!r}")
+
+
+def graph_degree(shape: tuple[int, ...]) -> jnp.ndarray:
+    """Degree of each voxel in the face-neighbour grid graph (the diagonal of ``D``).
+
+    Interior voxels have ``2 ndim`` neighbours; a voxel on a border has one fewer per border it
+    lies on (no wrap-around).
+
+    Args:
+        shape: spatial shape ``(*spatial)``, at least 2 voxels per axis.
+
+    Returns:
+        float32 ``(*shape)``.
+    """
+    degree = jnp.zeros(shape, jnp.float32)
+    for axis, n in enumerate(shape):
+        per_axis = jnp.full((n,), 2.0, jnp.float32).at[0].set(1.0).at[-1].set(1.0)
+        degree = degree + per_axis.reshape((n,) + (1,) * (len(shape) - axis - 1))
+    return degree
+
+
+def laplacian_prior(u: jnp.ndarray, *, lam) -> jnp.ndarray:
+    """Negative log of VoxelMorph-diff's Gaussian prior (up to a constant): ``0.5 u^T Lambda u``.
+
+    ``Lambda = lam L`` with ``L = D - A`` the Laplacian of the face-neighbour graph on the voxel
+    grid (``D`` degrees, ``A`` adjacency; no wrap-around), applied to each component of ``u``
+    independently. Summing over unordered neighbouring pairs ``{i, j}``,
+    ``0.5 u^T Lambda u = 0.5 lam sum_{i~j} |u_i - u_j|^2``
+    (``= 0.25 lam sum_i sum_{j in N(i)} |u_i - u_j|^2``, the paper's double sum). Zero for a
+    constant field; for ``u(x) = A x`` it is ``0.5 lam sum_j ||A e_j||^2 (n_j - 1) prod_{l != j}
+    n_l``.
+
+    Args:
+        u: float32 ``(*spatial, ndim)`` velocity (or displacement) in voxels.
+        lam: prior precision scale ``lambda >= 0`` (float or float32 scalar, 1/voxel^2).
+
+    Returns:
+        float32 scalar (a sum over the whole grid, not a mean).
+
+    Raises:
+        ValueError: if ``u`` is not a vector field (:func:`ppreg.svf.check_field`) or ``lam`` is
+            a negative Python number.
+
+    Source: Dalca et al. 2019 (VoxelMorph-diff), Eq. 2 (``Sigma_z^-1 = Lambda_z = lambda L``) and
+    the expansion of ``mu^T Lambda_z mu`` after Eq. 6.
+    """
+    ndim = check_field(u, "u")
+    _check_lam(lam)
+    total = sum(jnp.sum(jnp.diff(u, axis=axis) ** 2) for axis in range(ndim))
+    return 0.5 * lam * total
+
+
+def vmdiff_kl(mu: jnp.ndarray, log_sigma: jnp.ndarray, *, lam) -> jnp.ndarray:
+    """KL divergence of a diagonal Gaussian posterior from the graph-Laplacian prior.
+
+    With ``q = N(mu, diag(sigma^2))`` and ``p = N(0, Lambda^-1)``, ``Lambda = lam (D - A)``
+    (:func:`laplacian_prior`), per component of the field::
+
+        KL[q || p] = 0.5 [tr(Lambda Sigma) - log det Sigma + mu^T Lambda mu] + C
+                   = 0.5 lam sum_i D_ii sigma_i^2 - sum_i log sigma_i + laplacian_prior(mu, lam=lam) + C
+
+    since ``Sigma`` is diagonal, ``tr(Lambda Sigma) = lam sum_i D_ii sigma_i^2``. The constant
+    ``C = -0.5 (n + log det Lambda)`` (``n`` = number of scalar entries) does not depend on
+    ``q`` and is left out: ``L`` is singular (constant fields), so the prior is improper and
+    ``C`` is infinite; equivalently the value is ``E_q[log q(z) + 0.5 z^T Lambda z] +
+    0.5 n (1 + log 2 pi)``.
+
+    Args:
+        mu: float32 ``(*spatial, ndim)`` posterior mean of the velocity, voxels.
+        log_sigma: float32 ``(*spatial, ndim)`` log of the posterior *standard deviation*
+            (voxels). VoxelMorph's code names the log-variance ``log_sigma``; pass half of it.
+        lam: prior precision scale ``lambda >= 0``.
+
+    Returns:
+        float32 scalar (summed over voxels and components, not averaged).
+
+    Raises:
+        ValueError: if ``mu`` is not a vector field, ``log_sigma`` has another shape, or ``lam``
+            is a negative Python number.
+
+    Source: Dalca et al. 2019 (VoxelMorph-diff), Eq. 6, the term
+    ``0.5 [tr(lambda D Sigma - log Sigma) + mu^T Lambda_z mu]``.
+    """
+    check_field(mu, "mu")
+    if jnp.shape(log_sigma) != jnp.shape(mu):
+        raise ValueError(f"log_sigma shape {jnp.shape(log_sigma)} differs from mu shape {jnp.shape(mu)}")
+    _check_lam(lam)
+    degree = graph_degree(mu.shape[:-1])[..., None]
+    trace = lam * jnp.sum(degree * jnp.exp(2.0 * log_sigma))
+    return 0.5 * trace - jnp.sum(log_sigma) + laplacian_prior(mu, lam=lam)

@@ -1,0 +1,217 @@
+"""Stationary velocity fields: composition, scaling-and-squaring exponential, inverse, Jacobian.
+
+Conventions (see ARCHITECTURE.md): index space in ij order, voxel units; a displacement or
+velocity field is float32 ``(*spatial, ndim)`` channel-last, component k along array axis k.
+A displacement ``u`` stands for the map ``phi_u(x) = x + u(x)``, used as a pull-back:
+``warped(x) = moving(phi_u(x))`` (:func:`ppreg.warp.warp_displacement`).
+
+Composition order: ``compose(u, v)`` is the displacement of ``phi_u o phi_v``, so that warping by
+it equals warping by ``u`` first and then by ``v``::
+
+    warp_displacement(warp_displacement(I, u), v) ~= warp_displacement(I, compose(u, v))
+
+Borders: to compose, ``u`` is sampled (linear interpolation) at ``x + v(x)``, which may leave the
+grid. Outside the grid ``u`` is extended by its nearest edge value (the sample point is clamped to
+``[0, n_k - 1]`` on each axis), i.e. beyond the border the displacement is constant along the
+outward normal. This keeps a translation a translation up to the border, and gives zero derivative
+with respect to the sample point outside the grid.
+
+Source: Dalca et al. 2019, "Unsupervised learning of probabilistic diffeomorphic registration for
+images and surfaces" (VoxelMorph-diff), Sec. 3 (Eq. 1 and scaling and squaring), after Arsigny et
+al. 2006; folding voxels ``|J_phi| <= 0``, Sec. 4.3.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .grid import gradient, identity_grid
+from .warp import interpolate
+
+
+def check_field(field: jnp.ndarray, name: str = "field") -> int:
+    """Check that ``field`` is a vector field ``(*spatial, ndim)`` and return ``ndim``.
+
+    Args:
+        field: array ``(*spatial, ndim)`` with ``ndim = len(spatial)`` in 1 to 3 and at least
+            2 voxels per axis.
+        name: the argument name used in error messages.
+
+    Returns:
+        ``ndim`` (a Python int).
+
+    Raises:
+        ValueError: if the shape is not ``(*spatial, len(spatial))`` with 1 to 3 spatial axes of
+            at least 2 voxels each.
+    """
+    shape = jnp.shape(field)
+    ndim = len(shape) - 1
+    if not 1 <= ndim <= 3 or shape[-1] != ndim:
+        raise ValueError(
+            f"{name} must be a vector field (*spatial, ndim) with ndim = len(spatial) in 1..3, got shape {shape}"
+        )
+    if min(shape[:-1]) < 2:
+        raise ValueError(f"{name} needs at least 2 voxels per spatial axis, got shape {shape}")
+    return ndim
+
+
+def field_gradient(field: jnp.ndarray) -> jnp.ndarray:
+    """Spatial Jacobian of a vector field by central differences (one-sided at the borders).
+
+    Args:
+        field: float32 ``(*spatial, ndim)``, voxel units.
+
+    Returns:
+        float32 ``(*spatial, ndim, ndim)``; entry ``[..., k, j]`` is ``d field_k / d x_j``
+        (component k, derivative along array axis j), dimensionless.
+
+    Raises:
+        ValueError: see :func:`check_field`.
+    """
+    ndim = check_field(field)
+    return jnp.stack([gradient(field[..., k]) for k in range(ndim)], axis=-2)
+
+
+def _sample_clamped(field: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:
+    """Linear interpolation of ``field (*spatial, C)`` at ``points (..., ndim)``, edge-extended."""
+    upper = jnp.asarray(field.shape[: points.shape[-1]], points.dtype) - 1.0
+    return interpolate(field, jnp.clip(points, 0.0, upper))
+
+
+def compose(u: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+    """Displacement of the composition ``phi_u o phi_v``: ``w(x) = v(x) + u(x + v(x))``.
+
+    With pull-back warps, warping by ``compose(u, v)`` equals warping by ``u`` and then by ``v``:
+    ``warp_displacement(warp_displacement(I, u), v) ~= warp_displacement(I, compose(u, v))``
+    (equal up to the difference between one and two linear interpolations).
+
+    Args:
+        u: float32 ``(*spatial, ndim)`` displacement in voxels, applied second to points
+            (sampled at ``x + v(x)`` by linear interpolation; beyond the grid ``u`` takes its
+            nearest edge value).
+        v: float32 ``(*spatial, ndim)`` displacement in voxels, applied first to points.
+
+    Returns:
+        float32 ``(*spatial, ndim)`` displacement in voxels.
+
+    Raises:
+        ValueError: if ``u`` and ``v`` differ in shape or are not vector fields
+            (:func:`check_field`).
+
+    Source: Dalca et al. 2019 (VoxelMorph-diff), Sec. 3, the composition
+    ``phi^(1/2^(t-1)) = phi^(1/2^t) o phi^(1/2^t)`` of scaling and squaring.
+    """
+    check_field(u, "u")
+    check_field(v, "v")
+    if jnp.shape(u) != jnp.shape(v):
+        raise ValueError(f"u and v shapes differ: {jnp.shape(u)} vs {jnp.shape(v)}")
+    points = identity_grid(u.shape[:-1]) + v
+    return v + _sample_clamped(u, points)
+
+
+def _check_steps(steps) -> int:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be a non-negative Python int (static), got {steps!r}")
+    return steps
+
+
+def exp(velocity: jnp.ndarray, *, steps: int = 7) -> jnp.ndarray:
+    """Group exponential of a stationary velocity field by scaling and squaring.
+
+    ``u <- velocity / 2^steps``, then ``steps`` times ``u <- compose(u, u)``; the result is the
+    displacement of ``phi = exp(v)``, the time-1 flow of ``d phi / dt = v(phi)``.
+
+    Args:
+        velocity: float32 ``(*spatial, ndim)`` stationary velocity in voxels (per unit time).
+        steps: number of squarings ``T`` (static Python int >= 0; the paper uses 7).
+
+    Returns:
+        float32 ``(*spatial, ndim)`` displacement in voxels. Borders as in :func:`compose`.
+
+    Raises:
+        ValueError: if ``steps`` is not a non-negative int, or ``velocity`` is not a vector
+            field (:func:`check_field`).
+
+    Source: Dalca et al. 2019 (VoxelMorph-diff), Eq. 1 and Sec. 3 "scaling and squaring"
+    (Arsigny et al. 2006): ``phi^(1/2^T) = x + v / 2^T``, ``phi^(1/2^(t-1)) = phi^(1/2^t) o
+    phi^(1/2^t)``.
+    """
+    steps = _check_steps(steps)
+    check_field(velocity, "velocity")
+    u = velocity * jnp.asarray(0.5**steps, velocity.dtype)
+    return jax.lax.fori_loop(0, steps, lambda _, w: compose(w, w), u)
+
+
+def inverse(velocity: jnp.ndarray, *, steps: int = 7) -> jnp.ndarray:
+    """Displacement of the inverse of ``exp(velocity)``.
+
+    For a stationary velocity field the flows form a one-parameter group, so
+    ``exp(v)^-1 = exp(-v)``; this returns ``exp(-velocity, steps=steps)``.
+
+    Args:
+        velocity: float32 ``(*spatial, ndim)`` in voxels.
+        steps: number of squarings (static Python int >= 0).
+
+    Returns:
+        float32 ``(*spatial, ndim)`` displacement in voxels.
+
+    Raises:
+        ValueError: see :func:`exp`.
+
+    Source: Dalca et al. 2019 (VoxelMorph-diff), Sec. 3 (``exp((t + t') v) = exp(t v) o
+    exp(t' v)``).
+    """
+    return exp(-velocity, steps=steps)
+
+
+def inverse_consistency(u_fwd: jnp.ndarray, u_bwd: jnp.ndarray) -> jnp.ndarray:
+    """Root-mean-square residual of ``phi_fwd o phi_bwd`` against the identity.
+
+    ``sqrt(mean_x |compose(u_fwd, u_bwd)(x)|^2)``, the mean over every voxel of the grid;
+    zero when ``u_bwd`` is the exact inverse of ``u_fwd``.
+
+    Args:
+        u_fwd: float32 ``(*spatial, ndim)`` displacement in voxels.
+        u_bwd: float32 ``(*spatial, ndim)`` displacement in voxels (the candidate inverse).
+
+    Returns:
+        float32 scalar, voxels.
+
+    Raises:
+        ValueError: see :func:`compose`.
+
+    Source: Dalca et al. 2019 (VoxelMorph-diff), Sec. 4.5, ``Delta u = |Id - phi o phi^-1|``.
+    """
+    residual = compose(u_fwd, u_bwd)
+    return jnp.sqrt(jnp.mean(jnp.sum(residual**2, axis=-1)))
+
+
+def jacobian_determinant(displacement: jnp.ndarray) -> jnp.ndarray:
+    """Per-voxel Jacobian determinant of ``phi(x) = x + u(x)``: ``det(I + grad u)``.
+
+    Derivatives are central differences (one-sided at the borders; :func:`field_gradient`).
+
+    Args:
+        displacement: float32 ``(*spatial, ndim)`` in voxels, ``ndim`` in 1 to 3.
+
+    Returns:
+        float32 ``(*spatial)``, dimensionless (local volume ratio; ``<= 0`` marks folding).
+
+    Raises:
+        ValueError: see :func:`check_field`.
+
+    Source: Dalca et al. 2019 (VoxelMorph-diff), Sec. 4.3 (``J_phi(p) = grad phi(p)``; folding
+    voxels have ``|J_phi(p)| <= 0``).
+    """
+    ndim = check_field(displacement, "displacement")
+    j = field_gradient(displacement) + jnp.eye(ndim, dtype=displacement.dtype)
+    if ndim == 1:
+        return j[..., 0, 0]
+    if ndim == 2:
+        return j[..., 0, 0] * j[..., 1, 1] - j[..., 0, 1] * j[..., 1, 0]
+    # cofactor expansion along the first row
+    return sum(
+        j[..., 0, c] * (j[..., 1, (c + 1) % 3] * j[..., 2, (c + 2) % 3] - j[..., 1, (c + 2) % 3] * j[..., 2, (c + 1) % 3])
+        for c in range(3)
+    )
