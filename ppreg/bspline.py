@@ -25,7 +25,8 @@ four pieces),
 a tensor product: per axis ``a`` a public, image-free basis matrix
 ``B_a[x, j] = beta3(x / s - (j - 1))`` of shape ``(n_a, n_ctrl_a)``
 (:func:`basis_matrices`), so ``u = c x_0 B_0 x_1 B_1 ...`` (mode products). Entries are
-multiples of ``1 / (6 s^3)`` (exact integers after scaling, for a fixed-point ring).
+integer multiples of ``1 / (6 s^3)``: ``round(6 s^3 B_a)`` is exact, e.g. for a
+fixed-point ring.
 
 **Parameters and Jacobian.** The parameters are the coefficient array
 ``c (*ctrl_shape, ndim)`` (a pytree leaf; ``c.reshape(-1)`` is the flat vector). The FFD
@@ -138,7 +139,8 @@ def basis_matrices(shape: tuple[int, ...], spacing: int) -> tuple[np.ndarray, ..
 
     ``B_a[x, j] = beta3(x / spacing - (j - 1))`` for voxel ``x`` and control point ``j``
     along axis ``a``. Each row has at most 4 non-zeros and sums to 1. Entries are integer
-    multiples of ``1 / (6 spacing^3)``. Public and image-free (PPIR).
+    multiples of ``1 / (6 spacing^3)`` rounded to float32 (``round(6 spacing^3 B_a)`` gives
+    the integers). Public and image-free (PPIR).
 
     Args:
         shape: spatial image shape, 2 or 3 axes.
