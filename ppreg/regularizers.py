@@ -14,6 +14,7 @@ differentiable and unbatched (batch with ``jax.vmap``).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from .grid import gradient
@@ -53,18 +54,11 @@ def _second_difference(f: jnp.ndarray, axis: int) -> jnp.ndarray:
     Exact for quadratics everywhere (their second derivative is constant).
     """
     n = f.shape[axis]
-    inner = (
-        _slice(f, 2, n, axis) - 2.0 * _slice(f, 1, n - 1, axis) + _slice(f, 0, n - 2, axis)
-    )
+    shifted = [jax.lax.slice_in_dim(f, start, start + n - 2, axis=axis) for start in range(3)]
+    inner = shifted[2] - 2.0 * shifted[1] + shifted[0]
     pad = [(0, 0)] * f.ndim
     pad[axis] = (1, 1)
     return jnp.pad(inner, pad, mode="edge")
-
-
-def _slice(f, start, stop, axis):
-    index = [slice(None)] * f.ndim
-    index[axis] = slice(start, stop)
-    return f[tuple(index)]
 
 
 def hessian(u: jnp.ndarray) -> jnp.ndarray:
@@ -88,13 +82,11 @@ def hessian(u: jnp.ndarray) -> jnp.ndarray:
     ndim = check_field(u, "u")
     if min(u.shape[:-1]) < 3:
         raise ValueError(f"second derivatives need at least 3 voxels per axis, got shape {u.shape}")
+    first = field_gradient(u).reshape(u.shape[:-1] + (ndim * ndim,))  # channels (k, j)
+    mixed = jax.vmap(gradient, in_axes=-1, out_axes=-2)(first).reshape(u.shape + (ndim, ndim))
+    pure = jnp.stack([_second_difference(u, j) for j in range(ndim)], axis=-1)  # (*spatial, k, j)
     eye = jnp.eye(ndim, dtype=u.dtype)
-    out = []
-    for k in range(ndim):
-        mixed = field_gradient(gradient(u[..., k]))
-        pure = jnp.stack([_second_difference(u[..., k], j) for j in range(ndim)], axis=-1)
-        out.append(mixed * (1.0 - eye) + pure[..., None] * eye)
-    return jnp.stack(out, axis=-3)
+    return mixed * (1.0 - eye) + pure[..., None] * eye
 
 
 def bending_energy(u: jnp.ndarray, *, reduction: str = "mean") -> jnp.ndarray:
