@@ -26,7 +26,9 @@ from .grid import identity_grid
 from .image import Image, load, load_field, save, save_field
 from .metrics import displacement_rmse
 from .sampling import METHODS
-from .transforms import KINDS, apply_matrix
+from .bspline import control_grid_shape, displacement
+from .register import TRANSFORMS
+from .transforms import apply_matrix
 from .warp import interpolate, interpolate_nearest
 
 DEMO_FIXED = "BrainProtonDensitySliceBorder20"
@@ -65,14 +67,16 @@ def _fraction(text: str) -> float:
 
 
 def _add_registration_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--transform", choices=KINDS, default="rigid")
+    p.add_argument("--transform", choices=TRANSFORMS, default="rigid")
     p.add_argument("--loss", choices=("ssd",), default="ssd")
     p.add_argument("--secure", choices=("none", "mpc"), default="none",
                    help="none: clear; mpc: two-party secret sharing with a dealer")
     p.add_argument("--sampling", choices=METHODS, default=None, help="voxel sampling per iteration (default: all)")
     p.add_argument("--fraction", type=_fraction, default=0.1, help="sampled fraction of voxels (default 0.1)")
     p.add_argument("--levels", type=_levels, default=(4, 2, 1), help="pyramid shrink factors (default 4,2,1)")
-    p.add_argument("--max-iterations", type=int, default=100, help="per level (default 100)")
+    p.add_argument("--max-iterations", type=int, default=None, help="per level (default 100 linear, 15 bspline)")
+    p.add_argument("--spacing", type=int, default=4, help="bspline control-point spacing in voxels (default 4)")
+    p.add_argument("--regularization", type=float, default=0.01, help="bspline bending-energy weight (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="public sampling seed (default 0)")
     p.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits for --secure mpc")
 
@@ -120,6 +124,7 @@ def _run_register(args) -> int:
             fixed, moving, transform=args.transform, loss=args.loss,
             secure=None if args.secure == "none" else args.secure, sampling=args.sampling, fraction=args.fraction,
             levels=args.levels, max_iterations=args.max_iterations, key=args.seed, frac_bits=args.frac_bits,
+            spacing=args.spacing, regularization=args.regularization,
         )
     except (ValueError, OverflowError, FloatingPointError) as exc:
         raise CLIError(str(exc)) from None
@@ -153,10 +158,13 @@ def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     grid = identity_grid(shape)
     if path.name.endswith(".json"):
         try:
-            mat = np.asarray(json.loads(path.read_text())["matrix"], np.float32)
+            doc = json.loads(path.read_text())
+            if doc.get("type") == "bspline":
+                return grid + _bspline_field(doc, shape, path)
+            mat = np.asarray(doc["matrix"], np.float32)
         except FileNotFoundError:
             raise CLIError(f"no such file: {path}") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CLIError(f"{path} is not a ppreg transform.json: {exc}") from None
         if mat.shape != (len(shape) + 1,) * 2:
             raise CLIError(f"{path}: a {len(shape)}D transform needs a {(len(shape) + 1,) * 2} matrix, got {mat.shape}")
@@ -170,6 +178,16 @@ def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     if field.shape[:-1] != tuple(shape):
         raise CLIError(f"displacement {path} has grid {field.shape[:-1]} but the reference grid is {tuple(shape)}")
     return grid + field
+
+
+def _bspline_field(doc: dict, shape: tuple[int, ...], path: Path):
+    coeffs = np.asarray(doc["coefficients"], np.float32)
+    spacing = int(doc["spacing"])
+    expected = control_grid_shape(tuple(shape), spacing) + (len(shape),)
+    if coeffs.shape != expected:
+        raise CLIError(f"{path}: coefficients of shape {coeffs.shape} do not fit the reference grid {tuple(shape)} "
+                       f"at spacing {spacing} (expected {expected})")
+    return displacement(coeffs, tuple(shape), spacing)
 
 
 def _run_apply(args) -> int:

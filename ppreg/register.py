@@ -1,7 +1,10 @@
 """High-level registration: ``register(fixed, moving, ...) -> Result``.
 
-Clear and secure (``secure="mpc"``) runs share every step but the joint term ``R``
-(see :mod:`ppreg.optim`), so their iterates agree to fixed-point precision.
+Linear transforms (translation, rigid, affine) run Gauss-Newton over a Gaussian pyramid,
+clear or secure (``secure="mpc"``); both share every step but the joint term ``R`` (see
+:mod:`ppreg.optim`), so their iterates agree to fixed-point precision. The cubic B-spline
+free-form deformation runs Gauss-Newton-CG at full resolution over coarse-to-fine control
+grids (clear).
 
 Both images are divided by a common public power of two, ``2^e`` with ``e`` the larger of
 the parties' ``ceil(log2 max|image|)`` (each party discloses only this exponent). The SSD
@@ -23,11 +26,18 @@ from . import optim
 from .grid import identity_grid, level_shape
 from .image import Image
 from .sampling import METHODS, n_samples
-from .transforms import apply_matrix, check_kind, image_center, params_from_matrix
+from .bspline import control_grid_shape, displacement, refine
+from .grid import gaussian_blur, gradient
+from .transforms import KINDS, apply_matrix, check_kind, image_center, params_from_matrix
 from .warp import warp
 
+TRANSFORMS = KINDS + ("bspline",)
 LOSSES = ("ssd",)
 SECURE = (None, "mpc")
+DEFAULTS = {  # per transform family: max_iterations (per level), tol (voxels), damping
+    "linear": {"max_iterations": 100, "tol": 1e-3, "damping": 1e-3},
+    "bspline": {"max_iterations": 15, "tol": 1e-2, "damping": 0.1},
+}
 
 
 @dataclass(frozen=True)
@@ -47,10 +57,13 @@ class Result:
     """Outcome of :func:`register`.
 
     Attributes:
-        transform: kind (``"translation" | "rigid" | "affine"``).
-        params: float64 ``(P,)`` parameters about ``center`` (see :mod:`ppreg.transforms`).
-        matrix: float64 ``(d+1, d+1)``: FIXED voxel index -> MOVING voxel index (pull-back).
-        center: float64 ``(d,)`` transform centre (fixed voxel indices).
+        transform: ``"translation" | "rigid" | "affine" | "bspline"``.
+        params: linear: float64 ``(P,)`` parameters about ``center`` (see :mod:`ppreg.transforms`);
+            bspline: float32 coefficients ``(*control_grid_shape, d)`` in voxels.
+        matrix: linear: float64 ``(d+1, d+1)``, FIXED voxel index -> MOVING voxel index
+            (pull-back); ``None`` for bspline.
+        center: linear: float64 ``(d,)`` transform centre (fixed voxel indices); else ``None``.
+        spacing: bspline control-point spacing in voxels; else ``None``.
         warped: float32 ``(*fixed.shape)``: moving resampled on the fixed grid (0 outside).
         final_loss: mean squared error over all fixed voxels, original intensity units.
         iterations: total Gauss-Newton iterations.
@@ -62,9 +75,10 @@ class Result:
     """
 
     transform: str
-    params: np.ndarray
-    matrix: np.ndarray
-    center: np.ndarray
+    params: np.ndarray = field(repr=False)
+    matrix: np.ndarray | None
+    center: np.ndarray | None
+    spacing: int | None
     warped: np.ndarray = field(repr=False)
     final_loss: float
     iterations: int
@@ -76,11 +90,23 @@ class Result:
 
     def displacement(self) -> np.ndarray:
         """Dense displacement ``u(x) = W(x) - x`` on the fixed grid: float32 ``(*fixed.shape, d)``, voxels."""
-        grid = identity_grid(self.warped.shape)
+        shape = self.warped.shape
+        if self.matrix is None:
+            return np.asarray(displacement(jnp.asarray(self.params), shape, self.spacing))
+        grid = identity_grid(shape)
         return np.asarray(apply_matrix(jnp.asarray(self.matrix, jnp.float32), grid) - grid)
 
     def transform_json(self) -> dict:
         """The ``transform.json`` document."""
+        if self.matrix is None:
+            return {
+                "type": self.transform,
+                "spacing": int(self.spacing),
+                "control_shape": list(np.shape(self.params)[:-1]),
+                "coefficients": np.asarray(self.params).tolist(),
+                "convention": "u(x) = sum_j beta3(x / spacing - (j - 1)) c_j per axis (voxels, array axis order); "
+                              "warped(x) = moving(x + u(x))",
+            }
         return {
             "type": self.transform,
             "matrix": np.asarray(self.matrix).tolist(),
@@ -135,7 +161,18 @@ def _warp_full(moving, mat, grid):
 
 
 def _check_options(transform, loss, secure, sampling, levels, ndim, max_iterations, tol, damping):
-    check_kind(transform, ndim)
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
+    if transform == "bspline":
+        if ndim not in (2, 3):
+            raise ValueError(f"transforms support 2D and 3D images, got ndim={ndim}")
+        if secure is not None or sampling is not None:
+            raise ValueError("the bspline transform runs clear with every voxel in this version "
+                             "(secure and sampled registration support translation, rigid and affine)")
+        if any(b != 2 * a for a, b in zip(levels[1:], levels[:-1])):
+            raise ValueError(f"bspline levels must halve from one to the next (e.g. 4,2,1), got {levels}")
+    else:
+        check_kind(transform, ndim)
     if int(max_iterations) != max_iterations or max_iterations < 1:
         raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
     if not (tol >= 0 and damping >= 0):
@@ -160,28 +197,40 @@ def register(
     sampling: str | None = None,
     fraction: float = 0.1,
     levels: tuple[int, ...] = (4, 2, 1),
-    max_iterations: int = 100,
-    tol: float = 1e-3,
-    damping: float = 1e-3,
+    max_iterations: int | None = None,
+    tol: float | None = None,
+    damping: float | None = None,
+    spacing: int = 4,
+    regularization: float = 0.01,
+    cg_iterations: int = 10,
     key=0,
     frac_bits: int = 16,
     seeds=None,
 ) -> Result:
-    """Register ``moving`` to ``fixed`` with a linear transform by Gauss-Newton on SSD.
+    """Register ``moving`` to ``fixed`` by Gauss-Newton on SSD.
 
     Args:
         fixed: ``(*spatial)`` array or :class:`~ppreg.image.Image` (party2's in PPIR).
         moving: array or Image of the same dimensionality (party1's); shapes may differ.
-        transform: ``"translation" | "rigid" | "affine"``.
+        transform: ``"translation" | "rigid" | "affine" | "bspline"``.
         loss: ``"ssd"``.
         secure: ``None`` (clear) or ``"mpc"`` (two-party additive secret sharing with a
-            dealer, :mod:`ppreg.secure.ppir`).
-        sampling: ``None`` (every voxel), ``"urs"`` or ``"gms"``, redrawn each iteration.
+            dealer, :mod:`ppreg.secure.ppir`; linear transforms).
+        sampling: ``None`` (every voxel), ``"urs"`` or ``"gms"``, redrawn each iteration
+            (linear transforms).
         fraction: sampled fraction of the level's voxels, in ``(0, 1]``.
-        levels: pyramid shrink factors, coarse to fine (Gaussian sigma = factor / 2 voxels).
-        max_iterations: per level.
-        tol: stop a level when the RMS displacement of a step is <= ``tol`` voxels.
-        damping: Levenberg-Marquardt ``lambda`` (``H + lambda diag H``).
+        levels: coarse-to-fine factors. Linear: pyramid shrink factors (Gaussian sigma =
+            factor / 2 voxels). Bspline: control spacing = ``spacing * factor`` with the same
+            smoothing, at full resolution; factors must halve (e.g. 4,2,1).
+        max_iterations: per level (default 100 linear, 15 bspline).
+        tol: stop a level when the RMS displacement of a step is <= ``tol`` voxels
+            (default 1e-3 linear, 1e-2 bspline).
+        damping: Levenberg-Marquardt weight (default 1e-3 linear, relative to diag H;
+            0.1 bspline, relative to the mean data-Hessian diagonal).
+        spacing: bspline control-point spacing at the finest level, voxels (even, >= 4
+            when refined).
+        regularization: bspline bending-energy weight (on images scaled into [-1, 1]).
+        cg_iterations: bspline conjugate-gradient iterations per Gauss-Newton step.
         key: int seed or PRNG key for sampling (public).
         frac_bits: fixed-point fractional bits for ``secure="mpc"``.
         seeds: dealer seeds for reproducible secure runs (tests); CSPRNG otherwise.
@@ -195,48 +244,44 @@ def register(
         FloatingPointError: the optimisation diverged (non-finite transform).
 
     Source: Taiello et al. 2024 (MedIA 94, 103129), Algorithm 1, Eq. 2-6; Table 2 setting.
+    B-spline FFD: Rueckert et al. 1999 (IEEE TMI 18(8)), with the bending energy.
     """
     start = time.perf_counter()
     fixed_a, moving_a = _as_array(fixed, "fixed"), _as_array(moving, "moving")
     if fixed_a.ndim != moving_a.ndim:
         raise ValueError(f"fixed is {fixed_a.ndim}D but moving is {moving_a.ndim}D")
+    family = DEFAULTS["bspline" if transform == "bspline" else "linear"]
+    max_iterations = family["max_iterations"] if max_iterations is None else max_iterations
+    tol = family["tol"] if tol is None else tol
+    damping = family["damping"] if damping is None else damping
     _check_options(transform, loss, secure, sampling, levels, fixed_a.ndim, max_iterations, tol, damping)
-    for f in levels:  # raises ValueError for a factor too large for either image
-        level_shape(fixed_a.shape, f)
-        level_shape(moving_a.shape, f)
-    key = jax.random.key(key) if isinstance(key, int) else key
     scale = 2.0 ** max(scale_exponent(fixed_a), scale_exponent(moving_a))
     fixed_s, moving_s = fixed_a / scale, moving_a / scale
-    center = image_center(fixed_a.shape)
-    session = None
-    if secure == "mpc":
-        from .secure.session import SecureSession
+    if transform == "bspline":
+        coeffs, reports = _fit_bspline(fixed_s, moving_s, levels=tuple(levels), spacing=spacing,
+                                       max_iterations=max_iterations, tol=tol, lam=regularization, damping=damping,
+                                       cg_iterations=cg_iterations)
+        u = displacement(coeffs, fixed_a.shape, spacing)
+        warped = _warp_field(moving_a, u, identity_grid(fixed_a.shape))
+        params, mat, center = np.asarray(coeffs), None, None
+        session = None
+    else:
+        for f in levels:  # raises ValueError for a factor too large for either image
+            level_shape(fixed_a.shape, f)
+            level_shape(moving_a.shape, f)
+        key = jax.random.key(key) if isinstance(key, int) else key
+        center = image_center(fixed_a.shape)
+        session = None
+        if secure == "mpc":
+            from .secure.session import SecureSession
 
-        session = SecureSession(frac_bits, seeds=seeds)
-    mat = jnp.eye(fixed_a.ndim + 1, dtype=jnp.float32)
-    reports = []
-    for li, factor in enumerate(levels):
-        flat, coords = optim.fixed_level(fixed_s, factor)
-        n = coords.shape[0]
-        k = n if sampling is None else n_samples(n, fraction)
-        opts = dict(kind=transform, factor=factor, method=sampling, k=k, max_iterations=max_iterations, tol=tol,
-                    damping=damping)
-        if session is None:
-            level = optim.Level(optim.moving_level(moving_s, factor), flat, coords, center)
-            mat, it, losses = optim.run_level(mat, level, key, **opts)
-            it, losses = int(it), np.asarray(losses)[: int(it)]
-        else:
-            with session.timed("party1"):
-                level = optim.Level(optim.moving_level(moving_s, factor), None, coords, center)
-            mat, it = session.run_level(mat, level, flat, key, level_index=li, **opts)
-            losses = np.full(it, np.nan)
-        reports.append(LevelReport(int(factor), level_shape(fixed_a.shape, factor), it, k, losses))
-        if not bool(jnp.all(jnp.isfinite(mat))):
-            raise FloatingPointError(f"registration diverged at pyramid level {li} (factor {factor}): "
-                                     "the transform is not finite; try more damping or coarser levels")
-
-    grid = identity_grid(fixed_a.shape)
-    warped = _warp_full(moving_a, mat, grid)
+            session = SecureSession(frac_bits, seeds=seeds)
+        mat, reports = _fit_linear(fixed_s, moving_s, center, session, key, transform=transform, levels=levels,
+                                   sampling=sampling, fraction=fraction, max_iterations=max_iterations, tol=tol,
+                                   damping=damping)
+        warped = _warp_full(moving_a, mat, identity_grid(fixed_a.shape))
+        params = params_from_matrix(transform, np.asarray(mat), np.asarray(center))
+        mat, center = np.asarray(mat, np.float64), np.asarray(center, np.float64)
     n_vox = int(np.prod(fixed_a.shape))
     iterations = sum(r.iterations for r in reports)
     if session is None:
@@ -258,9 +303,10 @@ def register(
         per_iter = {p: session.iteration_traffic[p] / max(iterations, 1) for p in ("party1", "party2")}
     return Result(
         transform=transform,
-        params=params_from_matrix(transform, np.asarray(mat), np.asarray(center)),
-        matrix=np.asarray(mat, np.float64),
-        center=np.asarray(center, np.float64),
+        params=params,
+        matrix=mat,
+        center=center,
+        spacing=spacing if transform == "bspline" else None,
         warped=np.asarray(warped),
         final_loss=final,
         iterations=iterations,
@@ -270,3 +316,60 @@ def register(
         bytes=nbytes,
         bytes_per_iteration=per_iter,
     )
+
+
+def _check_finite(x, li, factor):
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise FloatingPointError(f"registration diverged at pyramid level {li} (factor {factor}): "
+                                 "the transform is not finite; try more damping or coarser levels")
+
+
+def _fit_linear(fixed_s, moving_s, center, session, key, *, transform, levels, sampling, fraction, max_iterations,
+                tol, damping):
+    """Multi-resolution Gauss-Newton for a linear transform (clear, or MPC through ``session``)."""
+    mat = jnp.eye(fixed_s.ndim + 1, dtype=jnp.float32)
+    reports = []
+    for li, factor in enumerate(levels):
+        flat, coords = optim.fixed_level(fixed_s, factor)
+        n = coords.shape[0]
+        k = n if sampling is None else n_samples(n, fraction)
+        opts = dict(kind=transform, factor=factor, method=sampling, k=k, max_iterations=max_iterations, tol=tol,
+                    damping=damping)
+        if session is None:
+            level = optim.Level(optim.moving_level(moving_s, factor), flat, coords, center)
+            mat, it, losses = optim.run_level(mat, level, key, **opts)
+            it, losses = int(it), np.asarray(losses)[: int(it)]
+        else:
+            with session.timed("party1"):
+                level = optim.Level(optim.moving_level(moving_s, factor), None, coords, center)
+            mat, it = session.run_level(mat, level, flat, key, level_index=li, **opts)
+            losses = np.full(it, np.nan)
+        reports.append(LevelReport(int(factor), level_shape(fixed_s.shape, factor), it, k, losses))
+        _check_finite(mat, li, factor)
+    return mat, reports
+
+
+def _fit_bspline(fixed_s, moving_s, *, levels, spacing, max_iterations, tol, lam, damping, cg_iterations):
+    """Coarse-to-fine Gauss-Newton-CG for the B-spline coefficients (full resolution, smoothed images)."""
+    shape = fixed_s.shape
+    spacings = [int(spacing) * int(f) for f in levels]
+    coeffs = jnp.zeros(control_grid_shape(shape, spacings[0]) + (fixed_s.ndim,), jnp.float32)
+    reports = []
+    for li, (factor, sp) in enumerate(zip(levels, spacings)):
+        if li:
+            coeffs = refine(coeffs, shape, spacings[li - 1])
+        sigma = factor / 2.0 if factor > 1 else 0.0
+        m, f = gaussian_blur(moving_s, sigma), gaussian_blur(fixed_s, sigma)
+        stack = jnp.concatenate([m[..., None], gradient(m)], axis=-1)
+        coeffs, it, losses = optim.run_bspline_level(
+            coeffs, stack, f, shape=shape, spacing=sp, max_iterations=max_iterations, tol=tol, lam=lam,
+            damping=damping, cg_iterations=cg_iterations)
+        it = int(it)
+        reports.append(LevelReport(int(factor), tuple(shape), it, int(np.prod(shape)), np.asarray(losses)[:it]))
+        _check_finite(coeffs, li, factor)
+    return coeffs, reports
+
+
+@jax.jit
+def _warp_field(moving, u, grid):
+    return warp(moving, grid + u)

@@ -133,7 +133,9 @@ def test_3d_rigid_recovers_known_transform():
 
 
 @pytest.mark.parametrize("kwargs, error", [
-    (dict(transform="bspline"), "unknown transform"),
+    (dict(transform="warp"), "unknown transform"),
+    (dict(transform="bspline", secure="mpc"), "runs clear"),
+    (dict(transform="bspline", levels=(4, 1)), "must halve"),
     (dict(loss="mi"), "unknown loss"),
     (dict(secure="ckks"), "unknown secure"),
     (dict(sampling="random"), "unknown sampling"),
