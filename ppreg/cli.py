@@ -27,7 +27,7 @@ from .image import Image, load, load_field, save, save_field
 from .metrics import displacement_rmse
 from .sampling import METHODS
 from .bspline import control_grid_shape, displacement
-from .register import TRANSFORMS
+from .register import LOSSES, TRANSFORMS
 from .transforms import apply_matrix
 from .warp import interpolate, interpolate_nearest
 
@@ -68,7 +68,9 @@ def _fraction(text: str) -> float:
 
 def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transform", choices=TRANSFORMS, default="rigid")
-    p.add_argument("--loss", choices=("ssd",), default="ssd")
+    p.add_argument("--loss", choices=LOSSES, default="ssd",
+                   help="ssd (Gauss-Newton), mi (Mattes mutual information, multi-modal) or ncc")
+    p.add_argument("--bins", type=int, default=32, help="histogram bins for --loss mi (default 32)")
     p.add_argument("--secure", choices=("none", "mpc"), default="none",
                    help="none: clear; mpc: two-party secret sharing with a dealer")
     p.add_argument("--sampling", choices=METHODS, default=None, help="voxel sampling per iteration (default: all)")
@@ -124,7 +126,7 @@ def _run_register(args) -> int:
             fixed, moving, transform=args.transform, loss=args.loss,
             secure=None if args.secure == "none" else args.secure, sampling=args.sampling, fraction=args.fraction,
             levels=args.levels, max_iterations=args.max_iterations, key=args.seed, frac_bits=args.frac_bits,
-            spacing=args.spacing, regularization=args.regularization,
+            spacing=args.spacing, regularization=args.regularization, bins=args.bins,
         )
     except (ValueError, OverflowError, FloatingPointError) as exc:
         raise CLIError(str(exc)) from None

@@ -27,17 +27,34 @@ from .grid import identity_grid, level_shape
 from .image import Image
 from .sampling import METHODS, n_samples
 from .bspline import control_grid_shape, displacement, refine
-from .grid import gaussian_blur, gradient
+from .grid import downsample, gaussian_blur, gradient, level_coordinates
 from .transforms import KINDS, apply_matrix, check_kind, image_center, params_from_matrix
+from .losses import mutual_information, ncc
 from .warp import warp
 
 TRANSFORMS = KINDS + ("bspline",)
-LOSSES = ("ssd",)
+LOSSES = ("ssd", "mi", "ncc")
 SECURE = (None, "mpc")
-DEFAULTS = {  # per transform family: max_iterations (per level), tol (voxels), damping
-    "linear": {"max_iterations": 100, "tol": 1e-3, "damping": 1e-3},
+DEFAULTS = {  # per optimiser: max_iterations (per level), tol (voxels), damping
+    "gauss-newton": {"max_iterations": 100, "tol": 1e-3, "damping": 1e-3},
+    "descent": {"max_iterations": 200, "tol": 1e-3, "damping": 0.0},
     "bspline": {"max_iterations": 15, "tol": 1e-2, "damping": 0.1},
 }
+
+
+@dataclass(frozen=True)
+class _ImageLoss:
+    """A loss on sampled values ``(fixed (k,), warped (k,), mask (k,)) -> scalar``; hashable by value
+    so that jitted loops compile once per loss and bin count. Images are pre-scaled into [0, 1]."""
+
+    name: str
+    bins: int = 32
+
+    def __call__(self, fixed_values, warped_values, mask):
+        if self.name == "mi":
+            return mutual_information(fixed_values, warped_values, bins=self.bins, mask=mask,
+                                      fixed_range=(0.0, 1.0), warped_range=(0.0, 1.0))
+        return ncc(fixed_values, warped_values, mask=mask)
 
 
 @dataclass(frozen=True)
@@ -163,6 +180,11 @@ def _warp_full(moving, mat, grid):
 def _check_options(transform, loss, secure, sampling, levels, ndim, max_iterations, tol, damping):
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+    if loss != "ssd" and (transform == "bspline" or secure is not None or sampling == "gms"):
+        raise ValueError(f"loss {loss!r} is available for clear linear registration with full or URS sampling "
+                         "in this version (bspline and secure registration use ssd)")
     if transform == "bspline":
         if ndim not in (2, 3):
             raise ValueError(f"transforms support 2D and 3D images, got ndim={ndim}")
@@ -177,8 +199,6 @@ def _check_options(transform, loss, secure, sampling, levels, ndim, max_iteratio
         raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
     if not (tol >= 0 and damping >= 0):
         raise ValueError(f"tol and damping must be non-negative, got tol={tol!r}, damping={damping!r}")
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; this pipeline supports {LOSSES}")
     if secure not in SECURE:
         raise ValueError(f"unknown secure mode {secure!r}; expected one of {SECURE}")
     if sampling is not None and sampling not in METHODS:
@@ -203,6 +223,7 @@ def register(
     spacing: int = 4,
     regularization: float = 0.01,
     cg_iterations: int = 10,
+    bins: int = 32,
     key=0,
     frac_bits: int = 16,
     seeds=None,
@@ -213,7 +234,9 @@ def register(
         fixed: ``(*spatial)`` array or :class:`~ppreg.image.Image` (party2's in PPIR).
         moving: array or Image of the same dimensionality (party1's); shapes may differ.
         transform: ``"translation" | "rigid" | "affine" | "bspline"``.
-        loss: ``"ssd"``.
+        loss: ``"ssd"`` (Gauss-Newton), ``"mi"`` (Mattes mutual information) or ``"ncc"``
+            (global normalised cross-correlation); mi and ncc use regular-step gradient
+            descent on linear transforms, each image scaled into [0, 1] by its own range.
         secure: ``None`` (clear) or ``"mpc"`` (two-party additive secret sharing with a
             dealer, :mod:`ppreg.secure.ppir`; linear transforms).
         sampling: ``None`` (every voxel), ``"urs"`` or ``"gms"``, redrawn each iteration
@@ -222,15 +245,16 @@ def register(
         levels: coarse-to-fine factors. Linear: pyramid shrink factors (Gaussian sigma =
             factor / 2 voxels). Bspline: control spacing = ``spacing * factor`` with the same
             smoothing, at full resolution; factors must halve (e.g. 4,2,1).
-        max_iterations: per level (default 100 linear, 15 bspline).
+        max_iterations: per level (default 100 Gauss-Newton, 200 descent, 15 bspline).
         tol: stop a level when the RMS displacement of a step is <= ``tol`` voxels
-            (default 1e-3 linear, 1e-2 bspline).
+            (default 1e-3 linear, 1e-2 bspline); for descent, the minimum step length.
         damping: Levenberg-Marquardt weight (default 1e-3 linear, relative to diag H;
             0.1 bspline, relative to the mean data-Hessian diagonal).
         spacing: bspline control-point spacing at the finest level, voxels (even, >= 4
             when refined).
         regularization: bspline bending-energy weight (on images scaled into [-1, 1]).
         cg_iterations: bspline conjugate-gradient iterations per Gauss-Newton step.
+        bins: histogram bins of ``loss="mi"``.
         key: int seed or PRNG key for sampling (public).
         frac_bits: fixed-point fractional bits for ``secure="mpc"``.
         seeds: dealer seeds for reproducible secure runs (tests); CSPRNG otherwise.
@@ -244,13 +268,14 @@ def register(
         FloatingPointError: the optimisation diverged (non-finite transform).
 
     Source: Taiello et al. 2024 (MedIA 94, 103129), Algorithm 1, Eq. 2-6; Table 2 setting.
-    B-spline FFD: Rueckert et al. 1999 (IEEE TMI 18(8)), with the bending energy.
+    B-spline FFD: Rueckert et al. 1999 (IEEE TMI 18(8)), with the bending energy. MI: Mattes
+    et al. 2003 (IEEE TMI 22(1)); Eq. 7-8 of Taiello et al. 2024.
     """
     start = time.perf_counter()
     fixed_a, moving_a = _as_array(fixed, "fixed"), _as_array(moving, "moving")
     if fixed_a.ndim != moving_a.ndim:
         raise ValueError(f"fixed is {fixed_a.ndim}D but moving is {moving_a.ndim}D")
-    family = DEFAULTS["bspline" if transform == "bspline" else "linear"]
+    family = DEFAULTS["bspline" if transform == "bspline" else "gauss-newton" if loss == "ssd" else "descent"]
     max_iterations = family["max_iterations"] if max_iterations is None else max_iterations
     tol = family["tol"] if tol is None else tol
     damping = family["damping"] if damping is None else damping
@@ -276,9 +301,14 @@ def register(
             from .secure.session import SecureSession
 
             session = SecureSession(frac_bits, seeds=seeds)
-        mat, reports = _fit_linear(fixed_s, moving_s, center, session, key, transform=transform, levels=levels,
-                                   sampling=sampling, fraction=fraction, max_iterations=max_iterations, tol=tol,
-                                   damping=damping)
+        if loss == "ssd":
+            mat, reports = _fit_linear(fixed_s, moving_s, center, session, key, transform=transform, levels=levels,
+                                       sampling=sampling, fraction=fraction, max_iterations=max_iterations,
+                                       tol=tol, damping=damping)
+        else:
+            mat, reports = _fit_descent(_unit_range(fixed_a), _unit_range(moving_a), center, key,
+                                        transform=transform, loss=_ImageLoss(loss, bins), levels=levels,
+                                        sampling=sampling, fraction=fraction, max_iterations=max_iterations, tol=tol)
         warped = _warp_full(moving_a, mat, identity_grid(fixed_a.shape))
         params = params_from_matrix(transform, np.asarray(mat), np.asarray(center))
         mat, center = np.asarray(mat, np.float64), np.asarray(center, np.float64)
@@ -345,6 +375,31 @@ def _fit_linear(fixed_s, moving_s, center, session, key, *, transform, levels, s
             mat, it = session.run_level(mat, level, flat, key, level_index=li, **opts)
             losses = np.full(it, np.nan)
         reports.append(LevelReport(int(factor), level_shape(fixed_s.shape, factor), it, k, losses))
+        _check_finite(mat, li, factor)
+    return mat, reports
+
+
+def _unit_range(image):
+    """Scale an image into [0, 1] by its own minimum and maximum (for mi and ncc)."""
+    lo, hi = jnp.min(image), jnp.max(image)
+    return (image - lo) / jnp.maximum(hi - lo, 1e-12)
+
+
+def _fit_descent(fixed_u, moving_u, center, key, *, transform, loss, levels, sampling, fraction, max_iterations,
+                 tol):
+    """Multi-resolution regular-step gradient descent on ``loss`` (clear, linear transforms)."""
+    mat = jnp.eye(fixed_u.ndim + 1, dtype=jnp.float32)
+    reports = []
+    for li, factor in enumerate(levels):
+        coords = level_coordinates(fixed_u.shape, factor).reshape(-1, fixed_u.ndim)
+        n = coords.shape[0]
+        k = n if sampling is None else n_samples(n, fraction)
+        mat, it, losses = optim.run_level_descent(
+            mat, optim.moving_level(moving_u, factor), downsample(fixed_u, factor), coords, center,
+            jax.random.fold_in(key, li), kind=transform, factor=factor, loss_fn=loss, k=k,
+            max_iterations=max_iterations, step=float(factor), min_step=tol, relaxation=2.0)
+        it = int(it)
+        reports.append(LevelReport(int(factor), level_shape(fixed_u.shape, factor), it, k, np.asarray(losses)[:it]))
         _check_finite(mat, li, factor)
     return mat, reports
 

@@ -75,3 +75,13 @@ def test_run_level_does_not_recompile():
     mat, _, _ = _run(_shifted(moving * 0.5, (-0.2, 0.1)), moving * 0.5, key=1)
     assert optim.run_level._cache_size() == size
     np.testing.assert_allclose(mat[:2, 2], (-0.2, 0.1), atol=0.02)
+
+
+def test_parameter_scales_are_rms_displacements():
+    """A unit translation moves every point 1 voxel; a unit angle moves it by its radius (RMS)."""
+    pts = jnp.asarray(np.random.default_rng(0).uniform(0, 30, (50, 2)), jnp.float32)
+    center = jnp.asarray([15.0, 14.0])
+    xh = jnp.concatenate([pts - center, jnp.ones((50, 1))], axis=-1)
+    np.testing.assert_allclose(optim.parameter_scales("translation", xh), [1.0, 1.0], rtol=1e-6)
+    radius = float(np.sqrt(np.mean(np.sum((np.asarray(pts) - np.asarray(center)) ** 2, -1))))
+    np.testing.assert_allclose(optim.parameter_scales("rigid", xh), [radius, 1.0, 1.0], rtol=1e-5)

@@ -136,7 +136,7 @@ def test_3d_rigid_recovers_known_transform():
     (dict(transform="warp"), "unknown transform"),
     (dict(transform="bspline", secure="mpc"), "runs clear"),
     (dict(transform="bspline", levels=(4, 1)), "must halve"),
-    (dict(loss="mi"), "unknown loss"),
+    (dict(loss="dice"), "unknown loss"),
     (dict(secure="ckks"), "unknown secure"),
     (dict(sampling="random"), "unknown sampling"),
     (dict(levels=()), "at least one"),
