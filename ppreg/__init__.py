@@ -1,11 +1,12 @@
 """ppreg: privacy-preserving medical image registration in JAX."""
 
 from ppreg.data import load_sample, sample_path
-from ppreg.image import Image, load, save
-from ppreg.losses import ssd
-from ppreg.metrics import displacement_rmse
+from ppreg.image import Image, load, load_field, save, save_field
+from ppreg.losses import lncc, mind, mind_ssc, mutual_information, ncc, ssd
+from ppreg.metrics import dice, displacement_rmse, field_rmse, folding, hd95, mean_dice
 from ppreg.register import Result, register
-from ppreg.warp import interpolate, warp, warp_displacement
+from ppreg.svf import jacobian_determinant
+from ppreg.warp import interpolate, interpolate_nearest, warp, warp_displacement
 
 __version__ = "0.1.0"
 
@@ -13,13 +14,27 @@ __all__ = [
     "__version__",
     "Image",
     "Result",
+    "dice",
     "displacement_rmse",
+    "field_rmse",
+    "folding",
+    "hd95",
     "interpolate",
+    "interpolate_nearest",
+    "jacobian_determinant",
+    "lncc",
     "load",
+    "load_field",
     "load_sample",
+    "mean_dice",
+    "mind",
+    "mind_ssc",
+    "mutual_information",
+    "ncc",
     "register",
     "sample_path",
     "save",
+    "save_field",
     "ssd",
     "warp",
     "warp_displacement",
