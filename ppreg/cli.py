@@ -28,6 +28,7 @@ from .metrics import displacement_rmse
 from .sampling import METHODS
 from .bspline import control_grid_shape, displacement
 from .register import LOSSES, TRANSFORMS
+from .svf import exp as svf_exp
 from .transforms import apply_matrix
 from .warp import interpolate, interpolate_nearest
 
@@ -69,7 +70,7 @@ def _fraction(text: str) -> float:
 def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transform", choices=TRANSFORMS, default="rigid")
     p.add_argument("--loss", choices=LOSSES, default="ssd",
-                   help="ssd (Gauss-Newton), mi (Mattes mutual information, multi-modal) or ncc")
+                   help="ssd, mi (Mattes mutual information, multi-modal), ncc, or lncc (local NCC, svf)")
     p.add_argument("--bins", type=int, default=32, help="histogram bins for --loss mi (default 32)")
     p.add_argument("--secure", choices=("none", "mpc"), default="none",
                    help="none: clear; mpc: two-party secret sharing with a dealer")
@@ -137,8 +138,8 @@ def _run_register(args) -> int:
 
 
 def write_outputs(outdir: Path, result, affine) -> None:
-    """Write warped.nii.gz, displacement.nii.gz, transform.json and report.json into ``outdir``
-    (staged, then moved)."""
+    """Write warped.nii.gz, displacement.nii.gz, transform.json, report.json (and velocity.nii.gz
+    for svf) into ``outdir`` (staged, then moved)."""
     outdir = Path(outdir)
     parent = outdir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -146,10 +147,14 @@ def write_outputs(outdir: Path, result, affine) -> None:
     try:
         save(Image(result.warped, affine), stage / "warped.nii.gz")
         save_field(result.displacement(), stage / "displacement.nii.gz", affine=affine)
+        names = ["warped.nii.gz", "displacement.nii.gz", "transform.json", "report.json"]
+        if result.transform == "svf":
+            save_field(result.params, stage / "velocity.nii.gz", affine=affine)
+            names.append("velocity.nii.gz")
         atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
         atomic_write_text(stage / "report.json", json.dumps(result.report_json(), indent=2) + "\n")
         outdir.mkdir(parents=True, exist_ok=True)
-        for name in ("warped.nii.gz", "displacement.nii.gz", "transform.json", "report.json"):
+        for name in names:
             os.replace(stage / name, outdir / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -163,6 +168,8 @@ def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
             doc = json.loads(path.read_text())
             if doc.get("type") == "bspline":
                 return grid + _bspline_field(doc, shape, path)
+            if doc.get("type") == "svf":
+                return grid + _svf_field(doc, shape, path)
             mat = np.asarray(doc["matrix"], np.float32)
         except FileNotFoundError:
             raise CLIError(f"no such file: {path}") from None
@@ -190,6 +197,17 @@ def _bspline_field(doc: dict, shape: tuple[int, ...], path: Path):
         raise CLIError(f"{path}: coefficients of shape {coeffs.shape} do not fit the reference grid {tuple(shape)} "
                        f"at spacing {spacing} (expected {expected})")
     return displacement(coeffs, tuple(shape), spacing)
+
+
+def _svf_field(doc: dict, shape: tuple[int, ...], path: Path):
+    velocity_path = path.parent / doc["velocity"]
+    try:
+        velocity, _ = load_field(velocity_path)
+    except FileNotFoundError:
+        raise CLIError(f"{path}: its velocity file {velocity_path} is missing") from None
+    if velocity.shape[:-1] != tuple(shape):
+        raise CLIError(f"velocity {velocity_path} has grid {velocity.shape[:-1]} but the reference grid is {tuple(shape)}")
+    return svf_exp(velocity, steps=int(doc["steps"]))
 
 
 def _run_apply(args) -> int:

@@ -136,3 +136,29 @@ def gradient(image: jnp.ndarray) -> jnp.ndarray:
         ``(*spatial, ndim)``: component k is the derivative along array axis k, per voxel.
     """
     return jnp.stack(jnp.gradient(image), axis=-1) if image.ndim > 1 else jnp.gradient(image)[..., None]
+
+
+def smooth_field(field: jnp.ndarray, sigma: float) -> jnp.ndarray:
+    """Gaussian smoothing of each component of a vector field ``(*spatial, ndim)`` (sigma in voxels)."""
+    return jnp.stack([gaussian_blur(field[..., k], sigma) for k in range(field.shape[-1])], axis=-1)
+
+
+def upsample_field(field: jnp.ndarray, full_shape: tuple[int, ...], from_factor: int, to_factor: int) -> jnp.ndarray:
+    """Resample a field stored on pyramid level ``from_factor`` at the voxels of level ``to_factor``.
+
+    Values are interpolated linearly at the finer level's full-resolution positions (clamped
+    to the coarse grid, i.e. extended by edge values); their units are unchanged.
+
+    Args:
+        field: float32 ``(*level_shape(full_shape, from_factor), C)``.
+        full_shape: full-resolution spatial shape.
+        from_factor, to_factor: shrink factors (``to_factor < from_factor``).
+
+    Returns:
+        float32 ``(*level_shape(full_shape, to_factor), C)``.
+    """
+    from .warp import interpolate
+
+    pts = level_coordinates(full_shape, to_factor)
+    upper = jnp.asarray(field.shape[:-1], jnp.float32) - 1.0
+    return interpolate(field, jnp.clip((pts - (from_factor - 1) / 2.0) / from_factor, 0.0, upper))

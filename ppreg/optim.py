@@ -32,10 +32,10 @@ import numpy as np
 
 from . import sampling as smp
 from .bspline import displacement, jacobian_transpose
-from .grid import downsample, gradient, identity_grid, level_coordinates, level_shape
+from .grid import downsample, gradient, identity_grid, level_coordinates, level_shape, smooth_field
 from .regularizers import bending_energy
 from .transforms import apply_matrix, homogeneous, identity_basis, matrix
-from .warp import interpolate, inside_mask
+from .warp import inside_mask, interpolate, warp
 
 
 class Level(NamedTuple):
@@ -334,3 +334,40 @@ def run_level_descent(mat, moving, fixed, coords, center, key, *, kind, factor, 
     init = (mat, jnp.int32(0), jnp.float32(step), jnp.zeros(scales.shape, jnp.float32), losses)
     mat, it, _, _, losses = jax.lax.while_loop(cond, body, init)
     return mat, it, losses
+
+
+# --- stationary velocity field: log-domain demons-style gradient steps (clear) ---
+#
+# u = exp(v) (scaling and squaring). Each iteration takes the force f = -dL/dI_w grad(I_w) (autodiff
+# of the loss alone), smooths it (fluid-like, sigma_fluid), scales it so its largest vector is
+# ``step`` voxels, adds it to v (first-order BCH: exp(v) o exp(f) ~ exp(v + f)) and smooths v
+# (diffusion-like, sigma_diff), as in log-domain diffeomorphic demons (Vercauteren et al. 2008).
+# exp keeps the map diffeomorphic.
+
+
+@partial(jax.jit, static_argnames=("loss_fn", "iterations", "sigma_fluid", "sigma_diff", "steps"))
+def run_svf_level(velocity, moving, fixed, *, loss_fn, iterations, step, sigma_fluid, sigma_diff, steps):
+    """Fixed-count SVF loop on one pyramid level (jitted ``lax.fori_loop``).
+
+    Args:
+        velocity: float32 ``(*shape, d)`` in this level's voxel units.
+        moving: float32 ``(*shape_m)`` moving level image; fixed: float32 ``(*shape)``.
+        loss_fn: ``loss_fn(fixed, warped) -> scalar`` (static, hashable).
+        iterations; step (voxels); sigma_fluid, sigma_diff (voxels); steps: squarings of exp.
+
+    Returns:
+        ``(velocity, losses (iterations,))``: the loss before each iteration.
+    """
+    from .svf import exp as svf_exp
+
+    grid = identity_grid(fixed.shape)
+
+    def body(i, state):
+        v, losses = state
+        w = warp(moving, grid + svf_exp(v, steps=steps))
+        loss, dloss = jax.value_and_grad(lambda x: loss_fn(fixed, x))(w)
+        force = smooth_field(-dloss[..., None] * gradient(w), sigma_fluid)
+        force = step * force / (jnp.max(jnp.linalg.norm(force, axis=-1)) + 1e-12)
+        return smooth_field(v + force, sigma_diff), losses.at[i].set(loss)
+
+    return jax.lax.fori_loop(0, iterations, body, (velocity, jnp.zeros((iterations,), jnp.float32)))

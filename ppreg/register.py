@@ -27,34 +27,42 @@ from .grid import identity_grid, level_shape
 from .image import Image
 from .sampling import METHODS, n_samples
 from .bspline import control_grid_shape, displacement, refine
-from .grid import downsample, gaussian_blur, gradient, level_coordinates
+from .grid import downsample, gaussian_blur, gradient, level_coordinates, upsample_field
+from .svf import exp as svf_exp
 from .transforms import KINDS, apply_matrix, check_kind, image_center, params_from_matrix
-from .losses import mutual_information, ncc
+from .losses import lncc, mutual_information, ncc, ssd
 from .warp import warp
 
-TRANSFORMS = KINDS + ("bspline",)
-LOSSES = ("ssd", "mi", "ncc")
+TRANSFORMS = KINDS + ("bspline", "svf")
+LOSSES = ("ssd", "mi", "ncc", "lncc")
+SVF_STEPS = 6  # squarings in exp(v)
 SECURE = (None, "mpc")
 DEFAULTS = {  # per optimiser: max_iterations (per level), tol (voxels), damping
     "gauss-newton": {"max_iterations": 100, "tol": 1e-3, "damping": 1e-3},
     "descent": {"max_iterations": 200, "tol": 1e-3, "damping": 0.0},
     "bspline": {"max_iterations": 15, "tol": 1e-2, "damping": 0.1},
+    "svf": {"max_iterations": 60, "tol": 0.0, "damping": 0.0},
 }
 
 
 @dataclass(frozen=True)
 class _ImageLoss:
-    """A loss on sampled values ``(fixed (k,), warped (k,), mask (k,)) -> scalar``; hashable by value
-    so that jitted loops compile once per loss and bin count. Images are pre-scaled into [0, 1]."""
+    """A loss ``(fixed, warped, mask=None) -> scalar`` on values or images; hashable by value so
+    that jitted loops compile once per loss and bin count. Images are pre-scaled into [0, 1]
+    (except for ssd, which takes the common power-of-two scale)."""
 
     name: str
     bins: int = 32
 
-    def __call__(self, fixed_values, warped_values, mask):
+    def __call__(self, fixed, warped, mask=None):
         if self.name == "mi":
-            return mutual_information(fixed_values, warped_values, bins=self.bins, mask=mask,
-                                      fixed_range=(0.0, 1.0), warped_range=(0.0, 1.0))
-        return ncc(fixed_values, warped_values, mask=mask)
+            return mutual_information(fixed, warped, bins=self.bins, mask=mask, fixed_range=(0.0, 1.0),
+                                      warped_range=(0.0, 1.0))
+        if self.name == "lncc":
+            return lncc(fixed, warped, mask=mask)
+        if self.name == "ssd":
+            return ssd(fixed, warped, mask=mask)
+        return ncc(fixed, warped, mask=mask)
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,8 @@ class Result:
     """Outcome of :func:`register`.
 
     Attributes:
-        transform: ``"translation" | "rigid" | "affine" | "bspline"``.
+        transform: ``"translation" | "rigid" | "affine" | "bspline" | "svf"`` (stationary
+            velocity field, ``u = exp(v)``, diffeomorphic).
         params: linear: float64 ``(P,)`` parameters about ``center`` (see :mod:`ppreg.transforms`);
             bspline: float32 coefficients ``(*control_grid_shape, d)`` in voxels.
         matrix: linear: float64 ``(d+1, d+1)``, FIXED voxel index -> MOVING voxel index
@@ -108,6 +117,8 @@ class Result:
     def displacement(self) -> np.ndarray:
         """Dense displacement ``u(x) = W(x) - x`` on the fixed grid: float32 ``(*fixed.shape, d)``, voxels."""
         shape = self.warped.shape
+        if self.transform == "svf":
+            return np.asarray(svf_exp(jnp.asarray(self.params), steps=SVF_STEPS))
         if self.matrix is None:
             return np.asarray(displacement(jnp.asarray(self.params), shape, self.spacing))
         grid = identity_grid(shape)
@@ -115,6 +126,15 @@ class Result:
 
     def transform_json(self) -> dict:
         """The ``transform.json`` document."""
+        if self.transform == "svf":
+            return {
+                "type": "svf",
+                "velocity": "velocity.nii.gz",
+                "steps": SVF_STEPS,
+                "convention": "u = exp(v) by scaling and squaring with `steps` squarings, v in voxels (array axis "
+                              "order) on the fixed grid, stored in the sibling file `velocity`; "
+                              "warped(x) = moving(x + u(x))",
+            }
         if self.matrix is None:
             return {
                 "type": self.transform,
@@ -182,9 +202,14 @@ def _check_options(transform, loss, secure, sampling, levels, ndim, max_iteratio
         raise ValueError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
-    if loss != "ssd" and (transform == "bspline" or secure is not None or sampling == "gms"):
-        raise ValueError(f"loss {loss!r} is available for clear linear registration with full or URS sampling "
-                         "in this version (bspline and secure registration use ssd)")
+    if transform == "svf":
+        if secure is not None or sampling is not None:
+            raise ValueError("the svf transform runs clear with every voxel in this version")
+        if levels and levels[-1] != 1:
+            raise ValueError(f"svf levels must end at full resolution (1), got {levels}")
+    elif loss != "ssd" and (transform == "bspline" or secure is not None or sampling == "gms" or loss == "lncc"):
+        raise ValueError(f"loss {loss!r} is available for clear registration (mi, ncc: linear transforms with full "
+                         "or URS sampling; lncc: svf); bspline and secure registration use ssd")
     if transform == "bspline":
         if ndim not in (2, 3):
             raise ValueError(f"transforms support 2D and 3D images, got ndim={ndim}")
@@ -193,7 +218,7 @@ def _check_options(transform, loss, secure, sampling, levels, ndim, max_iteratio
                              "(secure and sampled registration support translation, rigid and affine)")
         if any(b != 2 * a for a, b in zip(levels[1:], levels[:-1])):
             raise ValueError(f"bspline levels must halve from one to the next (e.g. 4,2,1), got {levels}")
-    else:
+    elif transform != "svf":
         check_kind(transform, ndim)
     if int(max_iterations) != max_iterations or max_iterations < 1:
         raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
@@ -224,6 +249,9 @@ def register(
     regularization: float = 0.01,
     cg_iterations: int = 10,
     bins: int = 32,
+    step_size: float = 0.5,
+    fluid_sigma: float = 2.0,
+    diffusion_sigma: float = 0.5,
     key=0,
     frac_bits: int = 16,
     seeds=None,
@@ -233,7 +261,8 @@ def register(
     Args:
         fixed: ``(*spatial)`` array or :class:`~ppreg.image.Image` (party2's in PPIR).
         moving: array or Image of the same dimensionality (party1's); shapes may differ.
-        transform: ``"translation" | "rigid" | "affine" | "bspline"``.
+        transform: ``"translation" | "rigid" | "affine" | "bspline" | "svf"`` (stationary
+            velocity field, ``u = exp(v)``, diffeomorphic).
         loss: ``"ssd"`` (Gauss-Newton), ``"mi"`` (Mattes mutual information) or ``"ncc"``
             (global normalised cross-correlation); mi and ncc use regular-step gradient
             descent on linear transforms, each image scaled into [0, 1] by its own range.
@@ -245,7 +274,8 @@ def register(
         levels: coarse-to-fine factors. Linear: pyramid shrink factors (Gaussian sigma =
             factor / 2 voxels). Bspline: control spacing = ``spacing * factor`` with the same
             smoothing, at full resolution; factors must halve (e.g. 4,2,1).
-        max_iterations: per level (default 100 Gauss-Newton, 200 descent, 15 bspline).
+        max_iterations: per level (default 100 Gauss-Newton, 200 descent, 15 bspline; svf runs
+            exactly this many, default 60).
         tol: stop a level when the RMS displacement of a step is <= ``tol`` voxels
             (default 1e-3 linear, 1e-2 bspline); for descent, the minimum step length.
         damping: Levenberg-Marquardt weight (default 1e-3 linear, relative to diag H;
@@ -255,6 +285,9 @@ def register(
         regularization: bspline bending-energy weight (on images scaled into [-1, 1]).
         cg_iterations: bspline conjugate-gradient iterations per Gauss-Newton step.
         bins: histogram bins of ``loss="mi"``.
+        step_size: svf: largest update of the velocity per iteration, in voxels of the level.
+        fluid_sigma, diffusion_sigma: svf: Gaussian smoothing (level voxels) of each update
+            and of the velocity field.
         key: int seed or PRNG key for sampling (public).
         frac_bits: fixed-point fractional bits for ``secure="mpc"``.
         seeds: dealer seeds for reproducible secure runs (tests); CSPRNG otherwise.
@@ -275,14 +308,23 @@ def register(
     fixed_a, moving_a = _as_array(fixed, "fixed"), _as_array(moving, "moving")
     if fixed_a.ndim != moving_a.ndim:
         raise ValueError(f"fixed is {fixed_a.ndim}D but moving is {moving_a.ndim}D")
-    family = DEFAULTS["bspline" if transform == "bspline" else "gauss-newton" if loss == "ssd" else "descent"]
+    family = DEFAULTS[transform if transform in ("bspline", "svf") else "gauss-newton" if loss == "ssd" else "descent"]
     max_iterations = family["max_iterations"] if max_iterations is None else max_iterations
     tol = family["tol"] if tol is None else tol
     damping = family["damping"] if damping is None else damping
     _check_options(transform, loss, secure, sampling, levels, fixed_a.ndim, max_iterations, tol, damping)
     scale = 2.0 ** max(scale_exponent(fixed_a), scale_exponent(moving_a))
     fixed_s, moving_s = fixed_a / scale, moving_a / scale
-    if transform == "bspline":
+    if transform == "svf":
+        prepare = _unit_range if loss != "ssd" else (lambda x: x / scale)
+        velocity, reports = _fit_svf(prepare(fixed_a), prepare(moving_a), loss=_ImageLoss(loss, bins),
+                                     levels=tuple(levels), iterations=max_iterations, step=step_size,
+                                     fluid_sigma=fluid_sigma, diffusion_sigma=diffusion_sigma)
+        u = svf_exp(velocity, steps=SVF_STEPS)
+        warped = _warp_field(moving_a, u, identity_grid(fixed_a.shape))
+        params, mat, center = np.asarray(velocity), None, None
+        session = None
+    elif transform == "bspline":
         coeffs, reports = _fit_bspline(fixed_s, moving_s, levels=tuple(levels), spacing=spacing,
                                        max_iterations=max_iterations, tol=tol, lam=regularization, damping=damping,
                                        cg_iterations=cg_iterations)
@@ -402,6 +444,25 @@ def _fit_descent(fixed_u, moving_u, center, key, *, transform, loss, levels, sam
         reports.append(LevelReport(int(factor), level_shape(fixed_u.shape, factor), it, k, np.asarray(losses)[:it]))
         _check_finite(mat, li, factor)
     return mat, reports
+
+
+def _fit_svf(fixed_u, moving_u, *, loss, levels, iterations, step, fluid_sigma, diffusion_sigma):
+    """Coarse-to-fine SVF; the velocity is carried in full-resolution voxels between levels."""
+    shape = fixed_u.shape
+    velocity, reports = None, []
+    for li, factor in enumerate(levels):
+        coarse = level_shape(shape, factor)
+        if velocity is None:
+            velocity = jnp.zeros(coarse + (len(shape),), jnp.float32)
+        else:
+            velocity = upsample_field(velocity, shape, levels[li - 1], factor)
+        level_v, losses = optim.run_svf_level(
+            velocity / factor, downsample(moving_u, factor), downsample(fixed_u, factor), loss_fn=loss,
+            iterations=iterations, step=step, sigma_fluid=fluid_sigma, sigma_diff=diffusion_sigma, steps=SVF_STEPS)
+        velocity = level_v * factor
+        reports.append(LevelReport(int(factor), coarse, iterations, int(np.prod(coarse)), np.asarray(losses)))
+        _check_finite(velocity, li, factor)
+    return velocity, reports
 
 
 def _fit_bspline(fixed_s, moving_s, *, levels, spacing, max_iterations, tol, lam, damping, cg_iterations):
