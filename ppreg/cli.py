@@ -286,9 +286,32 @@ def _run_demo(args) -> int:
     return 0
 
 
+def enable_compilation_cache() -> Path | None:
+    """Use JAX's persistent compilation cache so repeated commands skip most JIT compilation.
+
+    The cache lives in ``$PPREG_CACHE_DIR`` or ``$XDG_CACHE_HOME/ppreg/jax`` (default
+    ``~/.cache/ppreg/jax``); ``PPREG_COMPILATION_CACHE=0`` turns it off. Returns the directory
+    used, or ``None``.
+    """
+    if os.environ.get("PPREG_COMPILATION_CACHE", "1") == "0":
+        return None
+    import jax
+
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    cache = Path(os.environ.get("PPREG_CACHE_DIR", base / "ppreg" / "jax"))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return cache
+
+
 def main(argv=None) -> int:
     """Entry point of the ``ppreg`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    enable_compilation_cache()
     try:
         if args.command == "register":
             return _run_register(args)

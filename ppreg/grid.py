@@ -12,6 +12,7 @@ every level.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,7 @@ def gaussian_kernel(sigma: float) -> jnp.ndarray:
     return k / jnp.sum(k)
 
 
+@partial(jax.jit, static_argnames="sigma")
 def gaussian_blur(image: jnp.ndarray, sigma: float) -> jnp.ndarray:
     """Separable Gaussian smoothing with edge replication.
 
@@ -94,6 +96,7 @@ def gaussian_blur(image: jnp.ndarray, sigma: float) -> jnp.ndarray:
     return out
 
 
+@partial(jax.jit, static_argnames="factor")
 def downsample(image: jnp.ndarray, factor: int) -> jnp.ndarray:
     """One pyramid level: Gaussian blur (sigma = factor / 2 voxels) then block-centre sampling.
 
@@ -138,11 +141,13 @@ def gradient(image: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack(jnp.gradient(image), axis=-1) if image.ndim > 1 else jnp.gradient(image)[..., None]
 
 
+@partial(jax.jit, static_argnames="sigma")
 def smooth_field(field: jnp.ndarray, sigma: float) -> jnp.ndarray:
     """Gaussian smoothing of each component of a vector field ``(*spatial, ndim)`` (sigma in voxels)."""
     return jnp.stack([gaussian_blur(field[..., k], sigma) for k in range(field.shape[-1])], axis=-1)
 
 
+@partial(jax.jit, static_argnames=("full_shape", "from_factor", "to_factor"))
 def upsample_field(field: jnp.ndarray, full_shape: tuple[int, ...], from_factor: int, to_factor: int) -> jnp.ndarray:
     """Resample a field stored on pyramid level ``from_factor`` at the voxels of level ``to_factor``.
 

@@ -103,3 +103,19 @@ def test_failure_keeps_existing_outputs(tmp_path, capsys):
     _assert_error(capsys, status, "too large")
     assert (out / "report.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_compilation_cache_setting(tmp_path, monkeypatch):
+    from ppreg.cli import enable_compilation_cache
+
+    assert enable_compilation_cache() is None  # the suite turns it off
+    monkeypatch.setenv("PPREG_COMPILATION_CACHE", "1")
+    monkeypatch.setenv("PPREG_CACHE_DIR", str(tmp_path / "cache"))
+    import jax
+
+    previous = jax.config.jax_compilation_cache_dir
+    try:
+        assert enable_compilation_cache() == tmp_path / "cache"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous)

@@ -72,7 +72,7 @@ def test_downsample_constant_stays_constant(shape, factor):
 
 def test_downsample_factor_one_is_identity():
     img = jnp.asarray(np.random.default_rng(0).uniform(size=SHAPE2), jnp.float32)
-    assert G.downsample(img, 1) is img
+    np.testing.assert_array_equal(G.downsample(img, 1), img)
 
 
 @pytest.mark.parametrize("shape,factor", [(SHAPE2, 2), (SHAPE2, 3), (SHAPE3, 2)])
