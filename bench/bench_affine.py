@@ -16,12 +16,7 @@ Usage: python bench/bench_affine.py [--out bench/results/bench_affine.json] [--q
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,6 +26,8 @@ from ppreg.grid import identity_grid
 from ppreg.metrics import displacement_rmse
 from ppreg.transforms import apply_matrix, image_center, matrix
 from ppreg.warp import warp
+
+from common import timed_twice, write_results
 
 
 def cases(quick: bool):
@@ -50,12 +47,7 @@ def cases(quick: bool):
 def run(fixed, moving, kind, levels, secure, sampling):
     kwargs = dict(transform=kind, secure=secure, sampling=sampling, levels=levels,
                   max_iterations=100 if sampling is None else 30)
-    t0 = time.perf_counter()
-    register(fixed, moving, **kwargs)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    r = register(fixed, moving, **kwargs)
-    second = time.perf_counter() - t0
+    r, first, second = timed_twice(lambda: register(fixed, moving, **kwargs))
     return r, max(first - second, 0.0)
 
 
@@ -86,13 +78,7 @@ def main():
             }
             rows.append(row)
             print_row(row, header=len(rows) == 1)
-    meta = {"jax": jax.__version__, "backend": jax.default_backend(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "python": platform.python_version()}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=2)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {args.out} ({meta})")
+    write_results(args.out, {"rows": rows})
 
 
 COLUMNS = ("case", "solution", "iter", "MSE", "RMSE vs CLEAR px", "RMSE vs truth px", "p1 s/it", "p2 s/it",

@@ -40,18 +40,16 @@ Usage: python bench/bench_deformable.py [--out bench/results/bench_deformable.js
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import time
 
-import jax
 import numpy as np
 
 from ppreg import register
 from ppreg.data import load_sample
 from ppreg.metrics import displacement_rmse, folding
+
+from common import write_results
 
 try:
     import SimpleITK as sitk
@@ -329,16 +327,10 @@ def main():
     print("ppreg time s = 2nd call (compile s = 1st call - 2nd call); rigid t is about the known centre "
           "(row, col) = (128.5, 110.5), truth (16, 13); translation truth (17, 13)", flush=True)
 
-    meta = {"jax": jax.__version__, "backend": jax.default_backend(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "python": platform.python_version(),
-            "simpleitk": None if sitk is None else sitk.Version.VersionString(),
-            "simpleitk_threads": None if sitk is None else sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),
-            "quick": args.quick, "date": time.strftime("%Y-%m-%d")}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as fh:
-        json.dump({"meta": meta, "bspline": bspline_rows, "mi": mi_rows}, fh, indent=2)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {args.out} ({meta})")
+    write_results(args.out, {"bspline": bspline_rows, "mi": mi_rows},
+                  simpleitk=None if sitk is None else sitk.Version.VersionString(),
+                  simpleitk_threads=None if sitk is None else sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(),
+                  quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,6 @@ Usage: python bench/bench_losses.py [--out bench/results/bench_losses.json] [--q
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 
@@ -37,6 +34,8 @@ from ppreg.data import load_sample
 from ppreg.grid import identity_grid
 from ppreg.transforms import apply_matrix, image_center, matrix
 from ppreg.warp import warp
+
+from common import write_results
 
 BATCH = 4
 LOSSES = {
@@ -131,14 +130,7 @@ def main():
                        "reps": reps}
                 rows.append(row)
                 print(" | ".join(cells(row)), flush=True)
-    meta = {"jax": jax.__version__, "backend": jax.default_backend(), "cpus": os.cpu_count(),
-            "machine": platform.machine(), "python": platform.python_version(), "quick": args.quick,
-            "date": time.strftime("%Y-%m-%d")}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=2)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {args.out} ({meta})")
+    write_results(args.out, {"rows": rows}, quick=args.quick)
 
 
 if __name__ == "__main__":

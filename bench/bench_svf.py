@@ -24,9 +24,6 @@ Usage: python bench/bench_svf.py [--seeds 0 1 2] [--losses lncc ssd] [--out benc
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +36,8 @@ from ppreg.grid import identity_grid
 from ppreg.metrics import field_rmse, folding, mean_dice
 from ppreg.svf import exp as svf_exp
 from ppreg.warp import interpolate_nearest, warp
+
+from common import timed_twice, write_results
 
 SPACING_MM = 2.0
 
@@ -64,13 +63,7 @@ def make_case(seed: int, max_mm: float = 6.0):
 
 def run(seed: int, loss: str) -> dict:
     fixed, moving, fixed_labels, labels, u_true, brain = make_case(seed)
-    kwargs = dict(transform="svf", loss=loss)
-    t0 = time.perf_counter()
-    register(fixed, moving, **kwargs)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    r = register(fixed, moving, **kwargs)
-    warm = time.perf_counter() - t0
+    r, first, warm = timed_twice(lambda: register(fixed, moving, transform="svf", loss=loss))
     u = r.displacement()
     warped_labels = np.asarray(interpolate_nearest(jnp.asarray(labels), identity_grid(labels.shape) + u))
     spacing = [SPACING_MM] * 3
@@ -105,12 +98,7 @@ def main():
             print(" | ".join([str(seed), loss, f"{row['dice_before']:.3f}", f"{row['dice_after']:.3f}",
                               f"{row['rmse_before_mm']:.2f}", f"{row['rmse_after_mm']:.2f}", str(row["folding_voxels"]),
                               f"{row['time_first_s']:.1f}", f"{row['time_warm_s']:.1f}"]), flush=True)
-    meta = {"jax": jax.__version__, "backend": jax.default_backend(), "cpus": os.cpu_count()}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as fh:
-        json.dump({"meta": meta, "rows": rows}, fh, indent=2)
-    os.replace(args.out + ".tmp", args.out)
-    print(f"wrote {args.out} ({meta})")
+    write_results(args.out, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""Shared pieces of the benchmark scripts: run metadata, atomic JSON results, warm/cold timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import jax
+
+from ppreg._atomic import atomic_write_text
+
+
+def metadata(**extra) -> dict:
+    """JAX version and backend, CPU count, machine, Python, date, plus ``extra``."""
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "cpus": os.cpu_count(),
+            "machine": platform.machine(), "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            **extra}
+
+
+def write_results(path: str, payload: dict, **extra) -> None:
+    """Write ``{"meta": metadata(**extra), **payload}`` as JSON atomically and say so."""
+    meta = metadata(**extra)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write_text(path, json.dumps({"meta": meta, **payload}, indent=2) + "\n")
+    print(f"wrote {path} ({meta})")
+
+
+def timed_twice(fn):
+    """Call ``fn()`` twice: returns ``(second result, first call s, second call s)``."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = fn()
+    return result, first, time.perf_counter() - t0
