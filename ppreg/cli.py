@@ -27,7 +27,7 @@ from .image import Image, load, load_field, save, save_field
 from .metrics import displacement_rmse
 from .sampling import METHODS
 from .bspline import control_grid_shape, displacement
-from .register import LOSSES, TRANSFORMS
+from .register import DEFORMABLE, LOSSES, TRANSFORMS
 from .svf import exp as svf_exp
 from .transforms import apply_matrix
 from .warp import interpolate, interpolate_nearest
@@ -148,7 +148,7 @@ def write_outputs(outdir: Path, result, affine) -> None:
         save(Image(result.warped, affine), stage / "warped.nii.gz")
         save_field(result.displacement(), stage / "displacement.nii.gz", affine=affine)
         names = ["warped.nii.gz", "displacement.nii.gz", "transform.json", "report.json"]
-        if result.transform == "svf":
+        if result.transform.endswith("svf"):
             save_field(result.params, stage / "velocity.nii.gz", affine=affine)
             names.append("velocity.nii.gz")
         atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
@@ -166,10 +166,12 @@ def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     if path.name.endswith(".json"):
         try:
             doc = json.loads(path.read_text())
-            if doc.get("type") == "bspline":
-                return grid + _bspline_field(doc, shape, path)
-            if doc.get("type") == "svf":
-                return grid + _svf_field(doc, shape, path)
+            if doc.get("type") in DEFORMABLE:
+                return grid + _deformable_field(doc, shape, path)
+            points = grid
+            if "deformable" in doc:  # pipeline: x -> A (x + u(x))
+                points = grid + _deformable_field(doc["deformable"], shape, path)
+                doc = doc["linear"]
             mat = np.asarray(doc["matrix"], np.float32)
         except FileNotFoundError:
             raise CLIError(f"no such file: {path}") from None
@@ -177,7 +179,7 @@ def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
             raise CLIError(f"{path} is not a ppreg transform.json: {exc}") from None
         if mat.shape != (len(shape) + 1,) * 2:
             raise CLIError(f"{path}: a {len(shape)}D transform needs a {(len(shape) + 1,) * 2} matrix, got {mat.shape}")
-        return apply_matrix(mat, grid)
+        return apply_matrix(mat, points)
     try:
         field, _ = load_field(path)
     except FileNotFoundError:
@@ -187,6 +189,10 @@ def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     if field.shape[:-1] != tuple(shape):
         raise CLIError(f"displacement {path} has grid {field.shape[:-1]} but the reference grid is {tuple(shape)}")
     return grid + field
+
+
+def _deformable_field(doc: dict, shape: tuple[int, ...], path: Path):
+    return _svf_field(doc, shape, path) if doc["type"] == "svf" else _bspline_field(doc, shape, path)
 
 
 def _bspline_field(doc: dict, shape: tuple[int, ...], path: Path):

@@ -33,7 +33,9 @@ from .transforms import KINDS, apply_matrix, check_kind, image_center, params_fr
 from .losses import lncc, mutual_information, ncc, ssd
 from .warp import warp
 
-TRANSFORMS = KINDS + ("bspline", "svf")
+DEFORMABLE = ("bspline", "svf")
+PIPELINES = tuple(f"{lin}+{deform}" for lin in ("rigid", "affine") for deform in DEFORMABLE)
+TRANSFORMS = KINDS + DEFORMABLE + PIPELINES
 LOSSES = ("ssd", "mi", "ncc", "lncc")
 SVF_STEPS = 6  # squarings in exp(v)
 SECURE = (None, "mpc")
@@ -82,12 +84,12 @@ class Result:
     """Outcome of :func:`register`.
 
     Attributes:
-        transform: ``"translation" | "rigid" | "affine" | "bspline" | "svf"`` (stationary
-            velocity field, ``u = exp(v)``, diffeomorphic).
+        transform: the transform or pipeline (see :func:`register`).
         params: linear: float64 ``(P,)`` parameters about ``center`` (see :mod:`ppreg.transforms`);
-            bspline: float32 coefficients ``(*control_grid_shape, d)`` in voxels.
-        matrix: linear: float64 ``(d+1, d+1)``, FIXED voxel index -> MOVING voxel index
-            (pull-back); ``None`` for bspline.
+            bspline: float32 coefficients ``(*control_grid_shape, d)`` in voxels; svf: float32
+            velocity ``(*fixed.shape, d)`` in voxels; a pipeline: its deformable part's.
+        matrix: linear and pipelines: float64 ``(d+1, d+1)``, FIXED voxel index -> MOVING
+            voxel index (pull-back); ``None`` for bspline and svf.
         center: linear: float64 ``(d,)`` transform centre (fixed voxel indices); else ``None``.
         spacing: bspline control-point spacing in voxels; else ``None``.
         warped: float32 ``(*fixed.shape)``: moving resampled on the fixed grid (0 outside).
@@ -115,18 +117,29 @@ class Result:
     bytes_per_iteration: dict
 
     def displacement(self) -> np.ndarray:
-        """Dense displacement ``u(x) = W(x) - x`` on the fixed grid: float32 ``(*fixed.shape, d)``, voxels."""
+        """Dense displacement ``u(x) = W(x) - x`` on the fixed grid: float32 ``(*fixed.shape, d)``, voxels.
+
+        A pipeline ``linear+deformable`` maps ``x`` to ``A (x + u_d(x))``.
+        """
         shape = self.warped.shape
-        if self.transform == "svf":
-            return np.asarray(svf_exp(jnp.asarray(self.params), steps=SVF_STEPS))
+        kind = self.transform.split("+")[-1]
+        u = deformable_displacement(kind, self.params, shape, self.spacing) if kind in DEFORMABLE else 0.0
         if self.matrix is None:
-            return np.asarray(displacement(jnp.asarray(self.params), shape, self.spacing))
+            return np.asarray(u)
         grid = identity_grid(shape)
-        return np.asarray(apply_matrix(jnp.asarray(self.matrix, jnp.float32), grid) - grid)
+        return np.asarray(apply_matrix(jnp.asarray(self.matrix, jnp.float32), grid + u) - grid)
 
     def transform_json(self) -> dict:
-        """The ``transform.json`` document."""
-        if self.transform == "svf":
+        """The ``transform.json`` document (a pipeline: ``{"type", "linear", "deformable"}``)."""
+        if "+" in self.transform:
+            lin, deform = self.transform.split("+")
+            return {"type": self.transform, "linear": self._doc(lin), "deformable": self._doc(deform),
+                    "convention": "warped(x) = moving(A (x + u(x))): the deformable part on the fixed grid, "
+                                  "then the linear matrix"}
+        return self._doc(self.transform)
+
+    def _doc(self, kind: str) -> dict:
+        if kind == "svf":
             return {
                 "type": "svf",
                 "velocity": "velocity.nii.gz",
@@ -135,9 +148,9 @@ class Result:
                               "order) on the fixed grid, stored in the sibling file `velocity`; "
                               "warped(x) = moving(x + u(x))",
             }
-        if self.matrix is None:
+        if kind == "bspline":
             return {
-                "type": self.transform,
+                "type": "bspline",
                 "spacing": int(self.spacing),
                 "control_shape": list(np.shape(self.params)[:-1]),
                 "coefficients": np.asarray(self.params).tolist(),
@@ -145,7 +158,7 @@ class Result:
                               "warped(x) = moving(x + u(x))",
             }
         return {
-            "type": self.transform,
+            "type": kind,
             "matrix": np.asarray(self.matrix).tolist(),
             "parameters": np.asarray(self.params).tolist(),
             "center": np.asarray(self.center).tolist(),
@@ -166,6 +179,13 @@ class Result:
             "bytes": self.bytes,
             "bytes_per_iteration": self.bytes_per_iteration,
         }
+
+
+def deformable_displacement(kind: str, params, shape: tuple[int, ...], spacing: int | None) -> jnp.ndarray:
+    """Displacement ``(*shape, d)`` of a deformable transform: ``exp(v)`` (svf) or the B-spline FFD."""
+    if kind == "svf":
+        return svf_exp(jnp.asarray(params), steps=SVF_STEPS)
+    return displacement(jnp.asarray(params), tuple(shape), spacing)
 
 
 def _as_array(x, name):
@@ -262,7 +282,11 @@ def register(
         fixed: ``(*spatial)`` array or :class:`~ppreg.image.Image` (party2's in PPIR).
         moving: array or Image of the same dimensionality (party1's); shapes may differ.
         transform: ``"translation" | "rigid" | "affine" | "bspline" | "svf"`` (stationary
-            velocity field, ``u = exp(v)``, diffeomorphic).
+            velocity field, ``u = exp(v)``, diffeomorphic), or a pipeline ``"rigid+svf"``,
+            ``"affine+svf"``, ``"rigid+bspline"``, ``"affine+bspline"``: the linear stage (with
+            ``loss``, or ncc when ``loss`` is lncc, and default options), then the deformable
+            stage between the fixed image and the linearly aligned moving image (with the
+            given options); the result maps ``x`` to ``A (x + u(x))``.
         loss: ``"ssd"`` (Gauss-Newton), ``"mi"`` (Mattes mutual information) or ``"ncc"``
             (global normalised cross-correlation); mi and ncc use regular-step gradient
             descent on linear transforms, each image scaled into [0, 1] by its own range.
@@ -304,6 +328,12 @@ def register(
     B-spline FFD: Rueckert et al. 1999 (IEEE TMI 18(8)), with the bending energy. MI: Mattes
     et al. 2003 (IEEE TMI 22(1)); Eq. 7-8 of Taiello et al. 2024.
     """
+    if "+" in str(transform):
+        return _register_pipeline(fixed, moving, transform=transform, loss=loss, secure=secure, sampling=sampling,
+                                  levels=levels, max_iterations=max_iterations, tol=tol, damping=damping,
+                                  spacing=spacing, regularization=regularization, cg_iterations=cg_iterations,
+                                  bins=bins, step_size=step_size, fluid_sigma=fluid_sigma,
+                                  diffusion_sigma=diffusion_sigma, key=key)
     start = time.perf_counter()
     fixed_a, moving_a = _as_array(fixed, "fixed"), _as_array(moving, "moving")
     if fixed_a.ndim != moving_a.ndim:
@@ -387,6 +417,30 @@ def register(
         time_s=time_s,
         bytes=nbytes,
         bytes_per_iteration=per_iter,
+    )
+
+
+def _register_pipeline(fixed, moving, *, transform, loss, secure, sampling, levels, key, **deform_options) -> Result:
+    """``linear+deformable``: two registrations, composed into one transform (clear)."""
+    if transform not in PIPELINES:
+        raise ValueError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
+    if secure is not None or sampling is not None:
+        raise ValueError(f"the {transform} pipeline runs clear with every voxel in this version")
+    lin, deform = transform.split("+")
+    first = register(fixed, moving, transform=lin, loss="ncc" if loss == "lncc" else loss, levels=levels, key=key,
+                     bins=deform_options["bins"])
+    second = register(fixed, first.warped, transform=deform, loss=loss, levels=levels, key=key, **deform_options)
+    moving_a = _as_array(moving, "moving")
+    grid = identity_grid(second.warped.shape)
+    u = deformable_displacement(deform, second.params, second.warped.shape, second.spacing)
+    warped = _warp_full(moving_a, jnp.asarray(first.matrix, jnp.float32), grid + u)
+    fixed_a = _as_array(fixed, "fixed")
+    return Result(
+        transform=transform, params=second.params, matrix=first.matrix, center=first.center, spacing=second.spacing,
+        warped=np.asarray(warped), final_loss=float(jnp.mean((warped - fixed_a) ** 2)),
+        iterations=first.iterations + second.iterations, levels=first.levels + second.levels, secure=None,
+        time_s={p: first.time_s[p] + second.time_s[p] for p in first.time_s}, bytes=first.bytes,
+        bytes_per_iteration=first.bytes_per_iteration,
     )
 
 

@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppreg.grid import gaussian_blur, identity_grid, level_shape, smooth_field, upsample_field
+from ppreg.grid import identity_grid, level_shape, smooth_field, upsample_field
 from ppreg.metrics import field_rmse, folding
 from ppreg.register import register
 from ppreg.svf import compose, exp
 from ppreg.warp import warp
 from cli_helpers import register_and_apply
+from synthetic import smooth_svf_displacement, textured_image
 
 SHAPE, LEVELS = (48, 40), (2, 1)
 
@@ -19,13 +20,8 @@ SHAPE, LEVELS = (48, 40), (2, 1)
 def pair():
     """moving: smooth texture on a zero background; fixed(x) = moving(x + exp(v_true)(x))."""
     k1, k2 = jax.random.split(jax.random.key(3))
-    texture = gaussian_blur(jax.random.uniform(k1, SHAPE), 2.0)
-    texture = (texture - texture.min()) / (texture.max() - texture.min())
-    band = jnp.zeros(SHAPE).at[6:-6, 6:-6].set(1.0)
-    moving = (0.3 + 0.7 * texture) * gaussian_blur(band, 1.5) * 200.0
-    v_true = smooth_field(jax.random.normal(k2, SHAPE + (2,)), 5.0)
-    v_true = v_true * (2.5 / jnp.max(jnp.abs(v_true)))
-    u_true = exp(v_true, steps=6)
+    moving = textured_image(k1, SHAPE, margin=6)
+    u_true = smooth_svf_displacement(k2, SHAPE, max_velocity=2.5)
     fixed = warp(moving, identity_grid(SHAPE) + u_true)
     return np.asarray(fixed), np.asarray(moving), np.asarray(u_true)
 
