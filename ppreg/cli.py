@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from . import __version__
@@ -27,7 +28,8 @@ from .image import Image, load, load_field, save, save_field
 from .metrics import displacement_rmse
 from .sampling import METHODS
 from .bspline import control_grid_shape, displacement
-from .register import DEFORMABLE, LOSSES, TRANSFORMS
+from .data import load_sample
+from .register import DEFORMABLE, LOSSES, TRANSFORMS, register
 from .svf import exp as svf_exp
 from .transforms import apply_matrix
 from .warp import interpolate, interpolate_nearest
@@ -116,8 +118,6 @@ def _load(path: Path, ndim=None) -> Image:
 
 
 def _run_register(args) -> int:
-    from .register import register
-
     fixed = _load(args.fixed)
     moving = _load(args.moving)
     if fixed.ndim != moving.ndim:
@@ -233,16 +233,11 @@ def _run_apply(args) -> int:
 
 
 def _disk_dtype(path: Path):
-    import nibabel as nib
-
     return np.dtype(nib.load(path).get_data_dtype())
 
 
 def demo_rows() -> list[dict]:
     """Run the demo cases; one dict per row (Table 2 columns of Taiello et al. 2024)."""
-    from .data import load_sample
-    from .register import register
-
     fixed, moving = load_sample(DEMO_FIXED), load_sample(DEMO_MOVING)
     cases = [("CLEAR", None, None), ("CLEAR + URS", None, "urs"), ("PPIR(MPC)", "mpc", None),
              ("PPIR(MPC) + URS", "mpc", "urs")]

@@ -34,6 +34,7 @@ from . import sampling as smp
 from .bspline import displacement, jacobian_transpose
 from .grid import downsample, gradient, identity_grid, level_coordinates, level_shape, smooth_field
 from .regularizers import bending_energy
+from .svf import exp as svf_exp
 from .transforms import apply_matrix, homogeneous, identity_basis, matrix
 from .warp import inside_mask, interpolate, warp
 
@@ -358,8 +359,6 @@ def run_svf_level(velocity, moving, fixed, *, loss_fn, iterations, step, sigma_f
     Returns:
         ``(velocity, losses (iterations,))``: the loss before each iteration.
     """
-    from .svf import exp as svf_exp
-
     grid = identity_grid(fixed.shape)
 
     def body(i, state):

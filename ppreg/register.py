@@ -345,6 +345,7 @@ def register(
     _check_options(transform, loss, secure, sampling, levels, fixed_a.ndim, max_iterations, tol, damping)
     scale = 2.0 ** max(scale_exponent(fixed_a), scale_exponent(moving_a))
     fixed_s, moving_s = fixed_a / scale, moving_a / scale
+    session = None
     if transform == "svf":
         prepare = _unit_range if loss != "ssd" else (lambda x: x / scale)
         velocity, reports = _fit_svf(prepare(fixed_a), prepare(moving_a), loss=_ImageLoss(loss, bins),
@@ -353,7 +354,6 @@ def register(
         u = svf_exp(velocity, steps=SVF_STEPS)
         warped = _warp_field(moving_a, u, identity_grid(fixed_a.shape))
         params, mat, center = np.asarray(velocity), None, None
-        session = None
     elif transform == "bspline":
         coeffs, reports = _fit_bspline(fixed_s, moving_s, levels=tuple(levels), spacing=spacing,
                                        max_iterations=max_iterations, tol=tol, lam=regularization, damping=damping,
@@ -361,14 +361,12 @@ def register(
         u = displacement(coeffs, fixed_a.shape, spacing)
         warped = _warp_field(moving_a, u, identity_grid(fixed_a.shape))
         params, mat, center = np.asarray(coeffs), None, None
-        session = None
     else:
         for f in levels:  # raises ValueError for a factor too large for either image
             level_shape(fixed_a.shape, f)
             level_shape(moving_a.shape, f)
         key = jax.random.key(key) if isinstance(key, int) else key
         center = image_center(fixed_a.shape)
-        session = None
         if secure == "mpc":
             from .secure.session import SecureSession
 
