@@ -18,7 +18,12 @@ Peer figures quoted in issue 3 for such cases (2 CPU cores):
 - SimpleITK diffeomorphic demons: 0.942 / 0.59 mm in 4.6 s;
 - before registration: 0.823 / 2.11 mm.
 
-Usage: python bench/bench_svf.py [--seeds 0 1 2] [--losses lncc ssd] [--out bench/results/bench_svf.json]
+With ``--peers``, the installed peers of ``bench/peers.py`` (ANTsPy, dipy, SimpleITK: the
+``bench`` extra) run the same case in the same process, scored the same way, with their time
+as a ratio to ppreg's warm time.
+
+Usage: python bench/bench_svf.py [--seeds 0 1 2] [--losses lncc ssd] [--peers [NAME ...]]
+       [--out bench/results/bench_svf.json]
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from ppreg.svf import exp as svf_exp
 from ppreg.warp import interpolate_nearest, warp
 
 from common import timed_twice, write_results
+from peers import PEERS, available
 
 SPACING_MM = 2.0
 
@@ -61,44 +67,68 @@ def make_case(seed: int, max_mm: float = 6.0):
             brain)
 
 
-def run(seed: int, loss: str) -> dict:
-    fixed, moving, fixed_labels, labels, u_true, brain = make_case(seed)
-    r, first, warm = timed_twice(lambda: register(fixed, moving, transform="svf", loss=loss))
-    u = r.displacement()
+def score(case, u) -> dict:
+    """Dice, RMSE against the true field and folding of a displacement ``u`` on ``case``."""
+    fixed, moving, fixed_labels, labels, u_true, brain = case
     warped_labels = np.asarray(interpolate_nearest(jnp.asarray(labels), identity_grid(labels.shape) + u))
     spacing = [SPACING_MM] * 3
     return {
-        "seed": seed, "loss": loss, "shape": list(fixed.shape),
         "dice_before": mean_dice(fixed_labels, labels), "dice_after": mean_dice(fixed_labels, warped_labels),
         "rmse_before_mm": field_rmse(np.zeros_like(u_true), u_true, spacing=spacing, mask=brain)["mm"],
         "rmse_after_mm": field_rmse(u, u_true, spacing=spacing, mask=brain)["mm"],
         "folding_voxels": folding(u)["voxels"],
-        "time_first_s": first, "time_warm_s": warm, "compile_s": max(first - warm, 0.0),
-        "iterations": r.iterations,
     }
 
 
-COLUMNS = ("seed", "loss", "Dice before", "Dice after", "RMSE before mm", "RMSE after mm", "folding", "time s (1st)",
-           "time s (warm)")
+def run(seed: int, loss: str, case=None) -> dict:
+    case = make_case(seed) if case is None else case
+    fixed, moving = case[0], case[1]
+    r, first, warm = timed_twice(lambda: register(fixed, moving, transform="svf", loss=loss))
+    return {"seed": seed, "method": f"ppreg svf ({loss})", "loss": loss, "shape": list(fixed.shape),
+            **score(case, r.displacement()), "time_first_s": first, "time_warm_s": warm,
+            "compile_s": max(first - warm, 0.0), "iterations": r.iterations}
+
+
+def run_peer(seed: int, name: str, fn, case) -> dict:
+    u, seconds = fn(case[0], case[1])
+    return {"seed": seed, "method": name, "shape": list(case[0].shape), **score(case, u),
+            "time_first_s": seconds, "time_warm_s": seconds}
+
+
+COLUMNS = ("seed", "method", "Dice before", "Dice after", "RMSE before mm", "RMSE after mm", "folding", "time s (1st)",
+           "time s (warm)", "time / ppreg")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--losses", nargs="+", default=["lncc", "ssd"])
+    ap.add_argument("--peers", nargs="*", default=None, choices=list(PEERS),
+                    help="also run these installed peers (no names: all but the slow ANTs SyN (CC))")
     ap.add_argument("--out", default="bench/results/bench_svf.json")
     args = ap.parse_args()
+    peers = {} if args.peers is None else available(args.peers or [n for n in PEERS if n != "ANTs SyN (CC)"])
     print(" | ".join(COLUMNS))
     print(" | ".join("-" * len(c) for c in COLUMNS), flush=True)
     rows = []
-    for loss in args.losses:
-        for seed in args.seeds:
-            row = run(seed, loss)
-            rows.append(row)
-            print(" | ".join([str(seed), loss, f"{row['dice_before']:.3f}", f"{row['dice_after']:.3f}",
-                              f"{row['rmse_before_mm']:.2f}", f"{row['rmse_after_mm']:.2f}", str(row["folding_voxels"]),
-                              f"{row['time_first_s']:.1f}", f"{row['time_warm_s']:.1f}"]), flush=True)
+    for seed in args.seeds:
+        case = make_case(seed)
+        reference = None
+        for loss in args.losses:
+            rows.append(run(seed, loss, case))
+            reference = reference or rows[-1]["time_warm_s"]
+            print_row(rows[-1], reference)
+        for name, fn in peers.items():
+            rows.append(run_peer(seed, name, fn, case))
+            print_row(rows[-1], reference)
     write_results(args.out, {"rows": rows})
+
+
+def print_row(row, reference):
+    ratio = f"{row['time_warm_s'] / reference:.2f}" if reference else "-"
+    print(" | ".join([str(row["seed"]), row["method"], f"{row['dice_before']:.3f}", f"{row['dice_after']:.3f}",
+                      f"{row['rmse_before_mm']:.2f}", f"{row['rmse_after_mm']:.2f}", str(row["folding_voxels"]),
+                      f"{row['time_first_s']:.1f}", f"{row['time_warm_s']:.1f}", ratio]), flush=True)
 
 
 if __name__ == "__main__":

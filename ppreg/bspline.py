@@ -158,8 +158,9 @@ def basis_matrices(shape: tuple[int, ...], spacing: int) -> tuple[np.ndarray, ..
     return tuple(_basis(n, spacing) for n in _check_shape(shape))
 
 
-def _mode_products(mats, x: jnp.ndarray) -> jnp.ndarray:
-    """Contract spatial axis ``a`` of ``x (*spatial, C)`` with ``mats[a] (out_a, in_a)``."""
+def mode_products(mats, x: jnp.ndarray) -> jnp.ndarray:
+    """Contract spatial axis ``a`` of ``x (*spatial, C)`` with ``mats[a] (out_a, in_a)`` (float, or uint64
+    ring elements: :mod:`ppreg.secure.bspline_ppir` applies ``B^T`` to shares this way)."""
     for axis, mat in enumerate(mats):
         x = jnp.moveaxis(jnp.tensordot(jnp.asarray(mat, x.dtype), x, axes=(1, axis), precision=_HIGHEST), 0, axis)
     return x
@@ -205,7 +206,7 @@ def displacement(coefficients: jnp.ndarray, shape: tuple[int, ...], spacing: int
     Source: Rueckert et al. 1999, Eq. 4.
     """
     coefficients = _checked_coefficients(coefficients, shape, spacing)
-    return _mode_products(basis_matrices(shape, spacing), coefficients)
+    return mode_products(basis_matrices(shape, spacing), coefficients)
 
 
 def jacobian_transpose(field: jnp.ndarray, spacing: int, ctrl_shape: tuple[int, ...] | None = None) -> jnp.ndarray:
@@ -243,7 +244,7 @@ def jacobian_transpose(field: jnp.ndarray, spacing: int, ctrl_shape: tuple[int, 
             f"a field of shape {field.shape} at spacing {spacing} has control grid {expected}, "
             f"got ctrl_shape {tuple(ctrl_shape)}"
         )
-    return _mode_products([m.T for m in mats], field)
+    return mode_products([m.T for m in mats], field)
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,7 +298,7 @@ def refine(coefficients: jnp.ndarray, shape: tuple[int, ...], spacing: int) -> j
     coefficients = _checked_coefficients(coefficients, shape, spacing)
     coarse = coefficients.shape[:-1]
     fine = control_grid_shape(shape, spacing // 2)
-    return _mode_products([_subdivision(c, f) for c, f in zip(coarse, fine)], coefficients)
+    return mode_products([_subdivision(c, f) for c, f in zip(coarse, fine)], coefficients)
 
 
 def n_params(shape: tuple[int, ...], spacing: int) -> int:

@@ -21,10 +21,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import __version__
+from . import __version__, party_cli
 from ._atomic import atomic_write_text
 from .grid import identity_grid
 from .image import Image, load, load_field, save, save_field
+from .plot import require_matplotlib, save_registration_figure
 from .metrics import displacement_rmse
 from .sampling import METHODS
 from .bspline import control_grid_shape, displacement
@@ -72,18 +73,32 @@ def _fraction(text: str) -> float:
 def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transform", choices=TRANSFORMS, default="rigid")
     p.add_argument("--loss", choices=LOSSES, default="ssd",
-                   help="ssd, mi (Mattes mutual information, multi-modal), ncc, or lncc (local NCC, svf)")
+                   help="ssd, mi (Mattes mutual information, multi-modal), ncc, lncc (local NCC, svf) or mind (MIND-SSC, svf)")
     p.add_argument("--bins", type=int, default=32, help="histogram bins for --loss mi (default 32)")
-    p.add_argument("--secure", choices=("none", "mpc"), default="none",
-                   help="none: clear; mpc: two-party secret sharing with a dealer")
+    p.add_argument("--secure", choices=("none", "mpc", "ckks"), default="none",
+                   help="none: clear; mpc: two-party secret sharing with a dealer; ckks: homomorphic encryption "
+                        "(TenSEAL, the fhe extra; linear transforms and bspline)")
+    p.add_argument("--ckks-variant", choices=("v1", "v2", "packed"), default="packed",
+                   help="CKKS protocol for --secure ckks (default packed, the fastest; v1/v2 as Taiello et al. 2024)")
     p.add_argument("--sampling", choices=METHODS, default=None, help="voxel sampling per iteration (default: all)")
     p.add_argument("--fraction", type=_fraction, default=0.1, help="sampled fraction of voxels (default 0.1)")
     p.add_argument("--levels", type=_levels, default=(4, 2, 1), help="pyramid shrink factors (default 4,2,1)")
     p.add_argument("--max-iterations", type=int, default=None, help="per level (default 100 linear, 15 bspline)")
     p.add_argument("--spacing", type=int, default=4, help="bspline control-point spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=0.01, help="bspline bending-energy weight (default 0.01)")
+    p.add_argument("--step-size", type=float, default=0.5, help="svf: largest velocity update, level voxels (0.5)")
+    p.add_argument("--fluid-sigma", type=float, default=None,
+                   help="svf: smoothing of each update, voxels (3.0 for lncc/mind, else 2.0)")
+    p.add_argument("--diffusion-sigma", type=float, default=0.5, help="svf: smoothing of the velocity, voxels (0.5)")
+    p.add_argument("--symmetric", action="store_true", help="svf: ANTs-style half-way (symmetric) update")
+    p.add_argument("--plot", action="store_true",
+                   help="also write registration.png (checkerboard, overlay, deformed grid; needs ppreg[plot])")
     p.add_argument("--seed", type=int, default=0, help="public sampling seed (default 0)")
     p.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits for --secure mpc")
+    p.add_argument("--band-size", type=int, default=None, help="flash: odd Fourier band size per axis (default 15)")
+    p.add_argument("--alpha", type=float, default=None, help="flash: smoothness weight of L (default 100)")
+    p.add_argument("--sigma", type=float, default=None, help="flash: noise sigma, fraction of max intensity (0.03)")
+    p.add_argument("--estimate-alpha", action="store_true", help="flash: MAP estimate of alpha (004 Algorithm 1)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="nearest keeps label values and their data type")
     demo = sub.add_parser("demo", help="clear vs MPC registration of bundled real MRI slices")
     demo.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
+    demo.add_argument("--processes", action="store_true",
+                      help="run the MPC rows as three local processes (dealer, fixed, moving) on loopback")
+    party_cli.add_parsers(sub, levels_type=_levels, fraction_type=_fraction)
     return parser
 
 
@@ -123,23 +141,31 @@ def _run_register(args) -> int:
     if fixed.ndim != moving.ndim:
         raise CLIError(f"fixed image {args.fixed} is {fixed.ndim}D but moving image {args.moving} is {moving.ndim}D")
     try:
+        if args.plot:
+            require_matplotlib()
         result = register(
             fixed, moving, transform=args.transform, loss=args.loss,
             secure=None if args.secure == "none" else args.secure, sampling=args.sampling, fraction=args.fraction,
             levels=args.levels, max_iterations=args.max_iterations, key=args.seed, frac_bits=args.frac_bits,
-            spacing=args.spacing, regularization=args.regularization, bins=args.bins,
+            ckks_variant=args.ckks_variant,
+            spacing=args.spacing, regularization=args.regularization, bins=args.bins, step_size=args.step_size,
+            fluid_sigma=args.fluid_sigma, diffusion_sigma=args.diffusion_sigma, symmetric=args.symmetric,
+            flash_options={k: v for k, v in (("band_size", args.band_size), ("alpha", args.alpha),
+                                             ("sigma", args.sigma), ("estimate_alpha", args.estimate_alpha or None))
+                           if v is not None},
         )
-    except (ValueError, OverflowError, FloatingPointError) as exc:
+    except (ValueError, OverflowError, FloatingPointError, ImportError) as exc:
         raise CLIError(str(exc)) from None
-    write_outputs(args.output, result, fixed.affine)
+    write_outputs(args.output, result, fixed.affine, plot_fixed=fixed.data if args.plot else None)
     print(f"{result.transform} registration ({args.secure}): {result.iterations} iterations, "
           f"final mean squared error {result.final_loss:.4f}; wrote {args.output}")
     return 0
 
 
-def write_outputs(outdir: Path, result, affine) -> None:
+def write_outputs(outdir: Path, result, affine, *, plot_fixed=None) -> None:
     """Write warped.nii.gz, displacement.nii.gz, transform.json, report.json (and velocity.nii.gz
-    for svf) into ``outdir`` (staged, then moved)."""
+    for svf; registration.png when ``plot_fixed``, the fixed image, is given) into ``outdir``
+    (staged, then moved)."""
     outdir = Path(outdir)
     parent = outdir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +179,10 @@ def write_outputs(outdir: Path, result, affine) -> None:
             names.append("velocity.nii.gz")
         atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
         atomic_write_text(stage / "report.json", json.dumps(result.report_json(), indent=2) + "\n")
+        if plot_fixed is not None:
+            save_registration_figure(stage / "registration.png", plot_fixed, result.warped, result.displacement(),
+                                     title=f"ppreg {result.transform} ({result.secure or 'clear'})")
+            names.append("registration.png")
         outdir.mkdir(parents=True, exist_ok=True)
         for name in names:
             os.replace(stage / name, outdir / name)
@@ -166,6 +196,10 @@ def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     if path.name.endswith(".json"):
         try:
             doc = json.loads(path.read_text())
+            if doc.get("type") == "flash":
+                from .spectral.register import displacement_from_document
+
+                return grid + displacement_from_document(doc, tuple(shape))
             if doc.get("type") in DEFORMABLE:
                 return grid + _deformable_field(doc, shape, path)
             points = grid
@@ -236,15 +270,17 @@ def _disk_dtype(path: Path):
     return np.dtype(nib.load(path).get_data_dtype())
 
 
-def demo_rows() -> list[dict]:
+def demo_rows(processes: bool = False) -> list[dict]:
     """Run the demo cases; one dict per row (Table 2 columns of Taiello et al. 2024)."""
     fixed, moving = load_sample(DEMO_FIXED), load_sample(DEMO_MOVING)
     cases = [("CLEAR", None, None), ("CLEAR + URS", None, "urs"), ("PPIR(MPC)", "mpc", None),
              ("PPIR(MPC) + URS", "mpc", "urs")]
     results, rows = {}, []
     for name, secure, sampling in cases:
-        r = register(fixed, moving, transform="rigid", secure=secure, sampling=sampling,
-                     max_iterations=100 if sampling is None else 30)
+        run = party_cli.register_processes if processes and secure else register
+        r = run(fixed, moving, transform="rigid", secure=secure, sampling=sampling,
+                max_iterations=100 if sampling is None else 30)
+        name += ", 3 processes" if processes and secure else ""
         results[(secure, sampling)] = r
         ref = results[(None, sampling)]
         its = max(r.iterations, 1)
@@ -279,9 +315,12 @@ def _run_demo(args) -> int:
     print(f"ppreg demo: rigid SSD registration, fixed {DEMO_FIXED}, moving {DEMO_MOVING} (bundled ITK slices)")
     print("Known answer: 10 degree rotation about (x, y) = (110.5, 128.5), then translation (13, 16) px; "
           "ppreg reports angles in (row, col) index order, where it reads -10 degrees.")
-    rows = demo_rows()
+    rows = demo_rows(processes=args.processes)
     print(format_table(rows))
     print("Times include JIT compilation of each pipeline (steady-state timings: bench/bench_affine.py).")
+    if args.processes:
+        print("3 processes: time = each process's own compute; MB = the frames each process sent, as it "
+              "counted them on its ZeroMQ/CURVE connections (loopback).")
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
@@ -318,10 +357,17 @@ def main(argv=None) -> int:
             return _run_register(args)
         if args.command == "apply":
             return _run_apply(args)
+        if args.command == "keygen":
+            return party_cli.run_keygen(args, CLIError)
+        if args.command == "party":
+            return party_cli.run_party(args, CLIError, _load, write_outputs)
         return _run_demo(args)
     except CLIError as exc:
         print(f"ppreg: error: {exc}", file=sys.stderr)
         return 2
+    except party_cli.SessionError as exc:
+        print(f"ppreg: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

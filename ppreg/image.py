@@ -304,3 +304,33 @@ def resample_to_spacing(image: Image, spacing_mm: float, *, order: int = 1) -> I
     index_map[: image.ndim, : image.ndim] = np.diag(ratio)
     index_map[: image.ndim, 3] = offset
     return Image(data, image.affine @ index_map)
+
+
+def resample_like(image: Image, reference: Image, *, order: int = 1) -> Image:
+    """Resample ``image`` onto the voxel grid of ``reference`` through world coordinates.
+
+    Voxel ``x`` of the reference maps to world ``A_ref [x, 1]`` and to the image's continuous
+    index ``A_img^-1 A_ref [x, 1]``; points outside the image read 0 (``mode="constant"``). Use
+    it to put two scans of one space (e.g. Colin27 and MNI152) on a common grid before
+    registration.
+
+    Args:
+        image: 2D or 3D image to resample.
+        reference: image whose grid (shape, affine) the result takes; same dimensionality.
+        order: spline order 0-5 (``scipy.ndimage``): 1 for intensities, 0 for label maps.
+
+    Returns:
+        float32 Image with ``reference.shape`` and ``reference.affine``.
+
+    Raises:
+        ValueError: dimensionalities differ or ``order`` is not in 0-5.
+    """
+    if image.ndim != reference.ndim:
+        raise ValueError(f"image is {image.ndim}D but reference is {reference.ndim}D")
+    if order not in range(6):
+        raise ValueError(f"order must be an integer in 0..5, got {order!r}")
+    d = image.ndim
+    index_map = np.linalg.inv(image.affine) @ reference.affine
+    data = ndi.affine_transform(image.data, index_map[:d, :d], offset=index_map[:d, 3],
+                                output_shape=reference.shape, order=order, mode="constant", cval=0.0)
+    return Image(data.astype(np.float32), reference.affine)

@@ -220,6 +220,47 @@ def _bspline_warp_terms(coeffs, moving_stack, shape, spacing):
     return vals[..., 0] * inside, vals[..., 1:] * inside[..., None]
 
 
+def bspline_step(coeffs, a, idx, data_term, *, shape, spacing, lam, damping, cg_iterations):
+    """One damped Gauss-Newton-CG step of the B-spline FFD on SSD (traceable; the clear loop and
+    the secure party1, :mod:`ppreg.secure.bspline_ppir`, both take it).
+
+    Args:
+        coeffs: float32 ``(*ctrl, d)`` current coefficients.
+        a: float32 ``(k, d)`` moving gradient at the warped samples (``g`` above).
+        idx: int ``(k,)`` sample indices into the flattened grid, or ``None`` (``k = n``, every voxel).
+        data_term: float32 ``(*ctrl, d)``: ``B^T (a (I_w - J))`` summed over the samples
+            (secure: party1's ``B^T (a I_w)`` minus the revealed ``R``).
+        shape, spacing: static image shape and control spacing (voxels).
+        lam: bending-energy weight; damping: LM weight ``mu = damping (2/n) mean|a|^2 (151/315 s)^d``
+            (the mean diagonal of the data Hessian: ``int beta3^2 = 151/315`` per axis);
+            cg_iterations: conjugate-gradient iterations.
+
+    Returns:
+        ``(coeffs + delta, RMS displacement of delta over the grid in voxels)`` with
+        ``(H + lam H_BE + mu) delta = -((2/k) data_term + lam grad BE)``,
+        ``H v = (2/k) B_s^T (a (a . B_s v))``.
+    """
+    d = len(shape)
+    n = int(np.prod(shape))
+    k = a.shape[0]
+
+    def reg_grad(c):
+        return jax.grad(lambda cc: lam * bending_energy(displacement(cc, shape, spacing)))(c)
+
+    grad = (2.0 / k) * data_term + reg_grad(coeffs)
+    mu = damping * (2.0 / n) * jnp.mean(jnp.sum(a * a, axis=-1)) * (151.0 / 315.0 * spacing) ** d
+
+    def hvp(v):
+        bv = displacement(v, shape, spacing).reshape(n, d)
+        ga = a * jnp.sum(a * (bv if idx is None else bv[idx]), axis=-1, keepdims=True)
+        dense = ga if idx is None else jnp.zeros((n, d), ga.dtype).at[idx].add(ga)
+        return (2.0 / k) * jacobian_transpose(dense.reshape(shape + (d,)), spacing) + reg_grad(v) + mu * v
+
+    delta, _ = jax.scipy.sparse.linalg.cg(hvp, -grad, maxiter=cg_iterations)
+    step = jnp.sqrt(jnp.mean(jnp.sum(displacement(delta, shape, spacing) ** 2, axis=-1)))
+    return coeffs + delta, step
+
+
 @partial(jax.jit, static_argnames=("shape", "spacing", "max_iterations", "tol", "lam", "damping", "cg_iterations"))
 def run_bspline_level(coeffs, moving_stack, fixed, *, shape, spacing, max_iterations, tol, lam, damping,
                       cg_iterations):
@@ -238,27 +279,15 @@ def run_bspline_level(coeffs, moving_stack, fixed, *, shape, spacing, max_iterat
         ``(coeffs, iterations, losses)``: ``losses (max_iterations,)`` is the data term
         (mean squared error, scaled units) before each iteration, NaN after the last.
     """
-    n = float(np.prod(shape))
     ndim = len(shape)
-
-    def reg_grad(c):
-        return jax.grad(lambda cc: lam * bending_energy(displacement(cc, shape, spacing)))(c)
 
     def body(state):
         c, it, _, losses = state
         iw, g = _bspline_warp_terms(c, moving_stack, shape, spacing)
         r = iw - fixed
-        grad = (2.0 / n) * jacobian_transpose(g * r[..., None], spacing) + reg_grad(c)
-        # mean diagonal of the data Hessian: mean |g|^2 times (int beta3^2 = 151/315) * spacing per axis
-        mu = damping * (2.0 / n) * jnp.mean(jnp.sum(g * g, axis=-1)) * (151.0 / 315.0 * spacing) ** ndim
-
-        def hvp(v):
-            gv = jnp.sum(g * displacement(v, shape, spacing), axis=-1, keepdims=True)
-            return (2.0 / n) * jacobian_transpose(g * gv, spacing) + reg_grad(v) + mu * v
-
-        delta, _ = jax.scipy.sparse.linalg.cg(hvp, -grad, maxiter=cg_iterations)
-        step = jnp.sqrt(jnp.mean(jnp.sum(displacement(delta, shape, spacing) ** 2, axis=-1)))
-        return c + delta, it + 1, step, losses.at[it].set(jnp.mean(r * r))
+        c, step = bspline_step(c, g.reshape(-1, ndim), None, jacobian_transpose(g * r[..., None], spacing),
+                               shape=shape, spacing=spacing, lam=lam, damping=damping, cg_iterations=cg_iterations)
+        return c, it + 1, step, losses.at[it].set(jnp.mean(r * r))
 
     def cond(state):
         _, it, step, _ = state
@@ -286,6 +315,31 @@ def parameter_scales(kind, xh):
     return jnp.sqrt(jnp.einsum("kpj,kpl,jl->p", basis, basis, second))
 
 
+def descent_points(coords, key, iteration, *, factor, k):
+    """One descent iteration's sample points (public): ``k`` URS draws (``k == n``: every voxel),
+    each jittered uniformly inside its level voxel. ``coords (n, d)`` full-resolution indices."""
+    n = coords.shape[0]
+    k_idx, k_jit = jax.random.split(jax.random.fold_in(key, iteration))
+    pts = coords if k == n else coords[smp.urs(k_idx, n, k)]
+    return pts + factor * jax.random.uniform(k_jit, pts.shape, minval=-0.5, maxval=0.5)
+
+
+def level_values(image, pts, factor):
+    """A level image ``(*level_shape)`` linearly interpolated at full-resolution points ``pts (k, d)``."""
+    return interpolate(image, (pts - (factor - 1) / 2.0) / factor)
+
+
+def descent_step(mat, gradient, prev, length, scales, *, kind, center, relaxation):
+    """One regular step from ``gradient = S^T dL/dI_w`` ``(P,)``: ``(new matrix, step length, scaled gradient)``.
+
+    The step length (voxels) is divided by ``relaxation`` when the scaled gradient turns by more
+    than 90 degrees from ``prev``; the step moves the points by about ``length`` voxels RMS."""
+    grad = gradient / scales
+    length = jnp.where(jnp.dot(grad, prev) < 0, length / relaxation, length)
+    delta = -length * grad / (jnp.linalg.norm(grad) + 1e-30) / scales
+    return mat @ matrix(kind, delta, center), length, grad
+
+
 @partial(jax.jit, static_argnames=("kind", "factor", "loss_fn", "k", "max_iterations", "relaxation"))
 def run_level_descent(mat, moving, fixed, coords, center, key, *, kind, factor, loss_fn, k, max_iterations,
                       step, min_step, relaxation):
@@ -308,24 +362,19 @@ def run_level_descent(mat, moving, fixed, coords, center, key, *, kind, factor, 
         ``(matrix, iterations, losses)`` with the sampled loss before each iteration (NaN after).
     """
     ndim = coords.shape[-1]
-    n = coords.shape[0]
     basis = identity_basis(kind, ndim)
     scales = parameter_scales(kind, homogeneous(coords, center))
 
     def body(state):
         mat, it, length, prev, losses = state
-        sub = jax.random.fold_in(key, it)
-        k_idx, k_jit = jax.random.split(sub)
-        pts = coords if k == n else coords[smp.urs(k_idx, n, k)]
-        pts = pts + factor * jax.random.uniform(k_jit, pts.shape, minval=-0.5, maxval=0.5)
-        fixed_vals = interpolate(fixed, (pts - (factor - 1) / 2.0) / factor)
+        pts = descent_points(coords, key, it, factor=factor, k=k)
+        fixed_vals = level_values(fixed, pts, factor)
         iw, a, inside = warp_terms(mat, moving, pts, factor)
         loss, dloss = jax.value_and_grad(lambda w: loss_fn(fixed_vals, w, inside))(iw)
         s = jnp.einsum("dpj,kd,kj->kp", basis, a, homogeneous(pts, center))
-        grad = (s.T @ dloss) / scales
-        length = jnp.where(jnp.dot(grad, prev) < 0, length / relaxation, length)
-        delta = -length * grad / (jnp.linalg.norm(grad) + 1e-30) / scales
-        return mat @ matrix(kind, delta, center), it + 1, length, grad, losses.at[it].set(loss)
+        mat, length, grad = descent_step(mat, s.T @ dloss, prev, length, scales, kind=kind, center=center,
+                                         relaxation=relaxation)
+        return mat, it + 1, length, grad, losses.at[it].set(loss)
 
     def cond(state):
         _, it, length, _, _ = state
@@ -346,26 +395,48 @@ def run_level_descent(mat, moving, fixed, coords, center, key, *, kind, factor, 
 # exp keeps the map diffeomorphic.
 
 
-@partial(jax.jit, static_argnames=("loss_fn", "iterations", "sigma_fluid", "sigma_diff", "steps"))
-def run_svf_level(velocity, moving, fixed, *, loss_fn, iterations, step, sigma_fluid, sigma_diff, steps):
+@partial(jax.jit, static_argnames=("loss_fn", "iterations", "sigma_fluid", "sigma_diff", "steps", "symmetric"))
+def run_svf_level(velocity, moving, fixed, *, loss_fn, iterations, step, sigma_fluid, sigma_diff, steps,
+                  symmetric=False):
     """Fixed-count SVF loop on one pyramid level (jitted ``lax.fori_loop``).
+
+    Each iteration takes a demons-style force ``-dL/dI_w * grad I_w`` (fluid-smoothed, scaled so
+    that its largest vector is ``step`` voxels), adds it to the velocity and smooths the velocity
+    (diffusion-like). With ``symmetric=True`` both images move to the half-way space, ANTs
+    SyN-style: the loss compares ``fixed o exp(-v/2)`` with ``moving o exp(v/2)`` and the update
+    is the moving-side force minus the fixed-side force, so that swapping the images negates the
+    velocity (inverse consistency by construction).
 
     Args:
         velocity: float32 ``(*shape, d)`` in this level's voxel units.
         moving: float32 ``(*shape_m)`` moving level image; fixed: float32 ``(*shape)``.
         loss_fn: ``loss_fn(fixed, warped) -> scalar`` (static, hashable).
         iterations; step (voxels); sigma_fluid, sigma_diff (voxels); steps: squarings of exp.
+        symmetric: half-way (forward/backward) update.
 
     Returns:
-        ``(velocity, losses (iterations,))``: the loss before each iteration.
+        ``(velocity, losses (iterations,))``: the loss before each iteration (at the half-way
+        space when symmetric).
+
+    Source: Vercauteren et al. 2009 (NeuroImage 45, S61), log-domain demons; Avants et al. 2008
+    (MedIA 12, 26), SyN's symmetric half-way update.
     """
     grid = identity_grid(fixed.shape)
 
+    def forces(v):
+        if not symmetric:
+            w = warp(moving, grid + svf_exp(v, steps=steps))
+            loss, dloss = jax.value_and_grad(lambda x: loss_fn(fixed, x))(w)
+            return loss, -dloss[..., None] * gradient(w)
+        wm = warp(moving, grid + svf_exp(0.5 * v, steps=steps))
+        wf = warp(fixed, grid + svf_exp(-0.5 * v, steps=steps))
+        loss, (dfix, dmov) = jax.value_and_grad(lambda a, b: loss_fn(a, b), argnums=(0, 1))(wf, wm)
+        return loss, dfix[..., None] * gradient(wf) - dmov[..., None] * gradient(wm)
+
     def body(i, state):
         v, losses = state
-        w = warp(moving, grid + svf_exp(v, steps=steps))
-        loss, dloss = jax.value_and_grad(lambda x: loss_fn(fixed, x))(w)
-        force = smooth_field(-dloss[..., None] * gradient(w), sigma_fluid)
+        loss, force = forces(v)
+        force = smooth_field(force, sigma_fluid)
         force = step * force / (jnp.max(jnp.linalg.norm(force, axis=-1)) + 1e-12)
         return smooth_field(v + force, sigma_diff), losses.at[i].set(loss)
 

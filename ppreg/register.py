@@ -30,15 +30,20 @@ from .bspline import control_grid_shape, displacement, refine
 from .grid import downsample, gaussian_blur, gradient, level_coordinates, upsample_field
 from .svf import exp as svf_exp
 from .transforms import KINDS, apply_matrix, check_kind, image_center, params_from_matrix
-from .losses import lncc, mutual_information, ncc, ssd
+from .losses import lncc, mind, mutual_information, ncc, ssd
+from .secure import lcc as secure_lcc
+from .secure.lcc import svf_report
+from .secure.shares import TwoPartySession
 from .warp import warp
 
 DEFORMABLE = ("bspline", "svf")
 PIPELINES = tuple(f"{lin}+{deform}" for lin in ("rigid", "affine") for deform in DEFORMABLE)
-TRANSFORMS = KINDS + DEFORMABLE + PIPELINES
-LOSSES = ("ssd", "mi", "ncc", "lncc")
+TRANSFORMS = KINDS + DEFORMABLE + PIPELINES + ("flash",)  # flash: ppreg.spectral (FLASH geodesic shooting)
+LOSSES = ("ssd", "mi", "ncc", "lncc", "mind")
+FLUID_SIGMA = {"lncc": 3.0, "mind": 3.0}  # svf update smoothing (voxels) per loss; 2.0 for the others
+LINEAR_STAGE_LOSS = {"lncc": "ncc", "mind": "mi"}  # pipelines: local losses run their global kin on the linear stage
 SVF_STEPS = 6  # squarings in exp(v)
-SECURE = (None, "mpc")
+SECURE = (None, "mpc", "ckks")
 DEFAULTS = {  # per optimiser: max_iterations (per level), tol (voxels), damping
     "gauss-newton": {"max_iterations": 100, "tol": 1e-3, "damping": 1e-3},
     "descent": {"max_iterations": 200, "tol": 1e-3, "damping": 0.0},
@@ -62,6 +67,8 @@ class _ImageLoss:
                                       warped_range=(0.0, 1.0))
         if self.name == "lncc":
             return lncc(fixed, warped, mask=mask)
+        if self.name == "mind":
+            return mind(fixed, warped, mask=mask)
         if self.name == "ssd":
             return ssd(fixed, warped, mask=mask)
         return ncc(fixed, warped, mask=mask)
@@ -96,7 +103,7 @@ class Result:
         final_loss: mean squared error over all fixed voxels, original intensity units.
         iterations: total Gauss-Newton iterations.
         levels: per-level :class:`LevelReport`.
-        secure: ``None`` or ``"mpc"``.
+        secure: ``None``, ``"mpc"`` or ``"ckks"``.
         time_s: seconds per party (party1 = everything in a clear run).
         bytes: ``{party: {"online": sent bytes, "offline": dealer bytes received}}``.
         bytes_per_iteration: online bytes each party sent per Gauss-Newton iteration.
@@ -223,29 +230,34 @@ def _check_options(transform, loss, secure, sampling, levels, ndim, max_iteratio
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
     if transform == "svf":
-        if secure is not None or sampling is not None:
-            raise ValueError("the svf transform runs clear with every voxel in this version")
+        if sampling is not None or (secure is not None and loss != "lncc"):
+            raise ValueError("the svf transform runs clear with every voxel in this version (secure: loss='lncc')")
         if levels and levels[-1] != 1:
             raise ValueError(f"svf levels must end at full resolution (1), got {levels}")
-    elif loss != "ssd" and (transform == "bspline" or secure is not None or sampling == "gms" or loss == "lncc"):
+    elif loss != "ssd" and (transform == "bspline" or (secure is not None and (secure, loss) != ("mpc", "mi"))
+                            or sampling == "gms" or loss in ("lncc", "mind")):
         raise ValueError(f"loss {loss!r} is available for clear registration (mi, ncc: linear transforms with full "
-                         "or URS sampling; lncc: svf); bspline and secure registration use ssd")
+                         "or URS sampling, mi also with secure='mpc'; lncc, mind: svf); bspline and secure "
+                         "registration use ssd")
     if transform == "bspline":
         if ndim not in (2, 3):
             raise ValueError(f"transforms support 2D and 3D images, got ndim={ndim}")
-        if secure is not None or sampling is not None:
-            raise ValueError("the bspline transform runs clear with every voxel in this version "
-                             "(secure and sampled registration support translation, rigid and affine)")
         if any(b != 2 * a for a, b in zip(levels[1:], levels[:-1])):
             raise ValueError(f"bspline levels must halve from one to the next (e.g. 4,2,1), got {levels}")
     elif transform != "svf":
         check_kind(transform, ndim)
-    if int(max_iterations) != max_iterations or max_iterations < 1:
+    counts = max_iterations if isinstance(max_iterations, (tuple, list)) else (max_iterations,)
+    if isinstance(max_iterations, (tuple, list)) and (transform != "svf" or len(counts) != len(levels)):
+        raise ValueError(f"max_iterations per level (a sequence) is for svf, one per level {levels}; "
+                         f"got {max_iterations!r}")
+    if any(int(c) != c or c < 1 for c in counts):
         raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
     if not (tol >= 0 and damping >= 0):
         raise ValueError(f"tol and damping must be non-negative, got tol={tol!r}, damping={damping!r}")
     if secure not in SECURE:
         raise ValueError(f"unknown secure mode {secure!r}; expected one of {SECURE}")
+    if secure == "ckks" and transform not in KINDS + ("bspline",):
+        raise ValueError(f"secure='ckks' supports {KINDS + ('bspline',)} in this version, got {transform!r}")
     if sampling is not None and sampling not in METHODS:
         raise ValueError(f"unknown sampling {sampling!r}; expected one of {METHODS} or None")
     if not levels:
@@ -270,11 +282,14 @@ def register(
     cg_iterations: int = 10,
     bins: int = 32,
     step_size: float = 0.5,
-    fluid_sigma: float = 2.0,
+    fluid_sigma: float | None = None,
     diffusion_sigma: float = 0.5,
+    symmetric: bool = False,
     key=0,
     frac_bits: int = 16,
     seeds=None,
+    ckks_variant: str = "packed",
+    flash_options: dict | None = None,
 ) -> Result:
     """Register ``moving`` to ``fixed`` by Gauss-Newton on SSD.
 
@@ -284,14 +299,15 @@ def register(
         transform: ``"translation" | "rigid" | "affine" | "bspline" | "svf"`` (stationary
             velocity field, ``u = exp(v)``, diffeomorphic), or a pipeline ``"rigid+svf"``,
             ``"affine+svf"``, ``"rigid+bspline"``, ``"affine+bspline"``: the linear stage (with
-            ``loss``, or ncc when ``loss`` is lncc, and default options), then the deformable
+            ``loss``, or ncc for lncc and mi for mind, and default options), then the deformable
             stage between the fixed image and the linearly aligned moving image (with the
             given options); the result maps ``x`` to ``A (x + u(x))``.
         loss: ``"ssd"`` (Gauss-Newton), ``"mi"`` (Mattes mutual information) or ``"ncc"``
             (global normalised cross-correlation); mi and ncc use regular-step gradient
             descent on linear transforms, each image scaled into [0, 1] by its own range.
         secure: ``None`` (clear) or ``"mpc"`` (two-party additive secret sharing with a
-            dealer, :mod:`ppreg.secure.ppir`; linear transforms).
+            dealer, :mod:`ppreg.secure.ppir`; linear transforms) or ``"ckks"`` (see
+            ``ckks_variant``).
         sampling: ``None`` (every voxel), ``"urs"`` or ``"gms"``, redrawn each iteration
             (linear transforms).
         fraction: sampled fraction of the level's voxels, in ``(0, 1]``.
@@ -299,7 +315,7 @@ def register(
             factor / 2 voxels). Bspline: control spacing = ``spacing * factor`` with the same
             smoothing, at full resolution; factors must halve (e.g. 4,2,1).
         max_iterations: per level (default 100 Gauss-Newton, 200 descent, 15 bspline; svf runs
-            exactly this many, default 60).
+            exactly this many, default 60, or a sequence with one count per level).
         tol: stop a level when the RMS displacement of a step is <= ``tol`` voxels
             (default 1e-3 linear, 1e-2 bspline); for descent, the minimum step length.
         damping: Levenberg-Marquardt weight (default 1e-3 linear, relative to diag H;
@@ -311,10 +327,22 @@ def register(
         bins: histogram bins of ``loss="mi"``.
         step_size: svf: largest update of the velocity per iteration, in voxels of the level.
         fluid_sigma, diffusion_sigma: svf: Gaussian smoothing (level voxels) of each update
-            and of the velocity field.
+            and of the velocity field. ``fluid_sigma`` defaults to 3.0 for the local losses (lncc,
+            mind: their forces are noisier; tuned on the Colin27 case of ``bench/bench_svf.py``)
+            and 2.0 otherwise.
+        symmetric: svf: ANTs-style half-way update (both images warped to the middle,
+            ``fixed o exp(-v/2)`` vs ``moving o exp(v/2)``); see :func:`ppreg.optim.run_svf_level`.
         key: int seed or PRNG key for sampling (public).
         frac_bits: fixed-point fractional bits for ``secure="mpc"``.
         seeds: dealer seeds for reproducible secure runs (tests); CSPRNG otherwise.
+        ckks_variant: ``secure="ckks"`` (CKKS homomorphic encryption via TenSEAL, linear
+            transforms; :mod:`ppreg.secure.ckks_session`): ``"packed"`` (default, fastest),
+            ``"v1"`` or ``"v2"`` (Taiello et al. 2024, Section 5.4.2); bspline: ``"packed"`` only
+            (:mod:`ppreg.secure.ckks_bspline`). Needs the ``fhe`` extra.
+        flash_options: ``transform="flash"`` (bandlimited EPDiff geodesic shooting, clear SSD,
+            same grid; :func:`ppreg.spectral.register.register_result`): keyword arguments of
+            :func:`ppreg.spectral.register.register_flash` (band_size, alpha, sigma, optimizer,
+            estimate_alpha, ...); ``max_iterations`` is the descent iteration count (default 150).
 
     Returns:
         :class:`Result`.
@@ -328,12 +356,17 @@ def register(
     B-spline FFD: Rueckert et al. 1999 (IEEE TMI 18(8)), with the bending energy. MI: Mattes
     et al. 2003 (IEEE TMI 22(1)); Eq. 7-8 of Taiello et al. 2024.
     """
+    if transform == "flash":
+        from .spectral.register import register_result
+
+        return register_result(fixed, moving, loss=loss, secure=secure, sampling=sampling,
+                               max_iterations=max_iterations, **(flash_options or {}))
     if "+" in str(transform):
         return _register_pipeline(fixed, moving, transform=transform, loss=loss, secure=secure, sampling=sampling,
                                   levels=levels, max_iterations=max_iterations, tol=tol, damping=damping,
                                   spacing=spacing, regularization=regularization, cg_iterations=cg_iterations,
                                   bins=bins, step_size=step_size, fluid_sigma=fluid_sigma,
-                                  diffusion_sigma=diffusion_sigma, key=key)
+                                  diffusion_sigma=diffusion_sigma, symmetric=symmetric, key=key)
     start = time.perf_counter()
     fixed_a, moving_a = _as_array(fixed, "fixed"), _as_array(moving, "moving")
     if fixed_a.ndim != moving_a.ndim:
@@ -343,21 +376,57 @@ def register(
     tol = family["tol"] if tol is None else tol
     damping = family["damping"] if damping is None else damping
     _check_options(transform, loss, secure, sampling, levels, fixed_a.ndim, max_iterations, tol, damping)
+    if secure == "mpc" and loss == "mi" and transform in KINDS:  # ppreg.secure.mi
+        return _register_mpc(fixed, fixed_a, moving_a, frac_bits=frac_bits, seeds=seeds, loss="mi",
+                             transform=transform, sampling=sampling, fraction=fraction, levels=tuple(levels),
+                             max_iterations=max_iterations, tol=tol, bins=bins, key=key)
+    if secure == "mpc" and loss == "ssd" and transform in KINDS + ("bspline",):
+        return _register_mpc(fixed, fixed_a, moving_a, frac_bits=frac_bits, seeds=seeds, transform=transform,
+                             sampling=sampling, fraction=fraction, levels=tuple(levels), max_iterations=max_iterations,
+                             tol=tol, damping=damping, spacing=spacing, regularization=regularization,
+                             cg_iterations=cg_iterations, key=key)
     scale = 2.0 ** max(scale_exponent(fixed_a), scale_exponent(moving_a))
     fixed_s, moving_s = fixed_a / scale, moving_a / scale
-    session = None
+    session = svf_session = None
     if transform == "svf":
         prepare = _unit_range if loss != "ssd" else (lambda x: x / scale)
+        if secure == "mpc":  # ppreg.secure.lcc: the lncc force under MPC, revealed to party1 only
+            if symmetric:
+                raise ValueError("secure svf is non-symmetric in this version")
+            svf_session = TwoPartySession(seeds=seeds)
         velocity, reports = _fit_svf(prepare(fixed_a), prepare(moving_a), loss=_ImageLoss(loss, bins),
                                      levels=tuple(levels), iterations=max_iterations, step=step_size,
-                                     fluid_sigma=fluid_sigma, diffusion_sigma=diffusion_sigma)
+                                     fluid_sigma=FLUID_SIGMA.get(loss, 2.0) if fluid_sigma is None else fluid_sigma,
+                                     diffusion_sigma=diffusion_sigma,
+                                     symmetric=symmetric, session=svf_session)
         u = svf_exp(velocity, steps=SVF_STEPS)
         warped = _warp_field(moving_a, u, identity_grid(fixed_a.shape))
         params, mat, center = np.asarray(velocity), None, None
     elif transform == "bspline":
-        coeffs, reports = _fit_bspline(fixed_s, moving_s, levels=tuple(levels), spacing=spacing,
-                                       max_iterations=max_iterations, tol=tol, lam=regularization, damping=damping,
-                                       cg_iterations=cg_iterations)
+        if secure == "ckks":  # ppreg.secure.ckks_bspline: party2 decrypts masked values only
+            from .secure.ckks_bspline import fit_bspline_ckks
+            from .secure.ckks_session import CkksSession
+
+            if ckks_variant != "packed":
+                raise ValueError(f"secure='ckks' with bspline uses the packed variant, got {ckks_variant!r}")
+            session = CkksSession(ckks_variant)
+            coeffs, its = fit_bspline_ckks(fixed_s, moving_s, session, key=jax.random.key(key) if isinstance(key, int)
+                                           else key, levels=tuple(levels), spacing=spacing, sampling=sampling,
+                                           fraction=fraction, max_iterations=max_iterations, tol=tol,
+                                           lam=regularization, damping=damping, cg_iterations=cg_iterations)
+            reports = [LevelReport(f, tuple(fixed_a.shape), it, k, np.full(it, np.nan)) for f, it, k in its]
+        elif secure is None and sampling is None:
+            coeffs, reports = _fit_bspline(fixed_s, moving_s, levels=tuple(levels), spacing=spacing,
+                                           max_iterations=max_iterations, tol=tol, lam=regularization,
+                                           damping=damping, cg_iterations=cg_iterations)
+        else:  # sampled: the per-iteration loop of ppreg.secure.bspline_ppir with R in the clear
+            from .secure.bspline_ppir import fit_bspline
+
+            coeffs, its = fit_bspline(fixed_s, moving_s, None, key=jax.random.key(key) if isinstance(key, int)
+                                      else key, levels=tuple(levels), spacing=spacing, sampling=sampling,
+                                      fraction=fraction, max_iterations=max_iterations, tol=tol,
+                                      lam=regularization, damping=damping, cg_iterations=cg_iterations)
+            reports = [LevelReport(f, tuple(fixed_a.shape), it, k, np.full(it, np.nan)) for f, it, k in its]
         u = displacement(coeffs, fixed_a.shape, spacing)
         warped = _warp_field(moving_a, u, identity_grid(fixed_a.shape))
         params, mat, center = np.asarray(coeffs), None, None
@@ -367,10 +436,10 @@ def register(
             level_shape(moving_a.shape, f)
         key = jax.random.key(key) if isinstance(key, int) else key
         center = image_center(fixed_a.shape)
-        if secure == "mpc":
-            from .secure.session import SecureSession
+        if secure == "ckks":
+            from .secure.ckks_session import CkksSession
 
-            session = SecureSession(frac_bits, seeds=seeds)
+            session = CkksSession(ckks_variant)
         if loss == "ssd":
             mat, reports = _fit_linear(fixed_s, moving_s, center, session, key, transform=transform, levels=levels,
                                        sampling=sampling, fraction=fraction, max_iterations=max_iterations,
@@ -384,7 +453,10 @@ def register(
         mat, center = np.asarray(mat, np.float64), np.asarray(center, np.float64)
     n_vox = int(np.prod(fixed_a.shape))
     iterations = sum(r.iterations for r in reports)
-    if session is None:
+    if svf_session is not None:
+        final, time_s, nbytes, per_iter = svf_report(svf_session, np.asarray(warped) / scale, fixed_s, scale,
+                                                     iterations, time.perf_counter() - start)
+    elif session is None:
         final = float(jnp.mean((warped - fixed_a) ** 2))
         time_s = {"party1": time.perf_counter() - start, "party2": 0.0}
         zero = {"online": 0, "offline": 0}
@@ -418,6 +490,20 @@ def register(
     )
 
 
+def _register_mpc(fixed, fixed_a, moving_a, *, frac_bits, seeds, loss="ssd", **options) -> Result:
+    """``secure="mpc"`` with SSD: party1's driver of ``ppreg party --role moving``
+    (:func:`ppreg.secure.parties.register_moving`) against a dealer and a party2 in this process,
+    party2 holding ``fixed`` as the fixed process does: one pipeline for one process or three.
+    With MI: :func:`ppreg.secure.mi.register_moving_mi`."""
+    from .secure.mi import register_moving_mi
+    from .secure.parties import register_moving
+    from .secure.session import SecureSession
+
+    affine = np.asarray(fixed.affine if isinstance(fixed, Image) else np.eye(4), np.float64)
+    session = SecureSession(frac_bits, seeds=seeds, fixed=(fixed_a, affine, scale_exponent(fixed_a)))
+    return (register_moving_mi if loss == "mi" else register_moving)(moving_a, session, **options)[0]
+
+
 def _register_pipeline(fixed, moving, *, transform, loss, secure, sampling, levels, key, **deform_options) -> Result:
     """``linear+deformable``: two registrations, composed into one transform (clear)."""
     if transform not in PIPELINES:
@@ -425,7 +511,7 @@ def _register_pipeline(fixed, moving, *, transform, loss, secure, sampling, leve
     if secure is not None or sampling is not None:
         raise ValueError(f"the {transform} pipeline runs clear with every voxel in this version")
     lin, deform = transform.split("+")
-    first = register(fixed, moving, transform=lin, loss="ncc" if loss == "lncc" else loss, levels=levels, key=key,
+    first = register(fixed, moving, transform=lin, loss=LINEAR_STAGE_LOSS.get(loss, loss), levels=levels, key=key,
                      bins=deform_options["bins"])
     second = register(fixed, first.warped, transform=deform, loss=loss, levels=levels, key=key, **deform_options)
     moving_a = _as_array(moving, "moving")
@@ -498,21 +584,32 @@ def _fit_descent(fixed_u, moving_u, center, key, *, transform, loss, levels, sam
     return mat, reports
 
 
-def _fit_svf(fixed_u, moving_u, *, loss, levels, iterations, step, fluid_sigma, diffusion_sigma):
-    """Coarse-to-fine SVF; the velocity is carried in full-resolution voxels between levels."""
+def _fit_svf(fixed_u, moving_u, *, loss, levels, iterations, step, fluid_sigma, diffusion_sigma, symmetric,
+             session=None):
+    """Coarse-to-fine SVF; the velocity is carried in full-resolution voxels between levels.
+
+    With a ``session`` (loss lncc) each level runs :func:`ppreg.secure.lcc.run_svf_level`."""
     shape = fixed_u.shape
     velocity, reports = None, []
-    for li, factor in enumerate(levels):
+    counts = tuple(iterations) if isinstance(iterations, (tuple, list)) else (iterations,) * len(levels)
+    for li, (factor, iterations) in enumerate(zip(levels, counts)):
         coarse = level_shape(shape, factor)
         if velocity is None:
             velocity = jnp.zeros(coarse + (len(shape),), jnp.float32)
         else:
             velocity = upsample_field(velocity, shape, levels[li - 1], factor)
-        level_v, losses = optim.run_svf_level(
-            velocity / factor, downsample(moving_u, factor), downsample(fixed_u, factor), loss_fn=loss,
-            iterations=iterations, step=step, sigma_fluid=fluid_sigma, sigma_diff=diffusion_sigma, steps=SVF_STEPS)
+        opts = dict(iterations=int(iterations), step=step, sigma_fluid=fluid_sigma, sigma_diff=diffusion_sigma,
+                    steps=SVF_STEPS)
+        if session is not None:
+            level_v, losses, _ = secure_lcc.run_svf_level(
+                session, velocity / factor, downsample(moving_u, factor), downsample(fixed_u, factor),
+                label=f"L{li}", **opts)
+        else:
+            level_v, losses = optim.run_svf_level(
+                velocity / factor, downsample(moving_u, factor), downsample(fixed_u, factor), loss_fn=loss,
+                symmetric=symmetric, **opts)
         velocity = level_v * factor
-        reports.append(LevelReport(int(factor), coarse, iterations, int(np.prod(coarse)), np.asarray(losses)))
+        reports.append(LevelReport(int(factor), coarse, int(iterations), int(np.prod(coarse)), np.asarray(losses)))
         _check_finite(velocity, li, factor)
     return velocity, reports
 

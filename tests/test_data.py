@@ -19,7 +19,7 @@ def test_samples_match_files():
 def test_every_sample_loads(name):
     assert sample_path(name).is_file()
     img = load_sample(name)
-    assert img.ndim == (3 if name.startswith("colin27") else 2)
+    assert img.ndim == (3 if name.startswith(("colin27", "mni152")) else 2)
     assert img.data.max() > img.data.min()
 
 

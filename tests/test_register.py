@@ -134,11 +134,11 @@ def test_3d_rigid_recovers_known_transform():
 
 @pytest.mark.parametrize("kwargs, error", [
     (dict(transform="warp"), "unknown transform"),
-    (dict(transform="bspline", secure="mpc"), "runs clear"),
-    (dict(loss="lncc"), "lncc: svf"),
+    (dict(transform="svf", secure="mpc"), "runs clear"),
+    (dict(loss="lncc"), "lncc, mind: svf"),
     (dict(transform="bspline", levels=(4, 1)), "must halve"),
     (dict(loss="dice"), "unknown loss"),
-    (dict(secure="ckks"), "unknown secure"),
+    (dict(secure="fhe"), "unknown secure"),
     (dict(sampling="random"), "unknown sampling"),
     (dict(levels=()), "at least one"),
     (dict(levels=(300,)), "too large"),

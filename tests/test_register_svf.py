@@ -81,8 +81,41 @@ def test_bad_options(pair, kwargs, error):
         register(pair[0], pair[1], transform="svf", **kwargs)
 
 
-def test_cli_svf_round_trip(pair, tmp_path):
+def test_cli_svf_round_trip_with_plot(pair, tmp_path):
     fixed, moving, _ = pair
     doc = register_and_apply(tmp_path, fixed, moving, "--transform", "svf", "--levels", "2,1", "--max-iterations",
-                             "40")
+                             "40", "--plot")
     assert doc["type"] == "svf" and (doc["_outdir"] / doc["velocity"]).exists()
+    assert (doc["_outdir"] / "registration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _interior_error(u, u_true):
+    interior = np.zeros(SHAPE, bool)
+    interior[8:-8, 8:-8] = True
+    rms_true = float(np.sqrt(np.mean(np.sum(u_true[interior] ** 2, -1))))
+    return field_rmse(u, u_true, mask=interior)["voxels"] / rms_true
+
+
+def test_symmetric_is_inverse_consistent_by_construction(pair):
+    """Half-way updates: swapping fixed and moving negates the velocity (up to float rounding)."""
+    fixed, moving, u_true = pair
+    opts = dict(transform="svf", loss="lncc", levels=LEVELS, max_iterations=40, symmetric=True)
+    forward, backward = register(fixed, moving, **opts), register(moving, fixed, **opts)
+    np.testing.assert_allclose(forward.params, -backward.params, atol=1e-3)
+    assert _interior_error(forward.displacement(), u_true) < 0.35
+    assert folding(forward.displacement())["voxels"] == 0
+
+
+def test_mind_registers_inverted_contrast(pair):
+    """MIND-SSC compares local self-similarity, so an inverted-contrast fixed image still aligns."""
+    fixed, moving, u_true = pair
+    r = register(fixed.max() - fixed, moving, transform="svf", loss="mind", levels=LEVELS, max_iterations=40)
+    assert _interior_error(r.displacement(), u_true) < 0.4
+    assert folding(r.displacement())["voxels"] == 0
+
+
+def test_iterations_per_level(pair):
+    r = register(pair[0], pair[1], transform="svf", levels=LEVELS, max_iterations=(12, 5))
+    assert [lv.iterations for lv in r.levels] == [12, 5] and r.iterations == 17
+    with pytest.raises(ValueError, match="one per level"):
+        register(pair[0], pair[1], transform="svf", levels=LEVELS, max_iterations=(12,))

@@ -72,6 +72,42 @@ class Dealer:
         c1 = self._stream("party1", label + "/c", c.shape)
         self.channel.send("dealer", "party2", label, c - c1, phase="offline")
 
+    def cross_product(self, label: str, shape_x: tuple[int, int], shape_y: tuple[int, int]) -> None:
+        """Correlated randomness for ``X^T Y`` with ``X (n, a)`` party1's and ``Y (n, b)`` party2's.
+
+        ``u`` (``shape_x``) comes from party1's stream, ``v`` (``shape_y``) from party2's;
+        ``w = u^T v`` is shared as ``w1`` (party1's stream) and ``w - w1`` (sent to party2).
+        """
+        self._claim(label)
+        u = self._stream("party1", label + "/u", shape_x)
+        v = self._stream("party2", label + "/v", shape_y)
+        w = _ring_op("matmul", u.T, v)
+        self.channel.send("dealer", "party2", label, w - self._stream("party1", label + "/w", w.shape), phase="offline")
+
+    def row_dot(self, label: str, v_label: str, shape: tuple[int, int]) -> None:
+        """Correlated randomness for the row sums ``rowsum(X ⊙ Y)``, ``X (k, b)`` party1's and ``Y``
+        party2's, where party2 already masked ``Y`` with ``v`` = its stream ``v_label`` (``shape``).
+
+        ``u`` comes from party1's stream (``label/u``); ``w = rowsum(u ⊙ v)`` (``(k,)``) is shared as
+        ``w1`` (party1's stream ``label/w``) and ``w - w1`` (sent to party2). Used by :mod:`ppreg.secure.mi`.
+        """
+        self._claim(label)
+        u = self._stream("party1", label + "/u", shape)
+        v = self._stream("party2", v_label, shape)
+        with x64():
+            w = np.asarray(jnp.sum(jnp.asarray(u) * jnp.asarray(v), axis=1))
+        self.channel.send("dealer", "party2", label, w - self._stream("party1", label + "/w", w.shape), phase="offline")
+
+    def private_product(self, label: str, shape) -> None:
+        """Correlated randomness for ``x * y`` element-wise, ``x`` party1's and ``y`` party2's
+        (:mod:`ppreg.secure.lcc`): ``u`` from party1's stream, ``v`` from party2's, ``w = u v``
+        shared as ``w1`` (party1's stream) and ``w - w1`` (sent to party2)."""
+        self._claim(label)
+        u = self._stream("party1", label + "/u", shape)
+        v = self._stream("party2", label + "/v", shape)
+        w = _ring_op("mul", u, v)
+        self.channel.send("dealer", "party2", label, w - self._stream("party1", label + "/w", w.shape), phase="offline")
+
     def product_mask(self, mask_label: str, n: int) -> None:
         """Register party2's mask ``v`` (``n`` ring elements from party2's stream; nothing is sent)."""
         self._claim(mask_label)

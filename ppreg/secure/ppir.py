@@ -64,9 +64,8 @@ def _public_ring(xh, basis):
 
 
 @jax.jit
-def _linear_share(x, y, w, xh, basis):
-    """One party's share of ``M^T (x ⊙ y + w)``: ``x, w (k, c)``, ``y (k,)``, ``xh (k, m)``, ``basis (c, P, m)``."""
-    z = x * y[:, None] + w
+def _map_share(z, xh, basis):
+    """One party's share of ``M^T z`` from its share ``z (k, c)``: ``xh (k, m)``, ``basis (c, P, m)``."""
     moment = jnp.sum(z[:, :, None] * xh[:, None, :], axis=0)
     return jnp.sum(basis * moment[:, None, :], axis=(0, 2))
 
@@ -83,14 +82,15 @@ def error_bound(a, xh, basis, frac_bits: int, value_bound: float = VALUE_BOUND) 
     return eps * _abs_map(np.abs(np.asarray(a, np.float64)) + value_bound + eps, xh, basis)
 
 
-def _check_index_set(idx, n, k):
-    """Indices sent as a set must be sorted, distinct, in range and one per sample."""
+def check_index_set(idx, n, k):
+    """Indices sent as a set must be sorted, distinct, in range and one per sample (ValueError otherwise)."""
     idx = np.asarray(idx)
     if idx.shape != (k,) or (k and (idx[0] < 0 or idx[-1] >= n or np.any(np.diff(idx) <= 0))):
         raise ValueError(f"sample indices sent as a set must be {k} strictly increasing values in [0, {n})")
 
 
-def _select(x, idx):
+def select_rows(x, idx):
+    """``x[idx]`` (``idx=None``: all of ``x``)."""
     return x if idx is None else x[jnp.asarray(idx)]
 
 
@@ -114,21 +114,39 @@ class Party1:
         """
         a = np.asarray(a, np.float64)
         check_range(_abs_map(np.abs(a), xh, basis) * VALUE_BOUND, 2 * self.f + PUBLIC_FRAC_BITS, "the secure term R")
+        self.send_factor(label, a, idx, n=n, send_idx=send_idx)
+
+    def send_factor(self, label: str, a, idx=None, *, n: int | None = None, send_idx: bool = False,
+                    frac_bits: int | None = None) -> None:
+        """Step 2 of any product ``a ⊙ J[idx]``: encode ``a (k, c)`` at ``frac_bits`` (default ``f``;
+        party1's private choice: party2 and the dealer never need it), send ``eps = a - u``; with
+        ``send_idx`` the index set goes to the dealer (GMS). The caller checks the ring range.
+
+        Raises:
+            ValueError: ``send_idx`` with indices that are not a sorted set of ``k`` voxels in ``[0, n)``.
+        """
+        a = np.asarray(a, np.float64)
         if send_idx:
-            _check_index_set(idx, n, a.shape[0])
+            check_index_set(idx, n, a.shape[0])
             self.channel.send("party1", "dealer", label + "/idx", indices_to_bitmask(idx, n))
-        a_enc = encode(a, self.f)
+        a_enc = encode(a, self.f if frac_bits is None else frac_bits)
         with x64():
             eps = a_enc - to_ring(self.rand.stream(label + "/u", a.shape))
         self.channel.send("party1", "party2", label, np.asarray(eps))
         self._pending[label] = (a_enc, idx)
 
-    def finish(self, label: str, mask_label: str, xh, basis) -> np.ndarray:
-        """Step 3: receive party2's share and reveal ``R`` (float64 ``(P,)``)."""
+    def product_share(self, label: str, mask_label: str):
+        """Party1's share ``a ⊙ delta[idx] + w1`` (uint64 ``(k, c)``) of the product sent as ``label``; and ``idx``."""
         a_enc, idx = self._pending.pop(label)
         with x64():
             w1 = to_ring(self.rand.stream(label + "/w", a_enc.shape))
-            mine = _linear_share(a_enc, _select(self._delta[mask_label], idx), w1, *_public_ring(xh, basis))
+            return a_enc * select_rows(self._delta[mask_label], idx)[:, None] + w1, idx
+
+    def finish(self, label: str, mask_label: str, xh, basis) -> np.ndarray:
+        """Step 3: receive party2's share and reveal ``R`` (float64 ``(P,)``)."""
+        z, _ = self.product_share(label, mask_label)
+        with x64():
+            mine = _map_share(z, *_public_ring(xh, basis))
             theirs = to_ring(self.channel.recv("party1", "party2", label))
             return decode(mine + theirs, 2 * self.f + PUBLIC_FRAC_BITS)
 
@@ -158,12 +176,18 @@ class Party2:
         """GMS: the sample indices forwarded by the dealer."""
         return bitmask_to_indices(self.rand.correction(label + "/idx"), n)
 
-    def respond(self, label: str, mask_label: str, xh, basis, idx=None, *, offset: float | None = None) -> None:
-        """Step 3: compute and send party2's share of ``R`` (plus a private ``offset``)."""
+    def product_share(self, label: str, mask_label: str, idx=None):
+        """Receive ``eps`` for ``label``; party2's share ``eps ⊙ v[idx] + w2`` (uint64 ``(k, c)``)."""
         eps = to_ring(self.channel.recv("party2", "party1", label))
         w2 = to_ring(self.rand.correction(label))
         with x64():
-            share = _linear_share(eps, _select(self._mask[mask_label], idx), w2, *_public_ring(xh, basis))
+            return eps * select_rows(self._mask[mask_label], idx)[:, None] + w2
+
+    def respond(self, label: str, mask_label: str, xh, basis, idx=None, *, offset: float | None = None) -> None:
+        """Step 3: compute and send party2's share of ``R`` (plus a private ``offset``)."""
+        z = self.product_share(label, mask_label, idx)
+        with x64():
+            share = _map_share(z, *_public_ring(xh, basis))
             if offset is not None:
                 share = share + encode(jnp.asarray([offset]), 2 * self.f + PUBLIC_FRAC_BITS)
             self.channel.send("party2", "party1", label, np.asarray(share))

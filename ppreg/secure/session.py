@@ -1,120 +1,184 @@
-"""In-process PPIR(MPC) session: party1, party2 and the dealer over one measured channel.
+"""Party1's side of a PPIR(MPC) registration: the protocol loop, with the dealer and party2 as peers.
 
-Each step below is run by the party named in it, in protocol order; the same step
-functions run unchanged when the parties are separate processes. Time is measured per
-party (each party's own compute, not time spent waiting) and traffic from the frames on
-the channel.
+The peers are in the same process (:class:`~ppreg.secure.roles.LocalPeers`, the default: one
+measured :class:`~ppreg.secure.channel.InProcessChannel`; tests, benchmarks,
+``register(secure="mpc")``) or separate processes (:class:`~ppreg.secure.roles.RemotePeers`
+over a :class:`~ppreg.secure.net.NetworkChannel`: ``ppreg party``). Either way the loop below
+announces each operation and runs party1's parts around the followers' handlers
+(:mod:`ppreg.secure.roles`), so there is one implementation. Time is measured per party (each
+party's own compute, not time spent waiting) and traffic from the frames on the channel.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .. import optim
-from ..transforms import homogeneous, identity_basis
+from ..transforms import identity_basis
 from .channel import Channel, InProcessChannel
-from .dealer import Dealer, PartyRandomness
-from .ppir import Party1, Party2
+from .dealer import PartyRandomness
+from .ppir import Party1
+from .ring import check_frac_bits
+from .roles import DealerRole, FixedRole, LocalPeers, key_to_json, public_coordinates, urs_indices
 
 _local_terms = jax.jit(optim.local_terms, static_argnames=("kind", "factor", "method", "k", "frac_bits"))
 _update = jax.jit(optim.update, static_argnames=("kind", "damping"))
 
-
-@jax.jit
-def public_coordinates(coords, idx, center):
-    """``xh = [x - c, 1]`` of the sampled voxels (public data only); see :func:`identity_basis`."""
-    return homogeneous(coords if idx is None else coords[idx], center)
-
-
-@partial(jax.jit, static_argnames=("n", "k"))
-def _urs(key, iteration, *, n, k):
-    return optim.sample_indices("urs", key, iteration, n, k)
+__all__ = ["SecureSession", "public_coordinates", "urs_indices"]
 
 
 class SecureSession:
-    """Party1, party2 and the dealer of one registration.
+    """Party1 of one registration, with the dealer and party2 as peers.
 
     Args:
         frac_bits: fixed-point fractional bits (see :mod:`ppreg.secure.ring`).
-        channel: defaults to a fresh :class:`InProcessChannel`.
-        seeds: optional dealer seeds (tests); CSPRNG otherwise.
+        channel: defaults to a fresh :class:`InProcessChannel`; with ``peers``, party1's
+            :class:`~ppreg.secure.net.NetworkChannel`.
+        seeds: optional dealer seeds (tests, in-process only); CSPRNG otherwise.
+        peers: ``None`` (dealer and party2 in this process) or
+            :class:`~ppreg.secure.roles.RemotePeers`.
+        fixed: in-process only, ``(image, affine, exponent)`` for a party2 that builds its levels
+            from its own image, as a separate process does (see :class:`~ppreg.secure.roles.FixedRole`);
+            otherwise the caller hands party2's values to :meth:`open_mask`.
+
+    Raises:
+        ValueError: bad ``frac_bits``; remote peers without a channel or with seeds.
     """
 
-    def __init__(self, frac_bits: int, *, channel: Channel | None = None, seeds=None):
-        self.channel = channel or InProcessChannel()
-        self.dealer = Dealer(self.channel, seeds=seeds)
-        rand = {p: PartyRandomness(p, self.channel) for p in ("party1", "party2")}
-        self.time = {"party1": 0.0, "party2": 0.0, "dealer": 0.0}
-        with self.timed("dealer"):
-            self.dealer.distribute_seeds()
-        for p, r in rand.items():
-            with self.timed(p):
-                r.receive_seed()
-        self.party1 = Party1(self.channel, rand["party1"], frac_bits)
-        self.party2 = Party2(self.channel, rand["party2"], frac_bits)
+    def __init__(self, frac_bits: int, *, channel: Channel | None = None, seeds=None, peers=None, fixed=None):
+        frac_bits = check_frac_bits(frac_bits)
+        if peers is None:
+            self.channel = channel or InProcessChannel()
+            peers = LocalPeers(DealerRole(self.channel, seeds=seeds), FixedRole(self.channel, *(fixed or ())))
+        elif channel is None or seeds is not None or fixed is not None:
+            raise ValueError("remote peers need party1's network channel; the dealer process draws the seeds")
+        else:
+            self.channel = channel
+        self.peers = peers
+        self.clock = 0.0
         self.iteration_traffic = {p: 0 for p in ("party1", "party2")}
         self.iterations = 0
+        self.rand = PartyRandomness("party1", self.channel)
+        self.step({"op": "setup", "frac_bits": frac_bits}, after=lambda _: self.rand.receive_seed())
+        self.party1 = Party1(self.channel, self.rand, frac_bits)
+
+    @property
+    def dealer(self):
+        """The in-process :class:`~ppreg.secure.dealer.Dealer`."""
+        return self._local("dealer").dealer
+
+    @property
+    def party2(self):
+        """The in-process :class:`~ppreg.secure.ppir.Party2`."""
+        return self._local("party2").party2
+
+    @property
+    def time(self) -> dict:
+        """Seconds of own compute per party (remote peers: from their reports, after :meth:`end`)."""
+        return {"party1": self.clock, **self.peers.clocks()}
+
+    def _local(self, role: str):
+        if not isinstance(self.peers, LocalPeers):
+            raise ValueError(f"{role} runs in another process; its state is not here")
+        return self.peers.roles[role]
 
     @contextmanager
     def timed(self, who: str):
-        start = time.perf_counter()
+        """Charge the enclosed compute to ``who`` (party1, or an in-process follower)."""
+        if who != "party1":
+            with self._local(who).timed():
+                yield
+            return
+        start, waited = time.perf_counter(), getattr(self.channel, "wait_s", 0.0)
         try:
             yield
         finally:
-            self.time[who] += time.perf_counter() - start
+            self.clock += time.perf_counter() - start - (getattr(self.channel, "wait_s", 0.0) - waited)
 
-    def open_mask(self, mask_label: str, fixed_flat) -> None:
-        """Party2 masks its image for a level; party1 receives it."""
-        n = int(fixed_flat.shape[0])
-        with self.timed("party2"):
-            self.party2.send_mask(mask_label, np.asarray(fixed_flat))
-        with self.timed("dealer"):
-            self.dealer.product_mask(mask_label, n)
+    def step(self, cmd: dict, *, before=None, after=None):
+        """Run one operation (:mod:`ppreg.secure.roles`): announce ``cmd``, run ``before()``, let the
+        followers run their handlers, then return ``after(result of before)``."""
+        self.peers.announce(cmd)
+        result = None
+        if before is not None:
+            with self.timed("party1"):
+                result = before()
+        self.peers.settle()
+        if after is None:
+            return None
         with self.timed("party1"):
-            self.party1.receive_mask(mask_label)
+            return after(result)
+
+    def end(self) -> None:
+        """Close the protocol: each follower reports its own time and traffic to party1."""
+        self.step({"op": "end"}, after=lambda _: self.peers.collect_reports())
+
+    def provide(self, label: str, *data) -> None:
+        """In one process: hand party2's values for operation ``label`` to the in-process party2
+        (:meth:`~ppreg.secure.roles.FixedRole.provide`); ValueError when party2 is remote."""
+        self._local("party2").provide(label, *data)
+
+    def open_mask(self, mask_label: str, fixed_flat=None, *, n: int | None = None, factor: int | None = None,
+                  coords=None, center=None, query: dict | None = None) -> None:
+        """Party2 masks its values for a level; party1 receives ``J - v``.
+
+        Args:
+            mask_label: the level's label (never reused).
+            fixed_flat: party2's values ``(n,)`` (scaled into [-1, 1]) when party2 is in this
+                process; ``None`` when it is remote: it builds the level from its image and ``factor``.
+            n: the level's voxel count (default: ``len(fixed_flat)``).
+            factor: pyramid shrink factor (remote party2).
+            coords, center: the level's public coordinates (in-process party2, for queries).
+            query: the level's public query configuration (kind, method, k, ndim, key).
+        """
+        if fixed_flat is not None:
+            self.provide(mask_label, fixed_flat, coords, center)
+            n = int(np.shape(fixed_flat)[0])
+        cmd = {"op": "mask", "label": mask_label, "n": int(n), "factor": factor, **(query or {})}
+        self.step(cmd, after=lambda _: self.party1.receive_mask(mask_label))
 
     def run_level(self, mat, level: optim.Level, fixed_flat, key, *, level_index, kind, factor, method, k,
                   max_iterations, tol, damping):
         """Secure Gauss-Newton loop for one level (party1 sees ``level`` without ``fixed``).
 
+        ``fixed_flat`` is party2's level (in-process) or ``None`` (remote party2).
+
         Returns:
             ``(matrix, iterations)``.
         """
-        n = level.coords.shape[0]
-        basis = identity_basis(kind, level.coords.shape[-1])
+        n, ndim = level.coords.shape
+        basis = identity_basis(kind, ndim)
         mask_label = f"L{level_index}/mask"
-        self.open_mask(mask_label, fixed_flat)
+        query = {"kind": kind, "method": method, "k": int(k), "ndim": int(ndim), "key": key_to_json(key)}
+        self.open_mask(mask_label, fixed_flat, n=n, factor=factor, coords=level.coords, center=level.center,
+                       query=query)
         before = self.channel.traffic.snapshot()["sent"]
         it = 0
         while it < max_iterations:
             label = f"L{level_index}/it{it}"
-            with self.timed("party1"):
+
+            def send(mat=mat, it=it, label=label):
                 terms = _local_terms(mat, level, key, it, kind=kind, factor=factor, method=method, k=k,
                                      frac_bits=self.party1.f)
                 idx = None if terms.idx is None else np.asarray(terms.idx)
                 self.party1.send_query(label, terms.a, terms.xh, basis, idx, n=n, send_idx=method == "gms")
-            with self.timed("dealer"):
-                public_idx = _urs(key, it, n=n, k=k) if method == "urs" else None
-                self.dealer.product(label, mask_label, tuple(terms.a.shape), public_idx, receive_idx=method == "gms")
-            with self.timed("party2"):
-                if method == "gms":
-                    idx2 = jnp.asarray(self.party2.receive_indices(label, n))
-                else:
-                    idx2 = _urs(key, it, n=n, k=k) if method == "urs" else None
-                self.party2.respond(label, mask_label, public_coordinates(level.coords, idx2, level.center), basis, idx2)
-            with self.timed("party1"):
+                return terms
+
+            def finish(terms, mat=mat, label=label):
                 r = self.party1.finish(label, mask_label, terms.xh, basis)
-                mat, step = _update(mat, terms, jnp.asarray(r, jnp.float32), kind=kind, center=level.center,
+                new, step = _update(mat, terms, jnp.asarray(r, jnp.float32), kind=kind, center=level.center,
                                     damping=damping)
-                done = float(step) <= tol
+                return new, float(step)
+
+            mat, step = self.step({"op": "query", "label": label, "mask": mask_label, "it": it},
+                                  before=send, after=finish)
             it += 1
-            if done:
+            if step <= tol:
                 break
         after = self.channel.traffic.snapshot()["sent"]
         for p in self.iteration_traffic:
@@ -122,31 +186,34 @@ class SecureSession:
         self.iterations += it
         return mat, it
 
-    def sum_squared_difference(self, mask_label: str, warped_flat, fixed_flat) -> float:
+    def sum_squared_difference(self, mask_label: str, warped_flat, fixed_flat=None) -> float:
         """``sum_x (I_w(x) - J(x))^2`` revealed to party1 only.
 
         Party1 contributes ``-2 I_w`` to the product and ``sum I_w^2`` locally, party2
         adds ``sum J^2`` to its share, so neither ``sum I_w J`` nor ``sum J^2`` is
         revealed on its own. Reuses the level mask ``mask_label`` of the full-resolution
-        image (fresh ``u, w``).
+        image (fresh ``u, w``). ``fixed_flat``: party2's values when it is in this process
+        (default: the values it masked for ``mask_label``).
         """
         n = int(warped_flat.shape[0])
         label = "final/ssd"
         ones, unit = np.ones((n, 1), np.float32), np.ones((1, 1, 1), np.float32)
-        with self.timed("party1"):
-            a = -2.0 * np.asarray(warped_flat, np.float64)[:, None]
-            self.party1.send_query(label, a, ones, unit)
-        with self.timed("dealer"):
-            self.dealer.product(label, mask_label, (n, 1))
-        with self.timed("party2"):
-            fixed64 = np.asarray(fixed_flat, np.float64)
-            self.party2.respond(label, mask_label, ones, unit, offset=float(np.sum(fixed64**2)))
-        with self.timed("party1"):
+        if fixed_flat is not None:
+            self.provide(label, fixed_flat)
+
+        def send():
+            self.party1.send_query(label, -2.0 * np.asarray(warped_flat, np.float64)[:, None], ones, unit)
+
+        def finish(_):
             cross_and_fixed = float(self.party1.finish(label, mask_label, ones, unit)[0])
             return float(np.sum(np.asarray(warped_flat, np.float64) ** 2)) + cross_and_fixed
 
+        return self.step({"op": "ssd", "label": label, "mask": mask_label, "n": n}, before=send, after=finish)
+
     def bytes_report(self) -> dict:
-        """``{party: {"online": sent bytes, "offline": dealer bytes received}}``."""
+        """``{party: {"online": sent bytes, "offline": dealer bytes received}}`` (remote party2: its own report)."""
         snap = self.channel.traffic.snapshot()
-        return {p: {"online": int(snap["sent"][p]["online"]), "offline": int(snap["received"][p]["offline"])}
-                for p in ("party1", "party2")}
+        party2 = self.peers.reports()["party2"]
+        return {"party1": {"online": int(snap["sent"]["party1"]["online"]),
+                           "offline": int(snap["received"]["party1"]["offline"])},
+                "party2": {"online": int(party2["online"]), "offline": int(party2["offline"])}}

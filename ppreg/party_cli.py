@@ -1,0 +1,281 @@
+"""``ppreg keygen`` and ``ppreg party``: one secure-registration role per process; ``ppreg demo --processes``.
+
+::
+
+    ppreg keygen NAME                      # NAME.key (secret, 0600) and NAME.pub
+    ppreg party --role dealer --listen HOST:PORT --key dealer.key --peers moving.pub fixed.pub
+    ppreg party --role moving --image I.nii.gz --listen HOST:PORT --dealer HOST:PORT --key moving.key \\
+        --peer fixed.pub --dealer-key dealer.pub -o OUTDIR [--transform --sampling --fraction --levels ...]
+    ppreg party --role fixed --image J.nii.gz --connect HOST:PORT --dealer HOST:PORT --key fixed.key \\
+        --peer moving.pub --dealer-key dealer.pub [--report FILE]
+
+The moving party writes OUTDIR as ``ppreg register`` does (staged, then moved in); the fixed
+party and the dealer write only their own report (``--report``). Exit status: 0 on success,
+2 for bad input (one ``ppreg: error: ...`` line), 1 when the session fails (a peer stalls,
+dies, is refused or sends a malformed or oversized message: one ``ppreg: error: ROLE: ...``
+line; nothing is written).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zmq
+
+from ._atomic import atomic_write_text
+from .register import Result
+from .sampling import METHODS
+from .secure import keys
+from .secure.channel import ProtocolError
+from .secure.parties import TRANSFORMS
+
+ROLES = {"moving": "party1", "fixed": "party2", "dealer": "dealer"}
+SESSION_ERRORS = (ProtocolError, TimeoutError, ConnectionError, zmq.ZMQError)
+
+
+class SessionError(Exception):
+    """The secure session failed at run time (exit status 1)."""
+
+
+def add_parsers(sub, *, levels_type, fraction_type) -> None:
+    """Register ``keygen`` and ``party`` on the ``ppreg`` subparsers."""
+    kg = sub.add_parser("keygen", help="write a CURVE key pair NAME.key (secret, mode 0600) and NAME.pub")
+    kg.add_argument("name", type=Path, help="path prefix of the two files")
+    kg.add_argument("--force", action="store_true", help="overwrite existing files")
+    p = sub.add_parser("party", help="run one role of a secure registration (dealer, moving or fixed party)")
+    p.add_argument("--role", choices=tuple(ROLES), required=True)
+    p.add_argument("--key", type=Path, required=True, help="this process's secret key file (NAME.key)")
+    p.add_argument("--image", type=Path, help="moving/fixed: this party's image (NIfTI)")
+    p.add_argument("--listen", help="dealer, moving: HOST:PORT to listen on")
+    p.add_argument("--connect", help="fixed: HOST:PORT of the moving party")
+    p.add_argument("--dealer", help="moving, fixed: HOST:PORT of the dealer")
+    p.add_argument("--peer", type=Path, help="moving, fixed: the other party's public key (NAME.pub)")
+    p.add_argument("--dealer-key", type=Path, help="moving, fixed: the dealer's public key")
+    p.add_argument("--peers", type=Path, nargs=2, metavar=("MOVING.pub", "FIXED.pub"),
+                   help="dealer: the moving and the fixed party's public keys")
+    p.add_argument("-o", "--output", type=Path, help="moving: output directory (as ppreg register)")
+    p.add_argument("--report", type=Path, help="fixed, dealer: write this process's report (JSON)")
+    p.add_argument("--timeout", type=float, default=120.0,
+                   help="seconds to wait for a peer to connect and for each message (default 120)")
+    p.add_argument("--max-message-mb", type=float, default=1024.0, help="largest message accepted (default 1024)")
+    p.add_argument("--transform", choices=TRANSFORMS, default="rigid")
+    p.add_argument("--spacing", type=int, default=4, help="bspline: finest control spacing in voxels (default 4)")
+    p.add_argument("--regularization", type=float, default=0.01, help="bspline: bending-energy weight")
+    p.add_argument("--loss", choices=("ssd",), default="ssd", help="ssd (Gauss-Newton) under MPC")
+    p.add_argument("--sampling", choices=METHODS, default=None, help="voxel sampling per iteration (default: all)")
+    p.add_argument("--fraction", type=fraction_type, default=0.1, help="sampled fraction of voxels (default 0.1)")
+    p.add_argument("--levels", type=levels_type, default=(4, 2, 1), help="pyramid shrink factors (default 4,2,1)")
+    p.add_argument("--max-iterations", type=int, default=None, help="per level (default 100; bspline 15)")
+    p.add_argument("--seed", type=int, default=0, help="public sampling seed (default 0)")
+    p.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits")
+
+
+def run_keygen(args, error) -> int:
+    try:
+        secret, public = keys.write_keypair(args.name, overwrite=args.force)
+    except (FileExistsError, FileNotFoundError, RuntimeError) as exc:
+        raise error(str(exc)) from None
+    print(f"wrote {secret} (secret, mode 0600: keep it) and {public} (give it to the peers)")
+    return 0
+
+
+def _need(args, error, *names):
+    missing = [n for n in names if getattr(args, n.replace("-", "_")) is None]
+    if missing:
+        raise error(f"--role {args.role} needs " + ", ".join(f"--{n}" for n in missing))
+
+
+def _keys(args, error, *public_args):
+    try:
+        own = keys.load_keypair(args.key)
+        return own, [keys.load_public(p) for p in public_args]
+    except (FileNotFoundError, PermissionError, ValueError) as exc:
+        raise error(str(exc)) from None
+
+
+def run_party(args, error, load_image, write_outputs) -> int:
+    """``ppreg party``: validate, run the role, write its outputs; errors as described in the module docstring."""
+    limits = dict(timeout=args.timeout, max_message_bytes=int(args.max_message_mb * 2**20))
+    if args.timeout <= 0 or args.max_message_mb <= 0:
+        raise error("--timeout and --max-message-mb must be positive")
+    from .secure import parties
+
+    role = args.role
+    try:
+        if role == "dealer":
+            _need(args, error, "listen", "peers")
+            own, (moving_key, fixed_key) = _keys(args, error, *args.peers)
+            report = parties.run_dealer(own, listen=args.listen, moving_key=moving_key, fixed_key=fixed_key, **limits)
+        elif role == "fixed":
+            _need(args, error, "image", "connect", "dealer", "peer", "dealer-key")
+            own, (peer, dealer) = _keys(args, error, args.peer, args.dealer_key)
+            image = load_image(args.image)
+            report = parties.run_fixed(image, own, connect=args.connect, dealer=args.dealer, peer_key=peer,
+                                       dealer_key=dealer, **limits)
+        else:
+            _need(args, error, "image", "listen", "dealer", "peer", "dealer-key", "output")
+            own, (peer, dealer) = _keys(args, error, args.peer, args.dealer_key)
+            image = load_image(args.image)
+            try:
+                result, affine, wall = parties.run_moving(
+                    image, own, listen=args.listen, dealer=args.dealer, peer_key=peer, dealer_key=dealer, **limits,
+                    transform=args.transform, sampling=args.sampling, fraction=args.fraction, levels=args.levels,
+                    max_iterations=args.max_iterations, key=args.seed, frac_bits=args.frac_bits,
+                    **(dict(spacing=args.spacing, regularization=args.regularization)
+                       if args.transform == "bspline" else {}),
+                    on_connect=lambda: print("moving: connected to the fixed party and the dealer", file=sys.stderr,
+                                             flush=True))
+            except (OverflowError, FloatingPointError) as exc:
+                raise SessionError(f"moving: {exc}") from None
+            write_outputs(args.output, result, affine)
+            _print_moving(result, wall, args.output)
+            return 0
+    except SESSION_ERRORS as exc:
+        raise SessionError(str(exc) if str(exc).startswith(ROLES[role]) else f"{ROLES[role]}: {exc}") from None
+    except ValueError as exc:  # bad addresses, images or options
+        raise error(f"{role}: {exc}") from None
+    if args.report is not None:
+        atomic_write_text(args.report, json.dumps(dict(report, role=role), indent=2) + "\n")
+    print(f"{role}: done in {report['wall_s']:.2f} s; compute {report['time_s']:.3f} s; sent {report['online']} bytes "
+          f"online, received {report['offline']} bytes offline")
+    return 0
+
+
+def _print_moving(result: Result, wall: float, outdir: Path) -> None:
+    b = result.bytes
+    print(f"moving: {result.transform} registration (mpc, 3 processes): {result.iterations} iterations, final mean "
+          f"squared error {result.final_loss:.4f}, {wall:.2f} s; online bytes sent: party1 {b['party1']['online']}, "
+          f"party2 {b['party2']['online']}; wrote {outdir}")
+
+
+# --- ppreg demo --processes ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (the OS's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def party_commands(workdir: Path, fixed: Path, moving: Path, outdir: Path, options: list[str], *,
+                   timeout: float = 120.0) -> dict[str, list[str]]:
+    """Key pairs in ``workdir`` and the three ``ppreg party`` command lines on free loopback ports."""
+    for name in ROLES:
+        if not (workdir / f"{name}.key").exists():
+            keys.write_keypair(workdir / name)
+    dealer, moving_at = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    base = [sys.executable, "-m", "ppreg.cli", "party", "--timeout", str(timeout)]
+    k = {name: str(workdir / f"{name}.key") for name in ROLES}
+    pub = {name: str(workdir / f"{name}.pub") for name in ROLES}
+    return {
+        "dealer": base + ["--role", "dealer", "--listen", dealer, "--key", k["dealer"], "--peers", pub["moving"],
+                          pub["fixed"], "--report", str(workdir / "dealer_report.json")],
+        "fixed": base + ["--role", "fixed", "--image", str(fixed), "--connect", moving_at, "--dealer", dealer,
+                         "--key", k["fixed"], "--peer", pub["moving"], "--dealer-key", pub["dealer"],
+                         "--report", str(workdir / "fixed_report.json")],
+        "moving": base + ["--role", "moving", "--image", str(moving), "--listen", moving_at, "--dealer", dealer,
+                          "--key", k["moving"], "--peer", pub["fixed"], "--dealer-key", pub["dealer"],
+                          "-o", str(outdir)] + options,
+    }
+
+
+def start_processes(commands: dict[str, list[str]]) -> dict[str, subprocess.Popen]:
+    """Start the ``ppreg party`` processes (stdout and stderr captured as text)."""
+    return {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name, cmd in commands.items()}
+
+
+def wait_processes(procs: dict[str, subprocess.Popen], *, timeout: float) -> dict[str, subprocess.CompletedProcess]:
+    """Wait for every process (killing all that remain after ``timeout`` s in all); their outcomes.
+
+    Raises:
+        subprocess.TimeoutExpired: a process outlived ``timeout`` (all are killed first).
+    """
+    out, deadline = {}, time.monotonic() + timeout
+    try:
+        for name, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            out[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return out
+
+
+def run_processes(commands: dict[str, list[str]], *, timeout: float) -> dict[str, subprocess.CompletedProcess]:
+    """Start the three processes, wait for all (killing them after ``timeout`` s); their outcomes."""
+    return wait_processes(start_processes(commands), timeout=timeout)
+
+
+def _option_args(options: dict) -> list[str]:
+    args = []
+    for name, value in options.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        args += [flag, ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)]
+    return args
+
+
+def load_result(outdir: Path) -> Result:
+    """A :class:`~ppreg.register.Result` (linear or bspline) from the files ``ppreg register`` wrote."""
+    import numpy as np
+
+    from .image import load
+    from .register import LevelReport
+
+    rep = json.loads((outdir / "report.json").read_text())
+    doc = json.loads((outdir / "transform.json").read_text())
+    levels = tuple(LevelReport(lv["factor"], tuple(lv["shape"]), lv["iterations"], lv["n_samples"],
+                               np.full(lv["iterations"], np.nan)) for lv in rep["levels"])
+    if doc["type"] == "bspline":
+        params, matrix, center = np.asarray(doc["coefficients"], np.float32), None, None
+    else:
+        params, matrix, center = np.asarray(doc["parameters"]), np.asarray(doc["matrix"]), np.asarray(doc["center"])
+    return Result(transform=doc["type"], params=params, matrix=matrix, center=center, spacing=doc.get("spacing"),
+                  warped=load(outdir / "warped.nii.gz").data, final_loss=rep["final_loss"],
+                  iterations=rep["iterations"], levels=levels, secure=rep["secure"], time_s=rep["time_s"],
+                  bytes=rep["bytes"], bytes_per_iteration=rep["bytes_per_iteration"])
+
+
+def register_processes(fixed, moving, *, secure: str = "mpc", timeout: float = 600.0, **options) -> Result:
+    """One secure registration as three local ``ppreg party`` processes on the loopback interface.
+
+    Args:
+        fixed, moving: :class:`~ppreg.image.Image` (written to a private temporary directory).
+        secure: must be ``"mpc"`` (accepted so that the call matches :func:`ppreg.register`).
+        timeout: seconds before the processes are killed.
+        options: ``transform``, ``sampling``, ``fraction``, ``levels``, ``max_iterations``, ``seed``,
+            ``frac_bits``, ``spacing``, ``regularization`` (as ``ppreg party``).
+
+    Returns:
+        the moving party's result (times and bytes as each process measured them).
+
+    Raises:
+        ValueError: ``secure`` is not ``"mpc"``. RuntimeError: a process failed (the error lines are in
+            the message).
+    """
+    from .image import save
+
+    if secure != "mpc":
+        raise ValueError(f"three-process registration is secure (mpc), got secure={secure!r}")
+    with tempfile.TemporaryDirectory(prefix="ppreg-parties-") as tmp:
+        work = Path(tmp)
+        save(fixed, work / "fixed.nii.gz")
+        save(moving, work / "moving.nii.gz")
+        commands = party_commands(work, work / "fixed.nii.gz", work / "moving.nii.gz", work / "out",
+                                  _option_args(options), timeout=min(timeout, 120.0))
+        done = run_processes(commands, timeout=timeout)
+        failed = {n: p.stderr.strip().splitlines()[-1:] for n, p in done.items() if p.returncode != 0}
+        if failed:
+            raise RuntimeError(f"secure registration over 3 processes failed: {failed}")
+        return load_result(work / "out")

@@ -1,0 +1,268 @@
+"""In-process PPIR(FHE) session: the Gauss-Newton loop is one jitted ``lax.while_loop`` whose
+secure term ``R = S^T J`` is a ``jax.pure_callback`` into the CKKS protocol.
+
+:class:`CkksSession` has the interface of :class:`ppreg.secure.session.SecureSession`
+(``run_level``, ``open_mask``, ``sum_squared_difference``, ``bytes_report``, ``time``,
+``iteration_traffic``, ``iterations``), so ``register(..., secure="ckks")`` runs the same
+linear pipeline as MPC. Per iteration party1 computes its local terms in JAX, the callback
+runs the protocol (party1's and party2's steps in protocol order over the measured
+:class:`~ppreg.secure.channel.Channel`), and party1 updates the transform, all inside one
+compiled loop (:func:`run_level_callback`), compiled once per level shape and options.
+
+Variants (:data:`VARIANTS`): ``"packed"`` (:mod:`ppreg.secure.ckks`, the default and
+fastest), ``"v1"`` and ``"v2"`` (:mod:`ppreg.secure.ckks_paper`, Taiello et al. 2024,
+Section 5.4.2). Sampling: with URS (public indices) party2 encrypts ``J[idx]`` each
+iteration (packed, v2); without sampling, with GMS (whose indices must stay with party1), and
+always for v1 (the paper encrypts ``J`` once), party2 encrypts the whole level once (offline
+bytes) and party1 weights unsampled voxels by zero, so GMS leaks nothing to party2 here.
+
+Time is measured per party: the callback times each party's protocol steps; party1 is also
+charged the rest of the loop (its local JAX terms and updates, compilation included).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from contextlib import contextmanager
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import optim
+from ..transforms import identity_basis
+from .channel import Channel, InProcessChannel
+from .ckks import DEFAULT_FLOOD_BITS, PackedParty1, PackedParty2, require_tenseal
+
+VARIANTS = ("packed", "v1", "v2")
+DEFAULT_VARIANT = "packed"
+_SESSIONS: dict[int, "CkksSession"] = {}
+_HANDLES = itertools.count(1)
+TRACES = {"run_level_callback": 0}
+
+_public_urs = jax.jit(optim.sample_indices, static_argnames=("method", "n", "k"))
+
+
+class _PackedProtocol:
+    """Adapter: the packed parties behind the session's three calls."""
+
+    def __init__(self, channel, flood_bits):
+        self.party1, self.party2 = PackedParty1(channel), PackedParty2(channel, flood_bits=flood_bits)
+
+    def setup(self, session):
+        with session.timed("party2"):
+            self.party2.send_keys()
+        with session.timed("party1"):
+            self.party1.receive_keys()
+
+    def encrypt_image(self, session, label, values, phase):
+        with session.timed("party2"):
+            count = self.party2.send_image(label, values, phase=phase)
+        with session.timed("party1"):
+            return self.party1.receive_image(label, count)
+
+    def product(self, session, label, image, weights, offset=None, offset_bound=0.0):
+        with session.timed("party1"):
+            self.party1.query(label, image, weights)
+        with session.timed("party2"):
+            self.party2.respond(label, offset=offset)
+        with session.timed("party1"):
+            return self.party1.finish(label, offset_bound=offset_bound)
+
+
+def _make_protocol(variant, channel, flood_bits, mask_bits, partition):
+    if variant == "packed":
+        return _PackedProtocol(channel, flood_bits)
+    from .ckks_paper import PaperProtocol
+
+    return PaperProtocol(variant, channel, mask_bits=mask_bits, partition=partition)
+
+
+def _host_term(handle, level_index, iteration, weights):
+    """pure_callback target: run one secure query of session ``handle``; float32 ``(P,)``."""
+    session = _SESSIONS[int(handle)]
+    return session._callback(lambda: session._query(int(level_index), int(iteration),
+                                                    np.asarray(weights)).astype(np.float32))
+
+
+@partial(jax.jit, static_argnames=("kind", "factor", "method", "k", "max_iterations", "tol", "damping", "dense"))
+def run_level_callback(mat, level: optim.Level, key, handle, level_index, *, kind, factor, method, k,
+                       max_iterations, tol, damping, dense=False):
+    """One level of secure Gauss-Newton, jitted whole; the secure term is a ``jax.pure_callback``.
+
+    Args:
+        mat: float32 ``(d+1, d+1)`` initial transform.
+        level: party1's :class:`~ppreg.optim.Level` (``fixed`` is ``None``).
+        key: public PRNG key for URS/GMS.
+        handle, level_index: int32 scalars naming the live session and level (traced, so the
+            loop compiles once for every session).
+        kind, factor, method, k, max_iterations, tol, damping: as :func:`ppreg.optim.run_level`.
+        dense: send ``S`` as ``(n, P)`` with zeros at unsampled voxels (for an image encrypted
+            whole; always for GMS, whose sample set stays with party1).
+
+    Returns:
+        ``(matrix, iterations)``.
+    """
+    TRACES["run_level_callback"] += 1
+    ndim = level.coords.shape[-1]
+    n = level.coords.shape[0]
+    basis = identity_basis(kind, ndim)
+    n_params = basis.shape[1]
+
+    def body(state):
+        mat, it, _ = state
+        t = optim.local_terms(mat, level, key, it, kind=kind, factor=factor, method=method, k=k)
+        s = jnp.einsum("dpj,kd,kj->kp", basis, t.a, t.xh)  # S = (dW/dtheta)^T-weighted gradients, (k, P)
+        if t.idx is not None and (dense or method == "gms"):  # zero at unsampled voxels
+            s = jnp.zeros((n, n_params), s.dtype).at[t.idx].set(s)
+        r = jax.pure_callback(_host_term, jax.ShapeDtypeStruct((n_params,), jnp.float32), handle, level_index, it, s)
+        new, step = optim.update(mat, t, r, kind=kind, center=level.center, damping=damping)
+        return new, it + 1, step
+
+    def cond(state):
+        _, it, step = state
+        return (it < max_iterations) & (step > tol)
+
+    mat, it, _ = jax.lax.while_loop(cond, body, (mat, jnp.int32(0), jnp.float32(jnp.inf)))
+    return mat, it
+
+
+class CkksSession:
+    """Party1 and party2 of one PPIR(FHE) registration (no dealer).
+
+    Args:
+        variant: ``"packed"`` (default), ``"v1"`` or ``"v2"``.
+        channel: defaults to a fresh :class:`InProcessChannel`.
+        flood_bits: packed variant: flooding of party2's replies (:func:`ppreg.secure.ckks.flooding_error`).
+        mask_bits: v1/v2 and the B-spline term: statistical masking bits (:mod:`ppreg.secure.ckks_paper`,
+            :mod:`ppreg.secure.ckks_bspline`).
+        partition: v1/v2: sub-array length ``D`` (paper: 128).
+
+    Raises:
+        ImportError: TenSEAL (the ``fhe`` extra) is not installed.
+        ValueError: unknown variant.
+    """
+
+    def __init__(self, variant: str = DEFAULT_VARIANT, *, channel: Channel | None = None,
+                 flood_bits: int = DEFAULT_FLOOD_BITS, mask_bits: int = 16, partition: int = 128):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown CKKS variant {variant!r}; expected one of {VARIANTS}")
+        require_tenseal()
+        self.variant = variant
+        self.mask_bits = int(mask_bits)
+        self.channel = channel or InProcessChannel()
+        self.time = {"party1": 0.0, "party2": 0.0}
+        self.iteration_traffic = {"party1": 0, "party2": 0}
+        self.iterations = 0
+        self._images: dict[str, object] = {}
+        self._levels: dict[int, dict] = {}
+        self._callback_s = 0.0
+        self._error = None
+        self.protocol = _make_protocol(variant, self.channel, flood_bits, mask_bits, partition)
+        self.protocol.setup(self)
+
+    @contextmanager
+    def timed(self, who: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.time[who] += time.perf_counter() - start
+
+    def open_mask(self, mask_label: str, fixed_flat) -> None:
+        """Party2 encrypts its whole (level) image once and sends it (offline bytes)."""
+        self._images[mask_label] = self.protocol.encrypt_image(self, mask_label, np.asarray(fixed_flat), "offline")
+
+    def _query(self, level_index: int, iteration: int, weights: np.ndarray) -> np.ndarray:
+        lv = self._levels[level_index]
+        label = f"L{level_index}/it{iteration}"
+        if lv["per_iteration"]:
+            with self.timed("party2"):
+                idx = np.asarray(_public_urs("urs", lv["key"], iteration, n=lv["n"], k=lv["k"]))
+            image = self.protocol.encrypt_image(self, label + "/J", lv["fixed"][idx], "online")
+        else:
+            image = self._images[lv["mask_label"]]
+        return self.protocol.product(self, label, image, weights)
+
+    def run_level(self, mat, level: optim.Level, fixed_flat, key, *, level_index, kind, factor, method, k,
+                  max_iterations, tol, damping):
+        """Secure Gauss-Newton loop for one level (party1 sees ``level`` without ``fixed``).
+
+        Returns:
+            ``(matrix, iterations)``.
+        """
+        mask_label = f"L{level_index}/mask"
+        per_iteration = method == "urs" and self.variant != "v1"
+        if not per_iteration and mask_label not in self._images:  # (unless already encrypted)
+            self.open_mask(mask_label, fixed_flat)
+        self._levels[level_index] = {"per_iteration": per_iteration, "key": key, "n": int(level.coords.shape[0]),
+                                     "k": int(k), "fixed": np.asarray(fixed_flat, np.float64),
+                                     "mask_label": mask_label}
+        with self._loop() as handle:
+            mat, it = run_level_callback(mat, level, key, jnp.int32(handle), jnp.int32(level_index), kind=kind,
+                                         factor=factor, method=method, k=k, max_iterations=max_iterations, tol=tol,
+                                         damping=damping, dense=not per_iteration)
+            it = int(it)
+        self.iterations += it
+        return mat, it
+
+    @contextmanager
+    def _loop(self):
+        """Register this session for the callbacks of one jitted level loop (yields its handle);
+        charge party1 the loop's time outside the callbacks and count the online traffic."""
+        handle = next(_HANDLES)
+        _SESSIONS[handle] = self
+        before = self.channel.traffic.snapshot()["sent"]
+        self._callback_s, self._error = 0.0, None
+        start = time.perf_counter()
+        try:
+            yield handle
+        except Exception:
+            if self._error is not None:  # the protocol's own error, not JAX's wrapper
+                raise self._error from None
+            raise
+        finally:
+            del _SESSIONS[handle]
+        self.time["party1"] += time.perf_counter() - start - self._callback_s
+        after = self.channel.traffic.snapshot()["sent"]
+        for p in self.iteration_traffic:
+            self.iteration_traffic[p] += after[p]["online"] - before[p]["online"]
+
+    def _callback(self, fn):
+        """Run ``fn()`` inside a callback: time it, keep its exception for :meth:`_loop`."""
+        start = time.perf_counter()
+        try:
+            return fn()
+        except Exception as exc:
+            self._error = exc
+            raise
+        finally:
+            self._callback_s += time.perf_counter() - start
+
+    def sum_squared_difference(self, mask_label: str, warped_flat, fixed_flat) -> float:
+        """``sum_x (I_w(x) - J(x))^2`` revealed to party1 only.
+
+        Party1 queries ``-2 I_w`` against the encrypted ``J`` (encrypted now unless the level
+        ``mask_label`` already is), party2 adds its private ``sum J^2`` to its reply, party1
+        adds ``sum I_w^2``.
+        """
+        if mask_label not in self._images:
+            self.open_mask(mask_label, fixed_flat)
+        with self.timed("party1"):
+            warped = np.asarray(warped_flat, np.float64)
+            weights = -2.0 * warped[:, None]
+        with self.timed("party2"):
+            fixed = np.asarray(fixed_flat, np.float64)
+            offset = float(np.sum(fixed**2))
+        r = self.protocol.product(self, "final/ssd", self._images[mask_label], weights, offset=offset,
+                                  offset_bound=float(warped.size))
+        with self.timed("party1"):
+            return float(np.sum(warped**2)) + float(r[0])
+
+    def bytes_report(self) -> dict:
+        """``{party: {"online": sent bytes, "offline": sent offline bytes (keys, one-time images)}}``."""
+        snap = self.channel.traffic.snapshot()
+        return {p: {"online": int(snap["sent"][p]["online"]), "offline": int(snap["sent"][p]["offline"])}
+                for p in ("party1", "party2")}

@@ -1,0 +1,247 @@
+"""The three processes of a secure registration: the dealer, the fixed party, the moving party.
+
+Each function runs one process's whole part over a :class:`~ppreg.secure.net.NetworkChannel`
+(``ppreg party --role ...`` calls them). Each process holds only its own data:
+
+- the moving party (party1) holds the moving image, runs the optimiser
+  (:class:`~ppreg.secure.session.SecureSession`, the same loop as in one process) and learns the
+  fixed image's public description (shape, affine, intensity exponent) and the outputs;
+- the fixed party (party2) holds the fixed image and answers party1's operations
+  (:class:`~ppreg.secure.roles.FixedRole`);
+- the dealer holds only seeds and serves correlated randomness (:class:`~ppreg.secure.roles.DealerRole`).
+
+Security model: semi-honest parties and a trusted dealer that colludes with neither; neither
+image holder is the dealer. The public sampling key, the pyramid shapes and the iteration count
+are public (see :mod:`ppreg.secure.ppir` for what each party learns).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import optim
+from ..bspline import control_grid_shape, displacement
+from ..grid import identity_grid, level_coordinates, level_shape
+from ..image import Image
+from ..register import (DEFAULTS, LevelReport, Result, _as_array, _check_finite, _check_options, _warp_field,
+                        _warp_full, scale_exponent)
+from ..sampling import n_samples
+from ..transforms import KINDS, image_center, params_from_matrix
+from . import bspline_ppir, points
+from .bspline_ppir import fit_bspline
+from .channel import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
+from .keys import KeyPair
+from .net import DEFAULT_TIMEOUT, NetworkChannel
+from .roles import DealerRole, FixedRole, RemotePeers, decode_json
+from .session import SecureSession
+
+TRANSFORMS = KINDS + ("bspline",)  # what a secure (MPC) SSD registration runs, in one process or three
+PROTOCOLS = (bspline_ppir, points)  # imported here so that every process registers their followers' handlers
+
+
+def run_dealer(keypair: KeyPair, *, listen: str, moving_key: bytes, fixed_key: bytes,
+               timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict:
+    """Serve both parties until the moving party ends the session.
+
+    Returns:
+        the dealer's report ``{"time_s", "wall_s", "online", "offline"}``.
+
+    Raises:
+        TimeoutError, ConnectionError, ProtocolError: see :class:`~ppreg.secure.net.NetworkChannel`.
+    """
+    start = time.perf_counter()
+    with NetworkChannel("dealer", keypair, listen=listen, accept={"party1": moving_key, "party2": fixed_key},
+                        timeout=timeout, max_message_bytes=max_message_bytes) as channel:
+        role = DealerRole(channel)
+        role.serve()
+        return dict(role.final_report, wall_s=time.perf_counter() - start)
+
+
+def run_fixed(fixed: Image, keypair: KeyPair, *, connect: str, dealer: str, peer_key: bytes, dealer_key: bytes,
+              timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict:
+    """Answer the moving party's operations with the fixed image until it ends the session.
+
+    Args:
+        fixed: party2's image (its data never leaves this process unmasked).
+        connect, dealer: ``"HOST:PORT"`` of the moving party and of the dealer.
+        peer_key, dealer_key: their public keys.
+
+    Returns:
+        party2's report ``{"time_s", "wall_s", "online", "offline"}`` (bytes it sent / received).
+
+    Raises:
+        ValueError: a bad image. TimeoutError, ConnectionError, ProtocolError: see
+            :class:`~ppreg.secure.net.NetworkChannel`.
+    """
+    start = time.perf_counter()
+    data = _as_array(fixed, "fixed")
+    exponent = scale_exponent(data)
+    with NetworkChannel("party2", keypair, connect={"party1": (connect, peer_key), "dealer": (dealer, dealer_key)},
+                        timeout=timeout, max_message_bytes=max_message_bytes) as channel:
+        role = FixedRole(channel, data, np.asarray(fixed.affine, np.float64), exponent)
+        role.serve()
+        return dict(role.final_report, wall_s=time.perf_counter() - start)
+
+
+def run_moving(moving: Image, keypair: KeyPair, *, listen: str, dealer: str, peer_key: bytes, dealer_key: bytes,
+               timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+               on_connect=None, **options) -> tuple[Result, np.ndarray, float]:
+    """Register the moving image to the remote fixed image (party1's process).
+
+    Args:
+        moving: party1's image.
+        listen: ``"HOST:PORT"`` where the fixed party connects.
+        dealer: ``"HOST:PORT"`` of the dealer.
+        peer_key, dealer_key: the fixed party's and the dealer's public keys.
+        on_connect: optional ``callable()`` run once both peers are connected and authenticated.
+        options: :func:`register_moving` options.
+
+    Returns:
+        ``(result, fixed_affine, wall_s)``: as :func:`ppreg.register` returns (times: each party's
+        own compute; bytes: each party's own count of what it sent and received), the fixed image's
+        voxel-to-world matrix, and this process's wall time.
+
+    Raises:
+        ValueError, OverflowError, FloatingPointError: as :func:`ppreg.register`.
+        TimeoutError, ConnectionError, ProtocolError: see :class:`~ppreg.secure.net.NetworkChannel`.
+    """
+    start = time.perf_counter()
+    with NetworkChannel("party1", keypair, listen=listen, accept={"party2": peer_key},
+                        connect={"dealer": (dealer, dealer_key)}, timeout=timeout,
+                        max_message_bytes=max_message_bytes) as channel:
+        if on_connect is not None:
+            on_connect()
+        session = SecureSession(options.pop("frac_bits", 16), channel=channel, peers=RemotePeers(channel))
+        result, affine = register_moving(moving, session, **options)
+        return result, affine, time.perf_counter() - start
+
+
+def _description(session: SecureSession, exponent: int, ndim: int) -> dict:
+    """``describe``: party1 sends its exponent, party2 answers with its shape, affine and exponent."""
+
+    def receive(_):
+        doc = decode_json(session.channel.recv("party1", "party2", "describe"), "description")
+        try:
+            shape = tuple(int(v) for v in doc["shape"])
+            affine = np.asarray(doc["affine"], np.float64)
+            ok = len(shape) == ndim and min(shape) > 0 and affine.shape == (4, 4) and np.all(np.isfinite(affine))
+            ok = ok and isinstance(doc["exponent"], int)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ProtocolError(f"party1: malformed or incompatible ({ndim}D expected) description from party2: "
+                                f"{str(doc)[:120]}")
+        return {"shape": shape, "affine": affine, "exponent": int(doc["exponent"])}
+
+    return session.step({"op": "describe", "exponent": int(exponent)}, after=receive)
+
+
+def register_moving(moving, session: SecureSession, *, transform: str = "rigid", sampling: str | None = None,
+                    fraction: float = 0.1, levels: tuple[int, ...] = (4, 2, 1), max_iterations: int | None = None,
+                    tol: float | None = None, damping: float | None = None, spacing: int = 4,
+                    regularization: float = 0.01, cg_iterations: int = 10, key=0) -> tuple[Result, np.ndarray]:
+    """Party1's secure SSD registration against the fixed party behind ``session``.
+
+    ``register(fixed, moving, secure="mpc", loss="ssd")`` is this function with an in-process
+    party2 (Taiello et al. 2024, Algorithm 1; see :func:`ppreg.register`), and ``ppreg party
+    --role moving`` is this function with remote peers: the fixed image is known only by its
+    public description, each level's masked values come from party2, and the final mean
+    squared error is computed securely. Ends the session (the followers report).
+
+    Args:
+        moving: array or :class:`~ppreg.image.Image` (2D or 3D).
+        session: party1's session (remote or in-process peers whose party2 holds an image).
+        transform: ``"translation" | "rigid" | "affine"`` (Gauss-Newton over a pyramid,
+            :mod:`ppreg.secure.ppir`) or ``"bspline"`` (Gauss-Newton-CG over control grids,
+            :mod:`ppreg.secure.bspline_ppir`); other arguments as :func:`ppreg.register`.
+
+    Returns:
+        ``(result, fixed_affine)``.
+
+    Raises:
+        ValueError: bad image or options, or a fixed image of another dimensionality.
+        OverflowError, FloatingPointError: as :func:`ppreg.register`.
+    """
+    if transform not in TRANSFORMS:
+        raise ValueError(f"secure (mpc) registration runs the transforms {TRANSFORMS}, got {transform!r}")
+    moving_a = _as_array(moving, "moving")
+    ndim = moving_a.ndim
+    family = DEFAULTS["bspline" if transform == "bspline" else "gauss-newton"]
+    max_iterations = family["max_iterations"] if max_iterations is None else max_iterations
+    tol = family["tol"] if tol is None else tol
+    damping = family["damping"] if damping is None else damping
+    _check_options(transform, "ssd", "mpc", sampling, levels, ndim, max_iterations, tol, damping)
+    own = scale_exponent(moving_a)
+    info = _description(session, own, ndim)
+    shape = info["shape"]
+    scale = 2.0 ** max(own, info["exponent"])
+    key = jax.random.key(key) if isinstance(key, int) else key
+    moving_s = moving_a / scale
+    if transform == "bspline":
+        control_grid_shape(shape, spacing * levels[0])  # ValueError for a bad spacing
+        coeffs, its = fit_bspline(None, moving_s, session, key=key, levels=tuple(levels), spacing=spacing,
+                                  sampling=sampling, fraction=fraction, max_iterations=max_iterations, tol=tol,
+                                  lam=regularization, damping=damping, cg_iterations=cg_iterations, shape=shape)
+        reports = [LevelReport(f, tuple(shape), it, k, np.full(it, np.nan)) for f, it, k in its]
+        warped = _warp_field(moving_a, displacement(coeffs, shape, spacing), identity_grid(shape))
+        params, mat, center = np.asarray(coeffs), None, None
+    else:
+        for f in levels:
+            level_shape(shape, f)
+            level_shape(moving_a.shape, f)
+        center = image_center(shape)
+        mat, reports = _linear_levels(session, moving_s, shape, center, key, transform=transform, levels=levels,
+                                      sampling=sampling, fraction=fraction, max_iterations=max_iterations, tol=tol,
+                                      damping=damping)
+        warped = _warp_full(moving_a, mat, identity_grid(shape))
+        params = params_from_matrix(transform, np.asarray(mat), np.asarray(center))
+        mat, center = np.asarray(mat, np.float64), np.asarray(center, np.float64)
+    final = _final_mse(session, warped, levels, scale)
+    session.end()
+    iterations = sum(r.iterations for r in reports)
+    result = Result(
+        transform=transform, params=params, matrix=mat, center=center,
+        spacing=spacing if transform == "bspline" else None, warped=np.asarray(warped), final_loss=final,
+        iterations=iterations, levels=tuple(reports), secure="mpc",
+        time_s={p: session.time[p] for p in ("party1", "party2")}, bytes=session.bytes_report(),
+        bytes_per_iteration={p: session.iteration_traffic[p] / max(iterations, 1) for p in ("party1", "party2")},
+    )
+    return result, info["affine"]
+
+
+def _linear_levels(session, moving_s, shape, center, key, *, transform, levels, sampling, fraction, max_iterations,
+                   tol, damping):
+    """Secure Gauss-Newton over the pyramid (party1's side): ``(matrix, level reports)``."""
+    ndim = len(shape)
+    mat = jnp.eye(ndim + 1, dtype=jnp.float32)
+    reports = []
+    for li, factor in enumerate(levels):
+        coords = level_coordinates(shape, factor).reshape(-1, ndim)
+        n = coords.shape[0]
+        k = n if sampling is None else n_samples(n, fraction)
+        with session.timed("party1"):
+            level = optim.Level(optim.moving_level(moving_s, factor), None, coords, center)
+        mat, it = session.run_level(mat, level, None, key, level_index=li, kind=transform, factor=factor,
+                                    method=sampling, k=k, max_iterations=max_iterations, tol=tol, damping=damping)
+        reports.append(LevelReport(int(factor), level_shape(shape, factor), it, k, np.full(it, np.nan)))
+        _check_finite(mat, li, factor)
+    return mat, reports
+
+
+def _final_mse(session, warped, levels, scale) -> float:
+    """Mean squared error of the result over the fixed grid (original units), revealed to party1 only.
+
+    Reuses the last level's mask when it is at full resolution (every level's values are the
+    fixed image itself there), else party2 masks its full-resolution image once more."""
+    n_vox = int(np.size(warped))
+    mask_label = f"L{len(levels) - 1}/mask"
+    if levels[-1] != 1:
+        mask_label = "final/mask"
+        session.open_mask(mask_label, n=n_vox, factor=1)
+    with session.timed("party1"):
+        warped_s = np.asarray(warped).reshape(-1) / scale
+    return session.sum_squared_difference(mask_label, warped_s) / n_vox * scale**2

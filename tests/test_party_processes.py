@@ -1,0 +1,130 @@
+"""``ppreg party``: dealer, fixed and moving party as three processes on the loopback interface.
+
+Each process pays a Python/JAX start and its compilations, so the runs share them: one fixture
+computes the in-process references (filling the persistent compilation cache that ``ppreg``
+uses, so the processes load rather than compile the same functions), then runs two sessions at
+once (a linear one with URS and a B-spline one with GMS: six processes that mostly wait on each
+other); a third session has its fixed party killed once connected.
+"""
+
+import json
+import select
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from ppreg.cli import enable_compilation_cache, main
+from ppreg.data import load_sample
+from ppreg.image import Image, save
+from ppreg.party_cli import party_commands, start_processes, wait_processes
+from ppreg.register import register
+
+LINEAR = dict(transform="translation", levels=(1,), sampling="urs", fraction=0.2, max_iterations=3, key=3)
+BSPLINE = dict(transform="bspline", spacing=8, levels=(1,), sampling="gms", fraction=0.5, max_iterations=2, key=1)
+MOVING = {"linear": "BrainProtonDensitySliceShifted13x17y", "bspline": "BrainProtonDensitySliceBSplined10"}
+
+
+def _args(options):
+    args = []
+    for name, value in options.items():
+        flag = "--seed" if name == "key" else "--" + name.replace("_", "-")
+        args += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return args
+
+
+def _image(name):
+    img = load_sample(name)
+    return Image(np.asarray(img.data)[::4, ::4], img.affine)
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory):
+    fixed = _image("BrainProtonDensitySliceBorder20")
+    enable_compilation_cache()  # as `ppreg` does: the processes reuse what the references compile
+    runs, procs = {}, {}
+    for case, options in (("linear", LINEAR), ("bspline", BSPLINE)):
+        moving = _image(MOVING[case])
+        runs[case] = {"work": tmp_path_factory.mktemp(case), "moving": moving,
+                      "ref": register(fixed, moving, secure="mpc", **options)}
+    for case, options in (("linear", LINEAR), ("bspline", BSPLINE)):
+        work = runs[case]["work"]
+        save(fixed, work / "fixed.nii.gz")
+        save(runs[case]["moving"], work / "moving.nii.gz")
+        commands = party_commands(work, work / "fixed.nii.gz", work / "moving.nii.gz", work / "out", _args(options),
+                                  timeout=60)
+        procs[case] = start_processes(commands)
+    for case in runs:
+        runs[case]["done"] = wait_processes(procs[case], timeout=240)
+    return runs
+
+
+def _check_outputs(run):
+    for name, proc in run["done"].items():
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+    out, ref = run["work"] / "out", run["ref"]
+    rep = json.loads((out / "report.json").read_text())
+    doc = json.loads((out / "transform.json").read_text())
+    assert rep["iterations"] == ref.iterations and rep["secure"] == "mpc"
+    assert [lv["iterations"] for lv in rep["levels"]] == [lv.iterations for lv in ref.levels]
+    assert rep["final_loss"] == pytest.approx(ref.final_loss, rel=1e-6)
+    assert sorted(p.name for p in out.iterdir()) == ["displacement.nii.gz", "report.json", "transform.json",
+                                                     "warped.nii.gz"]
+    # traffic as each process counted it: party2's own report agrees with the moving party's report
+    fixed_rep = json.loads((run["work"] / "fixed_report.json").read_text())
+    assert rep["bytes"]["party2"] == {"online": fixed_rep["online"], "offline": fixed_rep["offline"]}
+    # on the wire party1 also sends the small public commands: a few hundred bytes per iteration at most
+    for p in ("party1", "party2"):
+        assert ref.bytes_per_iteration[p] <= rep["bytes_per_iteration"][p] <= ref.bytes_per_iteration[p] + 400
+    assert rep["time_s"]["party1"] > 0 and rep["time_s"]["party2"] > 0
+    return rep, doc
+
+
+def test_three_processes_equal_in_process_register_linear(sessions):
+    run = sessions["linear"]
+    _, doc = _check_outputs(run)
+    np.testing.assert_allclose(np.asarray(doc["matrix"]), run["ref"].matrix, atol=1e-6)
+    # the moving party's output can be applied as any `ppreg register` output
+    work = run["work"]
+    assert main(["apply", str(work / "moving.nii.gz"), "-t", str(work / "out" / "transform.json"), "-r",
+                 str(work / "fixed.nii.gz"), "-o", str(work / "applied.nii.gz")]) == 0
+
+
+def test_three_processes_equal_in_process_register_bspline(sessions):
+    """B-spline FFD over the network: the followers run the spline handlers (GMS indices via the dealer)."""
+    run = sessions["bspline"]
+    _, doc = _check_outputs(run)
+    assert doc["type"] == "bspline" and doc["spacing"] == BSPLINE["spacing"]
+    np.testing.assert_allclose(np.asarray(doc["coefficients"]), run["ref"].params, atol=1e-5)
+    assert np.max(np.abs(run["ref"].params)) > 0.1  # it moved
+    # party1 sends d k ring elements per iteration, party2 one per coefficient
+    k = run["ref"].levels[0].n_samples
+    assert run["ref"].bytes_per_iteration["party1"] >= 8 * 2 * k
+    assert run["ref"].bytes_per_iteration["party2"] >= 8 * run["ref"].params.size
+
+
+def test_killed_fixed_party_stops_the_others_cleanly(sessions):
+    work = sessions["linear"]["work"]
+    out = work / "out_killed"
+    commands = party_commands(work, work / "fixed.nii.gz", work / "moving.nii.gz", out, _args(LINEAR), timeout=60)
+    procs = start_processes(commands)
+    try:
+        ready, _, _ = select.select([procs["moving"].stderr], [], [], 120)
+        assert ready and "connected" in procs["moving"].stderr.readline()
+        procs["fixed"].send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        results = {n: procs[n].communicate(timeout=60) for n in ("moving", "dealer")}
+        elapsed = time.monotonic() - start
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert elapsed < 30  # detected from the dropped connection, well before the 60 s timeout
+    for name in ("moving", "dealer"):
+        assert procs[name].returncode == 1, (name, results[name])
+        err = results[name][1].strip().splitlines()[-1]
+        assert err.startswith("ppreg: error: ") and ("fixed party" in err or "disconnected" in err), err
+    assert not out.exists()
+    assert not [p for p in work.iterdir() if p.name.startswith(".out_killed")]  # no staging left

@@ -1,0 +1,252 @@
+"""PPIR(FHE) with CKKS (ppreg.secure.ckks, ckks_paper, ckks_session): encrypted term vs clear,
+wrong-key failures, traffic, registration of the ITK shifted slice, one compilation."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+pytest.importorskip("tenseal")
+pytest.importorskip("zstandard")
+
+from ppreg import register  # noqa: E402
+from ppreg.cli import main  # noqa: E402
+from ppreg.data import load_sample, sample_path  # noqa: E402
+from ppreg.metrics import displacement_rmse  # noqa: E402
+from ppreg.secure import ckks, ckks_session  # noqa: E402
+from ppreg.secure.channel import InProcessChannel, ProtocolError  # noqa: E402
+from ppreg.secure.ckks import CkksParameters, PackedParty1, PackedParty2  # noqa: E402
+from ppreg.secure.ckks_session import CkksSession  # noqa: E402
+from secure_helpers import RecordingChannel, frame_size  # noqa: E402
+
+M, P = 5000, 3  # two chunks of 4096 slots, an odd number of columns (one padded)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    weights = rng.normal(0.0, 20.0, (M, P))
+    weights[4096:, 1] = 0.0  # a column with an all-zero second chunk
+    return weights, rng.uniform(-1.0, 1.0, M)
+
+
+@pytest.fixture(scope="module")
+def packed_pair():
+    channel = RecordingChannel()
+    party2, party1 = PackedParty2(channel), PackedParty1(channel)
+    party2.send_keys()
+    party1.receive_keys()
+    return channel, party1, party2
+
+
+def _query(party1, party2, label, image, weights, **kw):
+    party1.query(label, image, weights)
+    party2.respond(label, **kw)
+    return party1.finish(label)
+
+
+def test_packed_term_within_documented_error(data, packed_pair):
+    weights, fixed = data
+    channel, party1, party2 = packed_pair
+    count = party2.send_image("L0/mask", fixed, phase="offline")
+    image = party1.receive_image("L0/mask", count)
+    r = _query(party1, party2, "q0", image, weights)
+    expected = weights.T @ fixed
+    bound = ckks.error_bound(weights)
+    assert r.shape == (P,) and np.max(np.abs(r - expected)) <= bound
+    assert bound < 1e-6 * np.max(np.abs(expected))  # the bound is meaningful
+    # traffic: party1 sends the key id, the scale and one c1 polynomial per column pair; party2 two words each
+    pairs = (P + 1) // 2
+    sent = [(s, d, t, a.shape) for s, d, t, a in channel.log if t.startswith("q0")]
+    assert sent == [("party1", "party2", "q0/key", (16,)), ("party1", "party2", "q0/scale", (1,)),
+                    ("party1", "party2", "q0", (pairs, 8192)), ("party2", "party1", "q0", (pairs, 2))]
+    assert frame_size("q0", (pairs, 8192)) < 0.2e6
+
+
+def test_packed_reply_polynomials_look_uniform(data, packed_pair):
+    """Re-randomisation: c1 is fresh and uniform modulo q0, even for all-zero weights."""
+    _, fixed = data
+    channel, party1, party2 = packed_pair
+    image = party1.receive_image("z", party2.send_image("z", fixed[:100], phase="offline"))
+    zero = np.zeros((100, 2))
+    polys = []
+    for label in ("z0", "z1"):
+        r = _query(party1, party2, label, image, zero)
+        assert np.max(np.abs(r)) <= ckks.error_bound(zero)
+        polys.append([a for s, d, t, a in channel.log if (s, t) == ("party1", label)][-1].ravel())
+    assert not np.array_equal(polys[0], polys[1])
+    top = (polys[0].astype(np.float64) / party1.seal.q0 * 64).astype(int)
+    assert chisquare(np.bincount(top, minlength=64)).pvalue > 1e-4
+
+
+def test_sum_squared_offset_is_private_to_party2(data, packed_pair):
+    weights, fixed = data
+    _, party1, party2 = packed_pair
+    image = party1.receive_image("s", party2.send_image("s", fixed, phase="offline"))
+    party1.query("s0", image, weights[:, :1])
+    party2.respond("s0", offset=123.25)
+    r = party1.finish("s0", offset_bound=200.0)
+    assert abs(r[0] - (weights[:, 0] @ fixed + 123.25)) <= ckks.error_bound(weights[:, :1])
+
+
+def test_wrong_context_fails_cleanly(data, packed_pair):
+    weights, fixed = data
+    channel, party1, party2 = packed_pair
+    image = party1.receive_image("w", party2.send_image("w", fixed[:300], phase="offline"))
+    other = PackedParty2(channel)  # same parameters, another key pair
+    party1.query("w0", image, weights[:300])
+    with pytest.raises(ProtocolError, match="another key pair"):
+        other.respond("w0")
+    other.fingerprint = party2.fingerprint  # even if the key id is forged, the result is rejected
+    party1.query("w1", image, weights[:300])
+    other.respond("w1")
+    with pytest.raises(ValueError, match="decryption failed"):
+        party1.finish("w1")
+    # ciphertexts of another parameter set do not load
+    small = PackedParty2(InProcessChannel(), CkksParameters(4096, (40, 20, 40), 20))
+    with pytest.raises(ProtocolError, match="cannot load"):
+        party1.seal.load(party1.seal.sealapi.Ciphertext, small.seal.save(small._encryptor.encrypt_symmetric(
+            _plain(small, fixed[:10]))))
+
+
+def _plain(party2, values):
+    pt = party2.seal.sealapi.Plaintext()
+    party2.seal.encoder.encode(list(values), party2.seal.scale, pt)
+    return pt
+
+
+def test_parameters_must_give_128_bit_security():
+    sealapi = ckks.require_tenseal()[0]
+    ckks.PACKED.check(sealapi)
+    with pytest.raises(ValueError, match="128-bit"):
+        CkksParameters(8192, (60, 60, 60, 60), 40).check(sealapi)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_paper_variants_term_vs_clear(variant):
+    rng = np.random.default_rng(1)
+    m, p = (40, 2) if variant == "v1" else (700, 3)
+    weights, fixed = rng.normal(0.0, 10.0, (m, p)), rng.uniform(0.0, 1.0, m)
+    session = CkksSession(variant, partition=16)
+    image = session.protocol.encrypt_image(session, "L0/mask", fixed, "offline")
+    r = session.protocol.product(session, "q", image, weights)
+    expected = weights.T @ fixed
+    np.testing.assert_allclose(r, expected, atol=1e-3 * np.max(np.abs(expected)))
+    assert np.max(np.abs(r - expected)) > 0  # CKKS is approximate: not a copy of the clear value
+
+
+@pytest.fixture(scope="module")
+def slices():
+    return load_sample("BrainProtonDensitySliceBorder20").data, load_sample("BrainProtonDensitySliceShifted13x17y").data
+
+
+@pytest.fixture(scope="module")
+def clear_level2(slices):
+    return register(*slices, transform="translation", levels=(2,))
+
+
+@pytest.mark.parametrize("variant", ["packed", "v2"])
+def test_registers_shifted_slice(slices, clear_level2, variant):
+    r = register(*slices, transform="translation", levels=(2,), secure="ckks", ckks_variant=variant)
+    np.testing.assert_allclose(r.params, [17.0, 13.0], atol=0.1)
+    assert displacement_rmse(r.matrix, clear_level2.matrix, slices[0].shape)["voxels"] <= 0.05
+    assert abs(r.iterations - clear_level2.iterations) <= 1  # CKKS is approximate: a step may cross tol
+    # final mean squared error: ``sum I_w^2 + (-2 I_w)^T J + sum J^2`` on images scaled by 2^8 (max 255)
+    n, scale = slices[0].size, 2.0**8
+    tol = (ckks.error_bound(2.0 * np.ones((n, 1))) if variant == "packed" else 1e-4) / n * scale**2
+    assert abs(r.final_loss - clear_level2.final_loss) <= tol
+    assert r.secure == "ckks" and r.bytes["party2"]["offline"] > 0
+    if variant == "packed":  # one c1 polynomial per iteration from party1, two words back from party2
+        assert 65536 < r.bytes_per_iteration["party1"] < 66000 and r.bytes_per_iteration["party2"] < 100
+
+
+def test_urs_loop_compiles_once(slices):
+    fixed, moving = slices
+    kwargs = dict(transform="translation", levels=(2,), sampling="urs", fraction=0.3, secure="ckks",
+                  max_iterations=30)
+    r = register(fixed, moving, **kwargs)
+    np.testing.assert_allclose(r.params, [17.0, 13.0], atol=0.1)
+    assert 150e3 < r.bytes_per_iteration["party2"] < 300e3  # J[idx] encrypted each iteration (2 chunks)
+    sizes = ckks_session.run_level_callback._cache_size(), ckks_session.TRACES["run_level_callback"]
+    register(fixed * 0.5 + 1.0, moving, **kwargs)
+    assert (ckks_session.run_level_callback._cache_size(), ckks_session.TRACES["run_level_callback"]) == sizes
+
+
+def test_cli_ckks(tmp_path):
+    out = tmp_path / "out"
+    assert main(["register", str(sample_path("BrainProtonDensitySliceBorder20")),
+                 str(sample_path("BrainProtonDensitySliceShifted13x17y")), "-o", str(out), "--transform",
+                 "translation", "--levels", "2", "--secure", "ckks", "--ckks-variant", "packed"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["secure"] == "ckks" and report["bytes"]["party1"]["online"] > 0
+
+
+def test_ckks_rejects_svf(slices):  # bspline: tests/test_secure_ckks_bspline.py
+    with pytest.raises(ValueError, match="secure='ckks' supports"):
+        register(*slices, transform="svf", loss="lncc", secure="ckks")
+
+
+def test_missing_tenseal_names_the_extra(monkeypatch, slices):
+    monkeypatch.setitem(sys.modules, "tenseal", None)
+    monkeypatch.setitem(sys.modules, "tenseal.sealapi", None)
+    with pytest.raises(ImportError, match=r"ppreg\[fhe\]"):
+        register(*slices, transform="translation", levels=(4,), secure="ckks")
+    r = register(*slices, transform="translation", levels=(2,))  # everything else works
+    assert r.secure is None
+
+
+@pytest.mark.skipif(os.environ.get("PPREG_SLOW_TESTS") != "1", reason="v1 registration takes minutes (set "
+                    "PPREG_SLOW_TESTS=1)")
+def test_v1_registers_shifted_slice(slices, clear_level2):
+    r = register(*slices, transform="translation", levels=(2,), secure="ckks", ckks_variant="v1")
+    np.testing.assert_allclose(r.params, [17.0, 13.0], atol=0.1)
+    assert displacement_rmse(r.matrix, clear_level2.matrix, slices[0].shape)["voxels"] <= 0.05
+
+
+def test_point_clouds_match_clear():
+    """Boundary of an AAL region (Colin27, 2 mm, 3D), party2's copy rotated and shifted, 0.2-voxel noise."""
+    from scipy.spatial.transform import Rotation
+
+    from ppreg.pointcloud import boundary_points, cross_covariance, rigid_from_points
+    from ppreg.secure.ckks_points import register_points_ckks
+
+    labels = np.asarray(load_sample("colin27_aal_2mm").data)
+    p = boundary_points(labels, 1, max_points=400).astype(np.float64)
+    rot = Rotation.from_rotvec([0.1, -0.05, 0.08]).as_matrix()
+    q = (p - p.mean(0)) @ rot.T + p.mean(0) + [3.0, -5.0, 4.0] + np.random.default_rng(0).normal(0, 0.2, p.shape)
+    session = CkksSession("packed")
+    mat, cov = register_points_ckks(p, q, session, extent=float(max(labels.shape)))
+    clear_cov = np.asarray(cross_covariance(p, q), np.float64)
+    assert np.max(np.abs(cov - clear_cov)) <= 1e-6 * np.max(np.abs(clear_cov))
+    np.testing.assert_allclose(mat, np.asarray(rigid_from_points(p, q), np.float64), atol=1e-3)  # float32 SVD
+    np.testing.assert_allclose(mat[:3, :3], rot, atol=5e-3)
+    assert session.bytes_report()["party1"]["online"] < 5 * 66e3  # 5 c1 polynomials (9 entries in complex pairs)
+
+
+def test_protocol_errors_surface_unwrapped(slices):
+    """An error inside the jitted loop's callback reaches the caller as itself (here |J| > 1).
+
+    Same static options as test_urs_loop_compiles_once, so the compiled loop is reused."""
+    from ppreg.sampling import n_samples
+
+    mat, level, flat, key = _level_for(slices)
+    with pytest.raises(ValueError, match=r"scaled into \[-1, 1\]"):
+        CkksSession("packed").run_level(mat, level, flat, key, level_index=0, kind="translation", factor=2,
+                                        method="urs", k=n_samples(flat.size, 0.3), max_iterations=30, tol=1e-3,
+                                        damping=1e-3)
+
+
+def _level_for(slices):
+    import jax
+    import jax.numpy as jnp
+
+    from ppreg import optim
+    from ppreg.transforms import image_center
+
+    fixed, moving = (jnp.asarray(x, jnp.float32) / 256.0 for x in slices)
+    flat, coords = optim.fixed_level(fixed, 2)
+    level = optim.Level(optim.moving_level(moving, 2), None, coords, image_center(fixed.shape))
+    return jnp.eye(3, dtype=jnp.float32), level, flat * 4.0, jax.random.key(0)

@@ -1,0 +1,159 @@
+"""PPIR(MPC) local cross-correlation (ppreg.secure.lcc) and the secure reciprocal.
+
+Real data: a 48 x 48 crop of the ITK brain slices (Border20 fixed, BSplined10 moving).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from ppreg import load_sample
+from ppreg.grid import gradient
+from ppreg.losses import lncc
+from ppreg.secure import lcc, reciprocal as rec
+from ppreg.secure.shares import TwoPartySession, reveal, share
+from secure_helpers import RecordingChannel
+
+SEEDS = (b"c" * 32, b"d" * 32)
+CROP = (slice(70, 118), slice(70, 118))
+
+
+def _unit(x):
+    x = jnp.asarray(x, jnp.float32)
+    return (x - x.min()) / (x.max() - x.min())
+
+
+@pytest.fixture(scope="module")
+def images():
+    fixed = _unit(load_sample("BrainProtonDensitySliceBorder20").data)[CROP]
+    moving = _unit(load_sample("BrainProtonDensitySliceBSplined10").data)[CROP]
+    return fixed, moving
+
+
+@pytest.fixture(scope="module")
+def clear(images):
+    fixed, moving = images
+    loss, dl = jax.value_and_grad(lambda w: lcc.guarded_lncc(fixed, w))(moving)
+    return float(loss), np.asarray(-dl[..., None] * gradient(moving))
+
+
+def test_guarded_lncc_is_lncc_without_floor_and_ignores_flat_windows(images):
+    fixed, moving = images
+    np.testing.assert_allclose(float(lcc.guarded_lncc(fixed, moving, floor=0.0)), float(lncc(fixed, moving)),
+                               rtol=1e-5)
+    # a warped image flat over its left third: windows there are skipped, so on every voxel all of
+    # whose windows are flat (columns 0..11 of 16 flat ones) only the global-standardisation term
+    # of the derivative remains (one constant, ~1e-5 of the largest derivative)
+    flat = moving.at[:, :16].set(0.0)
+    dl = np.asarray(jax.grad(lambda w: lcc.guarded_lncc(fixed, w))(flat))
+    assert np.ptp(dl[:, :12]) == 0.0 and np.abs(dl[:, :12]).max() < 1e-4 * np.abs(dl).max()
+    terms = lcc.local_terms(flat)
+    assert np.all(np.asarray(terms["inv"])[:, :14] == 0.0)
+    # where both windows pass the floor, the reciprocal's input is >= z_min (3 Newton steps converge)
+    ft = lcc.local_terms(fixed)
+    z = np.asarray(ft["rho"] * terms["rho"] + ft["lam"] * terms["lam"])
+    both = (np.asarray(ft["inv"]) > 0) & (np.asarray(terms["inv"]) > 0)
+    z_min = (lcc.FLOOR / (lcc.FLOOR + lcc.EPS**0.5)) ** 2
+    assert both.any() and z[both].min() >= z_min and (1 - z_min) ** (2**lcc.NEWTON) < 1e-9
+
+
+@pytest.fixture(scope="module")
+def secure_run(images):
+    fixed, moving = images
+    session = TwoPartySession(RecordingChannel(), seeds=SEEDS)
+    loss, force = lcc.secure_force(session, lcc.local_terms(fixed), lcc.local_terms(moving))
+    return session, loss, force
+
+
+def test_reciprocal_within_derived_bound():
+    z = np.concatenate([np.linspace(0.02, 1.0, 200), [1e-3, 0.5, 1.0]])
+    k, f = 6, 16
+    y = reveal(rec.reciprocal(TwoPartySession(seeds=SEEDS), share(z, f), iterations=k))
+    z_enc = np.round(z * 2.0**f) / 2.0**f
+    bound = rec.error_bound(z_enc, k, f)
+    err = np.abs(y - 1.0 / z_enc)
+    assert np.all(err <= bound), np.max(err - bound)
+    # converged where (1 - z)^64 is negligible (z >= 0.25): a few units in the last place of 1/z
+    ok = z_enc >= 0.25
+    assert np.max(err[ok]) < 64 * 2.0**-f and np.max(bound[ok]) < 1e-2  # the worst case is loose but finite
+    # below the convergence range the iterate stays under 1/z and under 2^k
+    assert np.all(y <= 1.0 / z_enc + bound) and np.all(y <= 2.0**k)
+
+
+def test_reciprocal_rejects_bad_iterations():
+    with pytest.raises(ValueError, match="iterations"):
+        rec.reciprocal(TwoPartySession(seeds=SEEDS), share(np.ones(3)), iterations=0)
+
+
+def test_secure_force_matches_clear_autodiff(clear, secure_run):
+    loss_clear, force_clear = clear
+    _, loss, force = secure_run
+    assert force.shape == force_clear.shape and force.dtype == np.float32 and np.all(np.isfinite(force))
+    assert abs(loss - loss_clear) < 1e-4 * abs(loss_clear) + 1e-5
+    rel = np.linalg.norm(force - force_clear) / np.linalg.norm(force_clear)
+    assert rel < 1e-3, rel
+    # the force is not trivially small: its direction carries the registration
+    cos = np.sum(force * force_clear) / (np.linalg.norm(force) * np.linalg.norm(force_clear))
+    assert cos > 0.9999
+
+
+def test_identity_pair_gives_zero_force(images):
+    """fixed == warped: lncc is at its minimum, the force vanishes (to fixed-point precision)."""
+    fixed, _ = images
+    terms = lcc.local_terms(fixed)
+    _, force = lcc.secure_force(TwoPartySession(seeds=SEEDS), terms, terms)
+    _, dl = jax.value_and_grad(lambda w: lcc.guarded_lncc(fixed, w))(fixed)
+    clear = np.asarray(-dl[..., None] * gradient(fixed))
+    assert np.max(np.abs(force)) < 1e-6 and np.max(np.abs(clear)) < 1e-6
+
+
+def test_views_are_uniform_and_only_the_outputs_are_opened(secure_run, images):
+    """Every online message is a masked value (Beaver opening or private-product input, uniform)
+    except party2's two output shares to party1."""
+    session, _, _ = secure_run
+    log = session.channel.log
+    outputs = [t for s, d, t, _ in log if t.endswith("/force") or t.endswith("/loss")]
+    assert sorted(outputs) == ["lcc/force", "lcc/loss"]
+    assert all(s == "party2" and d == "party1" for s, d, t, _ in log if t in outputs)
+    openings = np.concatenate([a.ravel() for s, d, t, a in log if s != "dealer" and t not in outputs])
+    top = (openings >> np.uint64(56)).astype(np.int64)
+    assert chisquare(np.bincount(top, minlength=256)).pvalue > 1e-4
+    # no triple label is issued twice
+    labels = [t for s, d, t, _ in log if s == "dealer" and t != "seed"]
+    assert len(labels) == len(set(labels))
+    # no plaintext fixed-point encoding of the fixed image is sent to party1
+    fixed_enc = set(np.round(np.asarray(lcc.local_terms(images[0])["std"], np.float64) * 2**lcc.FRAC_BITS)
+                    .astype(np.int64)
+                    .astype(np.uint64).ravel().tolist()) - {0}
+    to_p1 = np.concatenate([a.ravel() for s, d, t, a in log if d == "party1" and t not in outputs])
+    assert len(fixed_enc & set(to_p1.tolist())) < 5
+
+
+def test_traffic_per_voxel(secure_run, images):
+    """Online bytes per party: 12 + d private products (one 8-byte element each way) and
+    2 newton + 1 Beaver products (two each way), plus headers; party2 also sends its output share."""
+    session, _, _ = secure_run
+    n, d = images[0].size, 2
+    sent = session.channel.traffic.snapshot()["sent"]
+    expected = (4 * lcc.NEWTON + 14 + d) * n * 8
+    assert expected <= sent["party1"]["online"] < expected * 1.02
+    assert sent["party2"]["online"] - sent["party1"]["online"] >= d * n * 8
+
+
+def test_secure_svf_level_follows_clear(images):
+    """A short secure SVF level ends within 0.05 px of the clear loop (same steps, same iterations)."""
+    from ppreg import optim
+    from ppreg.svf import exp
+
+    fixed, moving = images
+    v0 = jnp.zeros(fixed.shape + (2,), jnp.float32)
+    opts = dict(iterations=5, step=0.5, sigma_fluid=2.0, sigma_diff=0.5, steps=6)
+    vc, lc = optim.run_svf_level(v0, moving, fixed, loss_fn=lcc.GuardedLoss(), **opts)
+    vs, ls, seconds = lcc.run_svf_level(TwoPartySession(seeds=SEEDS), v0, moving, fixed, **opts)
+    assert set(seconds) == {"party1", "party2"} and all(t > 0 for t in seconds.values())
+    uc, us = np.asarray(exp(vc, steps=6)), np.asarray(exp(vs, steps=6))
+    assert np.max(np.abs(uc)) > 1.0  # it moved
+    assert np.sqrt(np.mean(np.sum((uc - us) ** 2, -1))) < 0.01
+    np.testing.assert_allclose(ls, np.asarray(lc), rtol=1e-3)

@@ -1,0 +1,225 @@
+"""PPIR(MPC) mutual information (ppreg.secure.mi): derivation, bounds, known answer, views."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import chi2_contingency
+
+from ppreg import optim
+from ppreg.data import load_sample
+from ppreg.grid import downsample, level_coordinates
+from ppreg.losses import mutual_information
+from ppreg.metrics import field_rmse
+from ppreg.register import _unit_range, register, scale_exponent
+from ppreg.secure import dealer as dealer_mod
+from ppreg.secure import mi, prg
+from ppreg.secure import session as session_mod
+from ppreg.secure.channel import InProcessChannel, ProtocolError
+from ppreg.secure.ring import encode
+from ppreg.transforms import homogeneous, identity_basis, image_center, matrix
+from secure_helpers import RecordingChannel
+
+BINS = 32
+SMALL = dict(transform="rigid", loss="mi", sampling="urs", fraction=0.2, levels=(1,))
+
+
+def _slice(name, factor=1):
+    data = jnp.asarray(load_sample(name).data, jnp.float32)
+    return np.asarray(downsample(data, factor) if factor > 1 else data)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Real 2D slices shrunk 3x (86 x 74): T1 and PD (fixed) and PD R10X13Y17 and a flipped T1 (moving)."""
+    return {"fixed_a": _slice("BrainT1SliceBorder20", 3), "fixed_b": _slice("BrainProtonDensitySliceBorder20", 3),
+            "moving_a": _slice("BrainProtonDensitySliceR10X13Y17", 3),
+            "moving_b": _slice("BrainT1SliceBorder20", 3)[::-1].copy()}
+
+
+@jax.jit
+def _autodiff_terms(mat, stack, fixed_level, coords, center, key):
+    """Clear loop pieces of one iteration: loss and S^T dLoss/dI_w by autodiff of the MI loss."""
+    pts = optim.descent_points(coords, key, 0, factor=2, k=coords.shape[0] // 5)
+    fv = optim.level_values(fixed_level, pts, 2)
+    iw, a, inside = optim.warp_terms(mat, stack, pts, 2)
+    xh = homogeneous(pts, center)
+    loss, dl = jax.value_and_grad(lambda w: mutual_information(fv, w, bins=BINS, mask=inside, fixed_range=(0., 1.),
+                                                               warped_range=(0., 1.)))(iw)
+    big_a, da = mi.parzen_terms(iw, inside, BINS)
+    b = mi.fixed_bins(fv, BINS)
+    total = jnp.sum(inside)
+    p = big_a.T @ b / total
+    return loss, dl, a, xh, da, b, p, total
+
+
+def test_gradient_formula_matches_autodiff():
+    """G = -(1/N) M^T (a ⊙ rowsum((A' L) ⊙ B)) (Eq. 8-9 contracted with L) equals autodiff of the clear loss."""
+    fixed = _unit_range(jnp.asarray(load_sample("BrainT1SliceBorder20").data, jnp.float32))
+    moving = _unit_range(jnp.asarray(load_sample("BrainProtonDensitySliceShifted13x17y").data, jnp.float32))
+    center = image_center(fixed.shape)
+    coords = level_coordinates(fixed.shape, 2).reshape(-1, 2)
+    mat = matrix("affine", jnp.array([0.05, 0.02, -0.03, 0.04, 5.0, 3.0]), center)
+    loss, dl, a, xh, da, b, p, total = _autodiff_terms(mat, optim.moving_level(moving, 2), downsample(fixed, 2),
+                                                       coords, center, jax.random.key(3))
+    assert abs(float(mi.mi_terms(p)[0]) - float(loss)) < 1e-6
+    for kind in ("translation", "rigid", "affine"):
+        auto = jnp.einsum("dpj,kd,kj->p", identity_basis(kind, 2), a * dl[:, None], xh)
+        mine = mi.clear_gradient(a, xh, da, b, p, total, kind)
+        np.testing.assert_allclose(mine, auto, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(auto))))
+
+
+def test_one_iteration_within_the_stated_bounds(small):
+    """The revealed P and M^T(a ⊙ g) of one secure iteration vs the clear values (float64) and error_bound."""
+    fixed, moving = small["fixed_a"], small["moving_a"]
+    fixed_u, moving_u = _unit_range(jnp.asarray(fixed)), _unit_range(jnp.asarray(moving))
+    center, coords = image_center(fixed.shape), level_coordinates(fixed.shape, 1).reshape(-1, 2)
+    k, key, kind = coords.shape[0] // 5, jax.random.key(7), "affine"
+    session = session_mod.SecureSession(16, fixed=(fixed, np.eye(4), scale_exponent(jnp.asarray(fixed))))
+    mat = matrix("rigid", jnp.array([0.1, 2.0, -3.0]), center)
+    stack = optim.moving_level(moving_u, 1)
+    level = mi.open_level(session, coords, center, key, level_index=0, kind=kind, factor=1, k=k, bins=BINS,
+                          shape=fixed.shape)
+    out = mi.secure_iteration(session, level, mat, stack, coords, center, key, 0, kind=kind, factor=1, k=k, bins=BINS)
+    _, b = mi._party2_bins(fixed_u, coords, center, key, 0, factor=1, k=k, bins=BINS)
+    pts = optim.descent_points(coords, key, 0, factor=1, k=k)
+    iw, _, inside = optim.warp_terms(mat, stack, pts, 1)
+    big_a = np.asarray(mi.parzen_terms(iw, inside, BINS)[0], np.float64)
+    b = np.asarray(b, np.float64)
+    counts = b.sum(0)  # samples per fixed bin: |N P - A^T B| <= 2^-(f_A + 1) n_t
+    f_hist = mi.histogram_bits(k)
+    err = np.abs(np.asarray(out.p, np.float64) * out.total - big_a.T @ b)
+    assert np.all(err <= (2.0 ** -(f_hist + 1) + 1e-6) * counts[None, :] + 1e-6)  # + float32 P and A
+    z = np.asarray(mi._party1_z(out.p, out.da)[1], np.float64)
+    g = np.sum(z * b, axis=1)
+    xh = mi._xh_rounded(out.xh)
+    ref = np.einsum("dpj,kd,kj->p", np.asarray(identity_basis(kind, 2), np.float64),
+                    np.asarray(out.a, np.float64) * g[:, None], xh)
+    bound = mi.error_bound(out.a, out.xh, g, kind, *out.bits)
+    assert np.all(np.abs(out.revealed - ref) <= bound + 1e-9 * np.abs(ref).max())
+    assert np.abs(out.revealed - ref).max() < 1e-3 * np.abs(ref).max()  # the bound is not vacuous
+
+
+def test_known_answer_translation_itk():
+    """ITK Software Guide: fixed T1 Border20, moving PD shifted (x, y) = (13, 17): MI under MPC -> (17, 13)."""
+    fixed, moving = load_sample("BrainT1SliceBorder20").data, load_sample("BrainProtonDensitySliceShifted13x17y").data
+    r = register(fixed, moving, transform="translation", loss="mi", secure="mpc", sampling="urs", levels=(2, 1))
+    np.testing.assert_allclose(r.params, [17.0, 13.0], atol=0.1)
+    k = [lv.n_samples for lv in r.levels]
+    b, d, p = BINS, 2, 2
+    per_iteration = {"party1": 8 * (2 * b + d), "party2": 8 * (b + 1)}  # bytes per sample, payload only
+    for party, size in per_iteration.items():  # traffic of the documented protocol (+ frame headers, commands)
+        expected = sum(size * kk * lv.iterations for kk, lv in zip(k, r.levels)) / r.iterations
+        assert expected <= r.bytes_per_iteration[party] <= expected * 1.1 + 8 * (b * b + p) + 600, party
+    assert r.bytes["party2"]["offline"] > 0 and r.time_s["party2"] > 0
+
+
+def test_secure_matches_clear_rigid_urs(small):
+    """Same sampling, same iterates: displacement RMSE vs CLEAR <= 0.05 px (measured ~1e-5), same iterations."""
+    clear = register(small["fixed_a"], small["moving_a"], **SMALL)
+    secure = register(small["fixed_a"], small["moving_a"], secure="mpc", **SMALL)
+    sizes = mi._party1_samples._cache_size(), mi._party2_bins._cache_size(), mi._party1_step._cache_size()
+    again = register(small["fixed_a"], small["moving_a"], secure="mpc", **SMALL)
+    assert field_rmse(secure.displacement(), clear.displacement())["voxels"] <= 0.05
+    assert secure.iterations == clear.iterations > 10
+    np.testing.assert_allclose(secure.levels[0].losses, clear.levels[0].losses, atol=1e-4)
+    np.testing.assert_array_equal(again.matrix, secure.matrix)  # deterministic given the public key
+    assert (mi._party1_samples._cache_size(), mi._party2_bins._cache_size(),
+            mi._party1_step._cache_size()) == sizes  # no recompilation on a second call
+
+
+@pytest.mark.parametrize("kwargs", [dict(sampling="gms"), dict(transform="bspline")])
+def test_unsupported_mi_mpc_options(small, kwargs):
+    with pytest.raises(ValueError, match="use ssd"):
+        register(small["fixed_a"], small["moving_a"], **dict(SMALL, secure="mpc", **kwargs))
+
+
+def test_malformed_histogram_share_is_refused():
+    channel = InProcessChannel()
+    channel.send("party2", "party1", "q/f", np.zeros((5, 4), np.uint64))
+    channel.send("party2", "party1", "q", np.zeros((3, 3), np.uint64))
+    party1 = type("P1", (), {"channel": channel, "rand": None})()
+    with pytest.raises(ProtocolError, match="shapes"):
+        mi.finish_histogram(party1, "q", np.zeros((5, 4), np.uint64), 16, 5.0)
+
+
+# --- views and labels (as tests/test_secure_views.py) ---------------------------------------------
+
+
+class _Recorder:
+    def __init__(self, monkeypatch):
+        self.channels, self.stream_labels, self.claims = [], [], []
+        rec = self
+
+        class Channel(RecordingChannel):
+            def __init__(self, *args, **kwargs):
+                super().__init__()
+                rec.channels.append(self)
+
+        stream, claim = dealer_mod.PartyRandomness.stream, dealer_mod.Dealer._claim
+
+        def record_stream(party_rand, label, shape):
+            rec.stream_labels.append((party_rand.party, label))
+            return stream(party_rand, label, shape)
+
+        def record_claim(dealer, label):
+            rec.claims.append(label)
+            return claim(dealer, label)
+
+        monkeypatch.setattr(session_mod, "InProcessChannel", Channel)
+        monkeypatch.setattr(dealer_mod.PartyRandomness, "stream", record_stream)
+        monkeypatch.setattr(dealer_mod.Dealer, "_claim", record_claim)
+
+    def view(self, party):
+        (channel,) = self.channels
+        return np.concatenate([arr.ravel() for _, dst, _, arr in channel.log if dst == party and arr.dtype == np.uint64])
+
+
+def _run(monkeypatch, small, fixed, moving):
+    rec = _Recorder(monkeypatch)
+    register(small[fixed], small[moving], secure="mpc", max_iterations=3, **SMALL)
+    monkeypatch.undo()
+    return rec
+
+
+def _plaintexts(image):
+    """Encodings a careless protocol could leak: the unit-range image at common bit counts, and a one-hot 1."""
+    u = np.asarray(_unit_range(jnp.asarray(image)), np.float64).ravel()
+    enc = np.concatenate([np.asarray(encode(u, f)) for f in (16, 24, mi.histogram_bits(u.size // 5))] + [[1]])
+    enc = enc[enc != 0].astype(np.uint64)
+    return np.concatenate([enc, np.uint64(0) - enc])
+
+
+def _same_distribution(x, y, shift):
+    table = np.stack([np.bincount(((v >> np.uint64(shift)) & np.uint64(255)).astype(np.int64), minlength=256)
+                      for v in (x, y)])
+    return chi2_contingency(table[:, table.sum(0) > 0]).pvalue
+
+
+def test_views_are_independent_and_labels_unique(monkeypatch, small):
+    drawn = []
+    token_bytes = prg.secrets.token_bytes
+    monkeypatch.setattr(prg.secrets, "token_bytes", lambda n: drawn.append(n) or token_bytes(n))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("numpy.random must not be used by the secure code")
+
+    for name in ("default_rng", "randint", "random", "rand", "randn", "bytes", "choice", "uniform", "normal"):
+        monkeypatch.setattr(np.random, name, forbidden)
+    runs = {case: _run(monkeypatch, small, fixed, moving) for case, fixed, moving in (
+        ("a", "fixed_a", "moving_a"), ("b_fixed", "fixed_b", "moving_a"), ("b_moving", "fixed_a", "moving_b"))}
+    assert drawn.count(prg.SEED_BYTES) >= 6  # two fresh dealer seeds per run
+    for party, other in (("party1", "b_fixed"), ("party2", "b_moving")):
+        x, y = runs["a"].view(party), runs[other].view(party)
+        assert min(x.size, y.size) > 5000
+        for shift in (56, 0):
+            assert _same_distribution(x, y, shift) > 1e-4, (party, shift)
+    for case, fixed, moving in (("a", "fixed_a", "moving_a"), ("b_fixed", "fixed_b", "moving_a"),
+                                ("b_moving", "fixed_a", "moving_b")):
+        assert not np.isin(runs[case].view("party1"), _plaintexts(small[fixed])).any()
+        assert not np.isin(runs[case].view("party2"), _plaintexts(small[moving])).any()
+    rec = runs["a"]
+    assert any(c.endswith("/g/h") for c in rec.claims) and len(rec.claims) == len(set(rec.claims))
+    for party in ("party1", "party2"):
+        labels = [lab for p, lab in rec.stream_labels if p == party]
+        assert len(labels) == len(set(labels)) > 0, party
