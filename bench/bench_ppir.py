@@ -8,7 +8,8 @@ Cases (bundled real data):
     3D), party2's copy rotated 8 degrees about each axis, shifted (3, -5, 4) voxels, with
     0.2-voxel Gaussian noise (seed 0).
   * 3D affine MI (Table 4): Colin27 T1 brain (fixed) vs MNI152 T1 (moving, displaced by a known
-    affine) at 4 mm (``--mi-spacing 2``: 2 mm), 32 bins, URS 10 %, pyramid 2,1 (:func:`mi_rows`).
+    affine) at 4 mm (``--mi-spacing 2``: 2 mm), 32 bins (``--mi-bins``), URS 10 %, pyramid 2,1
+    (:func:`mi_rows`).
 Each of CLEAR / PPIR(MPC), with full sampling, URS and GMS (10 % of voxels per iteration).
 Registrations run twice; the second run gives the time per iteration per party (each party's
 own compute), the traffic is measured on the channel (online MB each party sent per iteration,
@@ -16,7 +17,7 @@ offline = dealer material it received over the run). RMSE vs CLEAR is the displa
 over the fixed grid (points: over the moved points), in voxels. Timings share the machine
 with whatever else runs on it.
 
-Usage: python bench/bench_ppir.py [--out bench/results/bench_ppir.json] [--quick]
+Usage: python bench/bench_ppir.py [--out bench/results/bench_ppir.json] [--quick] [--mi-spacing 4] [--mi-bins 32]
        python bench/bench_ppir.py --processes [--quick]   # -> bench/results/bench_ppir_processes.json
 """
 
@@ -84,36 +85,43 @@ def image_rows(quick):
 def process_rows(quick):
     """The 2D affine and B-spline SSD rows with the three parties as separate processes on loopback.
 
-    Each row runs ``ppreg party`` three times over (dealer, fixed, moving; :func:`ppreg.party_cli.
-    register_processes`), twice; the second run (warm persistent compilation cache) gives each
-    party's own compute per iteration, as each process reported it, and MB per iteration is what
-    each process counted on its ZeroMQ/CURVE connections (frames as sent). RMSE vs CLEAR is
-    against the in-process clear registration.
+    Each row runs ``ppreg party`` three times over (dealer, fixed, moving;
+    :func:`ppreg.party_cli.register_processes`), twice: the first run fills the persistent
+    compilation cache. From the second: time per iteration per party is the median of that
+    party's own compute per ``query`` (``spline_query``) call, from each process's own report
+    (the calls that trace or compile are outliers); ``setup_s`` is the rest of its compute;
+    MB per iteration is what each process counted on its ZeroMQ/CURVE connections (frames as
+    sent) during the iterations. RMSE vs CLEAR is against the in-process clear registration.
     """
     from ppreg.party_cli import register_processes
 
     fixed = load_sample("BrainProtonDensitySliceBorder20")
     cases = [("2D affine SSD", "BrainProtonDensitySliceR10X13Y17", "affine", dict(levels=(4, 2, 1))),
              ("2D B-spline SSD", "BrainProtonDensitySliceBSplined10", "bspline", dict(levels=(4, 2, 1), spacing=4))]
+    parties = {"party1": "moving", "party2": "fixed", "dealer": "dealer"}
     rows = []
     for name, moving_name, kind, opts in cases:
         moving = load_sample(moving_name)
+        op = "spline_query" if kind == "bspline" else "query"
         for sampling in (None,) if quick else (None, "urs"):
             if sampling is not None:
                 opts = dict(opts, max_iterations=30 if kind != "bspline" else 15)
             ref = register(fixed, moving, transform=kind, sampling=sampling, **opts)
-            r, first, second = timed_twice(lambda: register_processes(fixed, moving, transform=kind,
-                                                                      sampling=sampling, **opts))
-            its = max(r.iterations, 1)
+            reports = {}
+            for _ in range(2):
+                r = register_processes(fixed, moving, transform=kind, sampling=sampling, reports=reports, **opts)
+            per_it = {q: reports[p]["ops"][op]["median_s"] for q, p in parties.items()}
             rows.append({
                 "case": name, "solution": "PPIR(MPC)" + (f" + {sampling.upper()}" if sampling else "") + ", 3 processes",
                 "parameters": n_params(fixed.shape, 4) if kind == "bspline" else linear_params(kind, 2),
                 "iterations": r.iterations, "final_mse": r.final_loss,
                 "rmse_vs_clear_px": field_rmse(r.displacement(), ref.displacement())["voxels"],
-                "time_per_iteration_s": {q: t / its for q, t in r.time_s.items()},
+                "time_per_iteration_s": per_it,
+                "setup_s": {q: reports[p]["time_s"] - reports[p]["ops"][op]["total_s"] for q, p in parties.items()},
+                "wall_s": reports["moving"]["wall_s"],
                 "mb_per_iteration": {q: b / 1e6 for q, b in r.bytes_per_iteration.items()},
                 "offline_mb": {q: v["offline"] / 1e6 for q, v in r.bytes.items()},
-                "compile_s": max(first - second, 0.0), "wall_s": second,
+                "compile_s": reports["moving"]["time_s"] - per_it["party1"] * r.iterations,
                 "paper_s_mb_per_iteration": PAPER[(kind, sampling)],
             })
             print_row(rows[-1], header=len(rows) == 1)
@@ -203,7 +211,8 @@ def mi_case(spacing_mm: float = 4.0):
     fixed = resample_to_spacing(smooth(paths[0]), spacing_mm)
     a = np.deg2rad(6.0)
     pert = np.eye(4)
-    pert[:3, :3] = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ np.diag([1.04, 0.97, 1.0])
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    pert[:3, :3] = rot @ np.diag([1.04, 0.97, 1.0])
     pert[:3, 3] = [5.0, -7.0, 4.0]
     centre = fixed.affine @ np.r_[(np.array(fixed.shape) - 1) / 2.0, 1.0]
     to_centre, back = np.eye(4), np.eye(4)
@@ -248,12 +257,13 @@ def main():
     ap.add_argument("--processes", action="store_true",
                     help="instead: the 2D SSD rows as three processes over loopback (process_rows)")
     ap.add_argument("--mi-spacing", type=float, default=4.0, help="grid of the 3D MI row in mm (4 or 2)")
+    ap.add_argument("--mi-bins", type=int, default=32, help="histogram bins of the 3D MI row")
     args = ap.parse_args()
     if args.processes:
         out = args.out.replace(".json", "_processes.json") if args.out.endswith("bench_ppir.json") else args.out
         write_results(out, {"rows": process_rows(args.quick)}, channel="3 processes, ZeroMQ/CURVE on loopback")
         return
-    rows = image_rows(args.quick) + point_rows() + mi_rows(args.mi_spacing)
+    rows = image_rows(args.quick) + point_rows() + mi_rows(args.mi_spacing, args.mi_bins)
     write_results(args.out, {"rows": rows}, channel="in-process")
 
 

@@ -164,6 +164,9 @@ def _box_count(shape, window):
     return count
 
 
+LNCC_FLAT_FLOOR = 0.1  # registration's flat-window floor for lncc (standardised units; see lncc)
+
+
 def lncc(
     fixed: jnp.ndarray,
     warped: jnp.ndarray,
@@ -172,6 +175,7 @@ def lncc(
     mask=None,
     reduction: str = "mean",
     eps: float = 1e-5,
+    floor: float = 0.0,
 ) -> jnp.ndarray:
     """Negative local squared normalised cross-correlation (ANTs CC), in ``[-1, 0]`` (up to rounding).
 
@@ -202,6 +206,11 @@ def lncc(
         mask: optional ``(*spatial)`` weights.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-voxel ``-cc(x)``, masked).
         eps: added to ``E F`` (standardised units); also the floor of the global variances.
+        floor: flat-window rule: windows with ``E <= floor`` or ``F <= floor`` (standardised
+            units) count 0 in the value and the gradient, as ITK's ANTS neighbourhood
+            correlation zeroes them. In a flat window ``D`` is float32 cancellation noise that
+            ``1 / eps`` would turn into the largest force of a registration;
+            :data:`LNCC_FLAT_FLOOR` is the value registration uses.
 
     Returns:
         float32 scalar, or ``(*spatial)`` for ``"none"``.
@@ -228,7 +237,10 @@ def lncc(
     d = s_fw - s_f * s_w / n
     e = jnp.maximum(s_ff - s_f**2 / n, 0.0)
     v = jnp.maximum(s_ww - s_w**2 / n, 0.0)
-    return _reduce(-(d**2) / (e * v + eps), mask, reduction)
+    cc = d**2 / (e * v + eps)
+    if floor > 0:
+        cc = jnp.where((e > floor) & (v > floor), cc, 0.0)
+    return _reduce(-cc, mask, reduction)
 
 
 # --- mutual information (Mattes et al. 2003) ---------------------------------------------

@@ -329,6 +329,11 @@ def level_values(image, pts, factor):
     return interpolate(image, (pts - (factor - 1) / 2.0) / factor)
 
 
+def steepest_descent_images(a, xh, kind):
+    """``S = a^T dW/dtheta`` per sample: float32 ``(k, P)`` from ``a (k, d)`` and ``xh = [x - c, 1] (k, d + 1)``."""
+    return jnp.einsum("dpj,kd,kj->kp", identity_basis(kind, a.shape[-1]), a, xh)
+
+
 def descent_step(mat, gradient, prev, length, scales, *, kind, center, relaxation):
     """One regular step from ``gradient = S^T dL/dI_w`` ``(P,)``: ``(new matrix, step length, scaled gradient)``.
 
@@ -361,8 +366,6 @@ def run_level_descent(mat, moving, fixed, coords, center, key, *, kind, factor, 
     Returns:
         ``(matrix, iterations, losses)`` with the sampled loss before each iteration (NaN after).
     """
-    ndim = coords.shape[-1]
-    basis = identity_basis(kind, ndim)
     scales = parameter_scales(kind, homogeneous(coords, center))
 
     def body(state):
@@ -371,7 +374,7 @@ def run_level_descent(mat, moving, fixed, coords, center, key, *, kind, factor, 
         fixed_vals = level_values(fixed, pts, factor)
         iw, a, inside = warp_terms(mat, moving, pts, factor)
         loss, dloss = jax.value_and_grad(lambda w: loss_fn(fixed_vals, w, inside))(iw)
-        s = jnp.einsum("dpj,kd,kj->kp", basis, a, homogeneous(pts, center))
+        s = steepest_descent_images(a, homogeneous(pts, center), kind)
         mat, length, grad = descent_step(mat, s.T @ dloss, prev, length, scales, kind=kind, center=center,
                                          relaxation=relaxation)
         return mat, it + 1, length, grad, losses.at[it].set(loss)

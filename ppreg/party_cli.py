@@ -9,8 +9,8 @@
     ppreg party --role fixed --image J.nii.gz --connect HOST:PORT --dealer HOST:PORT --key fixed.key \\
         --peer moving.pub --dealer-key dealer.pub [--report FILE]
 
-The moving party writes OUTDIR as ``ppreg register`` does (staged, then moved in); the fixed
-party and the dealer write only their own report (``--report``). Exit status: 0 on success,
+The moving party writes OUTDIR as ``ppreg register`` does (staged, then moved in); each process
+writes its own report with ``--report`` (own compute, bytes, time per operation). Exit status: 0 on success,
 2 for bad input (one ``ppreg: error: ...`` line), 1 when the session fails (a peer stalls,
 dies, is refused or sends a malformed or oversized message: one ``ppreg: error: ROLE: ...``
 line; nothing is written).
@@ -60,7 +60,7 @@ def add_parsers(sub, *, levels_type, fraction_type) -> None:
     p.add_argument("--peers", type=Path, nargs=2, metavar=("MOVING.pub", "FIXED.pub"),
                    help="dealer: the moving and the fixed party's public keys")
     p.add_argument("-o", "--output", type=Path, help="moving: output directory (as ppreg register)")
-    p.add_argument("--report", type=Path, help="fixed, dealer: write this process's report (JSON)")
+    p.add_argument("--report", type=Path, help="write this process's own report (JSON: time, bytes, per operation)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for a peer to connect and for each message (default 120)")
     p.add_argument("--max-message-mb", type=float, default=1024.0, help="largest message accepted (default 1024)")
@@ -123,7 +123,7 @@ def run_party(args, error, load_image, write_outputs) -> int:
             own, (peer, dealer) = _keys(args, error, args.peer, args.dealer_key)
             image = load_image(args.image)
             try:
-                result, affine, wall = parties.run_moving(
+                result, affine, report = parties.run_moving(
                     image, own, listen=args.listen, dealer=args.dealer, peer_key=peer, dealer_key=dealer, **limits,
                     transform=args.transform, sampling=args.sampling, fraction=args.fraction, levels=args.levels,
                     max_iterations=args.max_iterations, key=args.seed, frac_bits=args.frac_bits,
@@ -134,7 +134,9 @@ def run_party(args, error, load_image, write_outputs) -> int:
             except (OverflowError, FloatingPointError) as exc:
                 raise SessionError(f"moving: {exc}") from None
             write_outputs(args.output, result, affine)
-            _print_moving(result, wall, args.output)
+            if args.report is not None:
+                atomic_write_text(args.report, json.dumps(dict(report, role=role), indent=2) + "\n")
+            _print_moving(result, report["wall_s"], args.output)
             return 0
     except SESSION_ERRORS as exc:
         raise SessionError(str(exc) if str(exc).startswith(ROLES[role]) else f"{ROLES[role]}: {exc}") from None
@@ -182,7 +184,7 @@ def party_commands(workdir: Path, fixed: Path, moving: Path, outdir: Path, optio
                          "--report", str(workdir / "fixed_report.json")],
         "moving": base + ["--role", "moving", "--image", str(moving), "--listen", moving_at, "--dealer", dealer,
                           "--key", k["moving"], "--peer", pub["fixed"], "--dealer-key", pub["dealer"],
-                          "-o", str(outdir)] + options,
+                          "-o", str(outdir), "--report", str(workdir / "moving_report.json")] + options,
     }
 
 
@@ -247,13 +249,16 @@ def load_result(outdir: Path) -> Result:
                   bytes=rep["bytes"], bytes_per_iteration=rep["bytes_per_iteration"])
 
 
-def register_processes(fixed, moving, *, secure: str = "mpc", timeout: float = 600.0, **options) -> Result:
+def register_processes(fixed, moving, *, secure: str = "mpc", timeout: float = 600.0, reports: dict | None = None,
+                       **options) -> Result:
     """One secure registration as three local ``ppreg party`` processes on the loopback interface.
 
     Args:
         fixed, moving: :class:`~ppreg.image.Image` (written to a private temporary directory).
         secure: must be ``"mpc"`` (accepted so that the call matches :func:`ppreg.register`).
         timeout: seconds before the processes are killed.
+        reports: if a dict, filled with each process's own report (``"moving"``, ``"fixed"``,
+            ``"dealer"``: ``{"time_s", "wall_s", "online", "offline", "ops"}``).
         options: ``transform``, ``sampling``, ``fraction``, ``levels``, ``max_iterations``, ``seed``,
             ``frac_bits``, ``spacing``, ``regularization`` (as ``ppreg party``).
 
@@ -278,4 +283,6 @@ def register_processes(fixed, moving, *, secure: str = "mpc", timeout: float = 6
         failed = {n: p.stderr.strip().splitlines()[-1:] for n, p in done.items() if p.returncode != 0}
         if failed:
             raise RuntimeError(f"secure registration over 3 processes failed: {failed}")
+        if reports is not None:
+            reports.update({name: json.loads((work / f"{name}_report.json").read_text()) for name in ROLES})
         return load_result(work / "out")

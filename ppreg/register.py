@@ -30,7 +30,7 @@ from .bspline import control_grid_shape, displacement, refine
 from .grid import downsample, gaussian_blur, gradient, level_coordinates, upsample_field
 from .svf import exp as svf_exp
 from .transforms import KINDS, apply_matrix, check_kind, image_center, params_from_matrix
-from .losses import lncc, mind, mutual_information, ncc, ssd
+from .losses import LNCC_FLAT_FLOOR, lncc, mind, mutual_information, ncc, ssd
 from .secure import lcc as secure_lcc
 from .secure.lcc import svf_report
 from .secure.shares import TwoPartySession
@@ -66,7 +66,7 @@ class _ImageLoss:
             return mutual_information(fixed, warped, bins=self.bins, mask=mask, fixed_range=(0.0, 1.0),
                                       warped_range=(0.0, 1.0))
         if self.name == "lncc":
-            return lncc(fixed, warped, mask=mask)
+            return lncc(fixed, warped, mask=mask, floor=LNCC_FLAT_FLOOR)
         if self.name == "mind":
             return mind(fixed, warped, mask=mask)
         if self.name == "ssd":
@@ -306,7 +306,8 @@ def register(
             (global normalised cross-correlation); mi and ncc use regular-step gradient
             descent on linear transforms, each image scaled into [0, 1] by its own range.
         secure: ``None`` (clear) or ``"mpc"`` (two-party additive secret sharing with a
-            dealer, :mod:`ppreg.secure.ppir`; linear transforms) or ``"ckks"`` (see
+            dealer, :mod:`ppreg.secure.ppir`; linear transforms; with ``loss="mi"``, full or
+            URS sampling, :mod:`ppreg.secure.mi`) or ``"ckks"`` (see
             ``ckks_variant``).
         sampling: ``None`` (every voxel), ``"urs"`` or ``"gms"``, redrawn each iteration
             (linear transforms).
@@ -394,11 +395,11 @@ def register(
             if symmetric:
                 raise ValueError("secure svf is non-symmetric in this version")
             svf_session = TwoPartySession(seeds=seeds)
-        velocity, reports = _fit_svf(prepare(fixed_a), prepare(moving_a), loss=_ImageLoss(loss, bins),
-                                     levels=tuple(levels), iterations=max_iterations, step=step_size,
-                                     fluid_sigma=FLUID_SIGMA.get(loss, 2.0) if fluid_sigma is None else fluid_sigma,
-                                     diffusion_sigma=diffusion_sigma,
-                                     symmetric=symmetric, session=svf_session)
+        velocity, reports, party_seconds = _fit_svf(
+            prepare(fixed_a), prepare(moving_a), loss=_ImageLoss(loss, bins), levels=tuple(levels),
+            iterations=max_iterations, step=step_size,
+            fluid_sigma=FLUID_SIGMA.get(loss, 2.0) if fluid_sigma is None else fluid_sigma,
+            diffusion_sigma=diffusion_sigma, symmetric=symmetric, session=svf_session)
         u = svf_exp(velocity, steps=SVF_STEPS)
         warped = _warp_field(moving_a, u, identity_grid(fixed_a.shape))
         params, mat, center = np.asarray(velocity), None, None
@@ -455,7 +456,7 @@ def register(
     iterations = sum(r.iterations for r in reports)
     if svf_session is not None:
         final, time_s, nbytes, per_iter = svf_report(svf_session, np.asarray(warped) / scale, fixed_s, scale,
-                                                     iterations, time.perf_counter() - start)
+                                                     iterations, party_seconds)
     elif session is None:
         final = float(jnp.mean((warped - fixed_a) ** 2))
         time_s = {"party1": time.perf_counter() - start, "party2": 0.0}
@@ -588,9 +589,14 @@ def _fit_svf(fixed_u, moving_u, *, loss, levels, iterations, step, fluid_sigma, 
              session=None):
     """Coarse-to-fine SVF; the velocity is carried in full-resolution voxels between levels.
 
-    With a ``session`` (loss lncc) each level runs :func:`ppreg.secure.lcc.run_svf_level`."""
+    With a ``session`` (loss lncc) each level runs :func:`ppreg.secure.lcc.run_svf_level`.
+
+    Returns:
+        ``(velocity, reports, party_seconds)``: each party's own compute time (secure runs) or None.
+    """
     shape = fixed_u.shape
     velocity, reports = None, []
+    party_seconds = None if session is None else {"party1": 0.0, "party2": 0.0}
     counts = tuple(iterations) if isinstance(iterations, (tuple, list)) else (iterations,) * len(levels)
     for li, (factor, iterations) in enumerate(zip(levels, counts)):
         coarse = level_shape(shape, factor)
@@ -601,9 +607,11 @@ def _fit_svf(fixed_u, moving_u, *, loss, levels, iterations, step, fluid_sigma, 
         opts = dict(iterations=int(iterations), step=step, sigma_fluid=fluid_sigma, sigma_diff=diffusion_sigma,
                     steps=SVF_STEPS)
         if session is not None:
-            level_v, losses, _ = secure_lcc.run_svf_level(
+            level_v, losses, per_iteration = secure_lcc.run_svf_level(
                 session, velocity / factor, downsample(moving_u, factor), downsample(fixed_u, factor),
                 label=f"L{li}", **opts)
+            for p in party_seconds:
+                party_seconds[p] += per_iteration[p] * int(iterations)
         else:
             level_v, losses = optim.run_svf_level(
                 velocity / factor, downsample(moving_u, factor), downsample(fixed_u, factor), loss_fn=loss,
@@ -611,7 +619,7 @@ def _fit_svf(fixed_u, moving_u, *, loss, levels, iterations, step, fluid_sigma, 
         velocity = level_v * factor
         reports.append(LevelReport(int(factor), coarse, int(iterations), int(np.prod(coarse)), np.asarray(losses)))
         _check_finite(velocity, li, factor)
-    return velocity, reports
+    return velocity, reports, party_seconds
 
 
 def _fit_bspline(fixed_s, moving_s, *, levels, spacing, max_iterations, tol, lam, damping, cg_iterations):

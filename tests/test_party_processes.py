@@ -78,6 +78,11 @@ def _check_outputs(run):
     for p in ("party1", "party2"):
         assert ref.bytes_per_iteration[p] <= rep["bytes_per_iteration"][p] <= ref.bytes_per_iteration[p] + 400
     assert rep["time_s"]["party1"] > 0 and rep["time_s"]["party2"] > 0
+    # each process's own report: its compute per operation, one query call per iteration
+    op = "spline_query" if doc["type"] == "bspline" else "query"
+    for name in ("moving", "fixed", "dealer"):
+        ops = json.loads((run["work"] / f"{name}_report.json").read_text())["ops"]
+        assert ops[op]["calls"] == ref.iterations and 0 < ops[op]["median_s"] <= ops[op]["total_s"]
     return rep, doc
 
 

@@ -157,3 +157,35 @@ def test_secure_svf_level_follows_clear(images):
     assert np.max(np.abs(uc)) > 1.0  # it moved
     assert np.sqrt(np.mean(np.sum((uc - us) ** 2, -1))) < 0.01
     np.testing.assert_allclose(ls, np.asarray(lc), rtol=1e-3)
+
+
+def test_wrapped_truncation_is_detected_and_the_iteration_repeated(images, secure_run, monkeypatch):
+    """A wrapped truncation is off by ~2^(64 - 2f): party1's public output bound catches it, and
+    run_svf_level repeats the iteration with fresh (never reused) correlated randomness."""
+    fixed, moving = images
+    grad = np.moveaxis(np.asarray(lcc.local_terms(moving)["grad"]), -1, 0)
+    _, _, force = secure_run
+    n = fixed.size
+    force_n = -np.moveaxis(force, -1, 0) * n * float(lcc.local_terms(moving)["scale"])
+    lcc._check_outputs(force_n, -0.3 * n, grad, n, lcc.WINDOW, lcc.FLOOR)  # the real outputs pass
+    bad = force_n.copy()
+    bad[0, 10, 10] += 2.0 ** (64 - 2 * lcc.FRAC_BITS) * grad[0, 10, 10]
+    with pytest.raises(lcc.TruncationFailure):
+        lcc._check_outputs(bad, -0.3 * n, grad, n, lcc.WINDOW, lcc.FLOOR)
+    with pytest.raises(lcc.TruncationFailure):
+        lcc._check_outputs(force_n, 2.0 * n, grad, n, lcc.WINDOW, lcc.FLOOR)
+
+    calls, real = [], lcc.secure_force
+
+    def flaky(session, *args, tag, **kwargs):
+        calls.append(tag)
+        if len(calls) == 1:
+            raise lcc.TruncationFailure("injected")
+        return real(session, *args, tag=tag, **kwargs)
+
+    monkeypatch.setattr(lcc, "secure_force", flaky)
+    v0 = jnp.zeros(fixed.shape + (2,), jnp.float32)
+    with pytest.warns(RuntimeWarning, match="wrapped"):
+        lcc.run_svf_level(TwoPartySession(seeds=SEEDS), v0, moving, fixed, iterations=1, step=0.5, sigma_fluid=2.0,
+                          sigma_diff=0.5, steps=6)
+    assert calls == ["L0/it0", "L0/it0/retry1"]

@@ -17,7 +17,7 @@ from ppreg.secure import mi, prg
 from ppreg.secure import session as session_mod
 from ppreg.secure.channel import InProcessChannel, ProtocolError
 from ppreg.secure.ring import encode
-from ppreg.transforms import homogeneous, identity_basis, image_center, matrix
+from ppreg.transforms import homogeneous, image_center, matrix
 from secure_helpers import RecordingChannel
 
 BINS = 32
@@ -37,40 +37,41 @@ def small():
             "moving_b": _slice("BrainT1SliceBorder20", 3)[::-1].copy()}
 
 
-@jax.jit
-def _autodiff_terms(mat, stack, fixed_level, coords, center, key):
-    """Clear loop pieces of one iteration: loss and S^T dLoss/dI_w by autodiff of the MI loss."""
-    pts = optim.descent_points(coords, key, 0, factor=2, k=coords.shape[0] // 5)
-    fv = optim.level_values(fixed_level, pts, 2)
-    iw, a, inside = optim.warp_terms(mat, stack, pts, 2)
-    xh = homogeneous(pts, center)
+def _autodiff_gradient(fixed_level, mat, stack, coords, center, key, it, *, kind, factor, k):
+    """The clear loop's pieces of one iteration (:func:`ppreg.optim.run_level_descent`): the loss and
+    ``G = S^T dLoss/dI_w`` by autodiff of :func:`ppreg.losses.mutual_information`."""
+    pts = optim.descent_points(coords, key, it, factor=factor, k=k)
+    fv = optim.level_values(fixed_level, pts, factor)
+    iw, a, inside = optim.warp_terms(mat, stack, pts, factor)
     loss, dl = jax.value_and_grad(lambda w: mutual_information(fv, w, bins=BINS, mask=inside, fixed_range=(0., 1.),
                                                                warped_range=(0., 1.)))(iw)
-    big_a, da = mi.parzen_terms(iw, inside, BINS)
-    b = mi.fixed_bins(fv, BINS)
-    total = jnp.sum(inside)
-    p = big_a.T @ b / total
-    return loss, dl, a, xh, da, b, p, total
+    return loss, optim.steepest_descent_images(a, homogeneous(pts, center), kind).T @ dl, (iw, a, inside, fv, pts)
+
+
+_autodiff = jax.jit(_autodiff_gradient, static_argnames=("kind", "factor", "k"))
 
 
 def test_gradient_formula_matches_autodiff():
-    """G = -(1/N) M^T (a ⊙ rowsum((A' L) ⊙ B)) (Eq. 8-9 contracted with L) equals autodiff of the clear loss."""
+    """G = -(1/N) S^T rowsum((A' L) ⊙ B) (Eq. 8-9 contracted with L) equals autodiff of the clear loss."""
     fixed = _unit_range(jnp.asarray(load_sample("BrainT1SliceBorder20").data, jnp.float32))
     moving = _unit_range(jnp.asarray(load_sample("BrainProtonDensitySliceShifted13x17y").data, jnp.float32))
     center = image_center(fixed.shape)
     coords = level_coordinates(fixed.shape, 2).reshape(-1, 2)
     mat = matrix("affine", jnp.array([0.05, 0.02, -0.03, 0.04, 5.0, 3.0]), center)
-    loss, dl, a, xh, da, b, p, total = _autodiff_terms(mat, optim.moving_level(moving, 2), downsample(fixed, 2),
-                                                       coords, center, jax.random.key(3))
-    assert abs(float(mi.mi_terms(p)[0]) - float(loss)) < 1e-6
-    for kind in ("translation", "rigid", "affine"):
-        auto = jnp.einsum("dpj,kd,kj->p", identity_basis(kind, 2), a * dl[:, None], xh)
-        mine = mi.clear_gradient(a, xh, da, b, p, total, kind)
+    for kind in ("affine",):  # rigid: test_rigid_urs_gradients_track_clear...
+        loss, auto, (iw, a, inside, fv, pts) = _autodiff(downsample(fixed, 2), mat, optim.moving_level(moving, 2),
+                                                         coords, center, jax.random.key(3), 0, kind=kind, factor=2,
+                                                         k=coords.shape[0] // 5)
+        big_a, da = mi.parzen_terms(iw, inside, BINS)
+        b, total = mi.fixed_bins(fv, BINS), jnp.sum(inside)
+        p = big_a.T @ b / total
+        assert abs(float(mi.mi_terms(p)[0]) - float(loss)) < 1e-6
+        mine = mi.clear_gradient(optim.steepest_descent_images(a, homogeneous(pts, center), kind), da, b, p, total)
         np.testing.assert_allclose(mine, auto, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(auto))))
 
 
 def test_one_iteration_within_the_stated_bounds(small):
-    """The revealed P and M^T(a ⊙ g) of one secure iteration vs the clear values (float64) and error_bound."""
+    """The revealed P and S^T g of one secure iteration vs float64 clear values, within error_bound."""
     fixed, moving = small["fixed_a"], small["moving_a"]
     fixed_u, moving_u = _unit_range(jnp.asarray(fixed)), _unit_range(jnp.asarray(moving))
     center, coords = image_center(fixed.shape), level_coordinates(fixed.shape, 1).reshape(-1, 2)
@@ -78,52 +79,65 @@ def test_one_iteration_within_the_stated_bounds(small):
     session = session_mod.SecureSession(16, fixed=(fixed, np.eye(4), scale_exponent(jnp.asarray(fixed))))
     mat = matrix("rigid", jnp.array([0.1, 2.0, -3.0]), center)
     stack = optim.moving_level(moving_u, 1)
-    level = mi.open_level(session, coords, center, key, level_index=0, kind=kind, factor=1, k=k, bins=BINS,
-                          shape=fixed.shape)
+    level = mi.open_level(session, coords, key, level_index=0, kind=kind, factor=1, k=k, bins=BINS, shape=fixed.shape)
     out = mi.secure_iteration(session, level, mat, stack, coords, center, key, 0, kind=kind, factor=1, k=k, bins=BINS)
-    _, b = mi._party2_bins(fixed_u, coords, center, key, 0, factor=1, k=k, bins=BINS)
+    b = np.asarray(mi._party2_bins(fixed_u, coords, key, 0, factor=1, k=k, bins=BINS), np.float64)
     pts = optim.descent_points(coords, key, 0, factor=1, k=k)
     iw, _, inside = optim.warp_terms(mat, stack, pts, 1)
     big_a = np.asarray(mi.parzen_terms(iw, inside, BINS)[0], np.float64)
-    b = np.asarray(b, np.float64)
-    counts = b.sum(0)  # samples per fixed bin: |N P - A^T B| <= 2^-(f_A + 1) n_t
-    f_hist = mi.histogram_bits(k)
     err = np.abs(np.asarray(out.p, np.float64) * out.total - big_a.T @ b)
-    assert np.all(err <= (2.0 ** -(f_hist + 1) + 1e-6) * counts[None, :] + 1e-6)  # + float32 P and A
+    counts = b.sum(0)  # samples per fixed bin: |N P - A^T B| <= 2^-(f_A + 1) n_t
+    assert np.all(err <= (2.0 ** -(mi.histogram_bits(k) + 1) + 1e-6) * counts[None, :] + 1e-6)  # + float32 P, A
     z = np.asarray(mi._party1_z(out.p, out.da)[1], np.float64)
     g = np.sum(z * b, axis=1)
-    xh = mi._xh_rounded(out.xh)
-    ref = np.einsum("dpj,kd,kj->p", np.asarray(identity_basis(kind, 2), np.float64),
-                    np.asarray(out.a, np.float64) * g[:, None], xh)
-    bound = mi.error_bound(out.a, out.xh, g, kind, *out.bits)
-    assert np.all(np.abs(out.revealed - ref) <= bound + 1e-9 * np.abs(ref).max())
-    assert np.abs(out.revealed - ref).max() < 1e-3 * np.abs(ref).max()  # the bound is not vacuous
+    ref = np.asarray(out.s, np.float64).T @ g
+    bound = mi.error_bound(out.s, g, *out.bits)
+    assert np.all(np.abs(out.revealed - ref) <= bound + 1e-12 * np.abs(ref).max())
+    assert bound.max() < 1e-5 * np.abs(ref).max() and sum(out.bits) >= 36  # the bound is tight, not vacuous
 
 
-def test_known_answer_translation_itk():
-    """ITK Software Guide: fixed T1 Border20, moving PD shifted (x, y) = (13, 17): MI under MPC -> (17, 13)."""
+def test_known_answer_translation_itk_and_same_iterates_as_clear():
+    """ITK Software Guide: fixed T1 Border20, moving PD shifted (x, y) = (13, 17): MI under MPC -> (17, 13),
+    and the same iterates as the clear registration (displacement RMSE <= 0.05 px; measured 4e-5)."""
     fixed, moving = load_sample("BrainT1SliceBorder20").data, load_sample("BrainProtonDensitySliceShifted13x17y").data
-    r = register(fixed, moving, transform="translation", loss="mi", secure="mpc", sampling="urs", levels=(2, 1))
+    opts = dict(transform="translation", loss="mi", sampling="urs", levels=(2, 1))
+    r = register(fixed, moving, secure="mpc", **opts)
     np.testing.assert_allclose(r.params, [17.0, 13.0], atol=0.1)
+    clear = register(fixed, moving, **opts)
+    assert field_rmse(r.displacement(), clear.displacement())["voxels"] <= 0.05
+    assert [lv.iterations for lv in r.levels] == [lv.iterations for lv in clear.levels]
     k = [lv.n_samples for lv in r.levels]
-    b, d, p = BINS, 2, 2
-    per_iteration = {"party1": 8 * (2 * b + d), "party2": 8 * (b + 1)}  # bytes per sample, payload only
-    for party, size in per_iteration.items():  # traffic of the documented protocol (+ frame headers, commands)
+    b, p = BINS, 2
+    per_sample = {"party1": 8 * (2 * b + p), "party2": 8 * (b + 1)}  # payload bytes per sample and iteration
+    for party, size in per_sample.items():  # the documented traffic (+ frame headers, commands, b^2 + P)
         expected = sum(size * kk * lv.iterations for kk, lv in zip(k, r.levels)) / r.iterations
-        assert expected <= r.bytes_per_iteration[party] <= expected * 1.1 + 8 * (b * b + p) + 600, party
+        assert expected <= r.bytes_per_iteration[party] <= expected * 1.05 + 8 * (b * b + p) + 800, party
     assert r.bytes["party2"]["offline"] > 0 and r.time_s["party2"] > 0
 
 
-def test_secure_matches_clear_rigid_urs(small):
-    """Same sampling, same iterates: displacement RMSE vs CLEAR <= 0.05 px (measured ~1e-5), same iterations."""
-    clear = register(small["fixed_a"], small["moving_a"], **SMALL)
-    secure = register(small["fixed_a"], small["moving_a"], secure="mpc", **SMALL)
+def test_rigid_urs_gradients_track_clear_and_no_recompilation(small, monkeypatch):
+    """Along the secure rigid + URS trajectory each revealed gradient equals the clear loop's autodiff
+    gradient at the same state to float32 precision (relative 1e-4; measured ~1e-6).
+
+    (The end points are not compared: the clear regular-step descent is itself chaotic here, a
+    1e-6 relative change of the input moves its result by ~0.03 px; see DESIGN.md.)"""
+    fixed_level = _unit_range(jnp.asarray(small["fixed_a"]))
+    errors, original = [], mi.secure_iteration
+
+    def checked(session, level, mat, moving, coords, center, key, it, *, kind, factor, k, bins):
+        out = original(session, level, mat, moving, coords, center, key, it, kind=kind, factor=factor, k=k, bins=bins)
+        loss, auto, _ = _autodiff(fixed_level, mat, moving, coords, center, key, it, kind=kind, factor=factor, k=k)
+        errors.append(np.abs(-out.revealed / out.total - np.asarray(auto)).max() / np.abs(np.asarray(auto)).max())
+        assert abs(out.loss - float(loss)) < 1e-5
+        return out
+
+    monkeypatch.setattr(mi, "secure_iteration", checked)
+    r = register(small["fixed_a"], small["moving_a"], secure="mpc", max_iterations=12, **SMALL)
+    monkeypatch.undo()
+    assert len(errors) == r.iterations == 12 and max(errors) < 1e-4
     sizes = mi._party1_samples._cache_size(), mi._party2_bins._cache_size(), mi._party1_step._cache_size()
-    again = register(small["fixed_a"], small["moving_a"], secure="mpc", **SMALL)
-    assert field_rmse(secure.displacement(), clear.displacement())["voxels"] <= 0.05
-    assert secure.iterations == clear.iterations > 10
-    np.testing.assert_allclose(secure.levels[0].losses, clear.levels[0].losses, atol=1e-4)
-    np.testing.assert_array_equal(again.matrix, secure.matrix)  # deterministic given the public key
+    again = register(small["fixed_a"], small["moving_a"], secure="mpc", max_iterations=12, **SMALL)
+    np.testing.assert_array_equal(again.matrix, r.matrix)  # deterministic given the public key
     assert (mi._party1_samples._cache_size(), mi._party2_bins._cache_size(),
             mi._party1_step._cache_size()) == sizes  # no recompilation on a second call
 
@@ -172,13 +186,14 @@ class _Recorder:
 
     def view(self, party):
         (channel,) = self.channels
-        return np.concatenate([arr.ravel() for _, dst, _, arr in channel.log if dst == party and arr.dtype == np.uint64])
+        return np.concatenate([arr.ravel() for _, dst, _, arr in channel.log
+                               if dst == party and arr.dtype == np.uint64])
 
 
-def _run(monkeypatch, small, fixed, moving):
-    rec = _Recorder(monkeypatch)
-    register(small[fixed], small[moving], secure="mpc", max_iterations=3, **SMALL)
-    monkeypatch.undo()
+def _run(small, fixed, moving):
+    with pytest.MonkeyPatch.context() as mp:
+        rec = _Recorder(mp)
+        register(small[fixed], small[moving], secure="mpc", max_iterations=3, **SMALL)
     return rec
 
 
@@ -206,7 +221,7 @@ def test_views_are_independent_and_labels_unique(monkeypatch, small):
 
     for name in ("default_rng", "randint", "random", "rand", "randn", "bytes", "choice", "uniform", "normal"):
         monkeypatch.setattr(np.random, name, forbidden)
-    runs = {case: _run(monkeypatch, small, fixed, moving) for case, fixed, moving in (
+    runs = {case: _run(small, fixed, moving) for case, fixed, moving in (
         ("a", "fixed_a", "moving_a"), ("b_fixed", "fixed_b", "moving_a"), ("b_moving", "fixed_a", "moving_b"))}
     assert drawn.count(prg.SEED_BYTES) >= 6  # two fresh dealer seeds per run
     for party, other in (("party1", "b_fixed"), ("party2", "b_moving")):

@@ -207,3 +207,44 @@ def test_commands_and_reports_reject_garbage():
                 np.frombuffer(b'{"it": 3}', np.uint8)):
         with pytest.raises(ProtocolError, match="malformed command"):
             decode_json(bad)
+
+
+def test_point_clouds_over_the_network_match_one_process():
+    """Rigid point clouds with the three roles on their own network endpoints (threads): party2 holds
+    its points itself (FixedRole.points) and the result equals the in-process session's."""
+    from ppreg.secure.parties import run_dealer
+    from ppreg.secure.points import register_points
+    from ppreg.secure.roles import FixedRole, RemotePeers
+    from ppreg.secure.session import SecureSession
+
+    rng = np.random.default_rng(4)
+    p = rng.uniform(0, 40, (50, 2))
+    a = np.deg2rad(9.0)
+    q = p @ np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]).T + [2.5, -1.0]
+    a_dealer, a_p1 = addr(), addr()
+
+    def fixed():
+        connect = {"party1": (a_p1, KEYS["party1"].public), "dealer": (a_dealer, KEYS["dealer"].public)}
+        with net.NetworkChannel("party2", KEYS["party2"], connect=connect, timeout=T) as ch:
+            role = FixedRole(ch, points=q)
+            role.serve()
+            return role.final_report
+
+    threads = [in_thread(lambda: run_dealer(KEYS["dealer"], listen=a_dealer, moving_key=KEYS["party1"].public,
+                                            fixed_key=KEYS["party2"].public, timeout=T)), in_thread(fixed)]
+    with net.NetworkChannel("party1", KEYS["party1"], listen=a_p1, accept={"party2": KEYS["party2"].public},
+                            connect={"dealer": (a_dealer, KEYS["dealer"].public)}, timeout=T) as ch:
+        session = SecureSession(16, channel=ch, peers=RemotePeers(ch))
+        mat, cov = register_points(p, None, session, extent=64.0)
+        session.end()
+        report = session.bytes_report()
+    for t, _ in threads:
+        t.join(10)
+    assert all("error" not in out for _, out in threads), threads
+    ref_mat, ref_cov = register_points(p, q, SecureSession(16), extent=64.0)
+    np.testing.assert_allclose(cov, ref_cov, rtol=0, atol=1e-9 * np.abs(ref_cov).max())
+    np.testing.assert_allclose(mat, ref_mat, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(mat)[:2, :2], [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], atol=1e-4)
+    fixed_report = threads[1][1]["value"]
+    assert report["party2"] == {"online": fixed_report["online"], "offline": fixed_report["offline"]}
+    assert fixed_report["online"] > 8 * q.size  # F = Q' - v, its share and the centroid went over the wire

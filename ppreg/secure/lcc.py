@@ -36,9 +36,10 @@ below (next paragraph), so 3 Newton steps suffice.
 
 Who holds what: party1 (moving) holds ``w``, ``S_w``, ``mu_w``, ``F`` and ``grad w`` (its warped
 image, computed locally); party2 (fixed) holds ``f``, ``S_f``, ``mu_f`` and ``E``. Box sums are
-public linear maps, applied locally to shares. Products use fresh Beaver triples from the
-dealer (:meth:`TwoPartySession.mul`, several products batched into one triple); a value
-private to one party enters a product as the trivial sharing ``(x, 0)``. The division is
+public linear maps, applied locally to shares. A product of a shared value and a value one party
+holds in the clear is a *private product* (:func:`_private_product`, dealer kind
+``private_product``: one masked ring element each way, fresh ``u, v, uv`` per product); a product
+of two shared values uses a fresh Beaver triple (:meth:`TwoPartySession.mul`). The division is
 separated so that each party handles its own factor in the clear:
 
     a = [E > floor]/(E + c), lam_E = c/(E + c), rho_E = E/(E + c)  (party2; party1 likewise for F)
@@ -49,32 +50,41 @@ so every shared intermediate is bounded (``z <= 1``, ``|D a b| <= 1/(4c)``) and 
 needs no secret scaling. Where ``a b != 0`` (both windows above the floor)
 ``z >= z_min = (floor/(floor + c))^2 = 0.939``, so ``k`` Newton steps from ``y_0 = 1`` leave a
 relative error ``(1 - z_min)^(2^k)`` (``k = 3``: 2e-10); elsewhere ``h = 0`` exactly whatever
-``y`` (which stays in ``(0, 2^k]``). Products: 4 (``D``, ``z``), ``D a``, ``D a b``,
-``2 (k - 1)`` Newton, ``h``, ``h^2`` and ``D h`` (loss), ``h^2 E``, the four of ``(*)`` and the
-``d`` of ``(*) . grad w``: ``2 k + 12 + d`` products of ``N`` elements, each opening two ring
-elements per party, i.e. ``(2 k + 12 + d) N 16`` bytes sent per party and iteration (2D: 320
-B/voxel, 3D: 336 B/voxel at ``k = 3``), plus party2's ``8 (d N + 1)`` output bytes.
+``y`` (which stays in ``(0, 2^k]``). Then ``beta = 2 (h E) h`` and the four products of ``(*)``.
+
+Traffic per iteration and party: ``12 + d`` private products (``D`` and ``z``: 5, ``D a``,
+``D a b``, ``h E``, the four of ``(*)``, the ``d`` of ``(*) . grad w``) of one 8-byte element and
+``2 k + 1`` Beaver products (Newton ``2 (k - 1)``, ``h``, ``(h E) h`` with ``D h``) of two:
+``(4 k + 14 + d) 8 N`` bytes (2D: 224 B/voxel, 3D: 232 at ``k = 3``), plus party2's
+``8 (d N + 1)`` output bytes; offline, party2 receives one element per product
+(``(2 k + 13 + d) 8 N`` bytes).
 
 What each party learns: party1 learns ``N s dL/dw . grad w`` per voxel (its force, before
 smoothing; from it the clear force follows with its own ``s``) and the loss value ``L``;
-nothing else: every message it receives is a Beaver opening masked by a fresh uniform
-triple share. Party2 learns nothing (uniform openings only). Both learn the public shapes,
-window, ``eps``, ``floor`` and iteration count. Security: semi-honest parties, non-colluding
-trusted dealer; no per-voxel intermediate (``D``, ``E F``, ``2D/(EF)``, ``J - D/E I``) is
-opened. Party1 can read, from its force, where its force is zero; that is what the update
-needs (the smoothed force would leak less and is left to a later version).
+nothing else: every message it receives is masked by fresh uniform dealer randomness
+(Beaver openings, private-product inputs). Party2 learns nothing (uniform messages only).
+Both learn the public shapes, window, ``eps``, ``floor``, iteration count and whether an
+iteration was repeated after a wrapped truncation (below). Security: semi-honest parties,
+non-colluding trusted dealer; no per-voxel intermediate (``D``, ``E F``, ``2D/(EF)``,
+``J - D/E I``) is opened. Party1 can read from its force where it is zero (every window
+around a voxel flat in either image); the smoothed force would leak less (not done).
 
-Fixed-point error (``f = 18`` fractional bits): each input is rounded to ``2^-(f+1)`` and each
-truncated product errs by at most ``2^-f`` (SecureML); ``D`` (a box sum of ``n`` truncated
-products minus ``mu_f S_w``) errs by at most ``n 2^-f + 2^-(f+1) (|S_w| + n |mu_f| max|w| +
-...)``, measured ``<= 2e-4`` on the ITK crop, relative ``< 1e-3`` on ``h`` except in the
-lowest-variance windows; the reciprocal by :func:`ppreg.secure.reciprocal.error_bound`.
-Measured on that crop: force relative L2 error 6e-4 (coarse level 9e-4) against float64,
-registration (levels (2, 1), 20 iterations each) 0.02-0.04 px RMS from the clear loop.
-Local truncation fails (an error of ``2^(64 - 2f)``) with probability ``|x y| 2^(2f - 64)``
-per element: summed over a 100 x 100 iteration ``~1e-3`` (largest products ``|mu_f S_w|``,
-``|B(beta) w|`` ~ 300); it grows with ``N``, so large volumes need fewer fractional bits or
-an exact (dealer-assisted) truncation.
+Fixed-point error (``f = 18`` fractional bits; ``a``, ``b`` with ``f + 6``): both parties round
+their standardised image to the ``2^-f`` grid first and compute every local term from it, so
+``B(f w)`` and ``S_w`` are exact ring values and ``D`` (one truncation; ``mu_f``'s rounding
+remainder carried at ``2f`` bits) errs by at most ``2^-f`` (SecureML: a truncation errs by one
+unit); each later truncated product adds one unit, which ``a b <= 1/floor^2`` amplifies in
+the lowest-variance windows; the reciprocal errs by :func:`ppreg.secure.reciprocal.error_bound`.
+Measured on the ITK crop: ``D`` within 4e-6, ``h`` 2e-5 relative L2, force 5e-5 relative L2
+(1e-4 of its maximum) against float64; float32 clear: 1e-5.
+
+Wrapped truncations: a local truncation of ``z`` at scale ``s`` fails (an error of
+``2^(64 - s) 2^-f``) with probability ``|z| 2^(s - 64)`` per element: summed over a 100 x 100
+iteration about 3e-3, over a 24^3 one 1e-2 (the largest values: ``D`` and ``B(beta) w`` in
+3D windows). Party1 checks what it receives against public bounds (:func:`output_bound`:
+``|N dL/dw_std| <= 4 window^d / sqrt(floor)`` per voxel, ``|cc| <= 1``); a wrapped value
+(or any value it reaches) cannot pass, and :func:`run_svf_level` repeats the iteration with
+fresh randomness (:class:`TruncationFailure`). Large volumes need an exact truncation.
 """
 
 from __future__ import annotations
@@ -89,7 +99,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..grid import gradient, identity_grid, smooth_field
-from ..losses import _box_count, _box_sum, _standardise
+from ..losses import LNCC_FLAT_FLOOR, _box_count, _box_sum, _standardise, lncc
 from ..svf import exp as svf_exp
 from ..warp import warp
 from .reciprocal import reciprocal
@@ -98,7 +108,7 @@ from .shares import Shared, TwoPartySession, add, sub, truncate
 
 WINDOW = 5
 EPS = 1e-5
-FLOOR = 0.1
+FLOOR = LNCC_FLAT_FLOOR
 NEWTON = 3
 FRAC_BITS = 18
 INV_EXTRA_BITS = 6
@@ -122,14 +132,7 @@ def guarded_lncc(fixed, warped, *, window: int = WINDOW, eps: float = EPS, floor
     Returns:
         scalar ``-mean_x cc(x)`` (dtype of the inputs).
     """
-    ones = jnp.ones_like(fixed)
-    f, w = _standardise(fixed, ones, eps), _standardise(warped, ones, eps)
-    sums = _box_sum(jnp.stack([ones, f, w, f * f, w * w, f * w], -1), window, range(fixed.ndim))
-    n, s_f, s_w, s_ff, s_ww, s_fw = jnp.moveaxis(sums, -1, 0)
-    d = s_fw - s_f * s_w / n
-    e = jnp.maximum(s_ff - s_f**2 / n, 0.0)
-    v = jnp.maximum(s_ww - s_w**2 / n, 0.0)
-    return -jnp.mean(jnp.where((e > floor) & (v > floor), d**2 / (e * v + eps), 0.0))
+    return lncc(fixed, warped, window=window, eps=eps, floor=floor)
 
 
 class GuardedLoss:
@@ -460,15 +463,15 @@ def run_svf_level(session: TwoPartySession, velocity, moving, fixed, *, iteratio
     return velocity, losses, {p: t / max(iterations, 1) for p, t in seconds.items()}
 
 
-def svf_report(session: TwoPartySession, warped_s, fixed_s, scale: float, iterations: int, seconds: float) -> tuple:
+def svf_report(session: TwoPartySession, warped_s, fixed_s, scale: float, iterations: int, seconds: dict) -> tuple:
     """Final figures of a secure SVF registration for :class:`ppreg.register.Result`.
 
     Args:
         session: the session the registration ran on.
         warped_s, fixed_s: party1's warped and party2's fixed image, divided by the common
             power-of-two ``scale`` (``|.| <= 1``, so products stay small in the ring).
-        scale: that scale; iterations: total iterations; seconds: wall time of the run (both
-            parties and the dealer in one process, sequentially).
+        scale: that scale; iterations: total iterations; seconds: ``{party: own compute time}``
+            of the registration loop (from :func:`run_svf_level`).
 
     Returns:
         ``(final mean squared error, time_s, bytes, bytes per iteration)``: the error comes from
@@ -481,4 +484,4 @@ def svf_report(session: TwoPartySession, warped_s, fixed_s, scale: float, iterat
     nbytes = {p: {"online": int(snap["sent"][p]["online"]), "offline": int(snap["received"][p]["offline"])}
               for p in ("party1", "party2")}
     per_iter = {p: nbytes[p]["online"] / max(iterations, 1) for p in nbytes}
-    return final, {"party1": seconds, "party2": seconds}, nbytes, per_iter
+    return final, dict(seconds), nbytes, per_iter

@@ -16,45 +16,49 @@ jittered inside their voxels: :func:`ppreg.optim.descent_points`) and needs, wit
   of ``A'`` sum to 0 and every cell they touch has ``P > 0``), so with ``S = a^T dW/dtheta``
   (``a = grad(I o W)``, party1's) and ``g_x = sum_t (A' L)[x, t] B[x, t]``::
 
-      G = S^T dLoss/dI_w = -(1/N) M^T (a ⊙ g),      M = dW/dtheta at the identity (public)
+      G = S^T dLoss/dI_w = -(1/N) S^T g
 
   i.e. ``G_p = -sum_{r,t} P'[r, t, p] L_rt`` with ``P' = (1/N) C^T B`` of Eq. 9
-  (``C[x, r, p] = A'[x, r] S[x, p]``); :func:`clear_gradient` checks it against autodiff.
+  (``C[x, r, p] = A'[x, r] S[x, p]``); :func:`clear_gradient` is checked against autodiff.
 
 Protocol (two rounds per iteration; the dealer's streams supply every mask, only corrections sent):
 
 1. ``P``: party1 sends ``E = A - u`` (``k b``); party2 sends ``F = B - v`` (``k b``, a fresh mask each
    iteration: the sampled points change) and its share ``E^T v + w2`` (``b^2``), ``w = u^T v``
    (:meth:`~ppreg.secure.dealer.Dealer.cross_product`). Party1 reveals ``N P = A^T F + w1 + E^T v + w2``.
-2. ``G``: party1 computes ``L`` and ``Z = A' L`` (``k x b``) and sends ``Z - u'`` and ``a - u''``
-   (``k b + k d``). Shares of ``g = rowsum(Z ⊙ B)``: party1 ``rowsum(Z ⊙ F) + w1'``, party2
+2. ``G``: party1 computes ``L`` and ``Z = A' L`` (``k x b``) and sends ``Z - u'`` and ``S - u''``
+   (``k b + k P``). Shares of ``g = rowsum(Z ⊙ B)``: party1 ``rowsum(Z ⊙ F) + w1'``, party2
    ``g2 = rowsum((Z - u') ⊙ v) + w2'`` with ``w' = rowsum(u' ⊙ v)``
    (:meth:`~ppreg.secure.dealer.Dealer.row_dot`; ``F`` is reused, not resent). Party2 sends
-   ``g2 - v''`` (``k``) and its share ``M^T ((a - u'') ⊙ v'' + w2'')`` (``P``), ``w'' = u'' ⊙ v''``;
-   party1 reveals ``M^T (a ⊙ g)`` from ``M^T (a ⊙ (g1 + g2 - v'') + w1'')`` and that share.
+   ``g2 - v''`` (``k``) and its share ``sum_x ((S - u'') ⊙ v'' + w2'')`` (``P``), ``w'' = u'' ⊙ v''``
+   (:meth:`~ppreg.secure.dealer.Dealer.product`); party1 reveals ``S^T g`` adding
+   ``sum_x (S ⊙ (g1 + g2 - v'') + w1'')``.
 
-Per iteration party1 sends ``8 k (2 b + d)`` bytes and party2 ``8 (k b + b^2 + k + P)`` (plus frame
-headers); the ``k x b x P`` tensor ``C`` of Eq. 9 is never formed or sent.
+Per iteration party1 sends ``8 k (2 b + P)`` bytes and party2 ``8 (k b + b^2 + k + P)`` (plus frame
+headers); the ``k x b x P`` tensor ``C`` of Eq. 9 is never formed or sent, nor is ``P'``.
+(Sending ``a`` (``k d``) with the public map ``dW/dtheta`` applied to shares, as the SSD protocol
+does, would save ``8 k (P - d)`` bytes but puts the jittered coordinates into the ring budget: the
+gradient then had about ``5e-4`` relative error and the descent's trajectory departed from the
+clear one; ``S`` gives about ``1e-7``.)
 
-What each party learns: party1 learns ``P`` (``b x b``) and ``M^T (a ⊙ g)`` (``P`` numbers; with
-``P`` and ``N``, its own, this is the gradient ``G``), and only uniform ring elements besides
-(``F``, ``g2 - v''``, party2's shares masked by the dealer's ``w``). Party2 learns ``E``, ``Z - u'``,
-``a - u''``: uniform. Both learn the public shapes, bins, level keys (hence the sample points),
-the iteration counts and the transform kind. Party2 never learns ``P``, ``G`` nor the transform.
-Every ``u``, ``v``, ``w`` has its own label and is used in one product, except party2's ``v``,
-which masks ``B`` once (``F`` is sent once) and enters the two products of that iteration, each with
-its own fresh ``u`` and ``w`` (as the level mask of :mod:`ppreg.secure.ppir`).
+What each party learns: party1 learns ``P`` (``b x b``) and ``S^T g`` (``P`` numbers; with ``N``, its
+own, this is the gradient ``G``), and only uniform ring elements besides (``F``, ``g2 - v''``,
+party2's shares masked by the dealer's ``w``). Party2 learns ``E``, ``Z - u'``, ``S - u''``: uniform.
+Both learn the public shapes, bins, level keys (hence the sample points), the iteration counts
+and the transform kind. Party2 never learns ``P``, ``G`` nor the transform. Every ``u``, ``v``,
+``w`` has its own label and enters one product, except party2's ``v``, which masks ``B`` once
+(``F`` is sent once) and enters the two products of that iteration, each with its own fresh ``u``
+and ``w`` (as the level mask of :mod:`ppreg.secure.ppir` serves every iteration of a level).
 Security: semi-honest parties, a trusted dealer that colludes with neither (:mod:`ppreg.secure.dealer`).
 
 Fixed point (ring ``Z_2^64``, no truncation anywhere): ``B`` is an exact integer (0/1); ``A`` is
-encoded at ``f_A`` bits, ``Z`` at ``f_Z``, ``a`` at ``f_a`` and the public jittered coordinates
-``xh`` at ``XH_FRAC_BITS``. Party1 chooses ``f_A, f_Z, f_a`` from its own data so that the revealed
-sums stay below ``2^61`` (``k 2^f_A`` and ``max|Z| sum |M| |a| 2^(f_Z + f_a + XH)``); they only
-enter its decoding, so party2's view does not depend on them. Both revealed values are exact for
-the rounded inputs, so (:func:`error_bound`):
-``|N P_rt - (A^T B)_rt| <= 2^-(f_A+1) n_t`` (``n_t`` samples in fixed bin ``t``) and
-``|M^T(a ⊙ g) - M^T(a ⊙ g)_clear| <= sum_x sum_i |M_xip| (|a_xi| 2^-(f_Z+1) + |g_x| 2^-(f_a+1) + 2^-(f_a+f_Z+2))``
-plus the rounding of ``xh`` (``2^-(XH+1)`` voxels per coordinate, the same for both parties).
+encoded at ``f_A`` bits, ``Z`` at ``f_Z`` and ``S`` at ``f_S``. Party1 chooses them from its own data
+so that the revealed sums stay below ``2^61`` (``k 2^f_A`` and
+``max_p sum_x |S_xp| max_t |Z_xt| 2^(f_S + f_Z)``, :func:`gradient_bits`); they only enter its
+decoding, so party2's view does not depend on them. Both revealed values are exact for the
+rounded inputs, so ``|N P_rt - (A^T B)_rt| <= 2^-(f_A+1) n_t`` (``n_t`` samples in fixed bin ``t``)
+and ``|(S^T g)_p - (S^T g)_clear,p| <= sum_x |S_xp| 2^-(f_Z+1) + |g_x| 2^-(f_S+1) + 2^-(f_S+f_Z+2)``
+(:func:`error_bound`); typically ``f_A = 40``, ``f_S + f_Z`` about 40.
 
 Source: Taiello et al. 2024 (MedIA 94, 103129), Sec. 3.2 and 5.2, Eq. 7-9, Table 4; Mattes et
 al. 2003 (IEEE TMI 22(1)); Dowson & Bowden 2006.
@@ -73,13 +77,11 @@ import numpy as np
 from .. import optim
 from ..grid import downsample, level_coordinates
 from ..losses import _log_ratio, parzen_weights
-from ..transforms import homogeneous, identity_basis
+from ..transforms import homogeneous, n_params
 from .channel import ProtocolError
-from .ppir import _abs_map
 from .ring import check_range
 from .roles import handler, key_from_json, key_to_json
 
-XH_FRAC_BITS = 16  # public: the jittered coordinates [x - c, 1] in the public map
 RING_HEADROOM_BITS = 61  # revealed sums stay below 2^61
 MAX_FRAC_BITS = 40
 RANGE = (0.0, 1.0)  # both images are scaled into [0, 1] by their owners (register._unit_range)
@@ -109,27 +111,26 @@ def mi_terms(p):
     return -jnp.sum(p * log_ratio), log_ratio
 
 
-def clear_gradient(a, xh, da, b, p, total, kind: str):
-    """``G = -(1/N) M^T (a ⊙ g)``, ``g = rowsum((A' L) ⊙ B)`` in the clear (``(P,)``); see module docstring.
+def clear_gradient(s, da, b, p, total):
+    """``G = -(1/N) S^T g``, ``g = rowsum((A' L) ⊙ B)`` in the clear (``(P,)``); see module docstring.
 
     Args:
-        a: ``(k, d)`` gradient of the warped moving image; xh: ``(k, d + 1)`` ``[x - c, 1]``.
-        da: ``(k, b)`` ``A'`` (masked); b: ``(k, b)`` ``B``; p: ``(b, b)`` ``P``; total: ``N``.
-        kind: transform kind (``M = identity_basis(kind) . xh``).
+        s: ``(k, P)`` :func:`ppreg.optim.steepest_descent_images`; da: ``(k, b)`` ``A'`` (masked); b: ``(k, b)`` ``B``;
+        p: ``(b, b)`` ``P``; total: ``N``.
     """
     g = jnp.sum((da @ mi_terms(p)[1]) * b, axis=-1)
-    return -optim.product_term(a, xh, g, kind=kind) / total
+    return -(s.T @ g) / total
 
 
 # --- party1's local pieces (jitted) --------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnames=("factor", "k", "bins"))
-def _party1_samples(mat, moving, coords, center, key, iteration, *, factor, k, bins):
+@partial(jax.jit, static_argnames=("kind", "factor", "k", "bins"))
+def _party1_samples(mat, moving, coords, center, key, iteration, *, kind, factor, k, bins):
     pts = optim.descent_points(coords, key, iteration, factor=factor, k=k)
     iw, a, inside = optim.warp_terms(mat, moving, pts, factor)
     big_a, da = parzen_terms(iw, inside, bins)
-    return homogeneous(pts, center), a, big_a, da, jnp.sum(inside)
+    return optim.steepest_descent_images(a, homogeneous(pts, center), kind), big_a, da, jnp.sum(inside)
 
 
 @jax.jit
@@ -139,10 +140,9 @@ def _party1_z(p, da):
 
 
 @partial(jax.jit, static_argnames=("factor", "k", "bins"))
-def _party2_bins(fixed_level, coords, center, key, iteration, *, factor, k, bins):
+def _party2_bins(fixed_level, coords, key, iteration, *, factor, k, bins):
     pts = optim.descent_points(coords, key, iteration, factor=factor, k=k)
-    b = fixed_bins(optim.level_values(fixed_level, pts, factor), bins)
-    return homogeneous(pts, center), b.astype(jnp.int32)
+    return fixed_bins(optim.level_values(fixed_level, pts, factor), bins).astype(jnp.int32)
 
 
 @partial(jax.jit, static_argnames=("kind", "factor"))
@@ -152,7 +152,7 @@ def _party1_level(moving_u, coords, center, *, kind, factor):
 
 @partial(jax.jit, static_argnames=("kind", "relaxation"))
 def _party1_step(mat, revealed, total, prev, length, scales, center, *, kind, relaxation):
-    """``G = -M^T(a ⊙ g) / N`` from the revealed sum, then :func:`ppreg.optim.descent_step`."""
+    """``G = -S^T g / N`` from the revealed sum, then :func:`ppreg.optim.descent_step`."""
     grad = -revealed / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
     return optim.descent_step(mat, grad, prev, length, scales, kind=kind, center=center, relaxation=relaxation)
 
@@ -177,56 +177,38 @@ def _ring(x) -> np.ndarray:
     return np.asarray(x, np.uint64)
 
 
-def _map_share(z, xh_r, basis_r) -> np.ndarray:
-    """One party's share of ``M^T z`` from its share ``z (k, c)`` (ring): moment ``z^T xh``, then the basis."""
-    return np.einsum("cpm,cm->p", basis_r, np.einsum("kc,km->cm", z, xh_r))
-
-
-def _public_map(xh, kind: str):
-    """Both parties' ring encoding of the public map: ``xh`` at ``XH_FRAC_BITS`` bits, the integer basis."""
-    return _encode(xh, XH_FRAC_BITS), _encode(identity_basis(kind, xh.shape[-1] - 1), 0)
-
-
-def _xh_rounded(xh):
-    return np.round(np.asarray(xh, np.float64) * 2.0**XH_FRAC_BITS) / 2.0**XH_FRAC_BITS
-
-
-def _sum_bound(a, xh, kind: str) -> float:
-    """``max_p sum_x sum_i |M[x, i, p]| |a_xi|`` (float64)."""
-    return _abs_map(np.abs(np.asarray(a, np.float64)), _xh_rounded(xh), identity_basis(kind, a.shape[-1]))
-
-
 def histogram_bits(k: int) -> int:
     """``f_A``: ``N P <= k`` must stay below ``2^61`` at ``f_A`` bits."""
     return int(min(MAX_FRAC_BITS, math.floor(RING_HEADROOM_BITS - math.log2(max(k, 1)))))
 
 
-def gradient_bits(a, xh, z, kind: str) -> tuple[int, int]:
-    """Party1's private ``(f_a, f_Z)``: the largest total with ``max|Z| sum|M||a| 2^(f_a+f_Z+XH) < 2^61``,
-    split so that both rounding terms of the error bound are about equal.
+def gradient_bits(s, z) -> tuple[int, int]:
+    """Party1's private ``(f_S, f_Z)``: the largest total with ``max_p sum_x |S_xp| max_t |Z_xt| 2^(f_S + f_Z)
+    < 2^61``, split so that the two rounding terms of :func:`error_bound` are about equal.
 
     Raises:
-        OverflowError: when fewer than 16 bits remain for ``f_a + f_Z``.
+        OverflowError: when fewer than 24 bits remain for ``f_S + f_Z``.
     """
-    zmax = float(np.max(np.abs(np.asarray(z)), initial=0.0))
-    amax = float(np.max(np.abs(np.asarray(a)), initial=0.0))
-    bound = _sum_bound(a, xh, kind) * max(zmax, 2.0**-20)
-    total = math.floor(RING_HEADROOM_BITS - XH_FRAC_BITS - math.log2(max(bound, 2.0**-20)))
-    if total < 16:
-        raise OverflowError(f"the secure MI gradient (sum bound {bound:.3g}) leaves {total} < 16 fractional bits "
+    s, z = np.abs(np.asarray(s, np.float64)), np.abs(np.asarray(z, np.float64))
+    zrow = np.max(z, axis=1, initial=0.0)
+    bound = max(float(np.max(s.T @ zrow, initial=0.0)), 2.0**-20)
+    total = math.floor(RING_HEADROOM_BITS - math.log2(bound))
+    if total < 24:
+        raise OverflowError(f"the secure MI gradient (sum bound {bound:.3g}) leaves {total} < 24 fractional bits "
                             "in the 64-bit ring; use fewer samples")
     total = min(total, 2 * MAX_FRAC_BITS)
-    diff = round(math.log2(max(zmax, 2.0**-20) / max(amax, 2.0**-20)))  # error ~ zmax 2^-f_a + amax 2^-f_Z
-    f_a = min(MAX_FRAC_BITS, max(8, (total + diff) // 2))
-    return f_a, min(MAX_FRAC_BITS, total - f_a)
+    # error ~ sum |g| 2^-f_S + sum |S| 2^-f_Z: balance with the typical sizes
+    diff = round(math.log2(max(float(np.mean(zrow)), 2.0**-20) / max(float(np.mean(s)), 2.0**-20)))
+    f_s = min(MAX_FRAC_BITS, max(8, (total + diff) // 2))
+    return f_s, min(MAX_FRAC_BITS, total - f_s)
 
 
-def error_bound(a, xh, g, kind: str, f_a: int, f_z: int) -> np.ndarray:
-    """Worst-case ``|M^T(a ⊙ g)_revealed - M^T(a ⊙ g)|`` per parameter from rounding ``a`` and ``Z`` (``(P,)``)."""
-    ea, ez = 2.0 ** -(f_a + 1), 2.0 ** -(f_z + 1)
-    terms = np.abs(np.asarray(a, np.float64)) * ez + np.abs(np.asarray(g, np.float64))[:, None] * ea + ea * ez
-    basis = np.abs(np.asarray(identity_basis(kind, terms.shape[-1]), np.float64))
-    return np.einsum("ipj,ij->p", basis, terms.T @ np.abs(_xh_rounded(xh)))
+def error_bound(s, g, f_s: int, f_z: int) -> np.ndarray:
+    """Worst-case ``|S^T g_revealed - S^T g|`` per parameter from rounding ``S`` and ``Z`` (float64 ``(P,)``):
+    ``sum_x |S_xp| 2^-(f_Z+1) + |g_x| 2^-(f_S+1) + 2^-(f_S+f_Z+2)``."""
+    es, ez = 2.0 ** -(f_s + 1), 2.0 ** -(f_z + 1)
+    s, g = np.abs(np.asarray(s, np.float64)), np.abs(np.asarray(g, np.float64))
+    return ez * s.sum(0) + es * g.sum() + es * ez * s.shape[0]
 
 
 # --- the protocol: party1's parts ----------------------------------------------------------------
@@ -256,32 +238,31 @@ def finish_histogram(party1, label: str, enc, bits: int, total: float):
     return jnp.asarray(counts / max(total, np.finfo(np.float32).tiny), jnp.float32), f_msg
 
 
-def send_gradient(party1, label: str, z, a, xh, kind: str) -> tuple:
-    """Round 2, party1: send ``Z - u'`` and ``a - u''``. Returns ``(Z enc, a enc, f_a, f_Z)``."""
-    f_a, f_z = gradient_bits(a, xh, z, kind)
-    z_enc, a_enc = _encode(z, f_z), _encode(a, f_a)
+def send_gradient(party1, label: str, z, s) -> tuple:
+    """Round 2, party1: send ``Z - u'`` and ``S - u''``. Returns ``(Z enc, S enc, f_S, f_Z)``."""
+    f_s, f_z = gradient_bits(s, z)
+    z_enc, s_enc = _encode(z, f_z), _encode(s, f_s)
     party1.channel.send("party1", "party2", label + "/z", z_enc - party1.rand.stream(label + "/u", z_enc.shape))
-    party1.channel.send("party1", "party2", label + "/a", a_enc - party1.rand.stream(label + "/h/u", a_enc.shape))
-    return z_enc, a_enc, f_a, f_z
+    party1.channel.send("party1", "party2", label + "/s", s_enc - party1.rand.stream(label + "/h/u", s_enc.shape))
+    return z_enc, s_enc, f_s, f_z
 
 
-def finish_gradient(party1, label: str, sent, f_msg, xh, kind: str) -> np.ndarray:
-    """Round 2, party1: reveal ``M^T (a ⊙ g)`` (float64 ``(P,)``).
+def finish_gradient(party1, label: str, sent, f_msg) -> np.ndarray:
+    """Round 2, party1: reveal ``S^T g`` (float64 ``(P,)``).
 
     Raises:
         ProtocolError: messages of the wrong shape.
     """
-    z_enc, a_enc, f_a, f_z = sent
-    k = z_enc.shape[0]
+    z_enc, s_enc, f_s, f_z = sent
+    k, n_params = s_enc.shape
     delta = _ring(party1.channel.recv("party1", "party2", label + "/g"))
     theirs = _ring(party1.channel.recv("party1", "party2", label))
-    xh_r, basis_r = _public_map(xh, kind)
-    if delta.shape != (k,) or theirs.shape != (basis_r.shape[1],):
+    if delta.shape != (k,) or theirs.shape != (n_params,):
         raise ProtocolError(f"party2's gradient messages have shapes {delta.shape}, {theirs.shape}")
     g1 = np.einsum("kt,kt->k", z_enc, f_msg) + party1.rand.stream(label + "/w", (k,))
-    w1 = party1.rand.stream(label + "/h/w", a_enc.shape)
-    mine = _map_share(a_enc * (g1 + delta)[:, None] + w1, xh_r, basis_r)
-    return _decode(mine + theirs, f_a + f_z + XH_FRAC_BITS)
+    w1 = party1.rand.stream(label + "/h/w", s_enc.shape)
+    mine = np.sum(s_enc * (g1 + delta)[:, None] + w1, axis=0)
+    return _decode(mine + theirs, f_s + f_z)
 
 
 # --- the followers' handlers (ppreg.secure.roles) ------------------------------------------------
@@ -308,13 +289,12 @@ def _level_fixed(role, cmd):
     cfg["coords"] = level_coordinates(image.shape, factor).reshape(-1, image.ndim)
     if cfg["coords"].shape[0] != cfg["n"]:
         raise ProtocolError(f"party2's level has {cfg['coords'].shape[0]} voxels, party1 expects {cfg['n']}")
-    cfg["center"] = jnp.asarray(cmd["center"], jnp.float32)
     role.levels[cmd["label"]] = cfg
     role.mi_masks = {}
 
 
 def _level_config(cmd):
-    cfg = {key: cmd[key] for key in ("n", "k", "bins", "kind", "ndim", "factor")}
+    cfg = {key: cmd[key] for key in ("n", "k", "bins", "kind", "params", "factor")}
     cfg["key"] = key_from_json(cmd["key"])
     return cfg
 
@@ -331,8 +311,8 @@ def _joint_fixed(role, cmd):
     """Party2: ``F = B - v`` (fresh ``v``) and its share ``E^T v + w2`` of ``N P``."""
     cfg = role.level(cmd["level"])
     label, p2 = cmd["label"], role.party2
-    xh, b = _party2_bins(cfg["fixed"], cfg["coords"], cfg["center"], cfg["key"], int(cmd["it"]),
-                         factor=cfg["factor"], k=cfg["k"], bins=cfg["bins"])
+    b = _party2_bins(cfg["fixed"], cfg["coords"], cfg["key"], int(cmd["it"]), factor=cfg["factor"], k=cfg["k"],
+                     bins=cfg["bins"])
     e = _ring(p2.channel.recv("party2", "party1", label))
     if e.shape != (cfg["k"], cfg["bins"]):
         raise ProtocolError(f"party1 sent a histogram query of shape {e.shape}, expected {(cfg['k'], cfg['bins'])}")
@@ -340,7 +320,7 @@ def _joint_fixed(role, cmd):
     v = p2.rand.stream(label + "/v", e.shape)
     p2.channel.send("party2", "party1", label + "/f", np.asarray(b).astype(np.uint64) - v)
     p2.channel.send("party2", "party1", label, np.einsum("kr,kt->rt", e, v) + w2)
-    role.mi_masks = {label: (v, xh)}  # one iteration's mask, for its gradient round only
+    role.mi_masks = {label: v}  # one iteration's mask, for its gradient round only
 
 
 @handler("mi_grad", "dealer")
@@ -349,7 +329,7 @@ def _grad_dealer(role, cmd):
     label, k = cmd["label"], cfg["k"]
     role.dealer.row_dot(label, cmd["joint"] + "/v", (k, cfg["bins"]))
     role.dealer.product_mask(label + "/m", k)
-    role.dealer.product(label + "/h", label + "/m", (k, cfg["ndim"]))
+    role.dealer.product(label + "/h", label + "/m", (k, cfg["params"]))
 
 
 @handler("mi_grad", "party2")
@@ -360,18 +340,17 @@ def _grad_fixed(role, cmd):
     masks = getattr(role, "mi_masks", {})
     if cmd["joint"] not in masks:
         raise ProtocolError(f"party2: no histogram round {cmd['joint']!r} precedes gradient round {label!r}")
-    v, xh = masks.pop(cmd["joint"])
+    v = masks.pop(cmd["joint"])
     z = _ring(p2.channel.recv("party2", "party1", label + "/z"))
-    a = _ring(p2.channel.recv("party2", "party1", label + "/a"))
-    if z.shape != v.shape or a.shape != (k, cfg["ndim"]):
-        raise ProtocolError(f"party1 sent gradient queries of shapes {z.shape}, {a.shape}")
+    s = _ring(p2.channel.recv("party2", "party1", label + "/s"))
+    if z.shape != v.shape or s.shape != (k, cfg["params"]):
+        raise ProtocolError(f"party1 sent gradient queries of shapes {z.shape}, {s.shape}")
     w_g = _ring(p2.rand.correction(label))
     w_h = _ring(p2.rand.correction(label + "/h"))
-    xh_r, basis_r = _public_map(xh, cfg["kind"])
     g2 = np.einsum("kt,kt->k", z, v) + w_g
     v3 = p2.rand.stream(label + "/m/v", (k,))
     p2.channel.send("party2", "party1", label + "/g", g2 - v3)
-    p2.channel.send("party2", "party1", label, _map_share(a * v3[:, None] + w_h, xh_r, basis_r))
+    p2.channel.send("party2", "party1", label, np.sum(s * v3[:, None] + w_h, axis=0))
 
 
 # --- party1's driver -----------------------------------------------------------------------------
@@ -382,21 +361,20 @@ class Iteration(NamedTuple):
 
     loss: float  # -sum P L
     p: jnp.ndarray  # (b, b) revealed joint histogram
-    revealed: np.ndarray  # (P,) revealed M^T (a ⊙ g); the gradient is -revealed / total
+    revealed: np.ndarray  # (P,) revealed S^T g; the gradient is -revealed / total
     total: float  # N = number of samples inside the moving image
-    a: jnp.ndarray  # (k, d) party1's gradient of the warped image
-    xh: jnp.ndarray  # (k, d + 1) public [x - c, 1] of the jittered samples
+    s: jnp.ndarray  # (k, P) party1's S = a^T dW/dtheta
     da: jnp.ndarray  # (k, b) A' (masked)
-    bits: tuple  # (f_a, f_Z) party1 chose for the gradient round
+    bits: tuple  # (f_S, f_Z) party1 chose for the gradient round
 
 
-def open_level(session, coords, center, key, *, level_index: int, kind: str, factor: int, k: int, bins: int,
+def open_level(session, coords, key, *, level_index: int, kind: str, factor: int, k: int, bins: int,
                shape) -> str:
     """Operation ``mi_level``: party2 prepares the level of its image; returns the level label."""
     label = f"mi/L{level_index}"
     session.step({"op": "mi_level", "label": label, "factor": int(factor), "n": int(coords.shape[0]), "k": int(k),
-                  "bins": int(bins), "kind": kind, "ndim": int(coords.shape[-1]), "shape": [int(s) for s in shape],
-                  "center": np.asarray(center, float).tolist(), "key": key_to_json(key)})
+                  "bins": int(bins), "kind": kind, "params": int(n_params(kind, coords.shape[-1])),
+                  "shape": [int(s) for s in shape], "key": key_to_json(key)})
     return label
 
 
@@ -413,27 +391,27 @@ def secure_iteration(session, level: str, mat, moving, coords, center, key, iter
     joint, grad_label = f"{level}/it{iteration}/p", f"{level}/it{iteration}/g"
 
     def send_p():
-        xh, a, big_a, da, total = _party1_samples(mat, moving, coords, center, key, iteration, factor=factor, k=k,
-                                                  bins=bins)
-        return (xh, a, da, float(total)), send_histogram(session.party1, joint, big_a)
+        s, big_a, da, total = _party1_samples(mat, moving, coords, center, key, iteration, kind=kind, factor=factor,
+                                              k=k, bins=bins)
+        return (s, da, float(total)), send_histogram(session.party1, joint, big_a)
 
     def finish_p(sent):
         local, (enc, bits) = sent
-        p, f_msg = finish_histogram(session.party1, joint, enc, bits, local[3])
-        loss, z = _party1_z(p, local[2])
+        p, f_msg = finish_histogram(session.party1, joint, enc, bits, local[2])
+        loss, z = _party1_z(p, local[1])
         return local, p, f_msg, float(loss), z
 
     local, p, f_msg, loss, z = session.step({"op": "mi_joint", "label": joint, "level": level, "it": iteration},
                                             before=send_p, after=finish_p)
-    xh, a, da, total = local
+    s, da, total = local
 
     def finish_g(sent):
-        return finish_gradient(session.party1, grad_label, sent, f_msg, xh, kind), sent[2:]
+        return finish_gradient(session.party1, grad_label, sent, f_msg), sent[2:]
 
     revealed, bits = session.step(
         {"op": "mi_grad", "label": grad_label, "joint": joint, "level": level, "it": iteration},
-        before=lambda: send_gradient(session.party1, grad_label, z, a, xh, kind), after=finish_g)
-    return Iteration(loss, p, revealed, total, a, xh, da, bits)
+        before=lambda: send_gradient(session.party1, grad_label, z, s), after=finish_g)
+    return Iteration(loss, p, revealed, total, s, da, bits)
 
 
 def run_level(session, mat, moving_u, coords, center, key, *, level_index: int, kind: str, factor: int, k: int,
@@ -457,7 +435,7 @@ def run_level(session, mat, moving_u, coords, center, key, *, level_index: int, 
     """
     with session.timed("party1"):
         moving, scales = _party1_level(moving_u, coords, center, kind=kind, factor=factor)
-    level = open_level(session, coords, center, key, level_index=level_index, kind=kind, factor=factor, k=k,
+    level = open_level(session, coords, key, level_index=level_index, kind=kind, factor=factor, k=k,
                        bins=bins, shape=shape)
     before = session.channel.traffic.snapshot()["sent"]
     length, prev = np.float32(step), np.zeros(scales.shape, np.float32)

@@ -36,7 +36,7 @@ from .bspline_ppir import fit_bspline
 from .channel import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
 from .keys import KeyPair
 from .net import DEFAULT_TIMEOUT, NetworkChannel
-from .roles import DealerRole, FixedRole, RemotePeers, decode_json
+from .roles import DealerRole, FixedRole, RemotePeers, decode_json, op_summary
 from .session import SecureSession
 
 TRANSFORMS = KINDS + ("bspline",)  # what a secure (MPC) SSD registration runs, in one process or three
@@ -101,9 +101,10 @@ def run_moving(moving: Image, keypair: KeyPair, *, listen: str, dealer: str, pee
         options: :func:`register_moving` options.
 
     Returns:
-        ``(result, fixed_affine, wall_s)``: as :func:`ppreg.register` returns (times: each party's
+        ``(result, fixed_affine, report)``: as :func:`ppreg.register` returns (times: each party's
         own compute; bytes: each party's own count of what it sent and received), the fixed image's
-        voxel-to-world matrix, and this process's wall time.
+        voxel-to-world matrix, and this process's report ``{"time_s", "wall_s", "online",
+        "offline", "ops"}`` (as the followers', :func:`~ppreg.secure.roles.op_summary`).
 
     Raises:
         ValueError, OverflowError, FloatingPointError: as :func:`ppreg.register`.
@@ -117,7 +118,10 @@ def run_moving(moving: Image, keypair: KeyPair, *, listen: str, dealer: str, pee
             on_connect()
         session = SecureSession(options.pop("frac_bits", 16), channel=channel, peers=RemotePeers(channel))
         result, affine = register_moving(moving, session, **options)
-        return result, affine, time.perf_counter() - start
+        own = result.bytes["party1"]
+        report = {"time_s": session.clock, "wall_s": time.perf_counter() - start, "online": own["online"],
+                  "offline": own["offline"], "ops": op_summary(session.op_s)}
+        return result, affine, report
 
 
 def _description(session: SecureSession, exponent: int, ndim: int) -> dict:

@@ -96,6 +96,14 @@ def decode_json(array, what: str = "command") -> dict:
     return doc
 
 
+def op_summary(op_s: dict[str, list[float]]) -> dict:
+    """Per operation: ``{"calls", "total_s", "median_s"}`` of a party's own compute per call. The
+    median of ``query`` (``spline_query``) is the steady-state time per iteration: the calls that
+    trace and compile (the first of each level) are outliers."""
+    return {op: {"calls": len(t), "total_s": float(np.sum(t)), "median_s": float(np.median(t))}
+            for op, t in op_s.items() if t}
+
+
 def key_to_json(key) -> dict:
     """A (public) JAX PRNG key as ``{"impl", "data"}``."""
     return {"impl": str(jax.random.key_impl(key)), "data": np.asarray(jax.random.key_data(key)).tolist()}
@@ -129,6 +137,7 @@ class Role:
     def __init__(self, channel: Channel):
         self.channel = channel
         self.clock = 0.0
+        self.op_s: dict[str, list[float]] = {}  # own compute per call, per operation
         self.levels: dict[str, dict] = {}  # per mask label: the level's public configuration
 
     @contextmanager
@@ -148,8 +157,10 @@ class Role:
         fn = HANDLERS.get(cmd.get("op"), {}).get(self.name)
         if fn is None:
             raise ProtocolError(f"{self.name}: unknown operation {cmd.get('op')!r} from party1")
+        start = self.clock
         with self.timed():
             fn(self, cmd)
+        self.op_s.setdefault(cmd["op"], []).append(self.clock - start)
 
     def serve(self) -> None:
         """Network loop: handle party1's commands until ``end``."""
@@ -160,10 +171,11 @@ class Role:
                 return
 
     def report(self) -> dict:
-        """This role's own time (s) and traffic (bytes it sent online, received offline)."""
+        """This role's own time (s), traffic (bytes it sent online, received offline) and time per operation
+        (:func:`op_summary`)."""
         snap = self.channel.traffic.snapshot()
         return {"time_s": self.clock, "online": int(snap["sent"][self.name]["online"]),
-                "offline": int(snap["received"][self.name]["offline"])}
+                "offline": int(snap["received"][self.name]["offline"]), "ops": op_summary(self.op_s)}
 
     def level(self, mask_label: str) -> dict:
         try:

@@ -61,6 +61,7 @@ class SecureSession:
             self.channel = channel
         self.peers = peers
         self.clock = 0.0
+        self.op_s: dict[str, list[float]] = {}  # party1's own compute per call, per operation
         self.iteration_traffic = {p: 0 for p in ("party1", "party2")}
         self.iterations = 0
         self.rand = PartyRandomness("party1", self.channel)
@@ -102,17 +103,20 @@ class SecureSession:
 
     def step(self, cmd: dict, *, before=None, after=None):
         """Run one operation (:mod:`ppreg.secure.roles`): announce ``cmd``, run ``before()``, let the
-        followers run their handlers, then return ``after(result of before)``."""
+        followers run their handlers, then return ``after(result of before)``. Party1's compute
+        for it is added to ``op_s[cmd["op"]]``."""
+        start = self.clock
         self.peers.announce(cmd)
         result = None
         if before is not None:
             with self.timed("party1"):
                 result = before()
         self.peers.settle()
-        if after is None:
-            return None
-        with self.timed("party1"):
-            return after(result)
+        if after is not None:
+            with self.timed("party1"):
+                result = after(result)
+        self.op_s.setdefault(cmd["op"], []).append(self.clock - start)
+        return None if after is None else result
 
     def end(self) -> None:
         """Close the protocol: each follower reports its own time and traffic to party1."""
