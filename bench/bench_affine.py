@@ -27,7 +27,7 @@ from ppreg.metrics import displacement_rmse
 from ppreg.transforms import apply_matrix, image_center, matrix
 from ppreg.warp import warp
 
-from common import timed_twice, write_results
+from common import fmt, print_header, timed_twice, write_results
 
 
 def cases(quick: bool):
@@ -85,17 +85,12 @@ COLUMNS = ("case", "solution", "iter", "MSE", "RMSE vs CLEAR px", "RMSE vs truth
            "compile s", "p1 MB/it", "p2 MB/it", "offline MB p2")
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def print_row(row, header=False):
     if header:
-        print(" | ".join(COLUMNS))
-        print(" | ".join("-" * len(c) for c in COLUMNS), flush=True)
+        print_header(COLUMNS)
     print(" | ".join([
         row["case"], row["solution"], str(row["iterations"]), f"{row['final_mse']:.3f}",
-        _fmt(row["rmse_vs_clear_px"], ".2e"), _fmt(row["rmse_vs_truth_px"], ".3f"),
+        fmt(row["rmse_vs_clear_px"], ".2e"), fmt(row["rmse_vs_truth_px"], ".3f"),
         f"{row['time_per_iteration_s']['party1']:.4f}", f"{row['time_per_iteration_s']['party2']:.4f}",
         f"{row['compile_s']:.2f}", f"{row['mb_per_iteration']['party1']:.4f}",
         f"{row['mb_per_iteration']['party2']:.6f}", f"{row['offline_mb']['party2']:.2f}",

@@ -49,7 +49,7 @@ from ppreg import register
 from ppreg.data import load_sample
 from ppreg.metrics import displacement_rmse, folding
 
-from common import write_results
+from common import fmt, print_header, write_results
 
 try:
     import SimpleITK as sitk
@@ -250,13 +250,8 @@ MI_COLUMNS = ("case", "solution", "iter", "t (row, col)", "abs angle deg", "t er
               "RMSE vs truth px", "time s", "compile s", "time / SimpleITK")
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def print_table(columns, rows):
-    print(" | ".join(columns))
-    print(" | ".join("-" * len(c) for c in columns))
+    print_header(columns)
     for row in rows:
         print(" | ".join(row), flush=True)
 
@@ -266,15 +261,15 @@ def bspline_cells(row):
     ratio_txt = "-" if ratio is None else " / ".join(f"{v:.2f}" for v in ratio)
     return [row["case"], row["solution"], str(row["iterations"]), f"{row['mse_before']:.1f}",
             f"{row['final_mse']:.2f}", str(row["folding"]["voxels"]), f"{row['time_s']:.2f}",
-            _fmt(row["time_second_s"], ".2f"), _fmt(row["compile_s"], ".2f"), ratio_txt]
+            fmt(row["time_second_s"], ".2f"), fmt(row["compile_s"], ".2f"), ratio_txt]
 
 
 def mi_cells(row):
     t = row["translation_rc"]
     return [row["case"], row["solution"], str(row["iterations"]), f"({t[0]:.2f}, {t[1]:.2f})",
             f"{row['abs_angle_deg']:.2f}", f"{row['translation_error_px']:.3f}", f"{row['angle_error_deg']:.3f}",
-            f"{row['rmse_vs_truth_px']:.3f}", f"{row['time_s']:.2f}", _fmt(row["compile_s"], ".2f"),
-            _fmt(row.get("time_ratio_vs_sitk"), ".2f")]
+            f"{row['rmse_vs_truth_px']:.3f}", f"{row['time_s']:.2f}", fmt(row["compile_s"], ".2f"),
+            fmt(row.get("time_ratio_vs_sitk"), ".2f")]
 
 
 def main():

@@ -25,7 +25,7 @@ from ppreg.image import resample_like
 from ppreg.losses import lncc, ncc
 from ppreg.metrics import folding
 
-from common import timed_twice, write_results
+from common import print_header, timed_twice, write_results
 
 COLUMNS = ("pipeline", "loss", "local NCC before", "local NCC after", "NCC before", "NCC after", "folding",
            "time s (1st)", "time s (warm)")
@@ -61,8 +61,7 @@ def main():
     ap.add_argument("--out", default="bench/results/bench_intersubject.json")
     args = ap.parse_args()
     fixed, moving = make_pair()
-    print(" | ".join(COLUMNS))
-    print(" | ".join("-" * len(c) for c in COLUMNS), flush=True)
+    print_header(COLUMNS)
     rows = []
     for pipeline in args.pipelines:
         loss = "ncc" if "+" not in pipeline and args.loss in ("lncc", "mind") else args.loss

@@ -35,7 +35,7 @@ from ppreg.grid import identity_grid
 from ppreg.transforms import apply_matrix, image_center, matrix
 from ppreg.warp import warp
 
-from common import write_results
+from common import print_header, write_results
 
 BATCH = 4
 LOSSES = {
@@ -114,8 +114,7 @@ def main():
     args = ap.parse_args()
     min_reps, budget_s = (3, 0.0) if args.quick else (5, 1.0)
     rows = []
-    print(" | ".join(COLUMNS))
-    print(" | ".join("-" * len(c) for c in COLUMNS), flush=True)
+    print_header(COLUMNS)
     for dims in ("2D", "3D"):
         data = make_data(dims)
         for op, kind, mode, fn in functions():

@@ -38,7 +38,7 @@ from ppreg.secure.points import register_points
 from ppreg.secure.session import SecureSession
 from ppreg.transforms import n_params as linear_params
 
-from common import timed_twice, write_results
+from common import fmt, timed_twice, write_results
 
 PAPER = {  # Taiello et al. 2024, per iteration and party: (s, MB)
     ("affine", None): (0.13, 1.54), ("affine", "urs"): (0.02, 0.20), ("affine", "gms"): (0.02, 0.20),
@@ -168,10 +168,6 @@ def point_rows():
     for row in rows:
         print_row(row, header=False)
     return rows
-
-
-def fmt(x, spec):
-    return "-" if x is None else format(x, spec)
 
 
 def print_row(row, header):

@@ -39,7 +39,7 @@ from ppreg.secure.shares import TwoPartySession
 from ppreg.svf import exp as svf_exp
 from ppreg.warp import warp
 
-from common import write_results
+from common import fmt, print_header, write_results
 
 LEVELS = (2, 1)
 OPTS = dict(step=0.5, sigma_fluid=2.0, sigma_diff=0.5, steps=SVF_STEPS)
@@ -128,19 +128,14 @@ COLUMNS = ("case", "solution", "iter", "loss", "MSE", "RMSE vs CLEAR px", "p1 s/
            "p2 MB/it", "B/voxel", "offline MB p2")
 
 
-def _fmt(v, spec):
-    return "-" if v is None else format(v, spec)
-
-
 def print_row(row, header=False):
     if header:
-        print(" | ".join(COLUMNS))
-        print(" | ".join("-" * len(c) for c in COLUMNS), flush=True)
+        print_header(COLUMNS)
     print(" | ".join([
         row["case"], row["solution"], str(row["iterations"]), f"{row['final_loss']:.4f}", f"{row['final_mse']:.5f}",
-        _fmt(row["rmse_vs_clear_px"], ".2e"), f"{row['time_per_iteration_s']['party1']:.4f}",
+        fmt(row["rmse_vs_clear_px"], ".2e"), f"{row['time_per_iteration_s']['party1']:.4f}",
         f"{row['time_per_iteration_s']['party2']:.4f}", f"{row['mb_per_iteration']['party1']:.3f}",
-        f"{row['mb_per_iteration']['party2']:.3f}", _fmt(row["bytes_per_voxel"], ".0f"),
+        f"{row['mb_per_iteration']['party2']:.3f}", fmt(row["bytes_per_voxel"], ".0f"),
         f"{row['offline_mb']['party2']:.2f}",
     ]), flush=True)
 

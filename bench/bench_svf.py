@@ -42,7 +42,7 @@ from ppreg.metrics import field_rmse, folding, mean_dice
 from ppreg.svf import exp as svf_exp
 from ppreg.warp import interpolate_nearest, warp
 
-from common import timed_twice, write_results
+from common import print_header, timed_twice, write_results
 from peers import PEERS, available
 
 SPACING_MM = 2.0
@@ -108,8 +108,7 @@ def main():
     ap.add_argument("--out", default="bench/results/bench_svf.json")
     args = ap.parse_args()
     peers = {} if args.peers is None else available(args.peers or [n for n in PEERS if n != "ANTs SyN (CC)"])
-    print(" | ".join(COLUMNS))
-    print(" | ".join("-" * len(c) for c in COLUMNS), flush=True)
+    print_header(COLUMNS)
     rows = []
     for seed in args.seeds:
         case = make_case(seed)

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: run metadata, atomic JSON results, warm/cold timing."""
+"""Shared pieces of the benchmark scripts: run metadata, atomic JSON results, warm/cold timing, tables."""
 
 from __future__ import annotations
 
@@ -35,3 +35,14 @@ def timed_twice(fn):
     t0 = time.perf_counter()
     result = fn()
     return result, first, time.perf_counter() - t0
+
+
+def fmt(value, spec: str) -> str:
+    """``format(value, spec)``, or ``"-"`` for a missing value."""
+    return "-" if value is None else format(value, spec)
+
+
+def print_header(columns) -> None:
+    """The header and separator lines of a ``|``-separated table."""
+    print(" | ".join(columns))
+    print(" | ".join("-" * len(c) for c in columns), flush=True)

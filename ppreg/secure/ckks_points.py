@@ -27,19 +27,7 @@ import numpy as np
 
 from ..pointcloud import rigid_from_cross_covariance
 from .channel import ProtocolError
-
-
-def _centred(points, extent: float, what: str):
-    pts = np.asarray(points, np.float64)
-    if pts.ndim != 2 or pts.shape[1] not in (2, 3) or pts.shape[0] < pts.shape[1]:
-        raise ValueError(f"{what} must be (n, d) with d = 2 or 3 and n >= d, got shape {pts.shape}")
-    if not np.all(np.isfinite(pts)):
-        raise ValueError(f"{what} has non-finite coordinates")
-    centre = pts.mean(axis=0)
-    centred = pts - centre
-    if np.max(np.abs(centred)) > extent:
-        raise ValueError(f"{what} spread beyond the public extent {extent}")
-    return centre, centred
+from .points import centred_points
 
 
 def block_weights(centred: np.ndarray) -> np.ndarray:
@@ -73,10 +61,10 @@ def register_points_ckks(p, q, session, *, extent: float, label: str = "points")
     """
     extent = float(extent)
     with session.timed("party1"):
-        p_bar, qc = _centred(p, extent, "party1's points")
+        p_bar, qc = centred_points(p, extent, "party1's points")
         n, d = qc.shape
     with session.timed("party2"):
-        q_bar, q2c = _centred(q, extent, "party2's points")
+        q_bar, q2c = centred_points(q, extent, "party2's points")
         if q2c.shape != (n, d):
             raise ProtocolError(f"party2 holds {q2c.shape} points, party1 {qc.shape}")
         stacked = (q2c / extent).T.ravel()

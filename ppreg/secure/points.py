@@ -37,7 +37,13 @@ from .ring import check_range, decode, encode, to_ring, x64
 from .roles import handler
 
 
-def _centred(points, extent: float, f: int, what: str):
+def centred_points(points, extent: float, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(centre, points - centre)`` of a party's ``(n, d)`` point set, float64.
+
+    Raises:
+        ValueError: not ``(n, d)`` with ``d`` in {2, 3} and ``n >= d``, non-finite
+            coordinates, or a point farther than the public ``extent`` from the centre.
+    """
     pts = np.asarray(points, np.float64)
     if pts.ndim != 2 or pts.shape[1] not in (2, 3) or pts.shape[0] < pts.shape[1]:
         raise ValueError(f"{what} must be (n, d) with d = 2 or 3 and n >= d, got shape {pts.shape}")
@@ -47,7 +53,12 @@ def _centred(points, extent: float, f: int, what: str):
     centred = pts - centre
     if np.max(np.abs(centred)) > extent:
         raise ValueError(f"{what} spread beyond the public extent {extent}")
-    check_range(pts.shape[0] * float(extent) ** 2, 2 * f, "the secure cross-covariance L")
+    return centre, centred
+
+
+def _centred(points, extent: float, f: int, what: str):
+    centre, centred = centred_points(points, extent, what)
+    check_range(centred.shape[0] * float(extent) ** 2, 2 * f, "the secure cross-covariance L")
     return centre, centred
 
 
