@@ -10,6 +10,8 @@ Cases (bundled real data):
   * 3D affine MI (Table 4): Colin27 T1 brain (fixed) vs MNI152 T1 (moving, displaced by a known
     affine) at 4 mm (``--mi-spacing 2``: 2 mm), 32 bins (``--mi-bins``), URS 10 %, pyramid 2,1
     (:func:`mi_rows`).
+  * SVF with ANTs local CC (Table 5): a 2D ITK crop and a 3D Colin27 crop
+    (``bench_ppir_cc.cc_rows``; ``--no-cc`` skips them).
 Each of CLEAR / PPIR(MPC), with full sampling, URS and GMS (10 % of voxels per iteration).
 Registrations run twice; the second run gives the time per iteration per party (each party's
 own compute), the traffic is measured on the channel (online MB each party sent per iteration,
@@ -18,6 +20,7 @@ over the fixed grid (points: over the moved points), in voxels. Timings share th
 with whatever else runs on it.
 
 Usage: python bench/bench_ppir.py [--out bench/results/bench_ppir.json] [--quick] [--mi-spacing 4] [--mi-bins 32]
+       [--no-cc]
        python bench/bench_ppir.py --processes [--quick]   # -> bench/results/bench_ppir_processes.json
 """
 
@@ -254,12 +257,17 @@ def main():
                     help="instead: the 2D SSD rows as three processes over loopback (process_rows)")
     ap.add_argument("--mi-spacing", type=float, default=4.0, help="grid of the 3D MI row in mm (4 or 2)")
     ap.add_argument("--mi-bins", type=int, default=32, help="histogram bins of the 3D MI row")
+    ap.add_argument("--no-cc", action="store_true", help="skip the SVF + local CC rows (bench_ppir_cc.cc_rows)")
     args = ap.parse_args()
     if args.processes:
         out = args.out.replace(".json", "_processes.json") if args.out.endswith("bench_ppir.json") else args.out
         write_results(out, {"rows": process_rows(args.quick)}, channel="3 processes, ZeroMQ/CURVE on loopback")
         return
     rows = image_rows(args.quick) + point_rows() + mi_rows(args.mi_spacing, args.mi_bins)
+    if not args.no_cc:
+        from bench_ppir_cc import cc_rows
+
+        rows += cc_rows(verbose=True)
     write_results(args.out, {"rows": rows}, channel="in-process")
 
 

@@ -148,7 +148,7 @@ def main():
     args = ap.parse_args()
     rows = cc_rows(args.size, args.iterations, verbose=True)
     write_results(args.out, {"rows": rows}, levels=list(LEVELS), iterations_per_level=args.iterations,
-                  window=lcc.WINDOW, floor=lcc.FLOOR, frac_bits=lcc.FRAC_BITS, newton=lcc.NEWTON)
+                  window=lcc.WINDOW, floor=lcc.FLOOR, frac_bits=lcc.FRAC_BITS)
 
 
 if __name__ == "__main__":

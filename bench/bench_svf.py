@@ -22,7 +22,10 @@ With ``--peers``, the installed peers of ``bench/peers.py`` (ANTsPy, dipy, Simpl
 ``bench`` extra) run the same case in the same process, scored the same way, with their time
 as a ratio to ppreg's warm time.
 
-Usage: python bench/bench_svf.py [--seeds 0 1 2] [--losses lncc ssd] [--peers [NAME ...]]
+With ``--dense``, ``transform="dense"`` (a free displacement field by optax Adam and by
+L-BFGS, diffusion-regularised) runs the same case with the first loss.
+
+Usage: python bench/bench_svf.py [--seeds 0 1 2] [--losses lncc ssd] [--dense] [--peers [NAME ...]]
        [--out bench/results/bench_svf.json]
 """
 
@@ -80,11 +83,12 @@ def score(case, u) -> dict:
     }
 
 
-def run(seed: int, loss: str, case=None) -> dict:
+def run(seed: int, loss: str, case=None, transform: str = "svf", optimizer: str = "adam") -> dict:
     case = make_case(seed) if case is None else case
     fixed, moving = case[0], case[1]
-    r, first, warm = timed_twice(lambda: register(fixed, moving, transform="svf", loss=loss))
-    return {"seed": seed, "method": f"ppreg svf ({loss})", "loss": loss, "shape": list(fixed.shape),
+    r, first, warm = timed_twice(lambda: register(fixed, moving, transform=transform, loss=loss, optimizer=optimizer))
+    method = f"ppreg svf ({loss})" if transform == "svf" else f"ppreg dense ({loss}, {optimizer})"
+    return {"seed": seed, "method": method, "loss": loss, "shape": list(fixed.shape),
             **score(case, r.displacement()), "time_first_s": first, "time_warm_s": warm,
             "compile_s": max(first - warm, 0.0), "iterations": r.iterations}
 
@@ -105,6 +109,8 @@ def main():
     ap.add_argument("--losses", nargs="+", default=["lncc", "ssd"])
     ap.add_argument("--peers", nargs="*", default=None, choices=list(PEERS),
                     help="also run these installed peers (no names: all but the slow ANTs SyN (CC))")
+    ap.add_argument("--dense", action="store_true",
+                    help="also run transform='dense' (optax Adam and L-BFGS) with the first loss")
     ap.add_argument("--out", default="bench/results/bench_svf.json")
     args = ap.parse_args()
     peers = {} if args.peers is None else available(args.peers or [n for n in PEERS if n != "ANTs SyN (CC)"])
@@ -116,6 +122,9 @@ def main():
         for loss in args.losses:
             rows.append(run(seed, loss, case))
             reference = reference or rows[-1]["time_warm_s"]
+            print_row(rows[-1], reference)
+        for optimizer in ("adam", "lbfgs") if args.dense else ():
+            rows.append(run(seed, args.losses[0], case, transform="dense", optimizer=optimizer))
             print_row(rows[-1], reference)
         for name, fn in peers.items():
             rows.append(run_peer(seed, name, fn, case))

@@ -30,7 +30,8 @@ from .metrics import displacement_rmse
 from .sampling import METHODS
 from .bspline import control_grid_shape, displacement
 from .data import load_sample
-from .register import DEFORMABLE, LOSSES, TRANSFORMS, register
+from .optim import DENSE_OPTIMIZERS
+from .register import DEFORMABLE, DENSE_FIELD_FILE, LOSSES, TRANSFORMS, register
 from .svf import exp as svf_exp
 from .transforms import apply_matrix
 from .warp import interpolate, interpolate_nearest
@@ -83,14 +84,19 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling", choices=METHODS, default=None, help="voxel sampling per iteration (default: all)")
     p.add_argument("--fraction", type=_fraction, default=0.1, help="sampled fraction of voxels (default 0.1)")
     p.add_argument("--levels", type=_levels, default=(4, 2, 1), help="pyramid shrink factors (default 4,2,1)")
-    p.add_argument("--max-iterations", type=int, default=None, help="per level (default 100 linear, 15 bspline)")
+    p.add_argument("--max-iterations", type=int, default=None,
+                   help="per level (default 100 linear, 15 bspline; svf, dense: 60, 40 at full resolution)")
     p.add_argument("--spacing", type=int, default=4, help="bspline control-point spacing in voxels (default 4)")
-    p.add_argument("--regularization", type=float, default=0.01, help="bspline bending-energy weight (default 0.01)")
-    p.add_argument("--step-size", type=float, default=0.5, help="svf: largest velocity update, level voxels (0.5)")
+    p.add_argument("--regularization", type=float, default=None,
+                   help="bspline: bending-energy weight (default 0.01); dense: diffusion weight (default 0.1)")
+    p.add_argument("--step-size", type=float, default=None,
+                   help="svf: largest velocity update, level voxels (0.5); dense: Adam learning rate (0.1)")
     p.add_argument("--fluid-sigma", type=float, default=None,
-                   help="svf: smoothing of each update, voxels (3.0 for lncc/mind, else 2.0)")
+                   help="svf: smoothing of each update, voxels (3.0 for lncc/mind, else 2.0); dense: of each "
+                        "gradient (2.0)")
     p.add_argument("--diffusion-sigma", type=float, default=0.5, help="svf: smoothing of the velocity, voxels (0.5)")
     p.add_argument("--symmetric", action="store_true", help="svf: ANTs-style half-way (symmetric) update")
+    p.add_argument("--optimizer", choices=DENSE_OPTIMIZERS, default="adam", help="dense: optax optimiser (adam)")
     p.add_argument("--plot", action="store_true",
                    help="also write registration.png (checkerboard, overlay, deformed grid; needs ppreg[plot])")
     p.add_argument("--seed", type=int, default=0, help="public sampling seed (default 0)")
@@ -150,7 +156,7 @@ def _run_register(args) -> int:
             ckks_variant=args.ckks_variant,
             spacing=args.spacing, regularization=args.regularization, bins=args.bins, step_size=args.step_size,
             fluid_sigma=args.fluid_sigma, diffusion_sigma=args.diffusion_sigma, symmetric=args.symmetric,
-            flash_options={k: v for k, v in (("band_size", args.band_size), ("alpha", args.alpha),
+            optimizer=args.optimizer, flash_options={k: v for k, v in (("band_size", args.band_size), ("alpha", args.alpha),
                                              ("sigma", args.sigma), ("estimate_alpha", args.estimate_alpha or None))
                            if v is not None},
         )
@@ -177,6 +183,9 @@ def write_outputs(outdir: Path, result, affine, *, plot_fixed=None) -> None:
         if result.transform.endswith("svf"):
             save_field(result.params, stage / "velocity.nii.gz", affine=affine)
             names.append("velocity.nii.gz")
+        if result.transform.endswith("dense"):
+            save_field(result.params, stage / DENSE_FIELD_FILE, affine=affine)
+            names.append(DENSE_FIELD_FILE)
         atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
         atomic_write_text(stage / "report.json", json.dumps(result.report_json(), indent=2) + "\n")
         if plot_fixed is not None:
@@ -226,7 +235,11 @@ def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _deformable_field(doc: dict, shape: tuple[int, ...], path: Path):
-    return _svf_field(doc, shape, path) if doc["type"] == "svf" else _bspline_field(doc, shape, path)
+    if doc["type"] == "svf":
+        return svf_exp(_sibling_field(path, doc["velocity"], shape, "velocity"), steps=int(doc["steps"]))
+    if doc["type"] == "dense":
+        return _sibling_field(path, doc["displacement"], shape, "displacement")
+    return _bspline_field(doc, shape, path)
 
 
 def _bspline_field(doc: dict, shape: tuple[int, ...], path: Path):
@@ -239,15 +252,16 @@ def _bspline_field(doc: dict, shape: tuple[int, ...], path: Path):
     return displacement(coeffs, tuple(shape), spacing)
 
 
-def _svf_field(doc: dict, shape: tuple[int, ...], path: Path):
-    velocity_path = path.parent / doc["velocity"]
+def _sibling_field(path: Path, name: str, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """The vector field a transform.json names (``velocity``, ``displacement``), checked against the grid."""
+    field_path = path.parent / name
     try:
-        velocity, _ = load_field(velocity_path)
+        field, _ = load_field(field_path)
     except FileNotFoundError:
-        raise CLIError(f"{path}: its velocity file {velocity_path} is missing") from None
-    if velocity.shape[:-1] != tuple(shape):
-        raise CLIError(f"velocity {velocity_path} has grid {velocity.shape[:-1]} but the reference grid is {tuple(shape)}")
-    return svf_exp(velocity, steps=int(doc["steps"]))
+        raise CLIError(f"{path}: its {what} file {field_path} is missing") from None
+    if field.shape[:-1] != tuple(shape):
+        raise CLIError(f"{what} {field_path} has grid {field.shape[:-1]} but the reference grid is {tuple(shape)}")
+    return field
 
 
 def _run_apply(args) -> int:

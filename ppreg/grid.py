@@ -12,10 +12,11 @@ every level.
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def identity_grid(shape: tuple[int, ...]) -> jnp.ndarray:
@@ -60,12 +61,43 @@ def level_coordinates(shape: tuple[int, ...], factor: int) -> jnp.ndarray:
     return identity_grid(coarse) * factor + (factor - 1) / 2.0
 
 
-def gaussian_kernel(sigma: float) -> jnp.ndarray:
-    """Normalised 1D Gaussian kernel with radius ``ceil(3 sigma)`` (sigma in voxels, > 0)."""
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """Normalised 1D Gaussian kernel, float32 ``(2 r + 1,)`` with radius ``r = ceil(3 sigma)`` (sigma in voxels, > 0)."""
     radius = max(1, int(math.ceil(3.0 * sigma)))
-    x = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-    k = jnp.exp(-0.5 * (x / sigma) ** 2)
-    return k / jnp.sum(k)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).astype(np.float32)
+
+
+@lru_cache(maxsize=64)
+def blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """The 1D Gaussian blur of :func:`gaussian_kernel` with edge replication as a matrix.
+
+    ``M @ x`` blurs a length-``n`` signal ``x``: taps that fall outside ``[0, n)`` take the
+    nearest edge value, so each row sums to 1. Applying the blur as one matrix product per axis
+    (instead of ``2 r + 1`` shifted slices) compiles about ten times faster and runs about
+    twice as fast on CPU; the band is dense for small ``n``, which is where the images are.
+
+    Returns:
+        float32 ``(n, n)`` (cached; treat as read-only).
+    """
+    kernel = gaussian_kernel(sigma)
+    radius = (kernel.shape[0] - 1) // 2
+    rows = np.repeat(np.arange(n), kernel.shape[0])
+    cols = np.clip(np.arange(n)[:, None] + np.arange(-radius, radius + 1)[None, :], 0, n - 1).ravel()
+    m = np.zeros((n, n), np.float64)
+    np.add.at(m, (rows, cols), np.tile(kernel.astype(np.float64), n))
+    return m.astype(np.float32)
+
+
+def _blur_axes(x: jnp.ndarray, sigma: float, axes: int) -> jnp.ndarray:
+    """Blur the first ``axes`` axes of ``x`` with :func:`blur_matrix` (one contraction per axis)."""
+    letters = "abcdefgh"[: x.ndim]
+    for axis in range(axes):
+        m = jnp.asarray(blur_matrix(x.shape[axis], float(sigma)), x.dtype)
+        spec = f"z{letters[axis]},{letters}->{letters.replace(letters[axis], 'z')}"
+        x = jnp.einsum(spec, m, x, precision=jax.lax.Precision.HIGHEST)
+    return x
 
 
 @partial(jax.jit, static_argnames="sigma")
@@ -81,19 +113,7 @@ def gaussian_blur(image: jnp.ndarray, sigma: float) -> jnp.ndarray:
     """
     if sigma <= 0:
         return image
-    kernel = gaussian_kernel(sigma)
-    radius = (kernel.shape[0] - 1) // 2
-    out = image
-    for axis in range(image.ndim):
-        pad = [(0, 0)] * image.ndim
-        pad[axis] = (radius, radius)
-        padded = jnp.pad(out, pad, mode="edge")
-        n = out.shape[axis]
-        out = sum(
-            kernel[j] * jax.lax.slice_in_dim(padded, j, j + n, axis=axis)
-            for j in range(kernel.shape[0])
-        )
-    return out
+    return _blur_axes(image, sigma, image.ndim)
 
 
 @partial(jax.jit, static_argnames="factor")
@@ -144,7 +164,9 @@ def gradient(image: jnp.ndarray) -> jnp.ndarray:
 @partial(jax.jit, static_argnames="sigma")
 def smooth_field(field: jnp.ndarray, sigma: float) -> jnp.ndarray:
     """Gaussian smoothing of each component of a vector field ``(*spatial, ndim)`` (sigma in voxels)."""
-    return jnp.stack([gaussian_blur(field[..., k], sigma) for k in range(field.shape[-1])], axis=-1)
+    if sigma <= 0:
+        return field
+    return _blur_axes(field, sigma, field.ndim - 1)
 
 
 @partial(jax.jit, static_argnames=("full_shape", "from_factor", "to_factor"))

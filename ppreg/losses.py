@@ -205,12 +205,16 @@ def lncc(
         window: odd side of the box window in voxels, ``3 <= window <= min(spatial)``.
         mask: optional ``(*spatial)`` weights.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-voxel ``-cc(x)``, masked).
-        eps: added to ``E F`` (standardised units); also the floor of the global variances.
+        eps: added to ``E F`` when ``floor == 0`` (standardised units); also the floor of the global
+            variances.
         floor: flat-window rule: windows with ``E <= floor`` or ``F <= floor`` (standardised
             units) count 0 in the value and the gradient, as ITK's ANTS neighbourhood
             correlation zeroes them. In a flat window ``D`` is float32 cancellation noise that
             ``1 / eps`` would turn into the largest force of a registration;
-            :data:`LNCC_FLAT_FLOOR` is the value registration uses.
+            :data:`LNCC_FLAT_FLOOR` is the value registration uses. With ``floor > 0`` the
+            counted windows use ``D^2 / (E F)`` without ``eps`` (as ITK; ``E F > floor^2``),
+            so the value is exactly scale-invariant and ``1 / (E F)`` splits into the two
+            images' own factors (:mod:`ppreg.secure.lcc` relies on it).
 
     Returns:
         float32 scalar, or ``(*spatial)`` for ``"none"``.
@@ -231,15 +235,23 @@ def lncc(
     weights = _weights(fixed, mask)
     f = _standardise(fixed, weights, eps)
     w = _standardise(warped, weights, eps)
-    terms = weights[..., None] * jnp.stack([jnp.ones_like(f), f, w, f * f, w * w, f * w], axis=-1)
-    n, s_f, s_w, s_ff, s_ww, s_fw = jnp.moveaxis(_box_sum(terms, window, range(len(shape))), -1, 0)
-    n = jnp.maximum(n, jnp.finfo(f.dtype).tiny)
+    # Channels first: the box sums then run over contiguous spatial axes (about 2x faster on CPU).
+    terms = jnp.stack([f, w, f * f, w * w, f * w], axis=0)
+    if mask is None:  # unmasked: the count is static
+        s_f, s_w, s_ff, s_ww, s_fw = _box_sum(terms, window, range(1, 1 + len(shape)))
+        n = jnp.asarray(_box_count(shape, window), f.dtype)
+    else:
+        sums = _box_sum(jnp.concatenate([weights[None], weights * terms]), window, range(1, 1 + len(shape)))
+        n, s_f, s_w, s_ff, s_ww, s_fw = sums
+        n = jnp.maximum(n, jnp.finfo(f.dtype).tiny)
     d = s_fw - s_f * s_w / n
     e = jnp.maximum(s_ff - s_f**2 / n, 0.0)
     v = jnp.maximum(s_ww - s_w**2 / n, 0.0)
-    cc = d**2 / (e * v + eps)
-    if floor > 0:
-        cc = jnp.where((e > floor) & (v > floor), cc, 0.0)
+    if floor > 0:  # counted windows have E F > floor^2: no eps needed (ITK's rule)
+        counted = (e > floor) & (v > floor)
+        cc = jnp.where(counted, d**2 / jnp.where(counted, e * v, 1.0), 0.0)
+    else:
+        cc = d**2 / (e * v + eps)
     return _reduce(-cc, mask, reduction)
 
 

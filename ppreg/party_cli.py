@@ -67,7 +67,9 @@ def add_parsers(sub, *, levels_type, fraction_type) -> None:
     p.add_argument("--transform", choices=TRANSFORMS, default="rigid")
     p.add_argument("--spacing", type=int, default=4, help="bspline: finest control spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=0.01, help="bspline: bending-energy weight")
-    p.add_argument("--loss", choices=("ssd",), default="ssd", help="ssd (Gauss-Newton) under MPC")
+    p.add_argument("--loss", choices=("ssd", "mi"), default="ssd",
+                   help="ssd (Gauss-Newton) or mi (Mattes mutual information, linear transforms) under MPC")
+    p.add_argument("--bins", type=int, default=32, help="mi: histogram bins (default 32)")
     p.add_argument("--sampling", choices=METHODS, default=None, help="voxel sampling per iteration (default: all)")
     p.add_argument("--fraction", type=fraction_type, default=0.1, help="sampled fraction of voxels (default 0.1)")
     p.add_argument("--levels", type=levels_type, default=(4, 2, 1), help="pyramid shrink factors (default 4,2,1)")
@@ -126,9 +128,10 @@ def run_party(args, error, load_image, write_outputs) -> int:
                 result, affine, report = parties.run_moving(
                     image, own, listen=args.listen, dealer=args.dealer, peer_key=peer, dealer_key=dealer, **limits,
                     transform=args.transform, sampling=args.sampling, fraction=args.fraction, levels=args.levels,
-                    max_iterations=args.max_iterations, key=args.seed, frac_bits=args.frac_bits,
+                    max_iterations=args.max_iterations, key=args.seed, frac_bits=args.frac_bits, loss=args.loss,
                     **(dict(spacing=args.spacing, regularization=args.regularization)
                        if args.transform == "bspline" else {}),
+                    **(dict(bins=args.bins) if args.loss == "mi" else {}),
                     on_connect=lambda: print("moving: connected to the fixed party and the dealer", file=sys.stderr,
                                              flush=True))
             except (OverflowError, FloatingPointError) as exc:

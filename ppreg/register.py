@@ -36,7 +36,7 @@ from .secure.lcc import svf_report
 from .secure.shares import TwoPartySession
 from .warp import warp
 
-DEFORMABLE = ("bspline", "svf")
+DEFORMABLE = ("bspline", "svf", "dense")
 PIPELINES = tuple(f"{lin}+{deform}" for lin in ("rigid", "affine") for deform in DEFORMABLE)
 TRANSFORMS = KINDS + DEFORMABLE + PIPELINES + ("flash",)  # flash: ppreg.spectral (FLASH geodesic shooting)
 LOSSES = ("ssd", "mi", "ncc", "lncc", "mind")
@@ -44,12 +44,23 @@ FLUID_SIGMA = {"lncc": 3.0, "mind": 3.0}  # svf update smoothing (voxels) per lo
 LINEAR_STAGE_LOSS = {"lncc": "ncc", "mind": "mi"}  # pipelines: local losses run their global kin on the linear stage
 SVF_STEPS = 6  # squarings in exp(v)
 SECURE = (None, "mpc", "ckks")
+# dense defaults, tuned on the Colin27 case of bench/bench_svf.py (lncc, seed 0)
+DENSE_LEARNING_RATE = 0.1  # Adam step (level voxels)
+DENSE_DIFFUSION = 0.1  # diffusion weight (loss units per voxel^2 of gradient)
+DENSE_SIGMA = 2.0  # Gaussian smoothing of the gradient (adam) or of the update variable (lbfgs), level voxels
+DENSE_FIELD_FILE = "dense_displacement.nii.gz"  # dense: the deformable part, beside transform.json
 DEFAULTS = {  # per optimiser: max_iterations (per level), tol (voxels), damping
     "gauss-newton": {"max_iterations": 100, "tol": 1e-3, "damping": 1e-3},
     "descent": {"max_iterations": 200, "tol": 1e-3, "damping": 0.0},
     "bspline": {"max_iterations": 15, "tol": 1e-2, "damping": 0.1},
     "svf": {"max_iterations": 60, "tol": 0.0, "damping": 0.0},
+    "dense": {"max_iterations": 60, "tol": 0.0, "damping": 0.0},
 }
+DEFAULT_STEP = {"svf": 0.5, "dense": DENSE_LEARNING_RATE}  # step_size: svf largest update, dense Adam rate (voxels)
+DEFAULT_REGULARIZATION = {"bspline": 0.01, "dense": DENSE_DIFFUSION}
+# The finest svf level runs fewer iterations: one costs about 8x a half-resolution one (3D), and on the
+# Colin27 case of bench/bench_svf.py 60 instead of 40 gains only 0.02-0.03 mm of RMSE (0.17-0.21 mm).
+SVF_FINEST_ITERATIONS = 40
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,13 @@ class Result:
                               "order) on the fixed grid, stored in the sibling file `velocity`; "
                               "warped(x) = moving(x + u(x))",
             }
+        if kind == "dense":
+            return {
+                "type": "dense",
+                "displacement": DENSE_FIELD_FILE,
+                "convention": "u in voxels (array axis order) on the fixed grid, stored in the sibling file "
+                              "`displacement`; warped(x) = moving(x + u(x))",
+            }
         if kind == "bspline":
             return {
                 "type": "bspline",
@@ -192,6 +210,8 @@ def deformable_displacement(kind: str, params, shape: tuple[int, ...], spacing: 
     """Displacement ``(*shape, d)`` of a deformable transform: ``exp(v)`` (svf) or the B-spline FFD."""
     if kind == "svf":
         return svf_exp(jnp.asarray(params), steps=SVF_STEPS)
+    if kind == "dense":
+        return jnp.asarray(params)
     return displacement(jnp.asarray(params), tuple(shape), spacing)
 
 
@@ -229,11 +249,12 @@ def _check_options(transform, loss, secure, sampling, levels, ndim, max_iteratio
         raise ValueError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
-    if transform == "svf":
-        if sampling is not None or (secure is not None and loss != "lncc"):
-            raise ValueError("the svf transform runs clear with every voxel in this version (secure: loss='lncc')")
+    if transform in ("svf", "dense"):
+        if sampling is not None or (secure is not None and (transform, loss) != ("svf", "lncc")):
+            raise ValueError(f"the {transform} transform runs clear with every voxel in this version (secure: svf "
+                             "with loss='lncc')")
         if levels and levels[-1] != 1:
-            raise ValueError(f"svf levels must end at full resolution (1), got {levels}")
+            raise ValueError(f"{transform} levels must end at full resolution (1), got {levels}")
     elif loss != "ssd" and (transform == "bspline" or (secure is not None and (secure, loss) != ("mpc", "mi"))
                             or sampling == "gms" or loss in ("lncc", "mind")):
         raise ValueError(f"loss {loss!r} is available for clear registration (mi, ncc: linear transforms with full "
@@ -244,11 +265,11 @@ def _check_options(transform, loss, secure, sampling, levels, ndim, max_iteratio
             raise ValueError(f"transforms support 2D and 3D images, got ndim={ndim}")
         if any(b != 2 * a for a, b in zip(levels[1:], levels[:-1])):
             raise ValueError(f"bspline levels must halve from one to the next (e.g. 4,2,1), got {levels}")
-    elif transform != "svf":
+    elif transform not in ("svf", "dense"):
         check_kind(transform, ndim)
     counts = max_iterations if isinstance(max_iterations, (tuple, list)) else (max_iterations,)
-    if isinstance(max_iterations, (tuple, list)) and (transform != "svf" or len(counts) != len(levels)):
-        raise ValueError(f"max_iterations per level (a sequence) is for svf, one per level {levels}; "
+    if isinstance(max_iterations, (tuple, list)) and (transform not in ("svf", "dense") or len(counts) != len(levels)):
+        raise ValueError(f"max_iterations per level (a sequence) is for svf and dense, one per level {levels}; "
                          f"got {max_iterations!r}")
     if any(int(c) != c or c < 1 for c in counts):
         raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
@@ -278,13 +299,14 @@ def register(
     tol: float | None = None,
     damping: float | None = None,
     spacing: int = 4,
-    regularization: float = 0.01,
+    regularization: float | None = None,
     cg_iterations: int = 10,
     bins: int = 32,
-    step_size: float = 0.5,
+    step_size: float | None = None,
     fluid_sigma: float | None = None,
     diffusion_sigma: float = 0.5,
     symmetric: bool = False,
+    optimizer: str = "adam",
     key=0,
     frac_bits: int = 16,
     seeds=None,
@@ -297,8 +319,9 @@ def register(
         fixed: ``(*spatial)`` array or :class:`~ppreg.image.Image` (party2's in PPIR).
         moving: array or Image of the same dimensionality (party1's); shapes may differ.
         transform: ``"translation" | "rigid" | "affine" | "bspline" | "svf"`` (stationary
-            velocity field, ``u = exp(v)``, diffeomorphic), or a pipeline ``"rigid+svf"``,
-            ``"affine+svf"``, ``"rigid+bspline"``, ``"affine+bspline"``: the linear stage (with
+            velocity field, ``u = exp(v)``, diffeomorphic) ``| "dense"`` (a free displacement
+            per voxel by optax, diffusion-regularised, not diffeomorphic by construction), or a
+            pipeline ``"rigid+svf"``, ``"affine+svf"``, ``"affine+dense"``, ``"affine+bspline"``, ...: the linear stage (with
             ``loss``, or ncc for lncc and mi for mind, and default options), then the deformable
             stage between the fixed image and the linearly aligned moving image (with the
             given options); the result maps ``x`` to ``A (x + u(x))``.
@@ -316,23 +339,31 @@ def register(
             factor / 2 voxels). Bspline: control spacing = ``spacing * factor`` with the same
             smoothing, at full resolution; factors must halve (e.g. 4,2,1).
         max_iterations: per level (default 100 Gauss-Newton, 200 descent, 15 bspline; svf runs
-            exactly this many, default 60, or a sequence with one count per level).
+            exactly this many, default 60 per level and :data:`SVF_FINEST_ITERATIONS` (40) at the
+            last, or a sequence with one count per level).
         tol: stop a level when the RMS displacement of a step is <= ``tol`` voxels
             (default 1e-3 linear, 1e-2 bspline); for descent, the minimum step length.
         damping: Levenberg-Marquardt weight (default 1e-3 linear, relative to diag H;
             0.1 bspline, relative to the mean data-Hessian diagonal).
         spacing: bspline control-point spacing at the finest level, voxels (even, >= 4
             when refined).
-        regularization: bspline bending-energy weight (on images scaled into [-1, 1]).
+        regularization: bspline: bending-energy weight (on images scaled into [-1, 1]; default
+            0.01); dense: diffusion weight (:func:`ppreg.regularizers.diffusion`, default
+            :data:`DENSE_DIFFUSION`).
         cg_iterations: bspline conjugate-gradient iterations per Gauss-Newton step.
         bins: histogram bins of ``loss="mi"``.
-        step_size: svf: largest update of the velocity per iteration, in voxels of the level.
+        step_size: svf: largest update of the velocity per iteration, in voxels of the level
+            (default 0.5); dense: the Adam learning rate, level voxels (default
+            :data:`DENSE_LEARNING_RATE`).
         fluid_sigma, diffusion_sigma: svf: Gaussian smoothing (level voxels) of each update
             and of the velocity field. ``fluid_sigma`` defaults to 3.0 for the local losses (lncc,
             mind: their forces are noisier; tuned on the Colin27 case of ``bench/bench_svf.py``)
-            and 2.0 otherwise.
+            and 2.0 otherwise; dense: ``fluid_sigma`` (default :data:`DENSE_SIGMA`) smooths each
+            Adam gradient, or is the L-BFGS change of variables ``u = u0 + G_sigma w``.
         symmetric: svf: ANTs-style half-way update (both images warped to the middle,
             ``fixed o exp(-v/2)`` vs ``moving o exp(v/2)``); see :func:`ppreg.optim.run_svf_level`.
+        optimizer: dense: ``"adam"`` (default) or ``"lbfgs"`` (optax; see
+            :func:`ppreg.optim.run_dense_level`).
         key: int seed or PRNG key for sampling (public).
         frac_bits: fixed-point fractional bits for ``secure="mpc"``.
         seeds: dealer seeds for reproducible secure runs (tests); CSPRNG otherwise.
@@ -367,15 +398,22 @@ def register(
                                   levels=levels, max_iterations=max_iterations, tol=tol, damping=damping,
                                   spacing=spacing, regularization=regularization, cg_iterations=cg_iterations,
                                   bins=bins, step_size=step_size, fluid_sigma=fluid_sigma,
-                                  diffusion_sigma=diffusion_sigma, symmetric=symmetric, key=key)
+                                  diffusion_sigma=diffusion_sigma, symmetric=symmetric, optimizer=optimizer, key=key)
     start = time.perf_counter()
     fixed_a, moving_a = _as_array(fixed, "fixed"), _as_array(moving, "moving")
     if fixed_a.ndim != moving_a.ndim:
         raise ValueError(f"fixed is {fixed_a.ndim}D but moving is {moving_a.ndim}D")
-    family = DEFAULTS[transform if transform in ("bspline", "svf") else "gauss-newton" if loss == "ssd" else "descent"]
-    max_iterations = family["max_iterations"] if max_iterations is None else max_iterations
+    family = DEFAULTS[transform if transform in DEFORMABLE else "gauss-newton" if loss == "ssd" else "descent"]
+    if max_iterations is None:
+        max_iterations = family["max_iterations"]
+        if transform in ("svf", "dense") and len(levels) > 1:
+            max_iterations = (max_iterations,) * (len(levels) - 1) + (SVF_FINEST_ITERATIONS,)
     tol = family["tol"] if tol is None else tol
     damping = family["damping"] if damping is None else damping
+    step_size = DEFAULT_STEP.get(transform, 0.5) if step_size is None else step_size
+    regularization = DEFAULT_REGULARIZATION.get(transform, 0.01) if regularization is None else regularization
+    if transform == "dense" and optimizer not in optim.DENSE_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {optim.DENSE_OPTIMIZERS}")
     _check_options(transform, loss, secure, sampling, levels, fixed_a.ndim, max_iterations, tol, damping)
     if secure == "mpc" and loss == "mi" and transform in KINDS:  # ppreg.secure.mi
         return _register_mpc(fixed, fixed_a, moving_a, frac_bits=frac_bits, seeds=seeds, loss="mi",
@@ -389,8 +427,15 @@ def register(
     scale = 2.0 ** max(scale_exponent(fixed_a), scale_exponent(moving_a))
     fixed_s, moving_s = fixed_a / scale, moving_a / scale
     session = svf_session = None
-    if transform == "svf":
-        prepare = _unit_range if loss != "ssd" else (lambda x: x / scale)
+    prepare = _unit_range if loss != "ssd" else (lambda x: x / scale)
+    if transform == "dense":
+        u, reports = _fit_dense(prepare(fixed_a), prepare(moving_a), loss=_ImageLoss(loss, bins), levels=tuple(levels),
+                                iterations=max_iterations, optimizer=optimizer, learning_rate=step_size,
+                                regularization=regularization,
+                                sigma=DENSE_SIGMA if fluid_sigma is None else fluid_sigma)
+        warped = _warp_field(moving_a, u, identity_grid(fixed_a.shape))
+        params, mat, center = np.asarray(u), None, None
+    elif transform == "svf":
         if secure == "mpc":  # ppreg.secure.lcc: the lncc force under MPC, revealed to party1 only
             if symmetric:
                 raise ValueError("secure svf is non-symmetric in this version")
@@ -585,41 +630,67 @@ def _fit_descent(fixed_u, moving_u, center, key, *, transform, loss, levels, sam
     return mat, reports
 
 
+def _coarse_to_fine(fixed_u, moving_u, levels, iterations, run_level):
+    """Coarse-to-fine driver of the dense models (svf velocity, dense displacement).
+
+    The field is carried in full-resolution voxels between levels; ``run_level(li, field,
+    moving, fixed, iterations)`` gets the field in level voxels and the level images and
+    returns ``(field, losses)``.
+
+    Returns:
+        ``(field (*shape, d) in full-resolution voxels, reports)``.
+    """
+    shape = fixed_u.shape
+    field, reports = None, []
+    counts = tuple(iterations) if isinstance(iterations, (tuple, list)) else (iterations,) * len(levels)
+    for li, (factor, count) in enumerate(zip(levels, counts)):
+        coarse = level_shape(shape, factor)
+        if field is None:
+            field = jnp.zeros(coarse + (len(shape),), jnp.float32)
+        else:
+            field = upsample_field(field, shape, levels[li - 1], factor)
+        level_field, losses = run_level(li, field / factor, downsample(moving_u, factor), downsample(fixed_u, factor),
+                                        int(count))
+        field = level_field * factor
+        reports.append(LevelReport(int(factor), coarse, int(count), int(np.prod(coarse)), np.asarray(losses)))
+        _check_finite(field, li, factor)
+    return field, reports
+
+
 def _fit_svf(fixed_u, moving_u, *, loss, levels, iterations, step, fluid_sigma, diffusion_sigma, symmetric,
              session=None):
-    """Coarse-to-fine SVF; the velocity is carried in full-resolution voxels between levels.
+    """Coarse-to-fine SVF (:func:`ppreg.optim.run_svf_level` per level).
 
     With a ``session`` (loss lncc) each level runs :func:`ppreg.secure.lcc.run_svf_level`.
 
     Returns:
         ``(velocity, reports, party_seconds)``: each party's own compute time (secure runs) or None.
     """
-    shape = fixed_u.shape
-    velocity, reports = None, []
     party_seconds = None if session is None else {"party1": 0.0, "party2": 0.0}
-    counts = tuple(iterations) if isinstance(iterations, (tuple, list)) else (iterations,) * len(levels)
-    for li, (factor, iterations) in enumerate(zip(levels, counts)):
-        coarse = level_shape(shape, factor)
-        if velocity is None:
-            velocity = jnp.zeros(coarse + (len(shape),), jnp.float32)
-        else:
-            velocity = upsample_field(velocity, shape, levels[li - 1], factor)
-        opts = dict(iterations=int(iterations), step=step, sigma_fluid=fluid_sigma, sigma_diff=diffusion_sigma,
-                    steps=SVF_STEPS)
-        if session is not None:
-            level_v, losses, per_iteration = secure_lcc.run_svf_level(
-                session, velocity / factor, downsample(moving_u, factor), downsample(fixed_u, factor),
-                label=f"L{li}", **opts)
-            for p in party_seconds:
-                party_seconds[p] += per_iteration[p] * int(iterations)
-        else:
-            level_v, losses = optim.run_svf_level(
-                velocity / factor, downsample(moving_u, factor), downsample(fixed_u, factor), loss_fn=loss,
-                symmetric=symmetric, **opts)
-        velocity = level_v * factor
-        reports.append(LevelReport(int(factor), coarse, int(iterations), int(np.prod(coarse)), np.asarray(losses)))
-        _check_finite(velocity, li, factor)
+    opts = dict(step=step, sigma_fluid=fluid_sigma, sigma_diff=diffusion_sigma, steps=SVF_STEPS)
+
+    def run_level(li, velocity, moving, fixed, count):
+        if session is None:
+            return optim.run_svf_level(velocity, moving, fixed, loss_fn=loss, symmetric=symmetric, iterations=count,
+                                       **opts)
+        velocity, losses, per_iteration = secure_lcc.run_svf_level(session, velocity, moving, fixed, label=f"L{li}",
+                                                                   iterations=count, **opts)
+        for p in party_seconds:
+            party_seconds[p] += per_iteration[p] * count
+        return velocity, losses
+
+    velocity, reports = _coarse_to_fine(fixed_u, moving_u, levels, iterations, run_level)
     return velocity, reports, party_seconds
+
+
+def _fit_dense(fixed_u, moving_u, *, loss, levels, iterations, optimizer, learning_rate, regularization, sigma):
+    """Coarse-to-fine dense displacement by optax (:func:`ppreg.optim.run_dense_level` per level)."""
+
+    def run_level(li, u, moving, fixed, count):
+        return optim.run_dense_level(u, moving, fixed, loss_fn=loss, iterations=count, optimizer=optimizer,
+                                     learning_rate=learning_rate, regularization=regularization, sigma=sigma)
+
+    return _coarse_to_fine(fixed_u, moving_u, levels, iterations, run_level)
 
 
 def _fit_bspline(fixed_s, moving_s, *, levels, spacing, max_iterations, tol, lam, damping, cg_iterations):

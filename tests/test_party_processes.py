@@ -2,9 +2,9 @@
 
 Each process pays a Python/JAX start and its compilations, so the runs share them: one fixture
 computes the in-process references (filling the persistent compilation cache that ``ppreg``
-uses, so the processes load rather than compile the same functions), then runs two sessions at
-once (a linear one with URS and a B-spline one with GMS: six processes that mostly wait on each
-other); a third session has its fixed party killed once connected.
+uses, so the processes load rather than compile the same functions), then runs three sessions
+at once (linear SSD with URS, B-spline with GMS, Mattes MI with URS: nine processes that mostly
+wait on each other); a fourth session has its fixed party killed once connected.
 """
 
 import json
@@ -23,7 +23,11 @@ from ppreg.register import register
 
 LINEAR = dict(transform="translation", levels=(1,), sampling="urs", fraction=0.2, max_iterations=3, key=3)
 BSPLINE = dict(transform="bspline", spacing=8, levels=(1,), sampling="gms", fraction=0.5, max_iterations=2, key=1)
-MOVING = {"linear": "BrainProtonDensitySliceShifted13x17y", "bspline": "BrainProtonDensitySliceBSplined10"}
+MI = dict(transform="translation", loss="mi", levels=(1,), sampling="urs", fraction=0.2, max_iterations=3, key=2)
+CASES = {"linear": LINEAR, "bspline": BSPLINE, "mi": MI}
+MOVING = {"linear": "BrainProtonDensitySliceShifted13x17y", "bspline": "BrainProtonDensitySliceBSplined10",
+          "mi": "BrainProtonDensitySliceShifted13x17y"}
+OPS = {"linear": "query", "bspline": "spline_query", "mi": "mi_grad"}  # one call per iteration
 
 
 def _args(options):
@@ -44,11 +48,11 @@ def sessions(tmp_path_factory):
     fixed = _image("BrainProtonDensitySliceBorder20")
     enable_compilation_cache()  # as `ppreg` does: the processes reuse what the references compile
     runs, procs = {}, {}
-    for case, options in (("linear", LINEAR), ("bspline", BSPLINE)):
+    for case, options in CASES.items():
         moving = _image(MOVING[case])
         runs[case] = {"work": tmp_path_factory.mktemp(case), "moving": moving,
                       "ref": register(fixed, moving, secure="mpc", **options)}
-    for case, options in (("linear", LINEAR), ("bspline", BSPLINE)):
+    for case, options in CASES.items():
         work = runs[case]["work"]
         save(fixed, work / "fixed.nii.gz")
         save(runs[case]["moving"], work / "moving.nii.gz")
@@ -60,7 +64,7 @@ def sessions(tmp_path_factory):
     return runs
 
 
-def _check_outputs(run):
+def _check_outputs(run, case):
     for name, proc in run["done"].items():
         assert proc.returncode == 0, (name, proc.stderr[-2000:])
     out, ref = run["work"] / "out", run["ref"]
@@ -79,16 +83,16 @@ def _check_outputs(run):
         assert ref.bytes_per_iteration[p] <= rep["bytes_per_iteration"][p] <= ref.bytes_per_iteration[p] + 400
     assert rep["time_s"]["party1"] > 0 and rep["time_s"]["party2"] > 0
     # each process's own report: its compute per operation, one query call per iteration
-    op = "spline_query" if doc["type"] == "bspline" else "query"
     for name in ("moving", "fixed", "dealer"):
         ops = json.loads((run["work"] / f"{name}_report.json").read_text())["ops"]
-        assert ops[op]["calls"] == ref.iterations and 0 < ops[op]["median_s"] <= ops[op]["total_s"]
+        op = ops[OPS[case]]
+        assert op["calls"] == ref.iterations and 0 < op["median_s"] <= op["total_s"]
     return rep, doc
 
 
 def test_three_processes_equal_in_process_register_linear(sessions):
     run = sessions["linear"]
-    _, doc = _check_outputs(run)
+    _, doc = _check_outputs(run, "linear")
     np.testing.assert_allclose(np.asarray(doc["matrix"]), run["ref"].matrix, atol=1e-6)
     # the moving party's output can be applied as any `ppreg register` output
     work = run["work"]
@@ -99,7 +103,7 @@ def test_three_processes_equal_in_process_register_linear(sessions):
 def test_three_processes_equal_in_process_register_bspline(sessions):
     """B-spline FFD over the network: the followers run the spline handlers (GMS indices via the dealer)."""
     run = sessions["bspline"]
-    _, doc = _check_outputs(run)
+    _, doc = _check_outputs(run, "bspline")
     assert doc["type"] == "bspline" and doc["spacing"] == BSPLINE["spacing"]
     np.testing.assert_allclose(np.asarray(doc["coefficients"]), run["ref"].params, atol=1e-5)
     assert np.max(np.abs(run["ref"].params)) > 0.1  # it moved
@@ -107,6 +111,14 @@ def test_three_processes_equal_in_process_register_bspline(sessions):
     k = run["ref"].levels[0].n_samples
     assert run["ref"].bytes_per_iteration["party1"] >= 8 * 2 * k
     assert run["ref"].bytes_per_iteration["party2"] >= 8 * run["ref"].params.size
+
+
+def test_three_processes_equal_in_process_register_mi(sessions):
+    """Mattes MI over the network (``--loss mi``): the followers run the MI handlers."""
+    run = sessions["mi"]
+    _, doc = _check_outputs(run, "mi")
+    np.testing.assert_allclose(np.asarray(doc["matrix"]), run["ref"].matrix, atol=1e-6)
+    assert np.max(np.abs(np.asarray(doc["parameters"]))) > 0.1  # it moved
 
 
 def test_killed_fixed_party_stops_the_others_cleanly(sessions):

@@ -1,4 +1,5 @@
-"""SVF (diffeomorphic) registration: known deformation, identity, no folding, losses, CLI round trip."""
+"""SVF (diffeomorphic) and dense (optax) registration: known deformation, identity, no folding, losses,
+CLI round trip."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import pytest
 
 from ppreg.grid import identity_grid, level_shape, smooth_field, upsample_field
 from ppreg.metrics import field_rmse, folding
+from ppreg import optim
 from ppreg.register import register
 from ppreg.svf import compose, exp
 from ppreg.warp import warp
@@ -119,3 +121,39 @@ def test_iterations_per_level(pair):
     assert [lv.iterations for lv in r.levels] == [12, 5] and r.iterations == 17
     with pytest.raises(ValueError, match="one per level"):
         register(pair[0], pair[1], transform="svf", levels=LEVELS, max_iterations=(12,))
+
+
+# --- dense displacement (optax) ---
+
+
+@pytest.mark.parametrize("optimizer, bound", [("adam", 0.3), ("lbfgs", 0.4)])
+def test_dense_recovers_known_deformation(pair, optimizer, bound):
+    fixed, moving, u_true = pair
+    r = register(fixed, moving, transform="dense", loss="lncc", levels=LEVELS, max_iterations=40, optimizer=optimizer)
+    assert r.params.shape == SHAPE + (2,) and np.array_equal(r.displacement(), r.params)
+    assert _interior_error(r.displacement(), u_true) < bound
+    assert all(lv.losses[-1] < lv.losses[0] for lv in r.levels)
+    assert folding(r.displacement())["voxels"] == 0
+
+
+def test_dense_identity_pair_and_one_compilation(pair):
+    opts = dict(transform="dense", loss="ssd", levels=LEVELS, max_iterations=(10, 10))
+    r = register(pair[0], pair[0], **opts)
+    assert np.max(np.abs(r.displacement())) < 0.05
+    size = optim.run_dense_level._cache_size()
+    register(pair[1], pair[1] * 0.5, **opts)
+    assert optim.run_dense_level._cache_size() == size
+
+
+@pytest.mark.parametrize("kwargs, error", [(dict(secure="mpc"), "runs clear"), (dict(sampling="urs"), "runs clear"),
+                                           (dict(optimizer="sgd"), "unknown optimizer")])
+def test_dense_bad_options(pair, kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        register(pair[0], pair[1], transform="dense", **kwargs)
+
+
+def test_cli_dense_round_trip(pair, tmp_path):
+    fixed, moving, _ = pair
+    doc = register_and_apply(tmp_path, fixed, moving, "--transform", "dense", "--loss", "lncc", "--levels", "2,1",
+                             "--max-iterations", "10", "--optimizer", "lbfgs")
+    assert doc["type"] == "dense" and (doc["_outdir"] / doc["displacement"]).exists()

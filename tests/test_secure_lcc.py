@@ -1,4 +1,4 @@
-"""PPIR(MPC) local cross-correlation (ppreg.secure.lcc) and the secure reciprocal.
+"""PPIR(MPC) local cross-correlation (ppreg.secure.lcc).
 
 Real data: a 48 x 48 crop of the ITK brain slices (Border20 fixed, BSplined10 moving).
 """
@@ -12,8 +12,8 @@ from scipy.stats import chisquare
 from ppreg import load_sample
 from ppreg.grid import gradient
 from ppreg.losses import lncc
-from ppreg.secure import lcc, reciprocal as rec
-from ppreg.secure.shares import TwoPartySession, reveal, share
+from ppreg.secure import lcc
+from ppreg.secure.shares import TwoPartySession
 from secure_helpers import RecordingChannel
 
 SEEDS = (b"c" * 32, b"d" * 32)
@@ -51,12 +51,24 @@ def test_guarded_lncc_is_lncc_without_floor_and_ignores_flat_windows(images):
     assert np.ptp(dl[:, :12]) == 0.0 and np.abs(dl[:, :12]).max() < 1e-4 * np.abs(dl).max()
     terms = lcc.local_terms(flat)
     assert np.all(np.asarray(terms["inv"])[:, :14] == 0.0)
-    # where both windows pass the floor, the reciprocal's input is >= z_min (3 Newton steps converge)
-    ft = lcc.local_terms(fixed)
-    z = np.asarray(ft["rho"] * terms["rho"] + ft["lam"] * terms["lam"])
-    both = (np.asarray(ft["inv"]) > 0) & (np.asarray(terms["inv"]) > 0)
-    z_min = (lcc.FLOOR / (lcc.FLOOR + lcc.EPS**0.5)) ** 2
-    assert both.any() and z[both].min() >= z_min and (1 - z_min) ** (2**lcc.NEWTON) < 1e-9
+    # elsewhere inv is the exact reciprocal of the window variance, below 1/floor
+    kept = np.asarray(terms["inv"]) > 0
+    np.testing.assert_allclose(np.asarray(terms["inv"])[kept] * np.asarray(terms["var"])[kept], 1.0, rtol=1e-12)
+    assert np.all(np.asarray(terms["inv"]) < 1.0 / lcc.FLOOR)
+
+
+def test_floored_lncc_is_d2_over_ef_on_counted_windows(images):
+    """The loss the protocol computes: -mean over counted windows of D^2/(E F) (no eps), from float64 terms."""
+    from scipy.ndimage import uniform_filter
+
+    fixed, moving = images
+    f, w = lcc.local_terms(fixed), lcc.local_terms(moving)
+    fs, ws = np.asarray(f["std"]), np.asarray(w["std"])
+    d = lcc.WINDOW**2 * uniform_filter(fs * ws, lcc.WINDOW, mode="constant") - np.asarray(f["mean"] * w["box"])
+    e, v = np.asarray(f["var"]), np.asarray(w["var"])
+    counted = (e > lcc.FLOOR) & (v > lcc.FLOOR)
+    expected = -np.sum(d[counted] ** 2 / (e[counted] * v[counted])) / fs.size
+    assert float(lcc.guarded_lncc(fixed, moving)) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -65,26 +77,6 @@ def secure_run(images):
     session = TwoPartySession(RecordingChannel(), seeds=SEEDS)
     loss, force = lcc.secure_force(session, lcc.local_terms(fixed), lcc.local_terms(moving))
     return session, loss, force
-
-
-def test_reciprocal_within_derived_bound():
-    z = np.concatenate([np.linspace(0.02, 1.0, 200), [1e-3, 0.5, 1.0]])
-    k, f = 6, 16
-    y = reveal(rec.reciprocal(TwoPartySession(seeds=SEEDS), share(z, f), iterations=k))
-    z_enc = np.round(z * 2.0**f) / 2.0**f
-    bound = rec.error_bound(z_enc, k, f)
-    err = np.abs(y - 1.0 / z_enc)
-    assert np.all(err <= bound), np.max(err - bound)
-    # converged where (1 - z)^64 is negligible (z >= 0.25): a few units in the last place of 1/z
-    ok = z_enc >= 0.25
-    assert np.max(err[ok]) < 64 * 2.0**-f and np.max(bound[ok]) < 1e-2  # the worst case is loose but finite
-    # below the convergence range the iterate stays under 1/z and under 2^k
-    assert np.all(y <= 1.0 / z_enc + bound) and np.all(y <= 2.0**k)
-
-
-def test_reciprocal_rejects_bad_iterations():
-    with pytest.raises(ValueError, match="iterations"):
-        rec.reciprocal(TwoPartySession(seeds=SEEDS), share(np.ones(3)), iterations=0)
 
 
 def test_secure_force_matches_clear_autodiff(clear, secure_run):
@@ -132,12 +124,12 @@ def test_views_are_uniform_and_only_the_outputs_are_opened(secure_run, images):
 
 
 def test_traffic_per_voxel(secure_run, images):
-    """Online bytes per party: 12 + d private products (one 8-byte element each way) and
-    2 newton + 1 Beaver products (two each way), plus headers; party2 also sends its output share."""
+    """Online bytes per party: 10 + d private products (one 8-byte element each way) and
+    2 Beaver products (two each way), plus headers; party2 also sends its output share."""
     session, _, _ = secure_run
     n, d = images[0].size, 2
     sent = session.channel.traffic.snapshot()["sent"]
-    expected = (4 * lcc.NEWTON + 14 + d) * n * 8
+    expected = (14 + d) * n * 8
     assert expected <= sent["party1"]["online"] < expected * 1.02
     assert sent["party2"]["online"] - sent["party1"]["online"] >= d * n * 8
 

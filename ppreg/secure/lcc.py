@@ -5,22 +5,20 @@ both images standardised globally (``f``, ``w``), then per window ``x`` (box of 
 ``window``, ``n(x)`` voxels inside the image)::
 
     D = sum_W f w - mu_f S_w,   E = sum_W f^2 - mu_f S_f,   F = sum_W w^2 - mu_w S_w
-    L = -(1/N) sum_x [E > floor][F > floor] D^2 / (E F + eps)
+    L = -(1/N) sum_x [E > floor][F > floor] D^2 / (E F)
 
 Its derivative with respect to the warped voxel ``w_i`` is Taiello et al. 2024, Eq. 10
 (Avants et al. 2008) with the window sums written out (the box sum ``B`` is symmetric, so
 it is its own adjoint)::
 
-    h = D / (E F + eps) (0 in flat windows),  alpha = 2 h  (= 2D/(EF), Eq. 10),  beta = 2 h^2 E
+    h = D / (E F) (0 in flat windows),  alpha = 2 h  (= 2D/(EF), Eq. 10),  beta = 2 h^2 E
     N dL/dw_i = -[f_i B(alpha)_i - B(alpha mu_f)_i - w_i B(beta)_i + B(beta mu_w)_i]       (*)
 
 i.e. the sum over the windows containing ``i`` of ``alpha (f_i - mu_f) - beta (w_i - mu_w)``,
 the Eq. 10 factor ``2D/(EF) (J - D/E I)`` written per window. Party1's force is
 ``-dL/dw_raw . grad w_raw``; the global standardisation contributes ``(1/s) (g - mean g -
-w mean(g w))``, where ``mean g = 0`` exactly (lncc is invariant to adding a constant) and
-``mean(g w) = -(2 eps / N) mean h^2`` (its scale derivative) is omitted: it changes ``(*)``
-by ``2 eps mean(h^2) |w|``, below 1e-5 of ``max |(*)|`` on the ITK slices, far below the
-fixed-point error.
+w mean(g w))``, where ``mean g = 0`` and ``mean(g w) = 0`` exactly: without ``eps`` the
+counted windows' ``cc`` is invariant to ``a w + b``.
 
 Why the floor (``FLOOR = 0.1``, standardised units, i.e. a local standard deviation below
 6 % of the global one for a 5 x 5 window): where the warped image is flat (zero-filled samples
@@ -31,33 +29,29 @@ not reproducible (measured on a 100 x 100 crop of the ITK slices, levels (2, 1),
 each: a Python-loop copy of the same float32 loop ends 0.22 px RMS from the jitted loop,
 float64 0.15 px from float32; with the floor: 4e-6 px and 3e-6 px). ITK's
 ``ANTSNeighborhoodCorrelationImageToImageMetricv4`` applies the same rule (no derivative
-unless both local variances exceed epsilon). The floor also bounds the reciprocal's input
-below (next paragraph), so 3 Newton steps suffice.
+unless both local variances exceed epsilon), and then uses ``D^2 / (E F)`` with no ``eps``:
+``E F > floor^2``. That is what removes every secure division (next paragraph).
 
 Who holds what: party1 (moving) holds ``w``, ``S_w``, ``mu_w``, ``F`` and ``grad w`` (its warped
 image, computed locally); party2 (fixed) holds ``f``, ``S_f``, ``mu_f`` and ``E``. Box sums are
 public linear maps, applied locally to shares. A product of a shared value and a value one party
 holds in the clear is a *private product* (:func:`_private_product`, dealer kind
 ``private_product``: one masked ring element each way, fresh ``u, v, uv`` per product); a product
-of two shared values uses a fresh Beaver triple (:meth:`TwoPartySession.mul`). The division is
-separated so that each party handles its own factor in the clear:
+of two shared values uses a fresh Beaver triple (:meth:`TwoPartySession.mul`). The division
+needs no secure reciprocal: ``1 / (E F)`` is the product of the parties' own factors,
 
-    a = [E > floor]/(E + c), lam_E = c/(E + c), rho_E = E/(E + c)  (party2; party1 likewise for F)
-    c = sqrt(eps):  z := rho_E rho_F + lam_E lam_F = (E F + eps)/((E + c)(F + c))  in (0, 1]
-    h = (D a b) / z,   1/z by Newton-Raphson on shares (:mod:`ppreg.secure.reciprocal`)
+    a = [E > floor] / E  (party2, in the clear),   b = [F > floor] / F  (party1)
+    h = (D a) b          (two private products)
 
-so every shared intermediate is bounded (``z <= 1``, ``|D a b| <= 1/(4c)``) and the reciprocal
-needs no secret scaling. Where ``a b != 0`` (both windows above the floor)
-``z >= z_min = (floor/(floor + c))^2 = 0.939``, so ``k`` Newton steps from ``y_0 = 1`` leave a
-relative error ``(1 - z_min)^(2^k)`` (``k = 3``: 2e-10); elsewhere ``h = 0`` exactly whatever
-``y`` (which stays in ``(0, 2^k]``). Then ``beta = 2 (h E) h`` and the four products of ``(*)``.
+with ``a, b < 1 / floor`` carried at ``f + 6`` bits. Then ``beta = 2 (h E) h`` and the four
+products of ``(*)``.
 
-Traffic per iteration and party: ``12 + d`` private products (``D`` and ``z``: 5, ``D a``,
-``D a b``, ``h E``, the four of ``(*)``, the ``d`` of ``(*) . grad w``) of one 8-byte element and
-``2 k + 1`` Beaver products (Newton ``2 (k - 1)``, ``h``, ``(h E) h`` with ``D h``) of two:
-``(4 k + 14 + d) 8 N`` bytes (2D: 224 B/voxel, 3D: 232 at ``k = 3``), plus party2's
-``8 (d N + 1)`` output bytes; offline, party2 receives one element per product
-(``(2 k + 13 + d) 8 N`` bytes).
+Traffic per iteration and party: ``10 + d`` private products (``D``: 3, ``D a``, ``D a b``,
+``h E``, the four of ``(*)``, the ``d`` of ``(*) . grad w``) of one 8-byte element and 2 Beaver
+products (``(h E) h`` with ``D h``) of two: ``(14 + d) 8 N`` bytes (2D: 128 B/voxel, 3D: 136),
+plus party2's ``8 (d N + 1)`` output bytes; offline, party2 receives one element per product
+(``(12 + d) 8 N`` bytes). (With the ``eps`` of ``D^2 / (E F + eps)`` the division did not
+split and needed 3 Newton steps of a secure reciprocal: ``(26 + d) 8 N`` bytes.)
 
 What each party learns: party1 learns ``N s dL/dw . grad w`` per voxel (its force, before
 smoothing; from it the clear force follows with its own ``s``) and the loss value ``L``;
@@ -74,7 +68,7 @@ their standardised image to the ``2^-f`` grid first and compute every local term
 ``B(f w)`` and ``S_w`` are exact ring values and ``D`` (one truncation; ``mu_f``'s rounding
 remainder carried at ``2f`` bits) errs by at most ``2^-f`` (SecureML: a truncation errs by one
 unit); each later truncated product adds one unit, which ``a b <= 1/floor^2`` amplifies in
-the lowest-variance windows; the reciprocal errs by :func:`ppreg.secure.reciprocal.error_bound`.
+the lowest-variance windows.
 Measured on the ITK crop: ``D`` within 4e-6, ``h`` 2e-5 relative L2, force 5e-5 relative L2
 (1e-4 of its maximum) against float64; float32 clear: 1e-5.
 
@@ -102,14 +96,12 @@ from ..grid import gradient, identity_grid, smooth_field
 from ..losses import LNCC_FLAT_FLOOR, _box_count, _box_sum, _standardise, lncc
 from ..svf import exp as svf_exp
 from ..warp import warp
-from .reciprocal import reciprocal
 from .ring import decode, encode, to_ring, x64
 from .shares import Shared, TwoPartySession, add, sub, truncate
 
 WINDOW = 5
 EPS = 1e-5
 FLOOR = LNCC_FLAT_FLOOR
-NEWTON = 3
 FRAC_BITS = 18
 INV_EXTRA_BITS = 6
 RETRIES = 2
@@ -167,9 +159,9 @@ def local_terms(image, *, window: int = WINDOW, eps: float = EPS, floor: float =
         dict of float64 arrays ``(*spatial)`` (computed in float64: the box-sum variances of
         nearly flat windows lose digits to cancellation in float32): ``std`` (globally standardised image), ``mean``
         (local mean), ``box`` (local sum), ``var`` (local sum of squared deviations, ``E`` or
-        ``F``), ``inv = 1/(var + c)``, ``lam = c inv``, ``rho = var inv``; ``grad``
-        ``(*spatial, d)`` (central differences of ``image``) and the scalar ``scale`` ``s``.
-        ``inv`` is 0 in flat windows (``var <= floor``), which zeroes ``h`` there.
+        ``F``), ``inv = [var > floor] / var``; ``grad`` ``(*spatial, d)`` (central differences
+        of ``image``) and the scalar ``scale`` ``s``. ``inv`` is 0 in flat windows, which
+        zeroes ``h`` there.
 
     Raises:
         ValueError: negative ``floor``.
@@ -191,10 +183,9 @@ def _local_terms(image, *, window, eps, floor, quantum):
     box = _box_sum(std, window, axes)
     local_mean = box / n
     var = jnp.maximum(_box_sum(std * std, window, axes) - box * local_mean, 0.0)
-    c = jnp.sqrt(eps)
-    inv = jnp.where(var > floor, 1.0 / (var + c), 0.0)
-    return dict(std=std, mean=local_mean, box=box, var=var, inv=inv, lam=c / (var + c), rho=var / (var + c),
-                grad=gradient(image), scale=jnp.sqrt(jnp.maximum(var0, eps)))
+    inv = jnp.where(var > floor, 1.0 / jnp.where(var > floor, var, 1.0), 0.0)
+    return dict(std=std, mean=local_mean, box=box, var=var, inv=inv, grad=gradient(image),
+                scale=jnp.sqrt(jnp.maximum(var0, eps)))
 
 
 def _box(x: Shared, window: int) -> Shared:
@@ -270,8 +261,8 @@ def _ring(x, frac_bits: int):
     return encode(np.asarray(x, np.float64), frac_bits)
 
 
-def _window_covariance(session, m, f, window, frac_bits, tag) -> tuple[Shared, Shared]:
-    """Round 1: shares of ``D`` and of ``z = rho_E rho_F + lam_E lam_F`` (one batched private product).
+def _window_covariance(session, m, f, window, frac_bits, tag) -> Shared:
+    """Round 1: shares of ``D`` (one batched private product).
 
     ``D = B(f w) - mu_f S_w`` is computed for the rounded images (:func:`local_terms` rounds
     ``std`` to the grid, so ``B(f w)`` and ``S_w`` are exact ring values) before a single
@@ -282,15 +273,14 @@ def _window_covariance(session, m, f, window, frac_bits, tag) -> tuple[Shared, S
     m_enc = np.round(mu * 2.0**frac_bits) / 2.0**frac_bits
     with x64():
         zero = jnp.zeros(m["std"].shape, jnp.uint64)
-        own1 = [Shared(_ring(m[k], frac_bits), zero, frac_bits) for k in ("std", "box", "box", "rho", "lam")]
-        ys = [_ring(f["std"], frac_bits), _ring(m_enc, frac_bits), _ring(mu - m_enc, two_f), _ring(f["rho"], frac_bits),
-              _ring(f["lam"], frac_bits)]
-    fw, msw, esw, rr, ll = _times_private(session, list(zip(own1, ys)), "party2", tag + "/cov", truncate_bits=0)
+        own1 = [Shared(_ring(m[k], frac_bits), zero, frac_bits) for k in ("std", "box", "box")]
+        ys = [_ring(f["std"], frac_bits), _ring(m_enc, frac_bits), _ring(mu - m_enc, two_f)]
+    fw, msw, esw = _times_private(session, list(zip(own1, ys)), "party2", tag + "/cov", truncate_bits=0)
     esw = truncate(esw, frac_bits)  # 3f -> 2f
     with x64():
         d2f = Shared(_box_sum(fw.s1, window, range(fw.s1.ndim)) - msw.s1 - esw.s1,
                      _box_sum(fw.s2, window, range(fw.s2.ndim)) - msw.s2 - esw.s2, frac_bits)
-    return truncate(d2f, frac_bits), truncate(add(rr, ll), frac_bits)
+    return truncate(d2f, frac_bits)
 
 
 class TruncationFailure(ArithmeticError):
@@ -317,8 +307,7 @@ def _check_outputs(force_n, cc_sum, grad, n: int, window: int, floor: float) -> 
 
 
 def secure_force(session: TwoPartySession, fixed_terms: dict, moving_terms: dict, *, window: int = WINDOW,
-                 eps: float = EPS, floor: float = FLOOR, newton: int = NEWTON, frac_bits: int = FRAC_BITS,
-                 tag: str = "lcc"):
+                 eps: float = EPS, floor: float = FLOOR, frac_bits: int = FRAC_BITS, tag: str = "lcc"):
     """The lncc SVF force on party1's side, computed under MPC (module docstring).
 
     Args:
@@ -327,7 +316,6 @@ def secure_force(session: TwoPartySession, fixed_terms: dict, moving_terms: dict
         moving_terms: party1's :func:`local_terms` of its warped moving image.
         window, eps, floor: as :func:`guarded_lncc` (must match both parties' local terms; the
             floor also sets the public output bound, :func:`output_bound`).
-        newton: Newton-Raphson steps of the reciprocal (:mod:`ppreg.secure.reciprocal`).
         frac_bits: fixed-point fractional bits ``f`` (the local terms' ``std`` must be rounded
             to the same grid, as :func:`local_terms` does).
         tag: prefix of the message and correlated-randomness labels (unique per call).
@@ -348,13 +336,11 @@ def secure_force(session: TwoPartySession, fixed_terms: dict, moving_terms: dict
     shape = tuple(m["std"].shape)
     if tuple(f["std"].shape) != shape:
         raise ValueError(f"fixed and warped shapes differ: {tuple(f['std'].shape)} vs {shape}")
-    d, z = _window_covariance(session, m, f, window, frac_bits, tag)
-    # D a (party2's factor), then D a b (party1's), then the Newton steps for 1/z
-    fine = frac_bits + INV_EXTRA_BITS  # a, b <= 1/c; their relative precision bounds that of h
+    d = _window_covariance(session, m, f, window, frac_bits, tag)
+    # h = (D a) b: party2's factor a = 1/E, then party1's b = 1/F (0 in flat windows)
+    fine = frac_bits + INV_EXTRA_BITS  # a, b < 1/floor; their relative precision bounds that of h
     (da,) = _times_private(session, [(d, _ring(f["inv"], fine))], "party2", tag + "/da", truncate_bits=fine)
-    (dab,) = _times_private(session, [(da, _ring(m["inv"], fine))], "party1", tag + "/dab", truncate_bits=fine)
-    y = reciprocal(session, z, iterations=newton)
-    (h,) = _mul_many(session, [(dab, y)])  # h = D / (E F + eps), 0 in flat windows
+    (h,) = _times_private(session, [(da, _ring(m["inv"], fine))], "party1", tag + "/dab", truncate_bits=fine)
     # h E first, then (h E) h: the 1-ulp rounding of a product is not multiplied by E (up to ~n)
     (he,) = _times_private(session, [(h, _ring(f["var"], frac_bits))], "party2", tag + "/he")
     hhe, dh = _mul_many(session, [(he, h), (d, h)])
@@ -409,7 +395,7 @@ def sum_squared_difference(session: TwoPartySession, warped, fixed, *, frac_bits
 
 def run_svf_level(session: TwoPartySession, velocity, moving, fixed, *, iterations: int, step: float,
                   sigma_fluid: float, sigma_diff: float, steps: int, window: int = WINDOW, eps: float = EPS,
-                  floor: float = FLOOR, newton: int = NEWTON, frac_bits: int = FRAC_BITS, label: str = "L0"):
+                  floor: float = FLOOR, frac_bits: int = FRAC_BITS, label: str = "L0"):
     """Secure counterpart of :func:`ppreg.optim.run_svf_level` with ``loss_fn = GuardedLoss(floor)``
     (non-symmetric).
 
@@ -421,7 +407,7 @@ def run_svf_level(session: TwoPartySession, velocity, moving, fixed, *, iteratio
         session: parties and dealer. velocity: float32 ``(*shape, d)`` (level voxels, party1's).
         moving: party1's level image; fixed: party2's level image ``(*shape)``.
         iterations, step, sigma_fluid, sigma_diff, steps: as the clear loop.
-        window, eps, newton, frac_bits: see :func:`secure_force`; floor: see :func:`guarded_lncc`.
+        window, eps, frac_bits: see :func:`secure_force`; floor: see :func:`guarded_lncc`.
         label: message tag prefix.
 
     Returns:
@@ -444,7 +430,7 @@ def run_svf_level(session: TwoPartySession, velocity, moving, fixed, *, iteratio
         for attempt in range(RETRIES + 1):
             try:
                 loss, force = secure_force(session, fixed_terms, moving_terms, window=window, eps=eps, floor=floor,
-                                           newton=newton, frac_bits=frac_bits,
+                                           frac_bits=frac_bits,
                                            tag=f"{label}/it{i}" + (f"/retry{attempt}" if attempt else ""))
                 break
             except TruncationFailure:

@@ -31,7 +31,7 @@ from ..register import (DEFAULTS, LevelReport, Result, _as_array, _check_finite,
                         _warp_full, scale_exponent)
 from ..sampling import n_samples
 from ..transforms import KINDS, image_center, params_from_matrix
-from . import bspline_ppir, points
+from . import bspline_ppir, mi, points  # (importing mi registers its follower handlers)
 from .bspline_ppir import fit_bspline
 from .channel import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
 from .keys import KeyPair
@@ -98,7 +98,8 @@ def run_moving(moving: Image, keypair: KeyPair, *, listen: str, dealer: str, pee
         dealer: ``"HOST:PORT"`` of the dealer.
         peer_key, dealer_key: the fixed party's and the dealer's public keys.
         on_connect: optional ``callable()`` run once both peers are connected and authenticated.
-        options: :func:`register_moving` options.
+        options: ``loss`` (``"ssd"``, default, or ``"mi"``: :func:`ppreg.secure.mi.register_moving_mi`),
+            ``frac_bits`` and the options of :func:`register_moving` (or of the MI driver).
 
     Returns:
         ``(result, fixed_affine, report)``: as :func:`ppreg.register` returns (times: each party's
@@ -117,7 +118,8 @@ def run_moving(moving: Image, keypair: KeyPair, *, listen: str, dealer: str, pee
         if on_connect is not None:
             on_connect()
         session = SecureSession(options.pop("frac_bits", 16), channel=channel, peers=RemotePeers(channel))
-        result, affine = register_moving(moving, session, **options)
+        driver = mi.register_moving_mi if options.pop("loss", "ssd") == "mi" else register_moving
+        result, affine = driver(moving, session, **options)
         own = result.bytes["party1"]
         report = {"time_s": session.clock, "wall_s": time.perf_counter() - start, "online": own["online"],
                   "offline": own["offline"], "ops": op_summary(session.op_s)}
