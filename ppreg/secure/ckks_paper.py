@@ -8,8 +8,9 @@ the HE-standard bound for 128-bit security at ``N = 8192``), scale ``2^40``.
   ``D`` slots (``partition``, paper: 128), and sends them with its public context (public
   and Galois keys, offline). Each iteration party1 computes
   ``[[R]] = sum_i DotProduct([[J_i]], S_i)`` (TenSEAL's vector-matrix product, the diagonal
-  method, ``D`` rotations per sub-array; sub-arrays without samples are skipped) and
-  returns it. Slow by nature: cost grows with the number of voxels, not samples.
+  method, ``D`` rotations per sub-array; ``S`` is shifted by the public :data:`V1_OFFSET`, which
+  party2 removes from its own ``J``, because SEAL refuses the all-zero diagonals of rows where
+  ``S`` is zero) and returns it. Slow by nature: cost grows with the number of voxels, not samples.
 * **v2** (Fig. A4): ``split`` the rows of ``S`` and ``J`` in halves; party1 encrypts
   ``flatten(S_2)`` under its own key, party2 encrypts ``replicate_P(J_1)`` under its own
   (once per level without sampling, each iteration with URS); each multiplies element-wise
@@ -40,6 +41,10 @@ from .channel import Channel, ProtocolError
 from .ckks import VALUE_BOUND, require_tenseal
 
 POLY_MODULUS_DEGREE = 8192
+# v1 adds this public constant to every entry of S (party2 subtracts V1_OFFSET sum(J) from each
+# column of R, from its own J): SEAL refuses a product with an all-zero plaintext ("transparent"
+# ciphertext), which the diagonal method forms wherever S has zero rows (zero image gradient).
+V1_OFFSET = 1.0
 COEFF_MOD_BIT_SIZES = (60, 40, 40, 60)
 SCALE_BITS = 40
 
@@ -127,6 +132,14 @@ def _checked(r, weights, offset_bound):
     return np.asarray(r, np.float64)
 
 
+class _Partitions(list):
+    """v1: party1's encrypted sub-arrays of one image, with the image's label (party2 looks up its own J)."""
+
+    def __init__(self, label: str, items):
+        super().__init__(items)
+        self.label = label
+
+
 def _column_sums(slots: np.ndarray, p: int, rows: int) -> np.ndarray:
     return slots[: rows * p].reshape(rows, p).sum(axis=0)
 
@@ -187,8 +200,8 @@ class PaperProtocol:
                 vec = self.ts.ckks_vector(self.ctx2, values[i * d:(i + 1) * d].tolist())
                 self.channel.send("party2", "party1", f"{label}/{i}", _to_wire(vec), phase=phase)
         with session.timed("party1"):
-            return [_from_wire(self.ts, self.pub2, self.channel.recv("party1", "party2", f"{label}/{i}"))
-                    for i in range(count)]
+            return _Partitions(label, [_from_wire(self.ts, self.pub2, self.channel.recv("party1", "party2", f"{label}/{i}"))
+                                       for i in range(count)])
 
     def product(self, session, label, image, weights, offset=None, offset_bound=0.0):
         weights = np.asarray(weights, np.float64)
@@ -206,20 +219,22 @@ class PaperProtocol:
             acc = None
             for i, enc in enumerate(image):
                 block = weights[i * d:(i + 1) * d]
-                if block.size and np.any(block):
-                    rows = enc.size()
-                    padded = np.zeros((rows, p))
-                    padded[: block.shape[0]] = block
-                    # DotProduct (Benaissa et al. 2021): the vector-matrix product, or a dot product for one column
-                    prod = enc.dot(padded[:, 0].tolist()) if p == 1 else enc.matmul(padded.tolist())
-                    acc = prod if acc is None else acc + prod
+                rows = enc.size()
+                padded = np.full((rows, p), V1_OFFSET)  # every diagonal non-zero: see V1_OFFSET
+                padded[: block.shape[0]] += block
+                # DotProduct (Benaissa et al. 2021): the vector-matrix product, or a dot product for one column
+                prod = enc.dot(padded[:, 0].tolist()) if p == 1 else enc.matmul(padded.tolist())
+                acc = prod if acc is None else acc + prod
             acc = _rerandomised(ts, self.pub2, acc, p)
-            amplitude = _mask_range(float(np.sum(np.abs(weights))) * VALUE_BOUND + offset_bound, self.mask_bits)
+            shift_bound = V1_OFFSET * sum(enc.size() for enc in image) * VALUE_BOUND
+            amplitude = _mask_range(float(np.sum(np.abs(weights))) * VALUE_BOUND + offset_bound + shift_bound,
+                                    self.mask_bits)
             mask = _uniform((p,), amplitude)
             acc = acc + mask.tolist()
             self.channel.send("party1", "party2", label, _to_wire(acc))
         with session.timed("party2"):
             masked = _decrypt(_from_wire(ts, self.ctx2, self.channel.recv("party2", "party1", label)), self.ctx2)
+            masked[:p] -= V1_OFFSET * float(np.sum(self._p2_values[image.label])) * self.ratio  # its own J
             if offset is not None:
                 masked[0] += offset * self.ratio
             self.channel.send("party2", "party1", label, masked[:p])

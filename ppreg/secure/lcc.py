@@ -380,17 +380,19 @@ def _svf_update(velocity, force, step, *, sigma_fluid, sigma_diff):
     return smooth_field(velocity + force, sigma_diff)
 
 
-def sum_squared_difference(session: TwoPartySession, warped, fixed, *, frac_bits: int = FRAC_BITS) -> float:
+def sum_squared_difference(session: TwoPartySession, warped, fixed, *, frac_bits: int = FRAC_BITS,
+                           tag: str = "final") -> float:
     """``sum (w - f)^2`` revealed to party1 only: ``sum w^2`` (party1's) + ``sum f^2`` (party2's,
-    added to its share) - ``2 sum w f`` (one private product); no per-voxel value is opened."""
+    added to its share) - ``2 sum w f`` (one private product); no per-voxel value is opened.
+    ``tag``: label prefix, unique per call in a session."""
     w, f = np.asarray(warped, np.float64).ravel(), np.asarray(fixed, np.float64).ravel()
     with x64():
         w_own = Shared(_ring(w, frac_bits), jnp.zeros(w.shape, jnp.uint64), frac_bits)
-    (wf,) = _times_private(session, [(w_own, _ring(f, frac_bits))], "party2", "final/ssd-product")
+    (wf,) = _times_private(session, [(w_own, _ring(f, frac_bits))], "party2", tag + "/ssd-product")
     with x64():
         s1 = encode(np.float64(np.sum(w * w)), frac_bits) - jnp.uint64(2) * jnp.sum(wf.s1)
         s2 = encode(np.float64(np.sum(f * f)), frac_bits) - jnp.uint64(2) * jnp.sum(wf.s2)
-    return float(_reveal_to_party1(session, Shared(s1[None], s2[None], frac_bits), "final/ssd")[0])
+    return float(_reveal_to_party1(session, Shared(s1[None], s2[None], frac_bits), tag + "/ssd")[0])
 
 
 def run_svf_level(session: TwoPartySession, velocity, moving, fixed, *, iterations: int, step: float,

@@ -21,19 +21,20 @@ from .map_alpha import alpha_term, update_alpha
 from .symbols import Band, metric
 
 
-def _objective(v, alpha, source, target, band, *, gamma, power, sigma, steps, with_alpha):
+def _objective(v, alpha, source, target, band, *, gamma, power, sigma, steps, with_alpha, image_term=None):
     lsym = metric(band, alpha, gamma=gamma, power=power).astype(jnp.float32)
-    energy, parts, grad, _ = adjoint_gradient(v, source, target, lsym, band, sigma=sigma, steps=steps)
+    energy, parts, grad, _ = adjoint_gradient(v, source, target, lsym, band, sigma=sigma, steps=steps,
+                                              image_term=image_term)
     if with_alpha:  # add -1/2 ln|L| so that the objective is -ln posterior up to constants
         energy = parts[1] + alpha_term(alpha, v, band, gamma=gamma, power=power)
     return energy, grad
 
 
 @partial(jax.jit, static_argnames=("band", "gamma", "power", "sigma", "steps", "iterations", "estimate_alpha",
-                                   "alpha_after", "tol", "patience", "growth"))
+                                   "alpha_after", "tol", "patience", "growth", "image_term"))
 def fit(v0, alpha, source, target, *, band: Band, gamma: float = 1.0, power: int = 3, sigma: float = 0.03,
         steps: int = 10, iterations: int = 100, step_size: float = 0.2, estimate_alpha: bool = False,
-        alpha_after: int = 0, tol: float = 1e-6, patience: int = 30, growth: float = 1.2):
+        alpha_after: int = 0, tol: float = 1e-6, patience: int = 30, growth: float = 1.2, image_term=None):
     """Gradient descent on ``v0`` in the V metric with FLASH's step control (and optionally MAP alpha).
 
     Args:
@@ -47,6 +48,7 @@ def fit(v0, alpha, source, target, *, band: Band, gamma: float = 1.0, power: int
             gradient step (Algorithm 1), after ``alpha_after`` plain iterations.
         tol, patience: Algorithm 1's stop rate ``u`` and ``q_min``.
         growth: factor on ``eps`` after an accepted step (1 gives FLASH's plain step control).
+        image_term: see :func:`ppreg.spectral.energy.adjoint_gradient` (static; secure runs).
 
     Returns:
         ``(v0, alpha, iterations_run, objectives (iterations,), alphas (iterations,))``; the
@@ -54,7 +56,7 @@ def fit(v0, alpha, source, target, *, band: Band, gamma: float = 1.0, power: int
 
     Source: 004 Algorithm 1 and Sec. 4 (u = 1e-6, q_min = 30, Euler with 10 steps).
     """
-    kw = dict(gamma=gamma, power=power, sigma=sigma, steps=steps, with_alpha=estimate_alpha)
+    kw = dict(gamma=gamma, power=power, sigma=sigma, steps=steps, with_alpha=estimate_alpha, image_term=image_term)
     alpha = jnp.asarray(alpha, jnp.float32)
     f0, g0 = _objective(v0, alpha, source, target, band, **kw)
     nan = jnp.full((iterations,), jnp.nan, jnp.float32)
@@ -144,10 +146,10 @@ def _lbfgs_direction(g, s_hist, y_hist, rho, count, lsym, memory):
 
 
 @partial(jax.jit, static_argnames=("band", "gamma", "power", "sigma", "steps", "iterations", "memory",
-                                   "estimate_alpha", "alpha_after"))
+                                   "estimate_alpha", "alpha_after", "image_term"))
 def fit_lbfgs(v0, alpha, source, target, *, band: Band, gamma: float = 1.0, power: int = 3, sigma: float = 0.03,
               steps: int = 10, iterations: int = 100, step_size: float = 0.2, memory: int = 8, tol: float = 1e-6,
-              estimate_alpha: bool = False, alpha_after: int = 0):
+              estimate_alpha: bool = False, alpha_after: int = 0, image_term=None):
     """L-BFGS in the V metric on the adjoint gradient, with the same step control as :func:`fit`.
 
     Each iteration tries ``v + eps d`` with the L-BFGS direction ``d`` (the first direction is
@@ -161,7 +163,7 @@ def fit_lbfgs(v0, alpha, source, target, *, band: Band, gamma: float = 1.0, powe
 
     Source: Nocedal & Wright 2006, Algorithm 7.4 (two-loop recursion), in the V metric of 004.
     """
-    kw = dict(gamma=gamma, power=power, sigma=sigma, steps=steps, with_alpha=estimate_alpha)
+    kw = dict(gamma=gamma, power=power, sigma=sigma, steps=steps, with_alpha=estimate_alpha, image_term=image_term)
     alpha = jnp.asarray(alpha, jnp.float32)
     v0 = v0.astype(jnp.complex64)
     f0, g0 = _objective(v0, alpha, source, target, band, **kw)

@@ -99,11 +99,16 @@ def hermitian_part(coeffs: jnp.ndarray, band: Band) -> jnp.ndarray:
     return 0.5 * (coeffs + jnp.conj(jnp.flip(coeffs, axis=axes)))
 
 
-def adjoint_gradient(v0, source, target, lsym, band: Band, *, sigma: float = 0.03, steps: int = 10):
+def adjoint_gradient(v0, source, target, lsym, band: Band, *, sigma: float = 0.03, steps: int = 10,
+                     image_term=None):
     """Energy and V-metric gradient by the backward adjoint Jacobi fields (Euler, as FLASH).
 
     Args:
         v0, source, target, lsym, band, sigma, steps: as :func:`energy` (Euler integrator).
+        image_term: ``None`` (clear), or ``image_term(warped, a) -> (sum r^2, F(r a))`` with
+            ``r = warped - T`` for a target held elsewhere (``a = grad S(psi_1)``, ``F`` the band
+            DFT, ``prod(N) from_image``; ``target`` is then unused): the force is
+            ``F(r a) / sigma^2`` (:mod:`ppreg.secure.flash_mpc`).
 
     Returns:
         ``(E, (prior, image), grad_V, warped)``: float32 scalars; complex64 ``band.coeff_shape``
@@ -114,11 +119,16 @@ def adjoint_gradient(v0, source, target, lsym, band: Band, *, sigma: float = 0.0
     """
     path, u1 = shoot(v0, lsym, band, steps=steps)
     warped, points = image_terms(u1, source, band)
-    residual = warped - target
-    img = jnp.sum(residual**2) / (2.0 * sigma**2)
+    slope = interpolate_gradient(source, points)
+    if image_term is None:
+        residual = warped - target
+        img = jnp.sum(residual**2) / (2.0 * sigma**2)
+        g_u = from_image((residual / sigma**2)[..., None] * slope, band) * math.prod(band.shape)
+    else:
+        sum_sq, force_band = image_term(warped, slope)
+        img = sum_sq / (2.0 * sigma**2)
+        g_u = force_band / sigma**2
     prior = prior_term(v0, lsym)
-    force = (residual / sigma**2)[..., None] * interpolate_gradient(source, points)
-    g_u = from_image(force, band) * math.prod(band.shape)
     gu_grid, du_grid = to_grid(g_u, band), to_grid(jacobian(u1, band), band)
     g = from_grid(gu_grid + jnp.einsum("...ji,...j->...i", du_grid, gu_grid), band)  # (I + Du)^T g_u
     q1 = g / lsym[..., None]

@@ -38,7 +38,8 @@ def flash_displacement(v0, band: Band, *, alpha: float, gamma: float = 1.0, powe
 
 def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, gamma: float = 1.0, power: int = 3,
                    sigma: float = 0.03, steps: int = 10, iterations: int = 150, step_size: float = 0.2,
-                   optimizer: str = "lbfgs", estimate_alpha: bool = False):
+                   optimizer: str = "lbfgs", estimate_alpha: bool = False, intensity_scale: float | None = None,
+                   session=None):
     """Register ``moving`` (source S) to ``fixed`` (target T) by FLASH geodesic shooting.
 
     Args:
@@ -52,6 +53,10 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
         optimizer: ``"lbfgs"`` (L-BFGS in the V metric, default), ``"flash"`` (gradient descent
             with FLASH's step control) or ``"adam"`` (optax, fixed alpha).
         estimate_alpha: MAP estimate of alpha jointly (004 Algorithm 1; flash optimizer only).
+        intensity_scale: divide both images by this (default: their common maximum |intensity|).
+        session: a :class:`~ppreg.secure.shares.TwoPartySession`: party2 holds ``fixed`` and the
+            target terms of every energy evaluation run under MPC
+            (:class:`ppreg.secure.flash_mpc.RemoteImageTerm`); lbfgs and flash optimizers.
 
     Returns:
         ``(v0, alpha, iterations, objectives, displacement, seconds)``: complex64 coefficients
@@ -76,10 +81,18 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
     peak = float(jnp.maximum(jnp.max(jnp.abs(fixed)), jnp.max(jnp.abs(moving))))
     if peak == 0.0:
         raise ValueError("both images are all zero: nothing to register")
-    source, target = moving / peak, fixed / peak
+    scale = peak if intensity_scale is None else float(intensity_scale)
+    source, target = moving / scale, fixed / scale
     v0 = jnp.zeros(band.coeff_shape, jnp.complex64)
     opts = dict(band=band, gamma=float(gamma), power=int(power), sigma=float(sigma), steps=int(steps),
                 iterations=int(iterations))
+    if session is not None:  # party1 never holds the target: the image terms come from the protocol
+        from ..secure.flash_mpc import RemoteImageTerm
+
+        if optimizer == "adam":
+            raise ValueError("secure FLASH runs the lbfgs or flash optimizer")
+        opts["image_term"] = RemoteImageTerm(session, target, band)
+        target = jnp.zeros_like(target)
     if optimizer in ("flash", "lbfgs"):
         v0, alpha_out, its, fs, _ = (fit if optimizer == "flash" else fit_lbfgs)(v0, float(alpha), source, target, step_size=step_size,
                                         estimate_alpha=estimate_alpha, alpha_after=int(iterations) // 5, **opts)
@@ -185,7 +198,11 @@ def register_result(fixed, moving, *, loss="ssd", secure=None, sampling=None, ma
 
     Args:
         fixed, moving: arrays or :class:`~ppreg.image.Image` (same grid).
-        loss, secure, sampling: must be ``"ssd"``, ``None``, ``None`` (FLASH is clear SSD here).
+        loss, sampling: must be ``"ssd"`` and ``None``.
+        secure: ``None`` (clear) or ``"mpc"``: party2 holds ``fixed``; the image energy and the
+            band force of every evaluation run under MPC (:mod:`ppreg.secure.flash_mpc`), both
+            images scaled by the public power of two ``2^max(e_fixed, e_moving)``; the final
+            mean squared error is computed securely.
         max_iterations: descent iterations (default 150).
         **options: keyword arguments of :func:`register_flash` (band_size, alpha, sigma, ...).
 
@@ -195,29 +212,46 @@ def register_result(fixed, moving, *, loss="ssd", secure=None, sampling=None, ma
     Raises:
         ValueError: other loss / secure / sampling, different grids, bad options.
     """
-    from ..register import LevelReport, _as_array
+    from ..grid import identity_grid
+    from ..register import LevelReport, _as_array, scale_exponent
+    from ..warp import warp
 
     start = time.perf_counter()
-    if loss != "ssd" or secure is not None or sampling is not None:
-        raise ValueError("the flash transform runs clear with the ssd loss on every voxel in this version, got "
+    if loss != "ssd" or secure not in (None, "mpc") or sampling is not None:
+        raise ValueError("the flash transform runs the ssd loss on every voxel, clear or secure='mpc', got "
                          f"loss={loss!r}, secure={secure!r}, sampling={sampling!r}")
     fixed_a, moving_a = _as_array(fixed, "fixed"), _as_array(moving, "moving")
     if fixed_a.shape != moving_a.shape:
         raise ValueError(f"flash needs fixed and moving on the same grid, got {fixed_a.shape} and {moving_a.shape}")
     options = {**DEFAULTS, **options}
     iterations = 150 if max_iterations is None else int(max_iterations)
-    v0, alpha, its, fs, u, _ = register_flash(fixed_a, moving_a, iterations=iterations, **options)
-    from ..grid import identity_grid
-    from ..warp import warp
+    session = None
+    if secure == "mpc":
+        from ..secure.shares import TwoPartySession
 
+        session = TwoPartySession()
+        options["intensity_scale"] = 2.0 ** max(scale_exponent(fixed_a), scale_exponent(moving_a))
+    v0, alpha, its, fs, u, _ = register_flash(fixed_a, moving_a, iterations=iterations, session=session, **options)
     warped = np.asarray(warp(moving_a, identity_grid(fixed_a.shape) + u))
     shape = tuple(fixed_a.shape)
-    zero = {"online": 0, "offline": 0}
+    if session is None:
+        final = float(np.mean((warped - np.asarray(fixed_a)) ** 2))
+        time_s = {"party1": time.perf_counter() - start, "party2": 0.0}
+        zero = {"online": 0, "offline": 0}
+        nbytes, per_iteration = {"party1": dict(zero), "party2": dict(zero)}, {"party1": 0.0, "party2": 0.0}
+    else:
+        from ..secure.lcc import sum_squared_difference
+
+        scale = options["intensity_scale"]
+        final = sum_squared_difference(session, warped / scale, np.asarray(fixed_a) / scale) * scale**2 / warped.size
+        time_s = {"party1": time.perf_counter() - start, "party2": 0.0}  # one process: wall time, both parties
+        snap = session.channel.traffic.snapshot()
+        nbytes = {p: {"online": snap["sent"][p]["online"], "offline": snap["received"][p]["offline"]}
+                  for p in ("party1", "party2")}
+        per_iteration = {p: nbytes[p]["online"] / max(its, 1) for p in nbytes}
     return _result_class()(
-        transform="flash", params=v0, matrix=None, center=None, spacing=None, warped=warped,
-        final_loss=float(np.mean((warped - np.asarray(fixed_a)) ** 2)), iterations=its,
-        levels=(LevelReport(1, shape, its, int(np.prod(shape)), fs),), secure=None,
-        time_s={"party1": time.perf_counter() - start, "party2": 0.0},
-        bytes={"party1": dict(zero), "party2": dict(zero)}, bytes_per_iteration={"party1": 0.0, "party2": 0.0},
+        transform="flash", params=v0, matrix=None, center=None, spacing=None, warped=warped, final_loss=final,
+        iterations=its, levels=(LevelReport(1, shape, its, int(np.prod(shape)), fs),), secure=secure,
+        time_s=time_s, bytes=nbytes, bytes_per_iteration=per_iteration,
         alpha=alpha, gamma=float(options["gamma"]), power=int(options["power"]), steps=int(options["steps"]),
         band_size=int(options["band_size"]), sigma=float(options["sigma"]), objectives=fs)
