@@ -9,6 +9,7 @@ from ppreg.data import load_sample
 from ppreg.register import scale_exponent
 from ppreg.secure import flash_mpc
 from ppreg.secure.shares import TwoPartySession
+from ppreg.spectral import descent
 from ppreg.spectral.products import from_image
 from ppreg.spectral.symbols import Band
 from secure_helpers import RecordingChannel
@@ -76,3 +77,19 @@ def test_secure_flash_registration_matches_clear(pair):
     assert secure.secure == "mpc" and secure.bytes["party1"]["online"] > 0
     # d + 1 private products per voxel and evaluation (one ring element each way), plus the outputs
     assert secure.bytes_per_iteration["party1"] >= 3 * 8 * fixed.size
+    # a second secure registration of the same shape reuses the compiled loop
+    size = descent.fit._cache_size()
+    register(fixed, np.roll(moving, 1, axis=0), secure="mpc", flash_options=flash, **opts)
+    assert descent.fit._cache_size() == size
+
+
+def test_party2_target_outside_a_run_is_refused(pair):
+    fixed, _, scale = pair
+    band = Band(fixed.shape, BAND)
+    term = flash_mpc.RemoteImageTerm(band)
+    assert term == flash_mpc.RemoteImageTerm(band) and hash(term) == hash(flash_mpc.RemoteImageTerm(band))
+    with pytest.raises(ValueError, match="scaled"):
+        flash_mpc.Party2Target(TwoPartySession(), fixed, band)  # not scaled into [-1, 1]
+    with flash_mpc.Party2Target(TwoPartySession(), fixed / scale, band):
+        with pytest.raises(RuntimeError, match="already running"):
+            flash_mpc.Party2Target(TwoPartySession(), fixed / scale, band).__enter__()

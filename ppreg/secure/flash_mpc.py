@@ -45,6 +45,7 @@ Source: Zhang & Fletcher 2019 (004) Eq. 8-9 (the image term of the gradient); Ta
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import jax
@@ -162,27 +163,58 @@ def secure_image_terms(session: TwoPartySession, warped, grad, target, band: Ban
     return ssd, opened[0] + 1j * opened[1]
 
 
-class RemoteImageTerm:
-    """The hook of :func:`ppreg.spectral.energy.adjoint_gradient` (``image_term(warped, a) -> (sum r^2,
-    F(r a))``) that runs :func:`secure_image_terms`
-    through ``jax.pure_callback`` (hashable by identity: a static jit argument).
+class Party2Target:
+    """Party2's side of a secure FLASH registration: its target and the session it answers on.
 
-    Party2's target lives here, outside the traced computation; party1's jitted loop sees only
-    the callback's outputs.
+    Use as a context manager around the jitted loop: the callback of :class:`RemoteImageTerm`
+    finds the active one at run time, so the compiled loop (keyed by the band only) is reused
+    by the next registration of the same shape. One secure FLASH registration at a time per
+    process.
     """
 
     def __init__(self, session: TwoPartySession, target, band: Band):
         self.session, self.band, self.calls = session, band, 0
         self._target = np.asarray(target, np.float64)
+        if self._target.shape != band.shape:
+            raise ValueError(f"party2's target has shape {self._target.shape}, expected {band.shape}")
         if np.max(np.abs(self._target)) > 1.0:
             raise ValueError("party2's target must be scaled into [-1, 1]")
 
-    def _host(self, warped, grad):
+    def evaluate(self, warped, grad):
         self.calls += 1
         ssd, r = secure_image_terms(self.session, warped, grad, self._target, self.band, tag=f"flash/{self.calls}")
         return np.float32(ssd), r.astype(np.complex64)
 
+    def __enter__(self):
+        if _ACTIVE:
+            raise RuntimeError("a secure FLASH registration is already running in this process")
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE.clear()
+
+
+_ACTIVE: list = []  # the running registration's Party2Target (at most one)
+
+
+def _evaluate_active(warped, grad):
+    if not _ACTIVE:
+        raise RuntimeError("secure FLASH term evaluated outside a Party2Target context")
+    return _ACTIVE[0].evaluate(warped, grad)
+
+
+@dataclass(frozen=True)
+class RemoteImageTerm:
+    """The hook of :func:`ppreg.spectral.energy.adjoint_gradient` (``image_term(warped, a) -> (sum r^2,
+    F(r a))``): a ``jax.pure_callback`` into the active :class:`Party2Target`. Equal for equal
+    bands (a static jit argument: one compilation per shape); party1's jitted loop sees only the
+    callback's outputs, never the target.
+    """
+
+    band: Band
+
     def __call__(self, warped, grad):
         shapes = (jax.ShapeDtypeStruct((), jnp.float32),
                   jax.ShapeDtypeStruct(self.band.coeff_shape, jnp.complex64))
-        return jax.pure_callback(self._host, shapes, warped, grad)
+        return jax.pure_callback(_evaluate_active, shapes, warped, grad)

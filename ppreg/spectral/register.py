@@ -12,6 +12,7 @@ the source is resampled with zero outside it.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +57,7 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
         intensity_scale: divide both images by this (default: their common maximum |intensity|).
         session: a :class:`~ppreg.secure.shares.TwoPartySession`: party2 holds ``fixed`` and the
             target terms of every energy evaluation run under MPC
-            (:class:`ppreg.secure.flash_mpc.RemoteImageTerm`); lbfgs and flash optimizers.
+            (:class:`ppreg.secure.flash_mpc.Party2Target`); lbfgs and flash optimizers.
 
     Returns:
         ``(v0, alpha, iterations, objectives, displacement, seconds)``: complex64 coefficients
@@ -86,17 +87,20 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
     v0 = jnp.zeros(band.coeff_shape, jnp.complex64)
     opts = dict(band=band, gamma=float(gamma), power=int(power), sigma=float(sigma), steps=int(steps),
                 iterations=int(iterations))
+    party2 = nullcontext()
     if session is not None:  # party1 never holds the target: the image terms come from the protocol
-        from ..secure.flash_mpc import RemoteImageTerm
+        from ..secure.flash_mpc import Party2Target, RemoteImageTerm
 
         if optimizer == "adam":
             raise ValueError("secure FLASH runs the lbfgs or flash optimizer")
-        opts["image_term"] = RemoteImageTerm(session, target, band)
+        party2, opts["image_term"] = Party2Target(session, target, band), RemoteImageTerm(band)
         target = jnp.zeros_like(target)
     if optimizer in ("flash", "lbfgs"):
-        v0, alpha_out, its, fs, _ = (fit if optimizer == "flash" else fit_lbfgs)(v0, float(alpha), source, target, step_size=step_size,
-                                        estimate_alpha=estimate_alpha, alpha_after=int(iterations) // 5, **opts)
-        its = int(its)
+        with party2:
+            v0, alpha_out, its, fs, _ = (fit if optimizer == "flash" else fit_lbfgs)(
+                v0, float(alpha), source, target, step_size=step_size, estimate_alpha=estimate_alpha,
+                alpha_after=int(iterations) // 5, **opts)
+            its = int(its)
         fs = np.asarray(fs)[:its]
     else:
         v0, fs = fit_optax(v0, float(alpha), source, target, learning_rate=step_size, **opts)
