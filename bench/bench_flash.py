@@ -160,7 +160,8 @@ def case_mpc():
     moving = load_sample("BrainProtonDensitySliceBSplined10").data
     scale = 2.0 ** max(scale_exponent(fixed), scale_exponent(moving))
     rows = []
-    print("\n| ITK BSplined10 -> Border20 | optimizer | iter | MSE | RMSE vs CLEAR px | time s (warm) | MB/it p1 / p2 |")
+    print("\n| ITK BSplined10 -> Border20 | optimizer | iter | MSE | RMSE vs CLEAR px | time s (warm) "
+          "| MB/it p1 / p2 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for optimizer in ("lbfgs", "flash"):
         clear, _, clear_s = timed_twice(lambda: register(

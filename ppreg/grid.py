@@ -62,7 +62,7 @@ def level_coordinates(shape: tuple[int, ...], factor: int) -> jnp.ndarray:
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
-    """Normalised 1D Gaussian kernel, float32 ``(2 r + 1,)`` with radius ``r = ceil(3 sigma)`` (sigma in voxels, > 0)."""
+    """Normalised 1D Gaussian kernel, float32 ``(2 r + 1,)``, radius ``r = ceil(3 sigma)`` (sigma > 0, voxels)."""
     radius = max(1, int(math.ceil(3.0 * sigma)))
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     k = np.exp(-0.5 * (x / sigma) ** 2)

@@ -321,8 +321,9 @@ def register(
         transform: ``"translation" | "rigid" | "affine" | "bspline" | "svf"`` (stationary
             velocity field, ``u = exp(v)``, diffeomorphic) ``| "dense"`` (a free displacement
             per voxel by optax, diffusion-regularised, not diffeomorphic by construction), or a
-            pipeline ``"rigid+svf"``, ``"affine+svf"``, ``"affine+dense"``, ``"affine+bspline"``, ...: the linear stage (with
-            ``loss``, or ncc for lncc and mi for mind, and default options), then the deformable
+            pipeline (``"rigid+svf"``, ``"affine+svf"``, ``"affine+dense"``, ``"affine+bspline"``,
+            ...): the linear stage (with ``loss``, or ncc for lncc and mi for mind, and default
+            options), then the deformable
             stage between the fixed image and the linearly aligned moving image (with the
             given options); the result maps ``x`` to ``A (x + u(x))``.
         loss: ``"ssd"`` (Gauss-Newton), ``"mi"`` (Mattes mutual information) or ``"ncc"``

@@ -12,13 +12,12 @@ from ppreg.grid import downsample, level_coordinates
 from ppreg.losses import mutual_information
 from ppreg.metrics import field_rmse
 from ppreg.register import _unit_range, register, scale_exponent
-from ppreg.secure import dealer as dealer_mod
 from ppreg.secure import mi, prg
 from ppreg.secure import session as session_mod
 from ppreg.secure.channel import InProcessChannel, ProtocolError
 from ppreg.secure.ring import encode
 from ppreg.transforms import homogeneous, image_center, matrix
-from secure_helpers import RecordingChannel
+from secure_helpers import Recorder
 
 BINS = 32
 SMALL = dict(transform="rigid", loss="mi", sampling="urs", fraction=0.2, levels=(1,))
@@ -157,42 +156,12 @@ def test_malformed_histogram_share_is_refused():
         mi.finish_histogram(party1, "q", np.zeros((5, 4), np.uint64), 16, 5.0)
 
 
-# --- views and labels (as tests/test_secure_views.py) ---------------------------------------------
-
-
-class _Recorder:
-    def __init__(self, monkeypatch):
-        self.channels, self.stream_labels, self.claims = [], [], []
-        rec = self
-
-        class Channel(RecordingChannel):
-            def __init__(self, *args, **kwargs):
-                super().__init__()
-                rec.channels.append(self)
-
-        stream, claim = dealer_mod.PartyRandomness.stream, dealer_mod.Dealer._claim
-
-        def record_stream(party_rand, label, shape):
-            rec.stream_labels.append((party_rand.party, label))
-            return stream(party_rand, label, shape)
-
-        def record_claim(dealer, label):
-            rec.claims.append(label)
-            return claim(dealer, label)
-
-        monkeypatch.setattr(session_mod, "InProcessChannel", Channel)
-        monkeypatch.setattr(dealer_mod.PartyRandomness, "stream", record_stream)
-        monkeypatch.setattr(dealer_mod.Dealer, "_claim", record_claim)
-
-    def view(self, party):
-        (channel,) = self.channels
-        return np.concatenate([arr.ravel() for _, dst, _, arr in channel.log
-                               if dst == party and arr.dtype == np.uint64])
+# --- views and labels (secure_helpers.Recorder, as tests/test_secure_views.py) -------------------
 
 
 def _run(small, fixed, moving):
     with pytest.MonkeyPatch.context() as mp:
-        rec = _Recorder(mp)
+        rec = Recorder(mp)
         register(small[fixed], small[moving], secure="mpc", max_iterations=3, **SMALL)
     return rec
 

@@ -15,12 +15,11 @@ from scipy.stats import chi2_contingency
 from ppreg.data import load_sample
 from ppreg.grid import downsample
 from ppreg.register import register, scale_exponent
-from ppreg.secure import dealer as dealer_mod
 from ppreg.secure import prg
 from ppreg.secure import session as session_mod
 from ppreg.secure.points import register_points
 from ppreg.secure.ring import encode
-from secure_helpers import RecordingChannel
+from secure_helpers import Recorder
 
 F = 16
 LINEAR = dict(transform="rigid", levels=(1,), max_iterations=3)
@@ -38,41 +37,8 @@ def images():
             "moving_a": _slice("BrainProtonDensitySliceR10X13Y17"), "moving_b": _slice("BrainT1SliceBorder20")[::-1].copy()}
 
 
-class _Recorder:
-    """Patches the session's channel to record frames, and records every label a party derives."""
-
-    def __init__(self, monkeypatch):
-        self.channels, self.stream_labels, self.claims = [], [], []
-        rec = self
-
-        class Channel(RecordingChannel):
-            def __init__(self, *args, **kwargs):
-                super().__init__()
-                rec.channels.append(self)
-
-        original_stream, original_claim = dealer_mod.PartyRandomness.stream, dealer_mod.Dealer._claim
-
-        def stream(party_rand, label, shape):
-            rec.stream_labels.append((party_rand.party, label))
-            return original_stream(party_rand, label, shape)
-
-        def claim(dealer, label):
-            rec.claims.append(label)
-            return original_claim(dealer, label)
-
-        monkeypatch.setattr(session_mod, "InProcessChannel", Channel)
-        monkeypatch.setattr(dealer_mod.PartyRandomness, "stream", stream)
-        monkeypatch.setattr(dealer_mod.Dealer, "_claim", claim)
-
-    def view(self, party):
-        """All uint64 ring elements ``party`` received (from the other party and the dealer)."""
-        (channel,) = self.channels
-        arrays = [arr.ravel() for src, dst, tag, arr in channel.log if dst == party and arr.dtype == np.uint64]
-        return np.concatenate(arrays)
-
-
 def _run(monkeypatch, protocol, images, fixed, moving):
-    rec = _Recorder(monkeypatch)
+    rec = Recorder(monkeypatch)
     if protocol == "points":
         p = np.argwhere(images[moving] > np.percentile(images[moving], 90)).astype(np.float64)
         q = np.argwhere(images[fixed] > np.percentile(images[fixed], 90)).astype(np.float64)[: len(p)]

@@ -200,8 +200,8 @@ class PaperProtocol:
                 vec = self.ts.ckks_vector(self.ctx2, values[i * d:(i + 1) * d].tolist())
                 self.channel.send("party2", "party1", f"{label}/{i}", _to_wire(vec), phase=phase)
         with session.timed("party1"):
-            return _Partitions(label, [_from_wire(self.ts, self.pub2, self.channel.recv("party1", "party2", f"{label}/{i}"))
-                                       for i in range(count)])
+            received = [self.channel.recv("party1", "party2", f"{label}/{i}") for i in range(count)]
+            return _Partitions(label, [_from_wire(self.ts, self.pub2, data) for data in received])
 
     def product(self, session, label, image, weights, offset=None, offset_bound=0.0):
         weights = np.asarray(weights, np.float64)

@@ -64,10 +64,11 @@ MAX_BITS = 20  # beyond float32 precision of a and of the matrices nothing is ga
 
 @lru_cache(maxsize=16)
 def dft_matrices(n: int, size: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(round(2^bits cos), round(2^bits sin))`` of ``2 pi k x / n``, int64 ``(size, n)``, ``k = -h..h``."""
+    """``(round(2^bits cos), round(2^bits sin))`` of ``2 pi k x / n``, ``k = -h..h``, as ring elements
+    (uint64 ``(size, n)``, two's complement; cached, treat as read-only)."""
     h = (size - 1) // 2
     angle = 2.0 * np.pi * np.outer(np.arange(-h, h + 1), np.arange(n)) / n
-    return (np.rint(np.cos(angle) * 2.0**bits).astype(np.int64), np.rint(np.sin(angle) * 2.0**bits).astype(np.int64))
+    return tuple(np.rint(f(angle) * 2.0**bits).astype(np.int64).astype(np.uint64) for f in (np.cos, np.sin))
 
 
 def band_dft(values: np.ndarray, band: Band) -> np.ndarray:
@@ -99,9 +100,8 @@ def bit_budget(abs_sum: float, ndim: int, frac_bits: int = FRAC_BITS) -> tuple[i
 
 
 def _contract(x, mat, axis):
-    """Contract ring array ``x`` on spatial ``axis`` with the int64 matrix ``mat (T, n)`` (mod 2^64)."""
-    m = jnp.asarray(mat.astype(np.uint64))
-    return jnp.moveaxis(jnp.tensordot(m, x, axes=(1, axis)), 0, axis)
+    """Contract ring array ``x`` on spatial ``axis`` with the ring matrix ``mat (T, n)`` (mod 2^64)."""
+    return jnp.moveaxis(jnp.tensordot(jnp.asarray(mat), x, axes=(1, axis)), 0, axis)
 
 
 def _share_dft(re: Shared, band: Band, bits: int) -> tuple[Shared, Shared]:
