@@ -46,7 +46,7 @@ from common import fmt, timed_twice, write_results
 PAPER = {  # Taiello et al. 2024, per iteration and party: (s, MB)
     ("affine", None): (0.13, 1.54), ("affine", "urs"): (0.02, 0.20), ("affine", "gms"): (0.02, 0.20),
     ("bspline", None): (0.63, 28.98), ("bspline", "urs"): (0.41, 8.00), ("bspline", "gms"): (0.41, 8.00),
-    ("points", None): (0.02, 0.03), ("mi", "urs"): (1.02, 15.00),
+    ("points", None): (0.02, 0.03), ("mi", "urs"): (1.02, 15.00), ("svf", None): (24.0, 152.25),
 }
 
 
@@ -128,7 +128,44 @@ def process_rows(quick):
                 "paper_s_mb_per_iteration": PAPER[(kind, sampling)],
             })
             print_row(rows[-1], header=len(rows) == 1)
+    rows.append(cc_process_row())
+    print_row(rows[-1], header=False)
     return rows
+
+
+def cc_process_row():
+    """SVF with the local CC over three processes: the whole Colin27 volume (2 mm) vs itself warped
+    by a known field (``bench_ppir_cc.paper_case``), the paper's schedule (shrink 8, 4, 2, 1 with
+    10, 10, 5, 1 iterations). Time per iteration per party: its own compute in the ``lcc_round``
+    operations plus party1's warp and update, over all iterations (the first run fills the
+    compilation cache; the second is reported); MB per iteration averages every level, as the paper."""
+    from bench_ppir_cc import PAPER_SCHEDULE, paper_case
+
+    from ppreg.image import Image
+    from ppreg.party_cli import register_processes
+
+    name, fixed_u, moving_u = paper_case()
+    affine = load_sample("colin27_t1_2mm").affine
+    fixed, moving = (Image(np.asarray(x, np.float32), affine) for x in (fixed_u, moving_u))
+    opts = dict(transform="svf", loss="lncc", levels=tuple(f for f, _ in PAPER_SCHEDULE),
+                max_iterations=tuple(n for _, n in PAPER_SCHEDULE))
+    ref = register(fixed, moving, **opts)
+    reports = {}
+    for _ in range(2):
+        r = register_processes(fixed, moving, reports=reports, **opts)
+    parties = {"party1": "moving", "party2": "fixed", "dealer": "dealer"}
+    setup = {q: sum(v["total_s"] for op, v in reports[p]["ops"].items() if op not in ("lcc_round", "end"))
+             for q, p in parties.items()}
+    per_it = {q: (reports[p]["time_s"] - setup[q]) / r.iterations for q, p in parties.items()}
+    return {
+        "case": name + " CC (paper schedule)", "solution": "PPIR(MPC), 3 processes",
+        "parameters": int(np.prod(fixed.shape)) * 3, "iterations": r.iterations, "final_mse": r.final_loss,
+        "rmse_vs_clear_px": field_rmse(r.displacement(), ref.displacement())["voxels"],
+        "time_per_iteration_s": per_it, "setup_s": setup, "wall_s": reports["moving"]["wall_s"],
+        "mb_per_iteration": {q: b / 1e6 for q, b in r.bytes_per_iteration.items()},
+        "offline_mb": {q: v["offline"] / 1e6 for q, v in r.bytes.items()}, "compile_s": 0.0,
+        "paper_s_mb_per_iteration": PAPER[("svf", None)],
+    }
 
 
 def rotation3(deg):
@@ -140,34 +177,51 @@ def rotation3(deg):
     return rz @ ry @ rx
 
 
-def point_rows():
+def point_cases():
+    """``(name, p, q, extent)``: a 3D label boundary (the largest AAL region, every boundary voxel)
+    and a 2D one of the paper's size (193 points, as its corpus callosum; the largest AAL region of
+    the middle axial slice), each moved by a known rigid motion plus 0.2-voxel noise."""
     labels = np.asarray(load_sample("colin27_aal_2mm").data)
+    rng = np.random.default_rng(0)  # synthetic data only (no shares)
     label = int(np.bincount(labels[labels > 0].astype(np.int64)).argmax())
     p = boundary_points(labels, label).astype(np.float64)
     rot, t = rotation3(8.0), np.array([3.0, -5.0, 4.0])
-    q = (p - p.mean(0)) @ rot.T + p.mean(0) + t + np.random.default_rng(0).normal(0, 0.2, p.shape)
-    t0 = time.perf_counter()
-    clear = np.asarray(rigid_from_points(p, q), np.float64)
-    clear_s = time.perf_counter() - t0
-    runs = []
-    for _ in range(2):  # the second run is steady state
-        sess = SecureSession(16)
-        mat, _ = register_points(p, q, sess, extent=float(max(labels.shape)))
-        runs.append((mat, sess))
-    mat, sess = runs[-1]
-    moved = [(np.c_[p, np.ones(len(p))] @ np.asarray(m, np.float64).T)[:, :3] for m in (mat, clear)]
-    nbytes = sess.bytes_report()
-    rows = [{"case": f"3D point clouds (AAL {label} boundary, n={len(p)})", "solution": "CLEAR", "parameters": 6,
-             "iterations": 1, "final_mse": float(np.mean(np.sum((moved[1] - q) ** 2, -1))), "rmse_vs_clear_px": None,
-             "time_per_iteration_s": {"party1": clear_s, "party2": 0.0},
-             "mb_per_iteration": {"party1": 0.0, "party2": 0.0}, "offline_mb": {"party1": 0.0, "party2": 0.0},
-             "compile_s": 0.0, "paper_s_mb_per_iteration": None}]
-    rows.append(dict(rows[0], solution="PPIR(MPC)", final_mse=float(np.mean(np.sum((moved[0] - q) ** 2, -1))),
-                     rmse_vs_clear_px=float(np.sqrt(np.mean(np.sum((moved[0] - moved[1]) ** 2, -1)))),
-                     time_per_iteration_s={q_: sess.time[q_] for q_ in ("party1", "party2")},
-                     mb_per_iteration={q_: v["online"] / 1e6 for q_, v in nbytes.items()},
-                     offline_mb={q_: v["offline"] / 1e6 for q_, v in nbytes.items()},
-                     paper_s_mb_per_iteration=PAPER[("points", None)]))
+    q = (p - p.mean(0)) @ rot.T + p.mean(0) + t + rng.normal(0, 0.2, p.shape)
+    yield f"3D point clouds (AAL {label} boundary, n={len(p)})", p, q, float(max(labels.shape))
+    plane = (labels[:, :, labels.shape[2] // 2] > 0).astype(np.int32)
+    p2 = boundary_points(plane, 1, max_points=193).astype(np.float64)
+    a = np.deg2rad(8.0)
+    rot2 = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    q2 = (p2 - p2.mean(0)) @ rot2.T + p2.mean(0) + np.array([3.0, -5.0]) + rng.normal(0, 0.2, p2.shape)
+    yield f"2D point clouds (brain outline, n={len(p2)})", p2, q2, float(max(plane.shape))
+
+
+def point_rows():
+    rows = []
+    for name, p, q, extent in point_cases():
+        d = p.shape[1]
+        t0 = time.perf_counter()
+        clear = np.asarray(rigid_from_points(p, q), np.float64)
+        clear_s = time.perf_counter() - t0
+        runs = []
+        for _ in range(2):  # the second run is steady state
+            sess = SecureSession(16)
+            mat, _ = register_points(p, q, sess, extent=extent)
+            runs.append((mat, sess))
+        mat, sess = runs[-1]
+        moved = [(np.c_[p, np.ones(len(p))] @ np.asarray(m, np.float64).T)[:, :d] for m in (mat, clear)]
+        nbytes = sess.bytes_report()
+        clear_row = {"case": name, "solution": "CLEAR", "parameters": d * (d + 1) // 2, "iterations": 1,
+                     "final_mse": float(np.mean(np.sum((moved[1] - q) ** 2, -1))), "rmse_vs_clear_px": None,
+                     "time_per_iteration_s": {"party1": clear_s, "party2": 0.0},
+                     "mb_per_iteration": {"party1": 0.0, "party2": 0.0}, "offline_mb": {"party1": 0.0, "party2": 0.0},
+                     "compile_s": 0.0, "paper_s_mb_per_iteration": None}
+        rows += [clear_row, dict(clear_row, solution="PPIR(MPC)", final_mse=float(np.mean(np.sum((moved[0] - q) ** 2, -1))),
+                                 rmse_vs_clear_px=float(np.sqrt(np.mean(np.sum((moved[0] - moved[1]) ** 2, -1)))),
+                                 time_per_iteration_s={q_: sess.time[q_] for q_ in ("party1", "party2")},
+                                 mb_per_iteration={q_: v["online"] / 1e6 for q_, v in nbytes.items()},
+                                 offline_mb={q_: v["offline"] / 1e6 for q_, v in nbytes.items()},
+                                 paper_s_mb_per_iteration=PAPER[("points", None)])]
     for row in rows:
         print_row(row, header=False)
     return rows

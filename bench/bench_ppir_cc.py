@@ -42,7 +42,18 @@ from ppreg.warp import warp
 from common import fmt, print_header, write_results
 
 LEVELS = (2, 1)
+PAPER_SCHEDULE = ((8, 10), (4, 10), (2, 5), (1, 1))  # pp_dipy's syn_cc_registration_3d: level_iters [10, 10, 5, 1]
+FRAC_BITS = None  # --frac-bits (default: lcc.frac_bits_for each level)
 OPTS = dict(step=0.5, sigma_fluid=2.0, sigma_diff=0.5, steps=SVF_STEPS)
+
+
+def _known_warp(volume, amplitude: float = 1.0):
+    """``volume`` warped by a smooth known displacement: two sine modes per axis, up to
+    ``1.6 amplitude`` voxels."""
+    x = identity_grid(volume.shape) / jnp.asarray(volume.shape, jnp.float32)  # in [0, 1)
+    t = jnp.stack([1.2 * jnp.sin(2 * jnp.pi * x[..., (i + 1) % 3]) + 0.4 * jnp.cos(2 * jnp.pi * x[..., (i + 2) % 3])
+                   for i in range(3)], axis=-1)
+    return warp(volume, identity_grid(volume.shape) + amplitude * t)
 
 
 def cases(size: int):
@@ -53,21 +64,31 @@ def cases(size: int):
     vol = np.asarray(load_sample("colin27_t1_2mm").data)
     lo = [(n - size) // 2 for n in vol.shape]
     crop = _unit_range(jnp.asarray(vol[tuple(slice(a, a + size) for a in lo)]))
-    x = identity_grid(crop.shape) / size  # (size, size, size, 3) in [0, 1)
-    t = jnp.stack([1.2 * jnp.sin(2 * jnp.pi * x[..., (i + 1) % 3]) + 0.4 * jnp.cos(2 * jnp.pi * x[..., (i + 2) % 3])
-                   for i in range(3)], axis=-1)
-    yield f"3D Colin27 {size}^3", crop, warp(crop, identity_grid(crop.shape) + t)
+    yield f"3D Colin27 {size}^3", crop, _known_warp(crop)
 
 
-def fit(fixed, moving, iterations: int, session=None):
-    """The coarse-to-fine loop of ``register._fit_svf`` for both solutions; returns
-    ``(displacement, iterations, seconds per party, party1 bytes per voxel per iteration at
-    full resolution)``."""
+def paper_case(upsample: int = 1):
+    """The whole Colin27 T1 volume (2 mm, 91 x 109 x 91; ``upsample`` 2: trilinearly resampled to
+    182 x 218 x 182, more voxels than the paper's 192 x 160 x 192) vs itself warped by the
+    known field (scaled with the grid)."""
+    vol = _unit_range(jnp.asarray(load_sample("colin27_t1_2mm").data))
+    if upsample > 1:
+        shape = tuple(upsample * n for n in vol.shape)
+        coords = (identity_grid(shape) - (upsample - 1) / 2) / upsample
+        vol = warp(vol, coords)
+    name = "3D Colin27 " + "x".join(map(str, vol.shape))
+    return name, vol, _known_warp(vol, float(upsample))
+
+
+def fit(fixed, moving, schedule, session=None):
+    """The coarse-to-fine loop of ``register._fit_svf`` for both solutions over ``schedule``
+    (``(shrink factor, iterations)`` per level, coarsest first); returns ``(displacement,
+    iterations, seconds per party, party1 bytes per voxel per iteration at the finest level)``."""
     velocity, seconds, its, per_voxel = None, {"party1": 0.0, "party2": 0.0}, 0, None
-    for li, factor in enumerate(LEVELS):
+    for li, (factor, iterations) in enumerate(schedule):
         coarse = level_shape(fixed.shape, factor)
         velocity = (jnp.zeros(coarse + (fixed.ndim,), jnp.float32) if velocity is None
-                    else upsample_field(velocity, fixed.shape, LEVELS[li - 1], factor))
+                    else upsample_field(velocity, fixed.shape, schedule[li - 1][0], factor))
         m, f = downsample(moving, factor), downsample(fixed, factor)
         before = None if session is None else session.channel.traffic.snapshot()["sent"]["party1"]["online"]
         start = time.perf_counter()
@@ -78,7 +99,7 @@ def fit(fixed, moving, iterations: int, session=None):
             seconds["party1"] += time.perf_counter() - start
         else:
             v, _, per_it = lcc.run_svf_level(session, velocity / factor, m, f, iterations=iterations,
-                                             label=f"L{li}", **OPTS)
+                                             label=f"L{li}", frac_bits=FRAC_BITS, **OPTS)
             for p in seconds:
                 seconds[p] += per_it[p] * iterations
             sent = session.channel.traffic.snapshot()["sent"]["party1"]["online"] - before
@@ -93,34 +114,50 @@ def _summary(fixed, moving, u):
     return float(lcc.guarded_lncc(fixed, warped)), float(jnp.mean((warped - fixed) ** 2))
 
 
-def cc_rows(size: int = 24, iterations: int = 20, verbose: bool = False) -> list[dict]:
-    """Rows in the table format of ``bench/bench_affine.py`` (plus ``bytes_per_voxel``), one
-    CLEAR and one PPIR(MPC) row per case."""
+def case_rows(name, fixed, moving, schedule, verbose: bool = False) -> list[dict]:
+    """One CLEAR and one PPIR(MPC) row for a case (table format of ``bench/bench_affine.py``,
+    plus ``bytes_per_voxel``); per-iteration figures are averages over every level's
+    iterations, as the paper's."""
+    warm = tuple((factor, min(2, its)) for factor, its in schedule)
+    fit(fixed, moving, schedule)  # compile (the clear loop's iteration count is static)
+    fit(fixed, moving, warm, TwoPartySession())  # the MPC loop compiles per shape
+    u_clear, its, sec, _ = fit(fixed, moving, schedule)
+    session = TwoPartySession()
+    u_mpc, _, sec_mpc, per_voxel = fit(fixed, moving, schedule, session)
+    snap = session.channel.traffic.snapshot()
+    rows = []
+    for solution, u, s in (("CLEAR", u_clear, sec), ("PPIR(MPC)", u_mpc, sec_mpc)):
+        secure = solution != "CLEAR"
+        loss, mse = _summary(fixed, moving, u)
+        row = {
+            "case": name, "shape": list(fixed.shape), "transform": "svf", "loss": "lncc (guarded)",
+            "schedule": [list(level) for level in schedule],
+            "solution": solution, "iterations": its, "final_loss": loss, "final_mse": mse,
+            "rmse_vs_clear_px": float(jnp.sqrt(jnp.mean(jnp.sum((u - u_clear) ** 2, -1)))) if secure else None,
+            "time_per_iteration_s": {p: t / its for p, t in s.items()},
+            "mb_per_iteration": {p: (snap["sent"][p]["online"] / its / 1e6 if secure else 0.0)
+                                 for p in ("party1", "party2")},
+            "bytes_per_voxel": per_voxel if secure else None,
+            "offline_mb": {p: (snap["received"][p]["offline"] / 1e6 if secure else 0.0)
+                           for p in ("party1", "party2")},
+        }
+        rows.append(row)
+        if verbose:
+            print_row(row, header=verbose == "header" and len(rows) == 1)
+    return rows
+
+
+def cc_rows(size: int = 24, iterations: int = 20, verbose: bool = False, paper: bool = True,
+            upsample: int = 1) -> list[dict]:
+    """The rows of every case: the 2D crop and the 3D ``size``^3 crop with levels (2, 1) and
+    ``iterations`` each, then (``paper``) the whole Colin27 volume (:func:`paper_case`) with the
+    paper's schedule :data:`PAPER_SCHEDULE`."""
     rows = []
     for name, fixed, moving in cases(size):
-        fit(fixed, moving, iterations)  # compile (the clear loop's iteration count is static)
-        fit(fixed, moving, 2, TwoPartySession())  # the MPC loop compiles per shape
-        u_clear, its, sec, _ = fit(fixed, moving, iterations)
-        session = TwoPartySession()
-        u_mpc, _, sec_mpc, per_voxel = fit(fixed, moving, iterations, session)
-        snap = session.channel.traffic.snapshot()
-        for solution, u, s in (("CLEAR", u_clear, sec), ("PPIR(MPC)", u_mpc, sec_mpc)):
-            secure = solution != "CLEAR"
-            loss, mse = _summary(fixed, moving, u)
-            row = {
-                "case": name, "shape": list(fixed.shape), "transform": "svf", "loss": "lncc (guarded)",
-                "solution": solution, "iterations": its, "final_loss": loss, "final_mse": mse,
-                "rmse_vs_clear_px": float(jnp.sqrt(jnp.mean(jnp.sum((u - u_clear) ** 2, -1)))) if secure else None,
-                "time_per_iteration_s": {p: t / its for p, t in s.items()},
-                "mb_per_iteration": {p: (snap["sent"][p]["online"] / its / 1e6 if secure else 0.0)
-                                     for p in ("party1", "party2")},
-                "bytes_per_voxel": per_voxel if secure else None,
-                "offline_mb": {p: (snap["received"][p]["offline"] / 1e6 if secure else 0.0)
-                               for p in ("party1", "party2")},
-            }
-            rows.append(row)
-            if verbose:
-                print_row(row, header=len(rows) == 1)
+        rows += case_rows(name, fixed, moving, tuple((f, iterations) for f in LEVELS),
+                          "header" if verbose and not rows else verbose)
+    if paper:
+        rows += case_rows(*paper_case(upsample), PAPER_SCHEDULE, verbose)
     return rows
 
 
@@ -144,11 +181,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/bench_ppir_cc.json")
     ap.add_argument("--size", type=int, default=24, help="side of the 3D Colin27 crop (voxels)")
-    ap.add_argument("--iterations", type=int, default=20, help="iterations per level")
+    ap.add_argument("--iterations", type=int, default=20, help="iterations per level of the crops")
+    ap.add_argument("--upsample", type=int, default=1,
+                    help="paper-schedule case: resample the Colin27 volume by this factor (2: 182 x 218 x 182)")
+    ap.add_argument("--only-paper", action="store_true", help="only the paper-schedule case")
+    ap.add_argument("--frac-bits", type=int, default=None, help="fixed-point fractional bits (default: per level)")
     args = ap.parse_args()
-    rows = cc_rows(args.size, args.iterations, verbose=True)
+    global FRAC_BITS
+    FRAC_BITS = args.frac_bits
+    if args.only_paper:
+        rows = case_rows(*paper_case(args.upsample), PAPER_SCHEDULE, "header")
+    else:
+        rows = cc_rows(args.size, args.iterations, verbose=True, upsample=args.upsample)
     write_results(args.out, {"rows": rows}, levels=list(LEVELS), iterations_per_level=args.iterations,
-                  window=lcc.WINDOW, floor=lcc.FLOOR, frac_bits=lcc.FRAC_BITS)
+                  paper_schedule=[list(level) for level in PAPER_SCHEDULE],
+                  window=lcc.WINDOW, floor=lcc.FLOOR, frac_bits=FRAC_BITS)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,16 @@ def _levels(text: str) -> tuple[int, ...]:
     return levels
 
 
+def _iterations(text: str):
+    """``N`` (every level) or ``N1,N2,...`` (one count per level, svf and dense)."""
+    try:
+        counts = _levels(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"max-iterations must be a positive integer or a comma-separated list, "
+                                         f"got {text!r}") from None
+    return counts[0] if len(counts) == 1 else counts
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -84,8 +94,9 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling", choices=METHODS, default=None, help="voxel sampling per iteration (default: all)")
     p.add_argument("--fraction", type=_fraction, default=0.1, help="sampled fraction of voxels (default 0.1)")
     p.add_argument("--levels", type=_levels, default=(4, 2, 1), help="pyramid shrink factors (default 4,2,1)")
-    p.add_argument("--max-iterations", type=int, default=None,
-                   help="per level (default 100 linear, 15 bspline; svf, dense: 60, 40 at full resolution)")
+    p.add_argument("--max-iterations", type=_iterations, default=None,
+                   help="per level, or one count per level for svf and dense (default 100 linear, 15 bspline; "
+                        "svf, dense: 60, 40 at full resolution)")
     p.add_argument("--spacing", type=int, default=4, help="bspline control-point spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=None,
                    help="bspline: bending-energy weight (default 0.01); dense: diffusion weight (default 0.1)")
@@ -104,7 +115,9 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--band-size", type=int, default=None, help="flash: odd Fourier band size per axis (default 15)")
     p.add_argument("--alpha", type=float, default=None, help="flash: smoothness weight of L (default 100)")
     p.add_argument("--sigma", type=float, default=None, help="flash: noise sigma, fraction of max intensity (0.03)")
-    p.add_argument("--estimate-alpha", action="store_true", help="flash: MAP estimate of alpha (004 Algorithm 1)")
+    p.add_argument("--estimate-alpha", nargs="?", const="laplace", choices=("laplace", "joint"), default=None,
+                   help="flash: estimate alpha: laplace (default: marginal MAP, ppreg.spectral.evidence) or joint "
+                        "(004 Algorithm 1 as published)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
     demo.add_argument("--processes", action="store_true",
                       help="run the MPC rows as three local processes (dealer, fixed, moving) on loopback")
-    party_cli.add_parsers(sub, levels_type=_levels, fraction_type=_fraction)
+    party_cli.add_parsers(sub, levels_type=_levels, fraction_type=_fraction, iterations_type=_iterations)
     return parser
 
 

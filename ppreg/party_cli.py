@@ -43,7 +43,7 @@ class SessionError(Exception):
     """The secure session failed at run time (exit status 1)."""
 
 
-def add_parsers(sub, *, levels_type, fraction_type) -> None:
+def add_parsers(sub, *, levels_type, fraction_type, iterations_type) -> None:
     """Register ``keygen`` and ``party`` on the ``ppreg`` subparsers."""
     kg = sub.add_parser("keygen", help="write a CURVE key pair NAME.key (secret, mode 0600) and NAME.pub")
     kg.add_argument("name", type=Path, help="path prefix of the two files")
@@ -64,16 +64,18 @@ def add_parsers(sub, *, levels_type, fraction_type) -> None:
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for a peer to connect and for each message (default 120)")
     p.add_argument("--max-message-mb", type=float, default=1024.0, help="largest message accepted (default 1024)")
-    p.add_argument("--transform", choices=TRANSFORMS, default="rigid")
+    p.add_argument("--transform", choices=TRANSFORMS + ("svf",), default="rigid", help="svf: with --loss lncc")
     p.add_argument("--spacing", type=int, default=4, help="bspline: finest control spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=0.01, help="bspline: bending-energy weight")
-    p.add_argument("--loss", choices=("ssd", "mi"), default="ssd",
-                   help="ssd (Gauss-Newton) or mi (Mattes mutual information, linear transforms) under MPC")
+    p.add_argument("--loss", choices=("ssd", "mi", "lncc"), default="ssd",
+                   help="ssd (Gauss-Newton), mi (Mattes mutual information, linear transforms) or lncc (ANTs local "
+                        "CC, --transform svf) under MPC")
     p.add_argument("--bins", type=int, default=32, help="mi: histogram bins (default 32)")
     p.add_argument("--sampling", choices=METHODS, default=None, help="voxel sampling per iteration (default: all)")
     p.add_argument("--fraction", type=fraction_type, default=0.1, help="sampled fraction of voxels (default 0.1)")
     p.add_argument("--levels", type=levels_type, default=(4, 2, 1), help="pyramid shrink factors (default 4,2,1)")
-    p.add_argument("--max-iterations", type=int, default=None, help="per level (default 100; bspline 15)")
+    p.add_argument("--max-iterations", type=iterations_type, default=None,
+                   help="per level, or one count per level for svf (default 100; bspline 15; svf 60, 40 at the finest)")
     p.add_argument("--seed", type=int, default=0, help="public sampling seed (default 0)")
     p.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits")
 
@@ -127,8 +129,8 @@ def run_party(args, error, load_image, write_outputs) -> int:
             try:
                 result, affine, report = parties.run_moving(
                     image, own, listen=args.listen, dealer=args.dealer, peer_key=peer, dealer_key=dealer, **limits,
-                    transform=args.transform, sampling=args.sampling, fraction=args.fraction, levels=args.levels,
-                    max_iterations=args.max_iterations, key=args.seed, frac_bits=args.frac_bits, loss=args.loss,
+                    transform=args.transform, levels=args.levels, max_iterations=args.max_iterations,
+                    frac_bits=args.frac_bits, loss=args.loss, **_sampling_options(args, error),
                     **(dict(spacing=args.spacing, regularization=args.regularization)
                        if args.transform == "bspline" else {}),
                     **(dict(bins=args.bins) if args.loss == "mi" else {}),
@@ -150,6 +152,15 @@ def run_party(args, error, load_image, write_outputs) -> int:
     print(f"{role}: done in {report['wall_s']:.2f} s; compute {report['time_s']:.3f} s; sent {report['online']} bytes "
           f"online, received {report['offline']} bytes offline")
     return 0
+
+
+def _sampling_options(args, error) -> dict:
+    """``sampling``, ``fraction`` and ``key`` for the losses that sample voxels (not lncc: every voxel)."""
+    if args.loss != "lncc":
+        return dict(sampling=args.sampling, fraction=args.fraction, key=args.seed)
+    if args.sampling is not None:
+        raise error("moving: --loss lncc uses every voxel (no --sampling)")
+    return {}
 
 
 def _print_moving(result: Result, wall: float, outdir: Path) -> None:
@@ -232,10 +243,10 @@ def _option_args(options: dict) -> list[str]:
 
 
 def load_result(outdir: Path) -> Result:
-    """A :class:`~ppreg.register.Result` (linear or bspline) from the files ``ppreg register`` wrote."""
+    """A :class:`~ppreg.register.Result` (linear, bspline or svf) from the files ``ppreg register`` wrote."""
     import numpy as np
 
-    from .image import load
+    from .image import load, load_field
     from .register import LevelReport
 
     rep = json.loads((outdir / "report.json").read_text())
@@ -244,6 +255,8 @@ def load_result(outdir: Path) -> Result:
                                np.full(lv["iterations"], np.nan)) for lv in rep["levels"])
     if doc["type"] == "bspline":
         params, matrix, center = np.asarray(doc["coefficients"], np.float32), None, None
+    elif doc["type"] == "svf":
+        params, matrix, center = np.asarray(load_field(outdir / doc["velocity"])[0], np.float32), None, None
     else:
         params, matrix, center = np.asarray(doc["parameters"]), np.asarray(doc["matrix"]), np.asarray(doc["center"])
     return Result(transform=doc["type"], params=params, matrix=matrix, center=center, spacing=doc.get("spacing"),
@@ -262,8 +275,8 @@ def register_processes(fixed, moving, *, secure: str = "mpc", timeout: float = 6
         timeout: seconds before the processes are killed.
         reports: if a dict, filled with each process's own report (``"moving"``, ``"fixed"``,
             ``"dealer"``: ``{"time_s", "wall_s", "online", "offline", "ops"}``).
-        options: ``transform``, ``sampling``, ``fraction``, ``levels``, ``max_iterations``, ``seed``,
-            ``frac_bits``, ``spacing``, ``regularization`` (as ``ppreg party``).
+        options: ``transform``, ``loss``, ``sampling``, ``fraction``, ``levels``, ``max_iterations``,
+            ``seed``, ``frac_bits``, ``spacing``, ``regularization``, ``bins`` (as ``ppreg party``).
 
     Returns:
         the moving party's result (times and bytes as each process measured them).

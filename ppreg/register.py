@@ -31,9 +31,6 @@ from .grid import downsample, gaussian_blur, gradient, level_coordinates, upsamp
 from .svf import exp as svf_exp
 from .transforms import KINDS, apply_matrix, check_kind, image_center, params_from_matrix
 from .losses import LNCC_FLAT_FLOOR, lncc, mind, mutual_information, ncc, ssd
-from .secure import lcc as secure_lcc
-from .secure.lcc import svf_report
-from .secure.shares import TwoPartySession
 from .warp import warp
 
 DEFORMABLE = ("bspline", "svf", "dense")
@@ -244,6 +241,15 @@ def _warp_full(moving, mat, grid):
     return warp(moving, apply_matrix(mat, grid))
 
 
+def default_iterations(transform: str, levels, family: dict):
+    """Default ``max_iterations``: the family's per level; svf and dense: :data:`SVF_FINEST_ITERATIONS`
+    at the finest of several levels."""
+    count = family["max_iterations"]
+    if transform in ("svf", "dense") and len(levels) > 1:
+        return (count,) * (len(levels) - 1) + (SVF_FINEST_ITERATIONS,)
+    return count
+
+
 def _check_options(transform, loss, secure, sampling, levels, ndim, max_iterations, tol, damping):
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
@@ -406,9 +412,7 @@ def register(
         raise ValueError(f"fixed is {fixed_a.ndim}D but moving is {moving_a.ndim}D")
     family = DEFAULTS[transform if transform in DEFORMABLE else "gauss-newton" if loss == "ssd" else "descent"]
     if max_iterations is None:
-        max_iterations = family["max_iterations"]
-        if transform in ("svf", "dense") and len(levels) > 1:
-            max_iterations = (max_iterations,) * (len(levels) - 1) + (SVF_FINEST_ITERATIONS,)
+        max_iterations = default_iterations(transform, levels, family)
     tol = family["tol"] if tol is None else tol
     damping = family["damping"] if damping is None else damping
     step_size = DEFAULT_STEP.get(transform, 0.5) if step_size is None else step_size
@@ -420,6 +424,12 @@ def register(
         return _register_mpc(fixed, fixed_a, moving_a, frac_bits=frac_bits, seeds=seeds, loss="mi",
                              transform=transform, sampling=sampling, fraction=fraction, levels=tuple(levels),
                              max_iterations=max_iterations, tol=tol, bins=bins, key=key)
+    if secure == "mpc" and transform == "svf":  # ppreg.secure.lcc: the lncc force, revealed to party1 only
+        if symmetric:
+            raise ValueError("secure svf is non-symmetric in this version")
+        return _register_mpc(fixed, fixed_a, moving_a, frac_bits=frac_bits, seeds=seeds, loss="lncc",
+                             levels=tuple(levels), max_iterations=max_iterations, step_size=step_size,
+                             fluid_sigma=fluid_sigma, diffusion_sigma=diffusion_sigma)
     if secure == "mpc" and loss == "ssd" and transform in KINDS + ("bspline",):
         return _register_mpc(fixed, fixed_a, moving_a, frac_bits=frac_bits, seeds=seeds, transform=transform,
                              sampling=sampling, fraction=fraction, levels=tuple(levels), max_iterations=max_iterations,
@@ -427,7 +437,7 @@ def register(
                              cg_iterations=cg_iterations, key=key)
     scale = 2.0 ** max(scale_exponent(fixed_a), scale_exponent(moving_a))
     fixed_s, moving_s = fixed_a / scale, moving_a / scale
-    session = svf_session = None
+    session = None
     prepare = _unit_range if loss != "ssd" else (lambda x: x / scale)
     if transform == "dense":
         u, reports = _fit_dense(prepare(fixed_a), prepare(moving_a), loss=_ImageLoss(loss, bins), levels=tuple(levels),
@@ -437,15 +447,11 @@ def register(
         warped = _warp_field(moving_a, u, identity_grid(fixed_a.shape))
         params, mat, center = np.asarray(u), None, None
     elif transform == "svf":
-        if secure == "mpc":  # ppreg.secure.lcc: the lncc force under MPC, revealed to party1 only
-            if symmetric:
-                raise ValueError("secure svf is non-symmetric in this version")
-            svf_session = TwoPartySession(seeds=seeds)
-        velocity, reports, party_seconds = _fit_svf(
+        velocity, reports = _fit_svf(
             prepare(fixed_a), prepare(moving_a), loss=_ImageLoss(loss, bins), levels=tuple(levels),
             iterations=max_iterations, step=step_size,
             fluid_sigma=FLUID_SIGMA.get(loss, 2.0) if fluid_sigma is None else fluid_sigma,
-            diffusion_sigma=diffusion_sigma, symmetric=symmetric, session=svf_session)
+            diffusion_sigma=diffusion_sigma, symmetric=symmetric)
         u = svf_exp(velocity, steps=SVF_STEPS)
         warped = _warp_field(moving_a, u, identity_grid(fixed_a.shape))
         params, mat, center = np.asarray(velocity), None, None
@@ -500,10 +506,7 @@ def register(
         mat, center = np.asarray(mat, np.float64), np.asarray(center, np.float64)
     n_vox = int(np.prod(fixed_a.shape))
     iterations = sum(r.iterations for r in reports)
-    if svf_session is not None:
-        final, time_s, nbytes, per_iter = svf_report(svf_session, np.asarray(warped) / scale, fixed_s, scale,
-                                                     iterations, party_seconds)
-    elif session is None:
+    if session is None:
         final = float(jnp.mean((warped - fixed_a) ** 2))
         time_s = {"party1": time.perf_counter() - start, "party2": 0.0}
         zero = {"online": 0, "offline": 0}
@@ -538,17 +541,19 @@ def register(
 
 
 def _register_mpc(fixed, fixed_a, moving_a, *, frac_bits, seeds, loss="ssd", **options) -> Result:
-    """``secure="mpc"`` with SSD: party1's driver of ``ppreg party --role moving``
-    (:func:`ppreg.secure.parties.register_moving`) against a dealer and a party2 in this process,
-    party2 holding ``fixed`` as the fixed process does: one pipeline for one process or three.
-    With MI: :func:`ppreg.secure.mi.register_moving_mi`."""
+    """``secure="mpc"``: party1's driver of ``ppreg party --role moving`` against a dealer and a
+    party2 in this process, party2 holding ``fixed`` as the fixed process does: one pipeline for
+    one process or three. SSD: :func:`ppreg.secure.parties.register_moving`; MI:
+    :func:`ppreg.secure.mi.register_moving_mi`; lncc (svf): :func:`ppreg.secure.lcc.register_moving_lcc`."""
+    from .secure.lcc import register_moving_lcc
     from .secure.mi import register_moving_mi
     from .secure.parties import register_moving
     from .secure.session import SecureSession
 
     affine = np.asarray(fixed.affine if isinstance(fixed, Image) else np.eye(4), np.float64)
     session = SecureSession(frac_bits, seeds=seeds, fixed=(fixed_a, affine, scale_exponent(fixed_a)))
-    return (register_moving_mi if loss == "mi" else register_moving)(moving_a, session, **options)[0]
+    driver = {"mi": register_moving_mi, "lncc": register_moving_lcc}.get(loss, register_moving)
+    return driver(moving_a, session, **options)[0]
 
 
 def _register_pipeline(fixed, moving, *, transform, loss, secure, sampling, levels, key, **deform_options) -> Result:
@@ -631,17 +636,18 @@ def _fit_descent(fixed_u, moving_u, center, key, *, transform, loss, levels, sam
     return mat, reports
 
 
-def _coarse_to_fine(fixed_u, moving_u, levels, iterations, run_level):
+def _coarse_to_fine(fixed_u, moving_u, levels, iterations, run_level, shape=None):
     """Coarse-to-fine driver of the dense models (svf velocity, dense displacement).
 
     The field is carried in full-resolution voxels between levels; ``run_level(li, field,
-    moving, fixed, iterations)`` gets the field in level voxels and the level images and
-    returns ``(field, losses)``.
+    moving, fixed, iterations)`` gets the field in level voxels and the level images (``fixed``
+    ``None`` when ``fixed_u`` is: a remote party2 holds it, ``shape`` its grid) and returns
+    ``(field, losses)``.
 
     Returns:
         ``(field (*shape, d) in full-resolution voxels, reports)``.
     """
-    shape = fixed_u.shape
+    shape = fixed_u.shape if shape is None else tuple(shape)
     field, reports = None, []
     counts = tuple(iterations) if isinstance(iterations, (tuple, list)) else (iterations,) * len(levels)
     for li, (factor, count) in enumerate(zip(levels, counts)):
@@ -650,38 +656,28 @@ def _coarse_to_fine(fixed_u, moving_u, levels, iterations, run_level):
             field = jnp.zeros(coarse + (len(shape),), jnp.float32)
         else:
             field = upsample_field(field, shape, levels[li - 1], factor)
-        level_field, losses = run_level(li, field / factor, downsample(moving_u, factor), downsample(fixed_u, factor),
-                                        int(count))
+        level_field, losses = run_level(li, field / factor, downsample(moving_u, factor),
+                                        None if fixed_u is None else downsample(fixed_u, factor), int(count))
         field = level_field * factor
         reports.append(LevelReport(int(factor), coarse, int(count), int(np.prod(coarse)), np.asarray(losses)))
         _check_finite(field, li, factor)
     return field, reports
 
 
-def _fit_svf(fixed_u, moving_u, *, loss, levels, iterations, step, fluid_sigma, diffusion_sigma, symmetric,
-             session=None):
-    """Coarse-to-fine SVF (:func:`ppreg.optim.run_svf_level` per level).
-
-    With a ``session`` (loss lncc) each level runs :func:`ppreg.secure.lcc.run_svf_level`.
+def _fit_svf(fixed_u, moving_u, *, loss, levels, iterations, step, fluid_sigma, diffusion_sigma, symmetric):
+    """Coarse-to-fine SVF (clear :func:`ppreg.optim.run_svf_level` per level; the secure run is
+    :func:`ppreg.secure.lcc.register_moving_lcc`).
 
     Returns:
-        ``(velocity, reports, party_seconds)``: each party's own compute time (secure runs) or None.
+        ``(velocity, reports)``.
     """
-    party_seconds = None if session is None else {"party1": 0.0, "party2": 0.0}
     opts = dict(step=step, sigma_fluid=fluid_sigma, sigma_diff=diffusion_sigma, steps=SVF_STEPS)
 
     def run_level(li, velocity, moving, fixed, count):
-        if session is None:
-            return optim.run_svf_level(velocity, moving, fixed, loss_fn=loss, symmetric=symmetric, iterations=count,
-                                       **opts)
-        velocity, losses, per_iteration = secure_lcc.run_svf_level(session, velocity, moving, fixed, label=f"L{li}",
-                                                                   iterations=count, **opts)
-        for p in party_seconds:
-            party_seconds[p] += per_iteration[p] * count
-        return velocity, losses
+        return optim.run_svf_level(velocity, moving, fixed, loss_fn=loss, symmetric=symmetric, iterations=count,
+                                   **opts)
 
-    velocity, reports = _coarse_to_fine(fixed_u, moving_u, levels, iterations, run_level)
-    return velocity, reports, party_seconds
+    return _coarse_to_fine(fixed_u, moving_u, levels, iterations, run_level)
 
 
 def _fit_dense(fixed_u, moving_u, *, loss, levels, iterations, optimizer, learning_rate, regularization, sigma):

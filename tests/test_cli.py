@@ -86,7 +86,8 @@ def test_unreadable_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["register", "a", "b"], ["register", "a", "b", "-o", "x", "--transform", "warp"],
-                                  ["register", "a", "b", "-o", "x", "--levels", "4,0"], ["frobnicate"]])
+                                  ["register", "a", "b", "-o", "x", "--levels", "4,0"],
+                                  ["register", "a", "b", "-o", "x", "--max-iterations", "10,x"], ["frobnicate"]])
 def test_bad_arguments_exit_nonzero(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)

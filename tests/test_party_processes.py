@@ -3,8 +3,8 @@
 Each process pays a Python/JAX start and its compilations, so the runs share them: one fixture
 computes the in-process references (filling the persistent compilation cache that ``ppreg``
 uses, so the processes load rather than compile the same functions), then runs three sessions
-at once (linear SSD with URS, B-spline with GMS, Mattes MI with URS: nine processes that mostly
-wait on each other); a fourth session has its fixed party killed once connected.
+at once (linear SSD with URS, B-spline with GMS, Mattes MI with URS, SVF with the local CC: twelve
+processes that mostly wait on each other); a fourth session has its fixed party killed once connected.
 """
 
 import json
@@ -17,17 +17,19 @@ import pytest
 
 from ppreg.cli import enable_compilation_cache, main
 from ppreg.data import load_sample
-from ppreg.image import Image, save
+from ppreg.image import Image, load_field, save
 from ppreg.party_cli import party_commands, start_processes, wait_processes
 from ppreg.register import register
 
 LINEAR = dict(transform="translation", levels=(1,), sampling="urs", fraction=0.2, max_iterations=3, key=3)
 BSPLINE = dict(transform="bspline", spacing=8, levels=(1,), sampling="gms", fraction=0.5, max_iterations=2, key=1)
 MI = dict(transform="translation", loss="mi", levels=(1,), sampling="urs", fraction=0.2, max_iterations=3, key=2)
-CASES = {"linear": LINEAR, "bspline": BSPLINE, "mi": MI}
+LNCC = dict(transform="svf", loss="lncc", levels=(2, 1), max_iterations=2)
+CASES = {"linear": LINEAR, "bspline": BSPLINE, "mi": MI, "lncc": LNCC}
 MOVING = {"linear": "BrainProtonDensitySliceShifted13x17y", "bspline": "BrainProtonDensitySliceBSplined10",
-          "mi": "BrainProtonDensitySliceShifted13x17y"}
-OPS = {"linear": "query", "bspline": "spline_query", "mi": "mi_grad"}  # one call per iteration
+          "mi": "BrainProtonDensitySliceShifted13x17y", "lncc": "BrainProtonDensitySliceBSplined10"}
+OPS = {"linear": ("query", 1), "bspline": ("spline_query", 1), "mi": ("mi_grad", 1),
+       "lncc": ("lcc_round", 9)}  # (operation, calls per iteration)
 
 
 def _args(options):
@@ -64,7 +66,9 @@ def sessions(tmp_path_factory):
     return runs
 
 
-def _check_outputs(run, case):
+def _check_outputs(run, case, *, rel=1e-6, slack=400):
+    """``rel``: the final loss against the in-process run (lncc: each run's dealer rounds its
+    truncations afresh); ``slack``: command bytes per iteration on the wire."""
     for name, proc in run["done"].items():
         assert proc.returncode == 0, (name, proc.stderr[-2000:])
     out, ref = run["work"] / "out", run["ref"]
@@ -72,21 +76,22 @@ def _check_outputs(run, case):
     doc = json.loads((out / "transform.json").read_text())
     assert rep["iterations"] == ref.iterations and rep["secure"] == "mpc"
     assert [lv["iterations"] for lv in rep["levels"]] == [lv.iterations for lv in ref.levels]
-    assert rep["final_loss"] == pytest.approx(ref.final_loss, rel=1e-6)
-    assert sorted(p.name for p in out.iterdir()) == ["displacement.nii.gz", "report.json", "transform.json",
-                                                     "warped.nii.gz"]
+    assert rep["final_loss"] == pytest.approx(ref.final_loss, rel=rel)
+    files = ["displacement.nii.gz", "report.json", "transform.json", "warped.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files + (["velocity.nii.gz"] if doc["type"] == "svf"
+                                                                    else []))
     # traffic as each process counted it: party2's own report agrees with the moving party's report
     fixed_rep = json.loads((run["work"] / "fixed_report.json").read_text())
     assert rep["bytes"]["party2"] == {"online": fixed_rep["online"], "offline": fixed_rep["offline"]}
     # on the wire party1 also sends the small public commands: a few hundred bytes per iteration at most
     for p in ("party1", "party2"):
-        assert ref.bytes_per_iteration[p] <= rep["bytes_per_iteration"][p] <= ref.bytes_per_iteration[p] + 400
+        assert ref.bytes_per_iteration[p] <= rep["bytes_per_iteration"][p] <= ref.bytes_per_iteration[p] + slack
     assert rep["time_s"]["party1"] > 0 and rep["time_s"]["party2"] > 0
     # each process's own report: its compute per operation, one query call per iteration
+    op_name, per_iteration = OPS[case]
     for name in ("moving", "fixed", "dealer"):
-        ops = json.loads((run["work"] / f"{name}_report.json").read_text())["ops"]
-        op = ops[OPS[case]]
-        assert op["calls"] == ref.iterations and 0 < op["median_s"] <= op["total_s"]
+        op = json.loads((run["work"] / f"{name}_report.json").read_text())["ops"][op_name]
+        assert op["calls"] == per_iteration * ref.iterations and 0 < op["median_s"] <= op["total_s"]
     return rep, doc
 
 
@@ -119,6 +124,20 @@ def test_three_processes_equal_in_process_register_mi(sessions):
     _, doc = _check_outputs(run, "mi")
     np.testing.assert_allclose(np.asarray(doc["matrix"]), run["ref"].matrix, atol=1e-6)
     assert np.max(np.abs(np.asarray(doc["parameters"]))) > 0.1  # it moved
+
+
+def test_three_processes_equal_in_process_register_lncc(sessions):
+    """SVF with the ANTs local CC over the network (``--transform svf --loss lncc``): nine rounds per
+    iteration; the velocity agrees with the in-process run to fixed-point rounding."""
+    run = sessions["lncc"]
+    _, doc = _check_outputs(run, "lncc", rel=1e-4, slack=9 * 200)
+    assert doc["type"] == "svf"
+    velocity, _ = load_field(run["work"] / "out" / "velocity.nii.gz")
+    np.testing.assert_allclose(velocity, run["ref"].params, atol=1e-3)
+    assert np.max(np.abs(run["ref"].params)) > 0.1  # it moved
+    # per voxel and iteration each party sends (14 + d) ring elements (ppreg.secure.lcc)
+    n = [int(np.prod(lv.shape)) * lv.iterations for lv in run["ref"].levels]
+    assert run["ref"].bytes_per_iteration["party1"] >= 16 * 8 * sum(n) / run["ref"].iterations
 
 
 def test_killed_fixed_party_stops_the_others_cleanly(sessions):

@@ -107,7 +107,7 @@ def test_views_are_uniform_and_only_the_outputs_are_opened(secure_run, images):
     session, _, _ = secure_run
     log = session.channel.log
     outputs = [t for s, d, t, _ in log if t.endswith("/force") or t.endswith("/loss")]
-    assert sorted(outputs) == ["lcc/force", "lcc/loss"]
+    assert sorted(outputs) == ["lcc/out/force", "lcc/out/loss"]
     assert all(s == "party2" and d == "party1" for s, d, t, _ in log if t in outputs)
     openings = np.concatenate([a.ravel() for s, d, t, a in log if s != "dealer" and t not in outputs])
     top = (openings >> np.uint64(56)).astype(np.int64)
@@ -181,3 +181,14 @@ def test_wrapped_truncation_is_detected_and_the_iteration_repeated(images, secur
         lcc.run_svf_level(TwoPartySession(seeds=SEEDS), v0, moving, fixed, iterations=1, step=0.5, sigma_fluid=2.0,
                           sigma_diff=0.5, steps=6)
     assert calls == ["L0/it0", "L0/it0/retry1"]
+
+
+def test_fractional_bits_shrink_with_the_level():
+    """Fewer fractional bits on large levels keep the wrap rate ``N 2^(2f)`` bounded (frac_bits_for)."""
+    assert lcc.frac_bits_for(100 * 100) == lcc.frac_bits_for(24**3) == lcc.FRAC_BITS
+    assert lcc.frac_bits_for(91 * 109 * 91) == 16 and lcc.frac_bits_for(182 * 218 * 182) == 15
+    assert lcc.frac_bits_for(10**12) == lcc.MIN_FRAC_BITS
+    sizes = [2**k for k in range(10, 30)]
+    bits = [lcc.frac_bits_for(n) for n in sizes]
+    assert bits == sorted(bits, reverse=True)
+    assert all(n * 4.0 ** b <= 2**17 * 4.0**lcc.FRAC_BITS for n, b in zip(sizes, bits) if b > lcc.MIN_FRAC_BITS)

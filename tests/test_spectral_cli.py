@@ -34,6 +34,16 @@ def test_cli_flash_round_trip(tmp_path):
     assert u.shape == B.shape + (2,) and np.abs(u).max() > 0.3
 
 
+def test_cli_flash_estimates_alpha(tmp_path):
+    """``--estimate-alpha`` (Laplace marginal MAP) moves alpha from its start and still registers."""
+    fixed, moving = _pair()
+    doc = register_and_apply(tmp_path, fixed, moving, "--transform", "flash", "--band-size", "7", "--alpha", "1",
+                             "--max-iterations", "30", "--estimate-alpha")
+    report = json.loads((doc["_outdir"] / "report.json").read_text())
+    assert doc["alpha"] == report["flash"]["alpha"] and doc["alpha"] != 1.0 and np.isfinite(doc["alpha"])
+    assert report["final_loss"] < 0.2 * float(np.mean((fixed - moving) ** 2))
+
+
 def test_register_flash_rejects_unsupported_options():
     fixed, moving = _pair()
     with pytest.raises(ValueError, match="flash"):
@@ -42,3 +52,7 @@ def test_register_flash_rejects_unsupported_options():
         register(fixed, moving[:30], transform="flash")
     with pytest.raises(ValueError, match="odd"):
         register(fixed, moving, transform="flash", flash_options={"band_size": 8})
+    with pytest.raises(ValueError, match="lbfgs"):
+        register(fixed, moving, transform="flash", flash_options={"estimate_alpha": "laplace", "optimizer": "flash"})
+    with pytest.raises(ValueError, match="unknown estimate_alpha"):
+        register(fixed, moving, transform="flash", flash_options={"estimate_alpha": "bayes"})

@@ -17,7 +17,7 @@ Protocol (semi-honest parties, trusted dealer, in-process :class:`~ppreg.secure.
 
 1. ``r a_k = w a_k - T a_k``: party1 encodes ``w a_k`` itself; ``T a_k`` is a private product
    (party1's ``a_k`` at ``f_a`` bits, party2's ``T`` at ``f`` bits; one masked ring element
-   each way, fresh dealer randomness per product; :func:`ppreg.secure.lcc._times_private`),
+   each way, fresh dealer randomness per product; :func:`ppreg.secure.private.times_private`),
    ``d`` per voxel, shares at ``f_a + f`` bits.
 2. ``F`` on the shares: each party contracts its share with the per-axis integer matrices
    ``round(2^c cos)``, ``round(2^c sin)`` (real and imaginary parts carried as two ring
@@ -53,7 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..spectral.symbols import Band
-from .lcc import _reveal_to_party1, _ring, _times_private, sum_squared_difference
+from .lcc import _ring, sum_squared_difference
+from .private import reveal_to_party1, times_private
 from .ring import x64
 from .shares import Shared, TwoPartySession
 
@@ -149,7 +150,7 @@ def secure_image_terms(session: TwoPartySession, warped, grad, target, band: Ban
         zero = jnp.zeros(band.shape, jnp.uint64)
         own = [Shared(_ring(grad[..., k], a_bits), zero, a_bits + frac_bits) for k in range(band.ndim)]
     t_ring = _ring(target, frac_bits)
-    products = _times_private(session, [(x, t_ring) for x in own], "party2", tag + "/Ta", truncate_bits=0)
+    products = times_private(session, [(x, t_ring) for x in own], "party2", tag + "/Ta", truncate_bits=0)
     w_ring = _ring(warped, frac_bits)
     with x64():  # r a = w a - T a; party1 adds its own w a (same a, same bits) to its share
         wa = jnp.stack([x.s1 * w_ring for x in own], -1)
@@ -158,7 +159,7 @@ def secure_image_terms(session: TwoPartySession, warped, grad, target, band: Ban
     re, im = _share_dft(stacked, band, c_bits)
     with x64():
         both = Shared(jnp.stack([re.s1, im.s1]), jnp.stack([re.s2, im.s2]), re.frac_bits)
-    opened = _reveal_to_party1(session, both, tag + "/R")
+    opened = reveal_to_party1(session, both, tag + "/R")
     ssd = sum_squared_difference(session, warped, target, tag=tag)
     return ssd, opened[0] + 1j * opened[1]
 

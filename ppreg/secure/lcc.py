@@ -46,6 +46,13 @@ needs no secure reciprocal: ``1 / (E F)`` is the product of the parties' own fac
 with ``a, b < 1 / floor`` carried at ``f + 6`` bits. Then ``beta = 2 (h E) h`` and the four
 products of ``(*)``.
 
+Rounds (:data:`ROUNDS`, one exchange each, both directions at once): ``D``; ``D a``; ``h``; ``h E``;
+the two Beaver products; the four products of (*) (two rounds); the force; party2's output shares.
+Each is a pair of per-party halves (:class:`LccParty`): in one process :func:`secure_force` runs
+both parties' halves in turn; in three (``ppreg party --transform svf --loss lncc``) party1
+announces each round as an ``lcc_round`` operation and party2 runs its halves in the handler,
+holding the terms of its own level (``lcc_level``): one implementation for both.
+
 Traffic per iteration and party: ``10 + d`` private products (``D``: 3, ``D a``, ``D a b``,
 ``h E``, the four of ``(*)``, the ``d`` of ``(*) . grad w``) of one 8-byte element and 2 Beaver
 products (``(h E) h`` with ``D h``) of two: ``(14 + d) 8 N`` bytes (2D: 128 B/voxel, 3D: 136),
@@ -78,7 +85,9 @@ iteration about 3e-3, over a 24^3 one 1e-2 (the largest values: ``D`` and ``B(be
 3D windows). Party1 checks what it receives against public bounds (:func:`output_bound`:
 ``|N dL/dw_std| <= 4 window^d / sqrt(floor)`` per voxel, ``|cc| <= 1``); a wrapped value
 (or any value it reaches) cannot pass, and :func:`run_svf_level` repeats the iteration with
-fresh randomness (:class:`TruncationFailure`). Large volumes need an exact truncation.
+fresh randomness (:class:`TruncationFailure`). The rate grows as ``N 2^(2f)``, so large levels
+run with fewer fractional bits (:func:`frac_bits_for`: 15 at 182 x 218 x 182, where 18 wrapped
+in every attempt); an exact truncation would remove the repeats altogether.
 """
 
 from __future__ import annotations
@@ -96,13 +105,19 @@ from ..grid import gradient, identity_grid, smooth_field
 from ..losses import LNCC_FLAT_FLOOR, _box_count, _box_sum, _standardise, lncc
 from ..svf import exp as svf_exp
 from ..warp import warp
-from .ring import decode, encode, to_ring, x64
-from .shares import Shared, TwoPartySession, add, sub, truncate
+from .channel import ProtocolError
+from .private import (Endpoint, beaver_send, beaver_share, endpoints, product_share, reveal_to_party1, send_masked,
+                      times_private)
+from .ring import decode, encode, x64
+from .roles import handler
+from .shares import Shared, TwoPartySession, truncate_share
 
 WINDOW = 5
 EPS = 1e-5
 FLOOR = LNCC_FLAT_FLOOR
 FRAC_BITS = 18
+MIN_FRAC_BITS = 14
+WRAP_FREE_VOXELS = 2**17  # at FRAC_BITS, about 0.1 expected wrapped truncations per iteration (24^3: 1e-2)
 INV_EXTRA_BITS = 6
 RETRIES = 2
 
@@ -188,99 +203,173 @@ def _local_terms(image, *, window, eps, floor, quantum):
                 scale=jnp.sqrt(jnp.maximum(var0, eps)))
 
 
-def _box(x: Shared, window: int) -> Shared:
-    """Box sum on shares (a public linear map: each party applies it to its own share)."""
-    with x64():
-        axes = range(x.s1.ndim)
-        return Shared(_box_sum(x.s1, window, axes), _box_sum(x.s2, window, axes), x.frac_bits)
-
-
-def _scale(x: Shared, k: int) -> Shared:
-    """Multiply by a public integer (local, exact)."""
-    with x64():
-        return Shared(x.s1 * jnp.uint64(k % 2**64), x.s2 * jnp.uint64(k % 2**64), x.frac_bits)
-
-
-def _stack(xs) -> Shared:
-    with x64():
-        return Shared(jnp.stack([x.s1 for x in xs]), jnp.stack([x.s2 for x in xs]), xs[0].frac_bits)
-
-
-def _mul_many(session: TwoPartySession, pairs) -> list[Shared]:
-    """Element-wise products of equal-shape shared pairs with one (batched) Beaver triple."""
-    out = session.mul(_stack([p[0] for p in pairs]), _stack([p[1] for p in pairs]))
-    return [Shared(out.s1[i], out.s2[i], out.frac_bits) for i in range(len(pairs))]
-
-
-def _private_product(session: TwoPartySession, x, y, label: str) -> tuple:
-    """Additive shares of ``x * y`` (ring, element-wise, no truncation) for ``x`` party1's and ``y``
-    party2's: with the dealer's ``u`` (party1), ``v`` (party2) and shares ``w1 + w2 = u v``, party1
-    sends ``x - u``, party2 ``y - v`` (each uniform to its receiver) and
-    ``x (y - v) + w1  +  (x - u) v + w2 = x y``. One ring element per product each way, half
-    of a Beaver product on shared inputs."""
-    session.dealer.private_product(label, tuple(x.shape))
-    r1, r2 = session.rand["party1"], session.rand["party2"]
-    with x64():
-        u, w1 = to_ring(r1.stream(label + "/u", x.shape)), to_ring(r1.stream(label + "/w", x.shape))
-        v, w2 = to_ring(r2.stream(label + "/v", y.shape)), to_ring(r2.correction(label))
-        session.channel.send("party1", "party2", label + "/x", np.asarray(x - u))
-        session.channel.send("party2", "party1", label + "/y", np.asarray(y - v))
-        y_masked = to_ring(session.channel.recv("party1", "party2", label + "/y"))
-        x_masked = to_ring(session.channel.recv("party2", "party1", label + "/x"))
-        return x * y_masked + w1, x_masked * v + w2
-
-
-def _times_private(session: TwoPartySession, pairs, owner: str, label: str, *, truncate_bits=None) -> list[Shared]:
-    """``x * y`` for shared ``x`` and ``y`` private to ``owner`` (ring array, ``f`` fractional bits),
-    batched: the other party's share times ``y`` is a :func:`_private_product`, the owner's share
-    times ``y`` is local. Truncated by ``truncate_bits`` (default ``f``)."""
-    frac = pairs[0][0].frac_bits
-    xs = _stack([p[0] for p in pairs])
-    with x64():
-        ys = jnp.stack([jnp.asarray(p[1], jnp.uint64) for p in pairs])
-        if owner == "party2":
-            c1, c2 = _private_product(session, xs.s1, ys, label)
-            out = Shared(c1, c2 + xs.s2 * ys, frac)
-        else:
-            c1, c2 = _private_product(session, ys, xs.s2, label)
-            out = Shared(c1 + xs.s1 * ys, c2, frac)
-    out = truncate(out, frac if truncate_bits is None else truncate_bits)
-    return [Shared(out.s1[i], out.s2[i], frac) for i in range(len(pairs))]
-
-
-def _reveal_to_party1(session: TwoPartySession, x: Shared, tag: str) -> np.ndarray:
-    """Party2 sends its share; party1 adds its own and decodes (float64)."""
-    session.channel.send("party2", "party1", tag, np.asarray(x.s2))
-    theirs = session.channel.recv("party1", "party2", tag)
-    with x64():
-        return decode(x.s1 + jnp.asarray(theirs, jnp.uint64), x.frac_bits)
-
-
 def _ring(x, frac_bits: int):
     """A party's clear value as ring elements (``f`` fractional bits)."""
     return encode(np.asarray(x, np.float64), frac_bits)
 
 
-def _window_covariance(session, m, f, window, frac_bits, tag) -> Shared:
-    """Round 1: shares of ``D`` (one batched private product).
+ROUNDS = ("cov", "da", "dab", "he", "hh", "r2", "r1", "grad", "out")
+"""The steps of :func:`secure_force`, each one exchange (module docstring): ``D``; ``D a``; ``h = D a b``;
+``h E``; the Beaver products ``(h E) h`` and ``D h``; the terms of (*) with party2's factors, then with
+party1's; the force; party2's shares of the outputs to party1."""
+_LEAD = {"cov": 3, "da": 1, "dab": 1, "he": 1, "hh": 2, "r2": 2, "r1": 2}  # products per voxel ("grad": d)
+_OWNER = {"da": "party2", "dab": "party1", "he": "party2", "r2": "party2", "r1": "party1", "grad": "party1"}
 
-    ``D = B(f w) - mu_f S_w`` is computed for the rounded images (:func:`local_terms` rounds
-    ``std`` to the grid, so ``B(f w)`` and ``S_w`` are exact ring values) before a single
-    truncation: ``mu_f`` is split into its encoding ``m`` and the remainder ``e = mu_f - m``,
-    carried at ``2f`` bits, so ``D`` errs by at most two units in the last place."""
-    two_f = 2 * frac_bits
-    mu = np.asarray(f["mean"], np.float64)
-    m_enc = np.round(mu * 2.0**frac_bits) / 2.0**frac_bits
-    with x64():
-        zero = jnp.zeros(m["std"].shape, jnp.uint64)
-        own1 = [Shared(_ring(m[k], frac_bits), zero, frac_bits) for k in ("std", "box", "box")]
-        ys = [_ring(f["std"], frac_bits), _ring(m_enc, frac_bits), _ring(mu - m_enc, two_f)]
-    fw, msw, esw = _times_private(session, list(zip(own1, ys)), "party2", tag + "/cov", truncate_bits=0)
-    esw = truncate(esw, frac_bits)  # 3f -> 2f
-    with x64():
-        d2f = Shared(_box_sum(fw.s1, window, range(fw.s1.ndim)) - msw.s1 - esw.s1,
-                     _box_sum(fw.s2, window, range(fw.s2.ndim)) - msw.s2 - esw.s2, frac_bits)
-    return truncate(d2f, frac_bits)
+
+def deal(dealer, rnd: str, label: str, shape: tuple[int, ...]) -> None:
+    """The dealer's correlated randomness for round ``rnd`` of a level of spatial ``shape``."""
+    if rnd == "out":
+        return
+    full = (len(shape) if rnd == "grad" else _LEAD[rnd],) + tuple(shape)
+    if rnd == "hh":
+        dealer.beaver(label, full, full, "mul")
+    else:
+        dealer.private_product(label, full)
+
+
+class LccParty:
+    """One party's side of :func:`secure_force`: its own clear terms and its shares of every
+    intermediate (``self.v``), round by round (:data:`ROUNDS`; ``send`` then ``finish``).
+
+    Args:
+        me: the party's :class:`~ppreg.secure.private.Endpoint`.
+        terms: its :func:`local_terms` (party1: the warped moving image; party2: the fixed level).
+        window, frac_bits: as :func:`secure_force`.
+    """
+
+    def __init__(self, me: Endpoint, terms: dict, *, window: int, frac_bits: int):
+        self.me, self.t, self.window, self.f = me, terms, int(window), int(frac_bits)
+        self.fine = self.f + INV_EXTRA_BITS
+        self.party1 = me.name == "party1"
+        self.shape = tuple(np.shape(terms["std"]))
+        self.v: dict = {}
+        self._input = None
+        self.outputs = None
+
+    def _box(self, z):
+        with x64():
+            return _box_sum(z, self.window, range(z.ndim))
+
+    def _enc(self, key, bits=None):
+        return _ring(self.t[key], self.f if bits is None else bits)
+
+    def _clear_factors(self, rnd):
+        """The owner's clear factors of a private-product round (stacked)."""
+        t, f = self.t, self.f
+        if rnd == "da":
+            return [_ring(t["inv"], self.fine)]
+        if rnd == "dab":
+            return [_ring(t["inv"], self.fine)]
+        if rnd == "he":
+            return [_ring(t["var"], f)]
+        if rnd in ("r2", "r1"):
+            return [_ring(t["mean"], f), _ring(t["std"], f)]
+        return [_ring(np.asarray(t["grad"])[..., k], f) for k in range(len(self.shape))]  # grad
+
+    def _shared_inputs(self, rnd):
+        """This party's shares of the shared factors of a private-product round (stacked)."""
+        v = self.v
+        return {"da": [v.get("d")], "dab": [v.get("da")], "he": [v.get("h")], "r2": [v.get("alpha"), v.get("box_alpha")],
+                "r1": [v.get("beta"), v.get("box_beta")], "grad": [v.get("g")] * len(self.shape)}[rnd]
+
+    def _cov_input(self):
+        if self.party1:
+            return [self._enc("std"), self._enc("box"), self._enc("box")]
+        mu = np.asarray(self.t["mean"], np.float64)
+        m_enc = np.round(mu * 2.0**self.f) / 2.0**self.f  # the mean's rounding remainder rides at 2f bits
+        return [self._enc("std"), _ring(m_enc, self.f), _ring(mu - m_enc, 2 * self.f)]
+
+    def send(self, rnd: str, label: str) -> None:
+        """First half of round ``rnd``: send this party's masked inputs (nothing for party1 in ``out``)."""
+        if rnd not in ROUNDS:
+            raise ProtocolError(f"{self.me.name}: unknown lcc round {rnd!r}")
+        with x64():
+            if rnd == "out":
+                if not self.party1:
+                    self.me.channel.send("party2", "party1", label + "/force", np.asarray(self.v["prod"]))
+                    self.me.channel.send("party2", "party1", label + "/loss", np.asarray(jnp.sum(self.v["dh"])[None]))
+                return
+            if rnd == "hh":
+                self._input = (jnp.stack([self.v["he"], self.v["d"]]), jnp.stack([self.v["h"], self.v["h"]]))
+                beaver_send(self.me, label, *self._input)
+                return
+            if rnd == "cov":
+                self._input = jnp.stack(self._cov_input())
+            else:
+                own = self.me.name == _OWNER[rnd]
+                self._input = jnp.stack(self._clear_factors(rnd) if own else self._shared_inputs(rnd))
+            send_masked(self.me, label, self._input)
+
+    def finish(self, rnd: str, label: str) -> None:
+        """Second half of round ``rnd``: receive and form this party's shares (party1 decodes ``out``)."""
+        if rnd == "out":
+            if self.party1:
+                self._reveal(label)
+            return
+        if rnd == "hh":
+            hhe, dh = beaver_share(self.me, label, *self._input, self.f)
+            self.v.update(hhe=hhe, dh=dh)
+            with x64():
+                self.v["beta"] = hhe * jnp.uint64(2)
+                self.v["box_beta"] = self._box(self.v["beta"])
+            return
+        c = product_share(self.me, label, self._input)
+        name = self.me.name
+        if rnd == "cov":
+            fw, msw, esw = c[0], c[1], truncate_share(c[2], name, self.f)  # 3f -> 2f
+            with x64():
+                self.v["d"] = truncate_share(self._box(fw) - msw - esw, name, self.f)
+            return
+        with x64():
+            if name == _OWNER[rnd]:
+                c = c + jnp.stack(self._shared_inputs(rnd)) * self._input
+        out = truncate_share(c, name, self.fine if rnd in ("da", "dab") else self.f)
+        with x64():
+            if rnd == "da":
+                self.v["da"] = out[0]
+            elif rnd == "dab":
+                self.v["h"] = out[0]
+                self.v["alpha"] = out[0] * jnp.uint64(2)
+                self.v["box_alpha"] = self._box(self.v["alpha"])
+            elif rnd == "he":
+                self.v["he"] = out[0]
+            elif rnd == "r2":
+                self.v["r1"], self.v["r3"] = out[0], out[1]
+            elif rnd == "r1":
+                self.v["r2"], self.v["r4"] = out[0], out[1]
+                self.v["g"] = self._box(self.v["r1"]) + self.v["r4"] - self.v["r3"] - self._box(self.v["r2"])
+            else:  # grad: N s dL/dw . grad w, shares
+                self.v["prod"] = out
+
+    def _reveal(self, label: str) -> None:
+        d = len(self.shape)
+        with x64():
+            force = self.v["prod"] + self.me.receive(label + "/force", (d,) + self.shape)
+            total = jnp.sum(self.v["dh"])[None] + self.me.receive(label + "/loss", (1,))
+            self.outputs = (decode(force, self.f), float(decode(total, self.f)[0]))
+
+    def result(self, *, window: int, floor: float) -> tuple:
+        """Party1: ``(loss, force)`` from the revealed outputs after the public-bound check."""
+        force_n, cc_sum = self.outputs
+        n = math.prod(self.shape)
+        _check_outputs(force_n, cc_sum, np.moveaxis(np.asarray(self.t["grad"]), -1, 0), n, window, floor)
+        force = -np.moveaxis(force_n, 0, -1) / (n * float(self.t["scale"]))
+        return -cc_sum / n, np.asarray(force, np.float32)
+
+
+def frac_bits_for(n_voxels: int) -> int:
+    """Fractional bits for a level of ``n_voxels``: :data:`FRAC_BITS` up to :data:`WRAP_FREE_VOXELS`,
+    then one bit less per factor 4 of voxels (at least :data:`MIN_FRAC_BITS`).
+
+    The expected number of wrapped local truncations per iteration grows as ``N 2^(2f)``
+    (module docstring): measured 1e-2 at 24^3 and ``f = 18``; at 182 x 218 x 182 (7.2 M voxels)
+    ``f = 18`` wrapped in every attempt. Keeping ``N 2^(2f)`` at most ``2^17 2^36`` holds the
+    rate near 0.1 per iteration (repeated, see :func:`run_svf_level`). Fewer bits cost accuracy
+    only where a level is small, and there ``f`` stays 18 (``bench/README.md``: 91 x 109 x 91
+    at ``f = 14``, 3e-3 to 7e-3 px from CLEAR; a 24^3 crop at 14 bits, 0.05 px).
+    """
+    excess = max(0.0, 0.5 * math.log2(max(int(n_voxels), 1) / WRAP_FREE_VOXELS))
+    return max(MIN_FRAC_BITS, FRAC_BITS - math.ceil(excess))
 
 
 class TruncationFailure(ArithmeticError):
@@ -330,37 +419,39 @@ def secure_force(session: TwoPartySession, fixed_terms: dict, moving_terms: dict
         TruncationFailure: an output exceeds its public bound (run it again with fresh
             randomness: :func:`run_svf_level` does).
     """
+    _check_force_args(fixed_terms["std"], moving_terms["std"], floor)
+    shape = tuple(np.shape(moving_terms["std"]))
+    p1, p2 = (LccParty(e, t, window=window, frac_bits=frac_bits)
+              for e, t in zip(endpoints(session), (moving_terms, fixed_terms)))
+    for rnd in ROUNDS:
+        label = f"{tag}/{rnd}"
+        deal(session.dealer, rnd, label, shape)
+        p1.send(rnd, label)
+        p2.send(rnd, label)
+        p1.finish(rnd, label)
+        p2.finish(rnd, label)
+    return p1.result(window=window, floor=floor)
+
+
+def _check_force_args(fixed_std, moving_std, floor) -> None:
     if not floor > 0:
         raise ValueError(f"the secure force needs floor > 0 (it bounds the outputs), got {floor!r}")
-    f, m = fixed_terms, moving_terms
-    shape = tuple(m["std"].shape)
-    if tuple(f["std"].shape) != shape:
-        raise ValueError(f"fixed and warped shapes differ: {tuple(f['std'].shape)} vs {shape}")
-    d = _window_covariance(session, m, f, window, frac_bits, tag)
-    # h = (D a) b: party2's factor a = 1/E, then party1's b = 1/F (0 in flat windows)
-    fine = frac_bits + INV_EXTRA_BITS  # a, b < 1/floor; their relative precision bounds that of h
-    (da,) = _times_private(session, [(d, _ring(f["inv"], fine))], "party2", tag + "/da", truncate_bits=fine)
-    (h,) = _times_private(session, [(da, _ring(m["inv"], fine))], "party1", tag + "/dab", truncate_bits=fine)
-    # h E first, then (h E) h: the 1-ulp rounding of a product is not multiplied by E (up to ~n)
-    (he,) = _times_private(session, [(h, _ring(f["var"], frac_bits))], "party2", tag + "/he")
-    hhe, dh = _mul_many(session, [(he, h), (d, h)])
-    alpha, beta = _scale(h, 2), _scale(hhe, 2)
-    r1, r3 = _times_private(session, [(alpha, _ring(f["mean"], frac_bits)), (_box(alpha, window),
-                                       _ring(f["std"], frac_bits))], "party2", tag + "/r2")
-    r2, r4 = _times_private(session, [(beta, _ring(m["mean"], frac_bits)), (_box(beta, window),
-                                       _ring(m["std"], frac_bits))], "party1", tag + "/r1")
-    g = sub(sub(add(_box(r1, window), r4), r3), _box(r2, window))  # N dL/dw_std, shares
-    grads = [_ring(np.asarray(m["grad"])[..., k], frac_bits) for k in range(len(shape))]
-    prod = _times_private(session, [(g, gk) for gk in grads], "party1", tag + "/grad")  # N s dL/dw . grad w
-    with x64():
-        total = Shared(jnp.sum(dh.s1)[None], jnp.sum(dh.s2)[None], frac_bits)
-    force_n = _reveal_to_party1(session, _stack(prod), tag + "/force")
-    cc_sum = _reveal_to_party1(session, total, tag + "/loss")[0]
-    n = math.prod(shape)
-    _check_outputs(force_n, cc_sum, np.moveaxis(np.asarray(m["grad"]), -1, 0), n, window, floor)
-    loss = -cc_sum / n
-    force = -np.moveaxis(force_n, 0, -1) / (n * float(m["scale"]))
-    return loss, np.asarray(force, np.float32)
+    if np.shape(fixed_std) != np.shape(moving_std):
+        raise ValueError(f"fixed and warped shapes differ: {np.shape(fixed_std)} vs {np.shape(moving_std)}")
+
+
+def remote_force(session, moving_terms: dict, *, level: str, window: int = WINDOW, floor: float = FLOOR,
+                 frac_bits: int = FRAC_BITS, tag: str = "lcc"):
+    """:func:`secure_force` with party2 and the dealer behind a :class:`~ppreg.secure.session.SecureSession`
+    (one ``lcc_round`` operation per round; party2's terms are those of the level ``level`` it
+    opened in ``lcc_level``, see :func:`run_svf_level`). Returns and raises as :func:`secure_force`."""
+    _check_force_args(moving_terms["std"], moving_terms["std"], floor)
+    p1 = LccParty(Endpoint("party1", session.channel, session.rand), moving_terms, window=window, frac_bits=frac_bits)
+    for rnd in ROUNDS:
+        label = f"{tag}/{rnd}"
+        session.step({"op": "lcc_round", "round": rnd, "label": label, "level": level},
+                     before=partial(p1.send, rnd, label), after=lambda _, rnd=rnd, label=label: p1.finish(rnd, label))
+    return p1.result(window=window, floor=floor)
 
 
 # --- the secure SVF driver (non-symmetric), mirroring ppreg.optim.run_svf_level step for step ---
@@ -388,52 +479,75 @@ def sum_squared_difference(session: TwoPartySession, warped, fixed, *, frac_bits
     w, f = np.asarray(warped, np.float64).ravel(), np.asarray(fixed, np.float64).ravel()
     with x64():
         w_own = Shared(_ring(w, frac_bits), jnp.zeros(w.shape, jnp.uint64), frac_bits)
-    (wf,) = _times_private(session, [(w_own, _ring(f, frac_bits))], "party2", tag + "/ssd-product")
+    (wf,) = times_private(session, [(w_own, _ring(f, frac_bits))], "party2", tag + "/ssd-product")
     with x64():
         s1 = encode(np.float64(np.sum(w * w)), frac_bits) - jnp.uint64(2) * jnp.sum(wf.s1)
         s2 = encode(np.float64(np.sum(f * f)), frac_bits) - jnp.uint64(2) * jnp.sum(wf.s2)
-    return float(_reveal_to_party1(session, Shared(s1[None], s2[None], frac_bits), tag + "/ssd")[0])
+    return float(reveal_to_party1(session, Shared(s1[None], s2[None], frac_bits), tag + "/ssd")[0])
 
 
-def run_svf_level(session: TwoPartySession, velocity, moving, fixed, *, iterations: int, step: float,
-                  sigma_fluid: float, sigma_diff: float, steps: int, window: int = WINDOW, eps: float = EPS,
-                  floor: float = FLOOR, frac_bits: int = FRAC_BITS, label: str = "L0"):
+def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: float, sigma_fluid: float,
+                  sigma_diff: float, steps: int, window: int = WINDOW, eps: float = EPS, floor: float = FLOOR,
+                  frac_bits: int | None = None, label: str = "L0", factor: int | None = None):
     """Secure counterpart of :func:`ppreg.optim.run_svf_level` with ``loss_fn = GuardedLoss(floor)``
     (non-symmetric).
 
     Party2 computes its :func:`local_terms` once per level; each iteration party1 warps its
-    image, computes its own terms, runs :func:`secure_force` and updates the velocity exactly
-    as the clear loop does (fluid smoothing, scaling to ``step``, diffusion smoothing).
+    image, computes its own terms, runs the protocol (:func:`secure_force` in one process,
+    :func:`remote_force` with a :class:`~ppreg.secure.session.SecureSession`) and updates the
+    velocity exactly as the clear loop does (fluid smoothing, scaling to ``step``, diffusion
+    smoothing). An iteration whose outputs fail the public bound (a wrapped truncation) is
+    repeated with fresh randomness, up to :data:`RETRIES` times.
 
     Args:
-        session: parties and dealer. velocity: float32 ``(*shape, d)`` (level voxels, party1's).
-        moving: party1's level image; fixed: party2's level image ``(*shape)``.
+        session: a :class:`~ppreg.secure.shares.TwoPartySession` (both parties here; ``fixed`` is
+            party2's level image) or a :class:`~ppreg.secure.session.SecureSession` (``fixed`` is
+            ``None``: party2 builds the level from its own image and ``factor``).
+        velocity: float32 ``(*shape, d)`` (level voxels, party1's). moving: party1's level image.
         iterations, step, sigma_fluid, sigma_diff, steps: as the clear loop.
-        window, eps, frac_bits: see :func:`secure_force`; floor: see :func:`guarded_lncc`.
-        label: message tag prefix.
+        window, eps, frac_bits: see :func:`secure_force` (``frac_bits`` default:
+            :func:`frac_bits_for` the level's voxel count); floor: see :func:`guarded_lncc`.
+        label: message tag prefix (the level's label). factor: the level's shrink factor (remote).
 
     Returns:
         ``(velocity, losses (iterations,) float32, seconds)``: ``seconds`` maps each party to its
-        own compute per iteration: party1 its warp, local terms and update, party2 its level terms
-        (once, amortised), each half of the protocol's share arithmetic (symmetric; the in-process
-        run executes both halves sequentially, with no waiting).
+        own compute per iteration (one process: party1 its warp, local terms and update, party2
+        its level terms, amortised, and each half of the protocol's share arithmetic, which is
+        symmetric; with a SecureSession, the session's per-party clocks).
+
+    Raises:
+        ValueError: ``fixed`` given with a SecureSession or missing without one.
+        TruncationFailure: every repetition of an iteration failed the bound.
     """
+    shape = tuple(np.shape(velocity)[:-1])
+    frac_bits = frac_bits_for(math.prod(shape)) if frac_bits is None else frac_bits
+    opts = dict(window=window, floor=floor, frac_bits=frac_bits)
+    in_process = isinstance(session, TwoPartySession)
+    if in_process == (fixed is None):
+        raise ValueError("run_svf_level takes party2's level image with a TwoPartySession, and none otherwise")
     seconds = {"party1": 0.0, "party2": 0.0}
-    start = time.perf_counter()
-    fixed_terms = jax.block_until_ready(local_terms(jnp.asarray(fixed, jnp.float32), window=window, eps=eps,
-                                                   floor=floor, frac_bits=frac_bits))
-    seconds["party2"] += time.perf_counter() - start
+    if in_process:
+        start = time.perf_counter()
+        fixed_terms = jax.block_until_ready(local_terms(jnp.asarray(fixed, jnp.float32), eps=eps, **opts))
+        seconds["party2"] += time.perf_counter() - start
+
+        def force_of(terms, tag):
+            return secure_force(session, fixed_terms, terms, eps=eps, tag=tag, **opts)
+    else:
+        clocks = dict(session.time)
+        session.step({"op": "lcc_level", "label": label, "factor": int(factor), "shape": list(shape), "eps": eps,
+                      **opts})
+
+        def force_of(terms, tag):
+            return remote_force(session, terms, level=label, tag=tag, **opts)
     losses = np.zeros(iterations, np.float32)
     for i in range(iterations):
         start = time.perf_counter()
-        moving_terms = jax.block_until_ready(local_terms(_warp_exp(velocity, moving, steps=steps), window=window,
-                                                         eps=eps, floor=floor, frac_bits=frac_bits))
+        moving_terms = jax.block_until_ready(local_terms(_warp_exp(velocity, moving, steps=steps), eps=eps, **opts))
         middle = time.perf_counter()
         for attempt in range(RETRIES + 1):
             try:
-                loss, force = secure_force(session, fixed_terms, moving_terms, window=window, eps=eps, floor=floor,
-                                           frac_bits=frac_bits,
-                                           tag=f"{label}/it{i}" + (f"/retry{attempt}" if attempt else ""))
+                loss, force = force_of(moving_terms, f"{label}/it{i}" + (f"/retry{attempt}" if attempt else ""))
                 break
             except TruncationFailure:
                 if attempt == RETRIES:
@@ -444,32 +558,127 @@ def run_svf_level(session: TwoPartySession, velocity, moving, fixed, *, iteratio
         losses[i] = loss
         velocity = jax.block_until_ready(_svf_update(velocity, jnp.asarray(force), jnp.float32(step),
                                                      sigma_fluid=sigma_fluid, sigma_diff=sigma_diff))
-        # the protocol's share arithmetic is symmetric (both parties run the same steps on their
-        # shares, in this process one after the other): half of it is each party's own compute
-        seconds["party1"] += (middle - start) + (end - middle) / 2 + (time.perf_counter() - end)
-        seconds["party2"] += (end - middle) / 2
+        if in_process:  # both halves ran here, one after the other: half of the protocol is each party's
+            seconds["party1"] += (middle - start) + (end - middle) / 2 + (time.perf_counter() - end)
+            seconds["party2"] += (end - middle) / 2
+        else:
+            session.clock += (middle - start) + (time.perf_counter() - end)  # party1's own, outside the steps
+    if not in_process:
+        seconds = {p: session.time.get(p, 0.0) - clocks.get(p, 0.0) for p in seconds}
     return velocity, losses, {p: t / max(iterations, 1) for p, t in seconds.items()}
 
 
-def svf_report(session: TwoPartySession, warped_s, fixed_s, scale: float, iterations: int, seconds: dict) -> tuple:
-    """Final figures of a secure SVF registration for :class:`ppreg.register.Result`.
+# --- three processes: the followers' handlers (ppreg.secure.roles) and party1's driver ------------
+
+
+@handler("lcc_level", "dealer")
+def _level_dealer(role, cmd):
+    role.levels[cmd["label"]] = {"shape": tuple(int(n) for n in cmd["shape"])}
+
+
+@handler("lcc_level", "party2")
+def _level_fixed(role, cmd):
+    """Party2 scales its image into [0, 1], shrinks it for the level and computes its local terms."""
+    if role.image is None:
+        raise ProtocolError(f"party2 cannot build lcc level {cmd['label']!r}: no image")
+    from ..grid import downsample
+    from ..register import _unit_range
+
+    fixed = downsample(_unit_range(role.image), int(cmd["factor"]))
+    if list(fixed.shape) != [int(n) for n in cmd["shape"]]:
+        raise ProtocolError(f"party2's level has shape {list(fixed.shape)}, party1 expects {cmd['shape']}")
+    terms = local_terms(fixed, window=int(cmd["window"]), eps=float(cmd["eps"]), floor=float(cmd["floor"]),
+                        frac_bits=int(cmd["frac_bits"]))
+    role.levels[cmd["label"]] = {"shape": tuple(fixed.shape), "terms": terms, "window": int(cmd["window"]),
+                                 "frac_bits": int(cmd["frac_bits"])}
+
+
+@handler("lcc_round", "dealer")
+def _round_dealer(role, cmd):
+    if cmd.get("round") not in ROUNDS:
+        raise ProtocolError(f"dealer: unknown lcc round {cmd.get('round')!r}")
+    deal(role.dealer, cmd["round"], cmd["label"], role.level(cmd["level"])["shape"])
+
+
+@handler("lcc_round", "party2")
+def _round_fixed(role, cmd):
+    """Party2's half of one round; the first round of an iteration starts a fresh state."""
+    cfg = role.level(cmd["level"])
+    if cmd.get("round") == ROUNDS[0]:
+        role.lcc = LccParty(Endpoint("party2", role.channel, role.rand), cfg["terms"], window=cfg["window"],
+                            frac_bits=cfg["frac_bits"])
+    party = getattr(role, "lcc", None)
+    if party is None:
+        raise ProtocolError(f"party2: lcc round {cmd.get('round')!r} before the first round of an iteration")
+    party.send(cmd["round"], cmd["label"])
+    party.finish(cmd["round"], cmd["label"])
+
+
+def register_moving_lcc(moving, session, *, transform: str = "svf", levels: tuple[int, ...] = (4, 2, 1),
+                        max_iterations=None, step_size: float | None = None, fluid_sigma: float | None = None,
+                        diffusion_sigma: float = 0.5):
+    """Party1's secure SVF registration with the ANTs local CC against the fixed party behind ``session``.
+
+    ``ppreg party --role moving --transform svf --loss lncc`` runs this with remote peers; it
+    mirrors ``register(fixed, moving, transform="svf", loss="lncc", secure="mpc")`` level for level
+    (:func:`run_svf_level` over :func:`ppreg.register._coarse_to_fine`, the same defaults), with
+    party2 building each level from its own image. The final mean squared error
+    (``Result.final_loss``, original units) is computed securely. Ends the session.
 
     Args:
-        session: the session the registration ran on.
-        warped_s, fixed_s: party1's warped and party2's fixed image, divided by the common
-            power-of-two ``scale`` (``|.| <= 1``, so products stay small in the ring).
-        scale: that scale; iterations: total iterations; seconds: ``{party: own compute time}``
-            of the registration loop (from :func:`run_svf_level`).
+        moving: array or :class:`~ppreg.image.Image` (2D or 3D), party1's; the fixed image must have
+            the same shape (the SVF lives on the fixed grid).
+        session: party1's :class:`~ppreg.secure.session.SecureSession` whose party2 holds an image.
+        transform: ``"svf"``. levels, max_iterations, step_size, fluid_sigma, diffusion_sigma: as
+            :func:`ppreg.register`.
 
     Returns:
-        ``(final mean squared error, time_s, bytes, bytes per iteration)``: the error comes from
-        :func:`sum_squared_difference` (revealed to party1 only); bytes as
-        :meth:`ppreg.secure.session.SecureSession.bytes_report`.
+        ``(result, fixed_affine)``.
+
+    Raises:
+        ValueError: bad image or options, or a fixed image of another shape.
+        FloatingPointError: the optimisation diverged. TruncationFailure: see :func:`run_svf_level`.
     """
-    n = int(np.prod(np.shape(fixed_s)))
-    final = sum_squared_difference(session, warped_s, fixed_s) / n * scale**2
-    snap = session.channel.traffic.snapshot()
-    nbytes = {p: {"online": int(snap["sent"][p]["online"]), "offline": int(snap["received"][p]["offline"])}
-              for p in ("party1", "party2")}
-    per_iter = {p: nbytes[p]["online"] / max(iterations, 1) for p in nbytes}
-    return final, dict(seconds), nbytes, per_iter
+    from ..register import (DEFAULT_STEP, DEFAULTS, FLUID_SIGMA, SVF_STEPS, Result, _as_array, _check_options,
+                            _coarse_to_fine, _unit_range, _warp_field, default_iterations, scale_exponent)
+    from .parties import _description
+
+    if transform != "svf":
+        raise ValueError(f"the secure lncc registration runs transform='svf', got {transform!r}")
+    moving_a = _as_array(moving, "moving")
+    family = DEFAULTS["svf"]
+    max_iterations = default_iterations("svf", levels, family) if max_iterations is None else max_iterations
+    step_size = DEFAULT_STEP["svf"] if step_size is None else step_size
+    _check_options("svf", "lncc", "mpc", None, levels, moving_a.ndim, max_iterations, family["tol"], 0.0)
+    own = scale_exponent(moving_a)
+    info = _description(session, own, moving_a.ndim)
+    shape = info["shape"]
+    if tuple(shape) != tuple(moving_a.shape):
+        raise ValueError(f"secure svf needs the moving image on the fixed grid {tuple(shape)}, got {moving_a.shape}")
+    opts = dict(step=step_size, sigma_fluid=FLUID_SIGMA["lncc"] if fluid_sigma is None else fluid_sigma,
+                sigma_diff=diffusion_sigma, steps=SVF_STEPS)
+    traffic = session.channel.traffic.snapshot()["sent"]
+
+    def run_level(li, velocity, moving_level, _fixed, count):
+        v, losses, _ = run_svf_level(session, velocity, moving_level, None, iterations=count, label=f"L{li}",
+                                     factor=int(levels[li]), **opts)
+        return v, losses
+
+    with session.timed("party1"):
+        moving_u = _unit_range(moving_a)
+    velocity, reports = _coarse_to_fine(None, moving_u, tuple(levels), max_iterations, run_level, shape=shape)
+    after = session.channel.traffic.snapshot()["sent"]
+    with session.timed("party1"):
+        u = svf_exp(velocity, steps=SVF_STEPS)
+        warped = _warp_field(moving_a, u, identity_grid(shape))
+    final = session.final_mse(warped, 2.0 ** max(own, info["exponent"]))
+    session.end()
+    iterations = sum(r.iterations for r in reports)
+    result = Result(
+        transform="svf", params=np.asarray(velocity), matrix=None, center=None, spacing=None,
+        warped=np.asarray(warped), final_loss=final, iterations=iterations, levels=tuple(reports), secure="mpc",
+        time_s={p: session.time[p] for p in ("party1", "party2")}, bytes=session.bytes_report(),
+        bytes_per_iteration={p: (after[p]["online"] - traffic[p]["online"]) / max(iterations, 1)
+                             for p in ("party1", "party2")},
+    )
+    return result, info["affine"]

@@ -518,12 +518,7 @@ def register_moving_mi(moving, session, *, transform: str = "rigid", sampling: s
         reports.append(LevelReport(int(factor), level_shape(shape, factor), it, k, losses))
         _check_finite(mat, li, factor)
     warped = _warp_full(moving_a, mat, identity_grid(shape))
-    n_vox = int(np.prod(shape))
-    scale = 2.0 ** max(own, info["exponent"])
-    session.open_mask("final/mask", n=n_vox, factor=1)
-    with session.timed("party1"):
-        warped_s = np.asarray(warped).reshape(-1) / scale
-    final = session.sum_squared_difference("final/mask", warped_s) / n_vox * scale**2
+    final = session.final_mse(warped, 2.0 ** max(own, info["exponent"]))
     session.end()
     iterations = sum(r.iterations for r in reports)
     result = Result(

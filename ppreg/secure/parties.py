@@ -31,7 +31,7 @@ from ..register import (DEFAULTS, LevelReport, Result, _as_array, _check_finite,
                         _warp_full, scale_exponent)
 from ..sampling import n_samples
 from ..transforms import KINDS, image_center, params_from_matrix
-from . import bspline_ppir, mi, points  # (importing mi registers its follower handlers)
+from . import bspline_ppir, lcc, mi, points  # (importing them registers their follower handlers)
 from .bspline_ppir import fit_bspline
 from .channel import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
 from .keys import KeyPair
@@ -40,7 +40,7 @@ from .roles import DealerRole, FixedRole, RemotePeers, decode_json, op_summary
 from .session import SecureSession
 
 TRANSFORMS = KINDS + ("bspline",)  # what a secure (MPC) SSD registration runs, in one process or three
-PROTOCOLS = (bspline_ppir, points)  # imported here so that every process registers their followers' handlers
+PROTOCOLS = (bspline_ppir, lcc, points)  # imported here so that every process registers their followers' handlers
 
 
 def run_dealer(keypair: KeyPair, *, listen: str, moving_key: bytes, fixed_key: bytes,
@@ -98,8 +98,9 @@ def run_moving(moving: Image, keypair: KeyPair, *, listen: str, dealer: str, pee
         dealer: ``"HOST:PORT"`` of the dealer.
         peer_key, dealer_key: the fixed party's and the dealer's public keys.
         on_connect: optional ``callable()`` run once both peers are connected and authenticated.
-        options: ``loss`` (``"ssd"``, default, or ``"mi"``: :func:`ppreg.secure.mi.register_moving_mi`),
-            ``frac_bits`` and the options of :func:`register_moving` (or of the MI driver).
+        options: ``loss`` (``"ssd"``, default; ``"mi"``: :func:`ppreg.secure.mi.register_moving_mi`;
+            ``"lncc"``: :func:`ppreg.secure.lcc.register_moving_lcc`, svf), ``frac_bits`` and the
+            options of :func:`register_moving` (or of the MI or lncc driver).
 
     Returns:
         ``(result, fixed_affine, report)``: as :func:`ppreg.register` returns (times: each party's
@@ -118,7 +119,8 @@ def run_moving(moving: Image, keypair: KeyPair, *, listen: str, dealer: str, pee
         if on_connect is not None:
             on_connect()
         session = SecureSession(options.pop("frac_bits", 16), channel=channel, peers=RemotePeers(channel))
-        driver = mi.register_moving_mi if options.pop("loss", "ssd") == "mi" else register_moving
+        loss = options.pop("loss", "ssd")
+        driver = {"mi": mi.register_moving_mi, "lncc": lcc.register_moving_lcc}.get(loss, register_moving)
         result, affine = driver(moving, session, **options)
         own = result.bytes["party1"]
         report = {"time_s": session.clock, "wall_s": time.perf_counter() - start, "online": own["online"],
@@ -243,11 +245,6 @@ def _final_mse(session, warped, levels, scale) -> float:
 
     Reuses the last level's mask when it is at full resolution (every level's values are the
     fixed image itself there), else party2 masks its full-resolution image once more."""
-    n_vox = int(np.size(warped))
-    mask_label = f"L{len(levels) - 1}/mask"
-    if levels[-1] != 1:
-        mask_label = "final/mask"
-        session.open_mask(mask_label, n=n_vox, factor=1)
-    with session.timed("party1"):
-        warped_s = np.asarray(warped).reshape(-1) / scale
-    return session.sum_squared_difference(mask_label, warped_s) / n_vox * scale**2
+    if levels[-1] == 1:
+        return session.final_mse(warped, scale, f"L{len(levels) - 1}/mask", open_mask=False)
+    return session.final_mse(warped, scale)

@@ -214,6 +214,18 @@ class SecureSession:
 
         return self.step({"op": "ssd", "label": label, "mask": mask_label, "n": n}, before=send, after=finish)
 
+    def final_mse(self, warped, scale: float, mask_label: str = "final/mask", *, open_mask: bool = True) -> float:
+        """Mean squared error of party1's ``warped`` image against party2's full-resolution image, in
+        original units, revealed to party1 only: party2 masks its image afresh (``open_mask``; or
+        reuses the full-resolution level ``mask_label``), then :meth:`sum_squared_difference` on
+        both divided by the common ``scale``."""
+        n = int(np.size(warped))
+        if open_mask:
+            self.open_mask(mask_label, n=n, factor=1)
+        with self.timed("party1"):
+            warped_s = np.asarray(warped).reshape(-1) / scale
+        return self.sum_squared_difference(mask_label, warped_s) / n * scale**2
+
     def bytes_report(self) -> dict:
         """``{party: {"online": sent bytes, "offline": dealer bytes received}}`` (remote party2: its own report)."""
         snap = self.channel.traffic.snapshot()

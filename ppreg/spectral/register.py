@@ -19,10 +19,14 @@ import numpy as np
 
 from .descent import fit, fit_lbfgs, fit_optax
 from .epdiff import shoot
+from .evidence import check_size
+from .evidence import estimate_alpha as estimate_alpha_laplace
 from .products import to_image
 from .symbols import Band, metric
 
 OPTIMIZERS = ("lbfgs", "flash", "adam")
+ESTIMATORS = {False: "none", None: "none", True: "laplace", "laplace": "laplace", "joint": "joint"}
+LAPLACE_ROUNDS = 5
 DEFAULTS = {  # register(transform="flash") defaults; alpha and sigma chosen on the ITK 2D pair (module docstring)
     "band_size": 15, "alpha": 100.0, "gamma": 1.0, "power": 3, "sigma": 0.03, "steps": 10, "optimizer": "lbfgs",
     "step_size": 0.2, "estimate_alpha": False,
@@ -53,7 +57,10 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
         step_size: initial FLASH step (``eps``) or Adam learning rate.
         optimizer: ``"lbfgs"`` (L-BFGS in the V metric, default), ``"flash"`` (gradient descent
             with FLASH's step control) or ``"adam"`` (optax, fixed alpha).
-        estimate_alpha: MAP estimate of alpha jointly (004 Algorithm 1; flash optimizer only).
+        estimate_alpha: ``False`` (alpha fixed), ``"laplace"`` (or ``True``: the marginal MAP of
+            :mod:`ppreg.spectral.evidence`, lbfgs optimizer, bands of at most 4096 unknowns;
+            ``iterations`` per round, 5 rounds) or ``"joint"`` (004 Algorithm 1 as published:
+            biased high where the images leave motion unobserved; flash or lbfgs optimizer).
         intensity_scale: divide both images by this (default: their common maximum |intensity|).
         session: a :class:`~ppreg.secure.shares.TwoPartySession`: party2 holds ``fixed`` and the
             target terms of every energy evaluation run under MPC
@@ -66,13 +73,19 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
 
     Raises:
         ValueError: unknown optimizer, shapes differ, bad band size (:class:`Band`),
-            estimate_alpha with adam, an all-zero pair.
+            estimate_alpha with adam (or laplace with another optimizer than lbfgs), an unknown
+            estimate_alpha, an all-zero pair.
     """
     start = time.perf_counter()
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown FLASH optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
-    if estimate_alpha and optimizer == "adam":
-        raise ValueError("estimate_alpha needs the flash or lbfgs optimizer (004 Algorithm 1)")
+    estimator = ESTIMATORS.get(estimate_alpha)
+    if estimator is None:
+        raise ValueError(f"unknown estimate_alpha {estimate_alpha!r}; expected False, True, 'laplace' or 'joint'")
+    if estimator == "joint" and optimizer == "adam":
+        raise ValueError("estimate_alpha='joint' needs the flash or lbfgs optimizer (004 Algorithm 1)")
+    if estimator == "laplace" and optimizer != "lbfgs":
+        raise ValueError(f"estimate_alpha='laplace' fits with the lbfgs optimizer, got {optimizer!r}")
     fixed, moving = jnp.asarray(fixed, jnp.float32), jnp.asarray(moving, jnp.float32)
     if fixed.shape != moving.shape:
         raise ValueError(f"FLASH needs fixed and moving on the same grid, got {fixed.shape} and {moving.shape}")
@@ -95,10 +108,17 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
             raise ValueError("secure FLASH runs the lbfgs or flash optimizer")
         party2, opts["image_term"] = Party2Target(session, target, band), RemoteImageTerm(band)
         target = jnp.zeros_like(target)
-    if optimizer in ("flash", "lbfgs"):
+    if estimator == "laplace":
+        check_size(band)
+        with party2:
+            v0, alpha_out, its, fs, _ = estimate_alpha_laplace(v0, float(alpha), source, target,
+                                                               rounds=LAPLACE_ROUNDS, **opts)
+            its = int(its)
+        fs = np.asarray(fs)[:its]
+    elif optimizer in ("flash", "lbfgs"):
         with party2:
             v0, alpha_out, its, fs, _ = (fit if optimizer == "flash" else fit_lbfgs)(
-                v0, float(alpha), source, target, step_size=step_size, estimate_alpha=estimate_alpha,
+                v0, float(alpha), source, target, step_size=step_size, estimate_alpha=estimator == "joint",
                 alpha_after=int(iterations) // 5, **opts)
             its = int(its)
         fs = np.asarray(fs)[:its]

@@ -1,0 +1,139 @@
+"""Each party's half of the element-wise products of :mod:`ppreg.secure.lcc` and :mod:`ppreg.secure.flash_mpc`.
+
+A protocol step runs as two halves per party: *send* (mask its own input and send it) and
+*share* (receive the other's masked input and form its own additive share). In one process
+(:class:`~ppreg.secure.shares.TwoPartySession`) both parties' halves run one after the other;
+in three processes each party runs its own (party2 inside an operation handler of
+:mod:`ppreg.secure.roles`), so one implementation serves both.
+
+Private product (dealer kind ``private_product``): party1 holds ``x`` in the clear (a value or
+its own share), party2 ``y``; with the dealer's ``u`` (party1's stream), ``v`` (party2's) and
+shares ``w1 + w2 = u v`` (``w2`` sent as a correction), party1 sends ``x - u``, party2 ``y - v``,
+and ``x (y - v) + w1  +  (x - u) v + w2 = x y``: one ring element each way per product, each
+uniform to its receiver, fresh ``u, v, w`` per label.
+
+Beaver product of two shared values (Beaver 1991): each party opens its share minus its part of
+the triple, ``z_i = c_i + e b_i + a_i d (+ e d for party1)``; two ring elements each way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax.numpy as jnp
+import numpy as np
+
+from .channel import Channel, ProtocolError
+from .dealer import PartyRandomness
+from .ring import decode, to_ring, x64
+from .shares import Shared, TwoPartySession, truncate, truncate_share
+
+PEER = {"party1": "party2", "party2": "party1"}
+
+
+@dataclass
+class Endpoint:
+    """One party's channel end and randomness, with the masks of its unfinished steps."""
+
+    name: str
+    channel: Channel
+    rand: PartyRandomness
+    pending: dict = field(default_factory=dict)
+
+    @property
+    def other(self) -> str:
+        return PEER[self.name]
+
+    def receive(self, tag: str, shape) -> jnp.ndarray:
+        """A ring array from the other party; ProtocolError unless it has ``shape``."""
+        data = to_ring(self.channel.recv(self.name, self.other, tag))
+        if tuple(data.shape) != tuple(shape):
+            raise ProtocolError(f"{self.name}: {tag!r} from {self.other} has shape {tuple(data.shape)}, "
+                                f"expected {tuple(shape)}")
+        return data
+
+
+def endpoints(session: TwoPartySession) -> tuple[Endpoint, Endpoint]:
+    """Both parties' endpoints of an in-process session."""
+    return tuple(Endpoint(p, session.channel, session.rand[p]) for p in ("party1", "party2"))
+
+
+def send_masked(me: Endpoint, label: str, x) -> None:
+    """Private product, first half: party1 sends ``x - u``, party2 ``y - v`` (ring arrays)."""
+    with x64():
+        x = jnp.asarray(x, jnp.uint64)
+        mask = to_ring(me.rand.stream(label + ("/u" if me.name == "party1" else "/v"), x.shape))
+        me.pending[label] = mask
+        me.channel.send(me.name, me.other, label + ("/x" if me.name == "party1" else "/y"), np.asarray(x - mask))
+
+
+def product_share(me: Endpoint, label: str, x) -> jnp.ndarray:
+    """Private product, second half: this party's additive share of ``x1 y2`` (no truncation)."""
+    mask = me.pending.pop(label)
+    with x64():
+        x = jnp.asarray(x, jnp.uint64)
+        if me.name == "party1":
+            theirs = me.receive(label + "/y", x.shape)
+            return x * theirs + to_ring(me.rand.stream(label + "/w", x.shape))
+        theirs = me.receive(label + "/x", x.shape)
+        return theirs * mask + to_ring(me.rand.correction(label))
+
+
+def beaver_send(me: Endpoint, label: str, x, y) -> None:
+    """Beaver product, first half: open ``x_i - a_i`` and ``y_i - b_i`` (own shares, equal shapes)."""
+    a, b, c = (to_ring(t) for t in me.rand.beaver(label, x.shape, y.shape, "mul"))
+    me.pending[label] = (a, b, c)
+    with x64():
+        me.channel.send(me.name, me.other, label + "/e", np.asarray(x - a))
+        me.channel.send(me.name, me.other, label + "/d", np.asarray(y - b))
+
+
+def beaver_share(me: Endpoint, label: str, x, y, frac_bits: int) -> jnp.ndarray:
+    """Beaver product, second half: this party's share of ``x y``, truncated by ``frac_bits``."""
+    a, b, c = me.pending.pop(label)
+    with x64():
+        e = x - a + me.receive(label + "/e", x.shape)
+        d = y - b + me.receive(label + "/d", y.shape)
+        z = c + e * b + a * d
+        if me.name == "party1":
+            z = z + e * d
+    return truncate_share(z, me.name, frac_bits)
+
+
+# --- both halves in one process (TwoPartySession) ------------------------------------------------
+
+
+def private_product(session: TwoPartySession, x, y, label: str) -> tuple:
+    """Additive shares of ``x * y`` (ring, element-wise, no truncation) for ``x`` party1's and ``y``
+    party2's, both halves run here (module docstring)."""
+    session.dealer.private_product(label, tuple(np.shape(x)))
+    p1, p2 = endpoints(session)
+    send_masked(p1, label, x)
+    send_masked(p2, label, y)
+    return product_share(p1, label, x), product_share(p2, label, y)
+
+
+def times_private(session: TwoPartySession, pairs, owner: str, label: str, *, truncate_bits=None) -> list[Shared]:
+    """``x * y`` for shared ``x`` and ``y`` private to ``owner`` (ring array, ``f`` fractional bits),
+    batched: the other party's share times ``y`` is a :func:`private_product`, the owner's share
+    times ``y`` is local. Truncated by ``truncate_bits`` (default ``f``)."""
+    frac = pairs[0][0].frac_bits
+    with x64():
+        xs = Shared(jnp.stack([p[0].s1 for p in pairs]), jnp.stack([p[0].s2 for p in pairs]), frac)
+        ys = jnp.stack([jnp.asarray(p[1], jnp.uint64) for p in pairs])
+        if owner == "party2":
+            c1, c2 = private_product(session, xs.s1, ys, label)
+            out = Shared(c1, c2 + xs.s2 * ys, frac)
+        else:
+            c1, c2 = private_product(session, ys, xs.s2, label)
+            out = Shared(c1 + xs.s1 * ys, c2, frac)
+    out = truncate(out, frac if truncate_bits is None else truncate_bits)
+    return [Shared(out.s1[i], out.s2[i], frac) for i in range(len(pairs))]
+
+
+def reveal_to_party1(session: TwoPartySession, x: Shared, tag: str) -> np.ndarray:
+    """Party2 sends its share; party1 adds its own and decodes (float64)."""
+    session.channel.send("party2", "party1", tag, np.asarray(x.s2))
+    theirs = session.channel.recv("party1", "party2", tag)
+    with x64():
+        return decode(x.s1 + jnp.asarray(theirs, jnp.uint64), x.frac_bits)
