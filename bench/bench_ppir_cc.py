@@ -147,6 +147,43 @@ def case_rows(name, fixed, moving, schedule, verbose: bool = False) -> list[dict
     return rows
 
 
+def symmetric_rows(name, fixed, moving, schedule, verbose: bool = False) -> list[dict]:
+    """The two-party symmetric variant (SyN's two half velocities, Eq. 10-11; each party learns only
+    its own force): CLEAR is :func:`ppreg.secure.lcc.syn_clear`, MPC is ``register(secure="mpc",
+    symmetric=True)`` with both peers in this process (each party's own compute from the session's
+    clocks; the second run is reported)."""
+    from ppreg.register import deformable_displacement, register
+
+    levels, counts = tuple(f for f, _ in schedule), tuple(n for _, n in schedule)
+    opts = dict(step=OPTS["step"], sigma_fluid=3.0, sigma_diff=OPTS["sigma_diff"], steps=SVF_STEPS)
+    for _ in range(2):
+        start = time.perf_counter()
+        v1, v2 = lcc.syn_clear(fixed, moving, levels=levels, iterations=counts, **opts)
+        clear_s = time.perf_counter() - start
+    u_clear = deformable_displacement("svf", jnp.stack([v1, v2]), fixed.shape, None)
+    for _ in range(2):
+        r = register(fixed, moving, transform="svf", loss="lncc", secure="mpc", symmetric=True, levels=levels,
+                     max_iterations=counts, step_size=opts["step"], fluid_sigma=opts["sigma_fluid"])
+    u = r.displacement()
+    its = r.iterations
+    rows = []
+    for solution, disp, secs, mb in (("CLEAR (SyN halves)", u_clear, {"party1": clear_s, "party2": 0.0}, None),
+                                     ("PPIR(MPC), symmetric", u, r.time_s, r.bytes_per_iteration)):
+        loss, mse = _summary(fixed, moving, disp)
+        row = {"case": name, "shape": list(fixed.shape), "transform": "svf (symmetric)", "loss": "lncc (guarded)",
+               "schedule": [list(level) for level in schedule], "solution": solution, "iterations": its,
+               "final_loss": loss, "final_mse": mse,
+               "rmse_vs_clear_px": None if mb is None else float(jnp.sqrt(jnp.mean(jnp.sum((disp - u_clear) ** 2, -1)))),
+               "time_per_iteration_s": {p: t / its for p, t in secs.items()},
+               "mb_per_iteration": {p: (0.0 if mb is None else mb[p] / 1e6) for p in ("party1", "party2")},
+               "bytes_per_voxel": None,
+               "offline_mb": {p: (0.0 if mb is None else r.bytes[p]["offline"] / 1e6) for p in ("party1", "party2")}}
+        rows.append(row)
+        if verbose:
+            print_row(row, header=verbose == "header" and len(rows) == 1)
+    return rows
+
+
 def cc_rows(size: int = 24, iterations: int = 20, verbose: bool = False, paper: bool = True,
             upsample: int = 1) -> list[dict]:
     """The rows of every case: the 2D crop and the 3D ``size``^3 crop with levels (2, 1) and
@@ -158,6 +195,7 @@ def cc_rows(size: int = 24, iterations: int = 20, verbose: bool = False, paper: 
                           "header" if verbose and not rows else verbose)
     if paper:
         rows += case_rows(*paper_case(upsample), PAPER_SCHEDULE, verbose)
+        rows += symmetric_rows(*paper_case(upsample), PAPER_SCHEDULE, verbose)
     return rows
 
 
@@ -184,13 +222,17 @@ def main():
     ap.add_argument("--iterations", type=int, default=20, help="iterations per level of the crops")
     ap.add_argument("--upsample", type=int, default=1,
                     help="paper-schedule case: resample the Colin27 volume by this factor (2: 182 x 218 x 182)")
-    ap.add_argument("--only-paper", action="store_true", help="only the paper-schedule case")
+    ap.add_argument("--only-paper", action="store_true", help="only the paper-schedule case (and its symmetric run)")
+    ap.add_argument("--only-symmetric", action="store_true", help="only the paper-schedule symmetric run")
     ap.add_argument("--frac-bits", type=int, default=None, help="fixed-point fractional bits (default: per level)")
     args = ap.parse_args()
     global FRAC_BITS
     FRAC_BITS = args.frac_bits
-    if args.only_paper:
+    if args.only_symmetric:
+        rows = symmetric_rows(*paper_case(args.upsample), PAPER_SCHEDULE, "header")
+    elif args.only_paper:
         rows = case_rows(*paper_case(args.upsample), PAPER_SCHEDULE, "header")
+        rows += symmetric_rows(*paper_case(args.upsample), PAPER_SCHEDULE, True)
     else:
         rows = cc_rows(args.size, args.iterations, verbose=True, upsample=args.upsample)
     write_results(args.out, {"rows": rows}, levels=list(LEVELS), iterations_per_level=args.iterations,

@@ -31,7 +31,8 @@ from .sampling import METHODS
 from .bspline import control_grid_shape, displacement
 from .data import load_sample
 from .optim import DENSE_OPTIMIZERS
-from .register import DEFORMABLE, DENSE_FIELD_FILE, LOSSES, TRANSFORMS, register
+from .register import DEFORMABLE, DENSE_FIELD_FILE, FIXED_HALF_FILE, LOSSES, TRANSFORMS, register
+from .svf import compose
 from .svf import exp as svf_exp
 from .transforms import apply_matrix
 from .warp import interpolate, interpolate_nearest
@@ -106,7 +107,8 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
                    help="svf: smoothing of each update, voxels (3.0 for lncc/mind, else 2.0); dense: of each "
                         "gradient (2.0)")
     p.add_argument("--diffusion-sigma", type=float, default=0.5, help="svf: smoothing of the velocity, voxels (0.5)")
-    p.add_argument("--symmetric", action="store_true", help="svf: ANTs-style half-way (symmetric) update")
+    p.add_argument("--symmetric", action="store_true",
+                   help="svf: ANTs-style half-way (symmetric) update; with --secure mpc, two half velocities, one per party")
     p.add_argument("--optimizer", choices=DENSE_OPTIMIZERS, default="adam", help="dense: optax optimiser (adam)")
     p.add_argument("--plot", action="store_true",
                    help="also write registration.png (checkerboard, overlay, deformed grid; needs ppreg[plot])")
@@ -194,8 +196,12 @@ def write_outputs(outdir: Path, result, affine, *, plot_fixed=None) -> None:
         save_field(result.displacement(), stage / "displacement.nii.gz", affine=affine)
         names = ["warped.nii.gz", "displacement.nii.gz", "transform.json", "report.json"]
         if result.transform.endswith("svf"):
-            save_field(result.params, stage / "velocity.nii.gz", affine=affine)
+            halves = np.ndim(result.params) == result.warped.ndim + 2  # two-party symmetric: both halves
+            save_field(result.params[0] if halves else result.params, stage / "velocity.nii.gz", affine=affine)
             names.append("velocity.nii.gz")
+            if halves:
+                save_field(result.params[1], stage / FIXED_HALF_FILE, affine=affine)
+                names.append(FIXED_HALF_FILE)
         if result.transform.endswith("dense"):
             save_field(result.params, stage / DENSE_FIELD_FILE, affine=affine)
             names.append(DENSE_FIELD_FILE)
@@ -249,7 +255,11 @@ def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 def _deformable_field(doc: dict, shape: tuple[int, ...], path: Path):
     if doc["type"] == "svf":
-        return svf_exp(_sibling_field(path, doc["velocity"], shape, "velocity"), steps=int(doc["steps"]))
+        velocity = _sibling_field(path, doc["velocity"], shape, "velocity")
+        if "fixed_velocity" in doc:  # two halves (two-party symmetric registration)
+            half = _sibling_field(path, doc["fixed_velocity"], shape, "fixed_velocity")
+            return compose(svf_exp(velocity, steps=int(doc["steps"])), svf_exp(-half, steps=int(doc["steps"])))
+        return svf_exp(velocity, steps=int(doc["steps"]))
     if doc["type"] == "dense":
         return _sibling_field(path, doc["displacement"], shape, "displacement")
     return _bspline_field(doc, shape, path)

@@ -73,6 +73,8 @@ def add_parsers(sub, *, levels_type, fraction_type, iterations_type) -> None:
     p.add_argument("--bins", type=int, default=32, help="mi: histogram bins (default 32)")
     p.add_argument("--sampling", choices=METHODS, default=None, help="voxel sampling per iteration (default: all)")
     p.add_argument("--fraction", type=fraction_type, default=0.1, help="sampled fraction of voxels (default 0.1)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="svf with lncc: SyN's two half velocities; the fixed party learns its own half and force")
     p.add_argument("--levels", type=levels_type, default=(4, 2, 1), help="pyramid shrink factors (default 4,2,1)")
     p.add_argument("--max-iterations", type=iterations_type, default=None,
                    help="per level, or one count per level for svf (default 100; bspline 15; svf 60, 40 at the finest)")
@@ -155,12 +157,15 @@ def run_party(args, error, load_image, write_outputs) -> int:
 
 
 def _sampling_options(args, error) -> dict:
-    """``sampling``, ``fraction`` and ``key`` for the losses that sample voxels (not lncc: every voxel)."""
+    """``sampling``, ``fraction`` and ``key`` for the losses that sample voxels; lncc uses every voxel
+    and takes ``--symmetric``."""
     if args.loss != "lncc":
+        if args.symmetric:
+            raise error("moving: --symmetric goes with --transform svf --loss lncc")
         return dict(sampling=args.sampling, fraction=args.fraction, key=args.seed)
     if args.sampling is not None:
         raise error("moving: --loss lncc uses every voxel (no --sampling)")
-    return {}
+    return dict(symmetric=args.symmetric)
 
 
 def _print_moving(result: Result, wall: float, outdir: Path) -> None:
@@ -235,10 +240,13 @@ def run_processes(commands: dict[str, list[str]], *, timeout: float) -> dict[str
 def _option_args(options: dict) -> list[str]:
     args = []
     for name, value in options.items():
-        if value is None:
+        if value is None or value is False:
             continue
         flag = "--" + name.replace("_", "-")
-        args += [flag, ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)]
+        if value is True:
+            args.append(flag)
+        else:
+            args += [flag, ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)]
     return args
 
 
@@ -256,7 +264,10 @@ def load_result(outdir: Path) -> Result:
     if doc["type"] == "bspline":
         params, matrix, center = np.asarray(doc["coefficients"], np.float32), None, None
     elif doc["type"] == "svf":
-        params, matrix, center = np.asarray(load_field(outdir / doc["velocity"])[0], np.float32), None, None
+        params = np.asarray(load_field(outdir / doc["velocity"])[0], np.float32)
+        if "fixed_velocity" in doc:  # two-party symmetric: both halves
+            params = np.stack([params, np.asarray(load_field(outdir / doc["fixed_velocity"])[0], np.float32)])
+        matrix, center = None, None
     else:
         params, matrix, center = np.asarray(doc["parameters"]), np.asarray(doc["matrix"]), np.asarray(doc["center"])
     return Result(transform=doc["type"], params=params, matrix=matrix, center=center, spacing=doc.get("spacing"),

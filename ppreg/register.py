@@ -28,6 +28,7 @@ from .image import Image
 from .sampling import METHODS, n_samples
 from .bspline import control_grid_shape, displacement, refine
 from .grid import downsample, gaussian_blur, gradient, level_coordinates, upsample_field
+from .svf import compose
 from .svf import exp as svf_exp
 from .transforms import KINDS, apply_matrix, check_kind, image_center, params_from_matrix
 from .losses import LNCC_FLAT_FLOOR, lncc, mind, mutual_information, ncc, ssd
@@ -46,6 +47,7 @@ DENSE_LEARNING_RATE = 0.1  # Adam step (level voxels)
 DENSE_DIFFUSION = 0.1  # diffusion weight (loss units per voxel^2 of gradient)
 DENSE_SIGMA = 2.0  # Gaussian smoothing of the gradient (adam) or of the update variable (lbfgs), level voxels
 DENSE_FIELD_FILE = "dense_displacement.nii.gz"  # dense: the deformable part, beside transform.json
+FIXED_HALF_FILE = "fixed_velocity.nii.gz"  # two-party symmetric svf: party2's half velocity
 DEFAULTS = {  # per optimiser: max_iterations (per level), tol (voxels), damping
     "gauss-newton": {"max_iterations": 100, "tol": 1e-3, "damping": 1e-3},
     "descent": {"max_iterations": 200, "tol": 1e-3, "damping": 0.0},
@@ -102,7 +104,8 @@ class Result:
         transform: the transform or pipeline (see :func:`register`).
         params: linear: float64 ``(P,)`` parameters about ``center`` (see :mod:`ppreg.transforms`);
             bspline: float32 coefficients ``(*control_grid_shape, d)`` in voxels; svf: float32
-            velocity ``(*fixed.shape, d)`` in voxels; a pipeline: its deformable part's.
+            velocity ``(*fixed.shape, d)`` in voxels (two-party symmetric: ``(2, *fixed.shape, d)``,
+            party1's and party2's halves); a pipeline: its deformable part's.
         matrix: linear and pipelines: float64 ``(d+1, d+1)``, FIXED voxel index -> MOVING
             voxel index (pull-back); ``None`` for bspline and svf.
         center: linear: float64 ``(d,)`` transform centre (fixed voxel indices); else ``None``.
@@ -154,6 +157,18 @@ class Result:
         return self._doc(self.transform)
 
     def _doc(self, kind: str) -> dict:
+        if kind == "svf" and np.ndim(self.params) == self.warped.ndim + 2:
+            return {
+                "type": "svf",
+                "velocity": "velocity.nii.gz",
+                "fixed_velocity": FIXED_HALF_FILE,
+                "steps": SVF_STEPS,
+                "convention": "two halves (two-party symmetric registration): u = exp(v) o exp(-v_fixed), i.e. "
+                              "w(x) = x + exp(-v_fixed)(x), u(x) = w(x) + exp(v)(w(x)) - x, scaling and squaring "
+                              "with `steps` squarings, v and v_fixed in voxels (array axis order) on the fixed "
+                              "grid, stored in the sibling files `velocity` and `fixed_velocity`; "
+                              "warped(x) = moving(x + u(x))",
+            }
         if kind == "svf":
             return {
                 "type": "svf",
@@ -204,9 +219,14 @@ class Result:
 
 
 def deformable_displacement(kind: str, params, shape: tuple[int, ...], spacing: int | None) -> jnp.ndarray:
-    """Displacement ``(*shape, d)`` of a deformable transform: ``exp(v)`` (svf) or the B-spline FFD."""
+    """Displacement ``(*shape, d)`` of a deformable transform: ``exp(v)`` (svf), the two halves of a
+    two-party symmetric svf (``params`` the stack ``(2, *shape, d)`` of ``v1``, party1's, and ``v2``,
+    party2's: ``exp(v1)`` after ``exp(-v2)``, :func:`ppreg.secure.lcc.syn_clear`) or the B-spline FFD."""
     if kind == "svf":
-        return svf_exp(jnp.asarray(params), steps=SVF_STEPS)
+        params = jnp.asarray(params)
+        if params.ndim == len(shape) + 2:
+            return compose(svf_exp(params[0], steps=SVF_STEPS), svf_exp(-params[1], steps=SVF_STEPS))
+        return svf_exp(params, steps=SVF_STEPS)
     if kind == "dense":
         return jnp.asarray(params)
     return displacement(jnp.asarray(params), tuple(shape), spacing)
@@ -369,6 +389,8 @@ def register(
             Adam gradient, or is the L-BFGS change of variables ``u = u0 + G_sigma w``.
         symmetric: svf: ANTs-style half-way update (both images warped to the middle,
             ``fixed o exp(-v/2)`` vs ``moving o exp(v/2)``); see :func:`ppreg.optim.run_svf_level`.
+            With ``secure="mpc"`` (lncc): SyN's two half velocities, one per party, each updated by
+            its own force (:func:`ppreg.secure.lcc.run_svf_level`); ``params`` then stacks both.
         optimizer: dense: ``"adam"`` (default) or ``"lbfgs"`` (optax; see
             :func:`ppreg.optim.run_dense_level`).
         key: int seed or PRNG key for sampling (public).
@@ -424,12 +446,10 @@ def register(
         return _register_mpc(fixed, fixed_a, moving_a, frac_bits=frac_bits, seeds=seeds, loss="mi",
                              transform=transform, sampling=sampling, fraction=fraction, levels=tuple(levels),
                              max_iterations=max_iterations, tol=tol, bins=bins, key=key)
-    if secure == "mpc" and transform == "svf":  # ppreg.secure.lcc: the lncc force, revealed to party1 only
-        if symmetric:
-            raise ValueError("secure svf is non-symmetric in this version")
+    if secure == "mpc" and transform == "svf":  # ppreg.secure.lcc: each party learns only its own force
         return _register_mpc(fixed, fixed_a, moving_a, frac_bits=frac_bits, seeds=seeds, loss="lncc",
                              levels=tuple(levels), max_iterations=max_iterations, step_size=step_size,
-                             fluid_sigma=fluid_sigma, diffusion_sigma=diffusion_sigma)
+                             fluid_sigma=fluid_sigma, diffusion_sigma=diffusion_sigma, symmetric=symmetric)
     if secure == "mpc" and loss == "ssd" and transform in KINDS + ("bspline",):
         return _register_mpc(fixed, fixed_a, moving_a, frac_bits=frac_bits, seeds=seeds, transform=transform,
                              sampling=sampling, fraction=fraction, levels=tuple(levels), max_iterations=max_iterations,

@@ -17,25 +17,28 @@ import pytest
 
 from ppreg.cli import enable_compilation_cache, main
 from ppreg.data import load_sample
-from ppreg.image import Image, load_field, save
+from ppreg.image import Image, load, load_field, save
 from ppreg.party_cli import party_commands, start_processes, wait_processes
 from ppreg.register import register
 
 LINEAR = dict(transform="translation", levels=(1,), sampling="urs", fraction=0.2, max_iterations=3, key=3)
 BSPLINE = dict(transform="bspline", spacing=8, levels=(1,), sampling="gms", fraction=0.5, max_iterations=2, key=1)
 MI = dict(transform="translation", loss="mi", levels=(1,), sampling="urs", fraction=0.2, max_iterations=3, key=2)
-LNCC = dict(transform="svf", loss="lncc", levels=(2, 1), max_iterations=2)
+LNCC = dict(transform="svf", loss="lncc", levels=(2, 1), max_iterations=2, symmetric=True)
 CASES = {"linear": LINEAR, "bspline": BSPLINE, "mi": MI, "lncc": LNCC}
 MOVING = {"linear": "BrainProtonDensitySliceShifted13x17y", "bspline": "BrainProtonDensitySliceBSplined10",
           "mi": "BrainProtonDensitySliceShifted13x17y", "lncc": "BrainProtonDensitySliceBSplined10"}
 OPS = {"linear": ("query", 1), "bspline": ("spline_query", 1), "mi": ("mi_grad", 1),
-       "lncc": ("lcc_round", 9)}  # (operation, calls per iteration)
+       "lncc": ("lcc_round", 11)}  # (operation, calls per iteration; lncc: the symmetric rounds)
 
 
 def _args(options):
     args = []
     for name, value in options.items():
         flag = "--seed" if name == "key" else "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+            continue
         args += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     return args
 
@@ -78,8 +81,8 @@ def _check_outputs(run, case, *, rel=1e-6, slack=400):
     assert [lv["iterations"] for lv in rep["levels"]] == [lv.iterations for lv in ref.levels]
     assert rep["final_loss"] == pytest.approx(ref.final_loss, rel=rel)
     files = ["displacement.nii.gz", "report.json", "transform.json", "warped.nii.gz"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(files + (["velocity.nii.gz"] if doc["type"] == "svf"
-                                                                    else []))
+    files += [doc[k] for k in ("velocity", "fixed_velocity") if k in doc]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
     # traffic as each process counted it: party2's own report agrees with the moving party's report
     fixed_rep = json.loads((run["work"] / "fixed_report.json").read_text())
     assert rep["bytes"]["party2"] == {"online": fixed_rep["online"], "offline": fixed_rep["offline"]}
@@ -127,17 +130,25 @@ def test_three_processes_equal_in_process_register_mi(sessions):
 
 
 def test_three_processes_equal_in_process_register_lncc(sessions):
-    """SVF with the ANTs local CC over the network (``--transform svf --loss lncc``): nine rounds per
-    iteration; the velocity agrees with the in-process run to fixed-point rounding."""
+    """Symmetric SVF with the ANTs local CC over the network (``--transform svf --loss lncc --symmetric``):
+    eleven rounds per iteration, each party updating its own half velocity; both halves agree with
+    the in-process run to fixed-point rounding and the output applies like any ``ppreg register`` one."""
     run = sessions["lncc"]
-    _, doc = _check_outputs(run, "lncc", rel=1e-4, slack=9 * 200)
-    assert doc["type"] == "svf"
-    velocity, _ = load_field(run["work"] / "out" / "velocity.nii.gz")
-    np.testing.assert_allclose(velocity, run["ref"].params, atol=1e-3)
-    assert np.max(np.abs(run["ref"].params)) > 0.1  # it moved
-    # per voxel and iteration each party sends (14 + d) ring elements (ppreg.secure.lcc)
+    _, doc = _check_outputs(run, "lncc", rel=1e-4, slack=11 * 200)
+    assert doc["type"] == "svf" and doc["fixed_velocity"] == "fixed_velocity.nii.gz"
+    out = run["work"] / "out"
+    for name, ref in (("velocity.nii.gz", run["ref"].params[0]), ("fixed_velocity.nii.gz", run["ref"].params[1])):
+        half, _ = load_field(out / name)
+        np.testing.assert_allclose(half, ref, atol=1e-3)
+        assert np.max(np.abs(ref)) > 0.1  # each half moved
+    # per voxel and iteration party1 sends (21 + 3 d) ring elements (ppreg.secure.lcc, both forces)
     n = [int(np.prod(lv.shape)) * lv.iterations for lv in run["ref"].levels]
-    assert run["ref"].bytes_per_iteration["party1"] >= 16 * 8 * sum(n) / run["ref"].iterations
+    assert run["ref"].bytes_per_iteration["party1"] >= 27 * 8 * sum(n) / run["ref"].iterations
+    work = run["work"]
+    assert main(["apply", str(work / "moving.nii.gz"), "-t", str(out / "transform.json"), "-r",
+                 str(work / "fixed.nii.gz"), "-o", str(work / "applied.nii.gz")]) == 0
+    applied = load(work / "applied.nii.gz").data
+    np.testing.assert_allclose(applied, load(out / "warped.nii.gz").data, atol=1e-3 * np.abs(applied).max())
 
 
 def test_killed_fixed_party_stops_the_others_cleanly(sessions):

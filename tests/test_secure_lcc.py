@@ -192,3 +192,45 @@ def test_fractional_bits_shrink_with_the_level():
     bits = [lcc.frac_bits_for(n) for n in sizes]
     assert bits == sorted(bits, reverse=True)
     assert all(n * 4.0 ** b <= 2**17 * 4.0**lcc.FRAC_BITS for n, b in zip(sizes, bits) if b > lcc.MIN_FRAC_BITS)
+
+
+def test_symmetric_forces_match_clear_autodiff(images):
+    """Eq. 10-11 together: party1's force -dL/dw . grad w and party2's -dL/df . grad f (revealed to
+    party2 only) against autodiff of the same loss; party1 never receives party2's force."""
+    fixed, moving = images
+    session = TwoPartySession(RecordingChannel(), seeds=SEEDS)
+    loss, force, force2 = lcc.secure_force(session, lcc.local_terms(fixed), lcc.local_terms(moving), symmetric=True)
+    _, (g_f, g_w) = jax.value_and_grad(lcc.guarded_lncc, argnums=(0, 1))(fixed, moving)
+    for got, grad, image in ((force, g_w, moving), (force2, g_f, fixed)):
+        want = np.asarray(-grad[..., None] * gradient(image))
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-3
+    log = session.channel.log
+    assert [t for s, d, t, _ in log if t.endswith("/force2")] == ["lcc/out/force2"]
+    assert all(s == "party1" and d == "party2" for s, d, t, _ in log if t.endswith("/force2"))
+    # per voxel, party1 sends (14 + d) elements for its force and (7 + 2d) more for party2's (h F, the third
+    # Beaver product, four more terms of (*), the d products with grad f and its d output shares)
+    n, d = fixed.size, 2
+    sent = session.channel.traffic.snapshot()["sent"]["party1"]["online"]
+    assert (21 + 3 * d) * n * 8 <= sent < (21 + 3 * d) * n * 8 * 1.02
+
+
+def test_symmetric_secure_registration_follows_the_clear_syn_loop(images):
+    """register(secure="mpc", symmetric=True): two half velocities, party2 updating its own, the same
+    iterates as the clear SyN loop (lcc.syn_clear) to fixed-point rounding; the output composes both."""
+    from ppreg.register import SVF_STEPS, deformable_displacement, register
+
+    fixed, moving = images
+    opts = dict(levels=(2, 1), max_iterations=4)
+    r = register(fixed, moving, transform="svf", loss="lncc", secure="mpc", symmetric=True, **opts)
+    # both parties scale their own image into [0, 1] (the zero fill of a warp is then the same intensity)
+    v1, v2 = lcc.syn_clear(_unit(fixed), _unit(moving), levels=opts["levels"], iterations=opts["max_iterations"],
+                           step=0.5, sigma_fluid=3.0, sigma_diff=0.5, steps=SVF_STEPS)
+    assert r.params.shape == (2,) + fixed.shape + (2,)
+    assert np.max(np.abs(v2)) > 0.3 and np.max(np.abs(v1)) > 0.3  # both halves moved
+    u_clear = np.asarray(deformable_displacement("svf", np.stack([v1, v2]), fixed.shape, None))
+    assert np.sqrt(np.mean(np.sum((r.displacement() - u_clear) ** 2, -1))) < 1e-3
+    # the composed map aligns moving with fixed (local CC; the MSE of a 48 x 48 crop is dominated by its border)
+    assert float(lcc.guarded_lncc(fixed, jnp.asarray(r.warped))) < float(lcc.guarded_lncc(fixed, moving)) - 0.05
+    with pytest.raises(ValueError, match="TwoPartySession"):
+        lcc.run_svf_level(TwoPartySession(seeds=SEEDS), jnp.zeros(fixed.shape + (2,)), moving, fixed, iterations=1,
+                          step=0.5, sigma_fluid=2.0, sigma_diff=0.5, steps=6, symmetric=True)

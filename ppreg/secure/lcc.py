@@ -70,6 +70,15 @@ non-colluding trusted dealer; no per-voxel intermediate (``D``, ``E F``, ``2D/(E
 ``J - D/E I``) is opened. Party1 can read from its force where it is zero (every window
 around a voxel flat in either image); the smoothed force would leak less (not done).
 
+Symmetric (Eq. 10-11, SyN's two half velocities; :func:`run_svf_level`): party2 holds its own
+half velocity ``v2`` and moves its image by it, so both local terms change every iteration. The
+same rounds also give party2 ``N s dL/df . grad f`` (its force, ``(I - D/F J)`` of Eq. 11 written
+per window as (*) with the roles swapped, ``beta' = 2 (h F) h``), revealed to party2 only; each
+party updates its own half. Party2 learns its force and its half (the ``fixed o exp(v2)`` side of
+the result), party1 its own force and, at the end, ``v2`` (the output ``exp(v1) o exp(-v2)``).
+Traffic per voxel and iteration: ``21 + 3d`` ring elements from each party (``7 + 2d`` more:
+``h F``, a third Beaver product, four more terms, ``d`` products with ``grad f``, ``d`` output shares).
+
 Fixed-point error (``f = 18`` fractional bits; ``a``, ``b`` with ``f + 6``): both parties round
 their standardised image to the ``2^-f`` grid first and compute every local term from it, so
 ``B(f w)`` and ``S_w`` are exact ring values and ``D`` (one truncation; ``mu_f``'s rounding
@@ -212,15 +221,31 @@ ROUNDS = ("cov", "da", "dab", "he", "hh", "r2", "r1", "grad", "out")
 """The steps of :func:`secure_force`, each one exchange (module docstring): ``D``; ``D a``; ``h = D a b``;
 ``h E``; the Beaver products ``(h E) h`` and ``D h``; the terms of (*) with party2's factors, then with
 party1's; the force; party2's shares of the outputs to party1."""
-_LEAD = {"cov": 3, "da": 1, "dab": 1, "he": 1, "hh": 2, "r2": 2, "r1": 2}  # products per voxel ("grad": d)
-_OWNER = {"da": "party2", "dab": "party1", "he": "party2", "r2": "party2", "r1": "party1", "grad": "party1"}
+SYMMETRIC_ROUNDS = ("cov", "da", "dab", "he", "hf", "hh", "r2", "r1", "grad", "gradb", "out")
+"""Both forces (:func:`rounds`): also ``h F`` and ``(h F) h``, the four terms of the fixed side's
+derivative (in the same ``r2``/``r1`` exchanges), party2's force, and party1's shares of it to party2."""
+_OWNER = {"da": "party2", "dab": "party1", "he": "party2", "hf": "party1", "r2": "party2", "r1": "party1",
+          "grad": "party1", "gradb": "party2"}
 
 
-def deal(dealer, rnd: str, label: str, shape: tuple[int, ...]) -> None:
+def rounds(symmetric: bool) -> tuple[str, ...]:
+    """The round names of one iteration: :data:`SYMMETRIC_ROUNDS` or :data:`ROUNDS`."""
+    return SYMMETRIC_ROUNDS if symmetric else ROUNDS
+
+
+def _lead(rnd: str, ndim: int, symmetric: bool) -> int:
+    """Products per voxel in round ``rnd``."""
+    if rnd in ("grad", "gradb"):
+        return ndim
+    extra = {"hh": 1, "r2": 2, "r1": 2} if symmetric else {}
+    return {"cov": 3, "hh": 2, "r2": 2, "r1": 2}.get(rnd, 1) + extra.get(rnd, 0)
+
+
+def deal(dealer, rnd: str, label: str, shape: tuple[int, ...], symmetric: bool = False) -> None:
     """The dealer's correlated randomness for round ``rnd`` of a level of spatial ``shape``."""
     if rnd == "out":
         return
-    full = (len(shape) if rnd == "grad" else _LEAD[rnd],) + tuple(shape)
+    full = (_lead(rnd, len(shape), symmetric),) + tuple(shape)
     if rnd == "hh":
         dealer.beaver(label, full, full, "mul")
     else:
@@ -229,18 +254,22 @@ def deal(dealer, rnd: str, label: str, shape: tuple[int, ...]) -> None:
 
 class LccParty:
     """One party's side of :func:`secure_force`: its own clear terms and its shares of every
-    intermediate (``self.v``), round by round (:data:`ROUNDS`; ``send`` then ``finish``).
+    intermediate (``self.v``), round by round (:func:`rounds`; ``send`` then ``finish``).
 
     Args:
         me: the party's :class:`~ppreg.secure.private.Endpoint`.
-        terms: its :func:`local_terms` (party1: the warped moving image; party2: the fixed level).
+        terms: its :func:`local_terms` (party1: the warped moving image; party2: the fixed level,
+            warped by its own half velocity when symmetric).
         window, frac_bits: as :func:`secure_force`.
+        symmetric: also compute party2's force (the derivative in the fixed image), revealed to
+            party2 only (``out``).
     """
 
-    def __init__(self, me: Endpoint, terms: dict, *, window: int, frac_bits: int):
+    def __init__(self, me: Endpoint, terms: dict, *, window: int, frac_bits: int, symmetric: bool = False):
         self.me, self.t, self.window, self.f = me, terms, int(window), int(frac_bits)
         self.fine = self.f + INV_EXTRA_BITS
         self.party1 = me.name == "party1"
+        self.symmetric = bool(symmetric)
         self.shape = tuple(np.shape(terms["std"]))
         self.v: dict = {}
         self._input = None
@@ -256,21 +285,22 @@ class LccParty:
     def _clear_factors(self, rnd):
         """The owner's clear factors of a private-product round (stacked)."""
         t, f = self.t, self.f
-        if rnd == "da":
+        if rnd in ("da", "dab"):
             return [_ring(t["inv"], self.fine)]
-        if rnd == "dab":
-            return [_ring(t["inv"], self.fine)]
-        if rnd == "he":
+        if rnd in ("he", "hf"):
             return [_ring(t["var"], f)]
         if rnd in ("r2", "r1"):
-            return [_ring(t["mean"], f), _ring(t["std"], f)]
-        return [_ring(np.asarray(t["grad"])[..., k], f) for k in range(len(self.shape))]  # grad
+            return [_ring(t["mean"], f), _ring(t["std"], f)] * (2 if self.symmetric else 1)
+        return [_ring(np.asarray(t["grad"])[..., k], f) for k in range(len(self.shape))]  # grad, gradb
 
     def _shared_inputs(self, rnd):
-        """This party's shares of the shared factors of a private-product round (stacked)."""
-        v = self.v
-        return {"da": [v.get("d")], "dab": [v.get("da")], "he": [v.get("h")], "r2": [v.get("alpha"), v.get("box_alpha")],
-                "r1": [v.get("beta"), v.get("box_beta")], "grad": [v.get("g")] * len(self.shape)}[rnd]
+        """This party's shares of the shared factors of a private-product round (stacked). With both
+        forces, ``r2`` (party2's factors) adds ``beta', B(beta')`` and ``r1`` adds ``alpha, B(alpha)``."""
+        v, d = self.v, len(self.shape)
+        r2 = [v.get("alpha"), v.get("box_alpha")] + ([v.get("beta2"), v.get("box_beta2")] if self.symmetric else [])
+        r1 = [v.get("beta"), v.get("box_beta")] + ([v.get("alpha"), v.get("box_alpha")] if self.symmetric else [])
+        return {"da": [v.get("d")], "dab": [v.get("da")], "he": [v.get("h")], "hf": [v.get("h")], "r2": r2,
+                "r1": r1, "grad": [v.get("g")] * d, "gradb": [v.get("g2")] * d}[rnd]
 
     def _cov_input(self):
         if self.party1:
@@ -280,17 +310,20 @@ class LccParty:
         return [self._enc("std"), _ring(m_enc, self.f), _ring(mu - m_enc, 2 * self.f)]
 
     def send(self, rnd: str, label: str) -> None:
-        """First half of round ``rnd``: send this party's masked inputs (nothing for party1 in ``out``)."""
-        if rnd not in ROUNDS:
+        """First half of round ``rnd``: send this party's masked inputs (``out``: its output shares)."""
+        if rnd not in rounds(self.symmetric):
             raise ProtocolError(f"{self.me.name}: unknown lcc round {rnd!r}")
         with x64():
             if rnd == "out":
                 if not self.party1:
                     self.me.channel.send("party2", "party1", label + "/force", np.asarray(self.v["prod"]))
                     self.me.channel.send("party2", "party1", label + "/loss", np.asarray(jnp.sum(self.v["dh"])[None]))
+                elif self.symmetric:
+                    self.me.channel.send("party1", "party2", label + "/force2", np.asarray(self.v["prod2"]))
                 return
             if rnd == "hh":
-                self._input = (jnp.stack([self.v["he"], self.v["d"]]), jnp.stack([self.v["h"], self.v["h"]]))
+                xs = [self.v["he"], self.v["d"]] + ([self.v["hf"]] if self.symmetric else [])
+                self._input = (jnp.stack(xs), jnp.stack([self.v["h"]] * len(xs)))
                 beaver_send(self.me, label, *self._input)
                 return
             if rnd == "cov":
@@ -301,17 +334,19 @@ class LccParty:
             send_masked(self.me, label, self._input)
 
     def finish(self, rnd: str, label: str) -> None:
-        """Second half of round ``rnd``: receive and form this party's shares (party1 decodes ``out``)."""
+        """Second half of round ``rnd``: receive and form this party's shares (``out``: decode its force)."""
         if rnd == "out":
-            if self.party1:
-                self._reveal(label)
+            self._reveal(label)
             return
         if rnd == "hh":
-            hhe, dh = beaver_share(self.me, label, *self._input, self.f)
-            self.v.update(hhe=hhe, dh=dh)
+            out = beaver_share(self.me, label, *self._input, self.f)
             with x64():
-                self.v["beta"] = hhe * jnp.uint64(2)
+                self.v["beta"] = out[0] * jnp.uint64(2)
                 self.v["box_beta"] = self._box(self.v["beta"])
+                self.v["dh"] = out[1]
+                if self.symmetric:
+                    self.v["beta2"] = out[2] * jnp.uint64(2)
+                    self.v["box_beta2"] = self._box(self.v["beta2"])
             return
         c = product_share(self.me, label, self._input)
         name = self.me.name
@@ -324,37 +359,47 @@ class LccParty:
             if name == _OWNER[rnd]:
                 c = c + jnp.stack(self._shared_inputs(rnd)) * self._input
         out = truncate_share(c, name, self.fine if rnd in ("da", "dab") else self.f)
+        self._store(rnd, out)
+
+    def _store(self, rnd, out) -> None:
+        v, box = self.v, self._box
         with x64():
-            if rnd == "da":
-                self.v["da"] = out[0]
+            if rnd in ("da", "he", "hf"):
+                v[rnd] = out[0]
             elif rnd == "dab":
-                self.v["h"] = out[0]
-                self.v["alpha"] = out[0] * jnp.uint64(2)
-                self.v["box_alpha"] = self._box(self.v["alpha"])
-            elif rnd == "he":
-                self.v["he"] = out[0]
-            elif rnd == "r2":
-                self.v["r1"], self.v["r3"] = out[0], out[1]
-            elif rnd == "r1":
-                self.v["r2"], self.v["r4"] = out[0], out[1]
-                self.v["g"] = self._box(self.v["r1"]) + self.v["r4"] - self.v["r3"] - self._box(self.v["r2"])
-            else:  # grad: N s dL/dw . grad w, shares
-                self.v["prod"] = out
+                v["h"] = out[0]
+                v["alpha"] = out[0] * jnp.uint64(2)
+                v["box_alpha"] = box(v["alpha"])
+            elif rnd == "r2":  # alpha mu_f, B(alpha) f (and beta' mu_f, B(beta') f)
+                v["r2"] = out
+            elif rnd == "r1":  # beta mu_w, B(beta) w (and alpha mu_w, B(alpha) w)
+                r1, r2 = v["r2"], out
+                v["g"] = box(r1[0]) + r2[1] - r1[1] - box(r2[0])  # N dL/dw: -[f B(a) - B(a mu_f) - w B(b) + B(b mu_w)]
+                if self.symmetric:  # N dL/df: -[w B(a) - B(a mu_w) - f B(b') + B(b' mu_f)]
+                    v["g2"] = box(r2[2]) + r1[3] - r2[3] - box(r1[2])
+            else:  # grad, gradb: N s dL/dw . grad w (party2: dL/df . grad f), shares
+                v["prod" if rnd == "grad" else "prod2"] = out
 
     def _reveal(self, label: str) -> None:
         d = len(self.shape)
         with x64():
-            force = self.v["prod"] + self.me.receive(label + "/force", (d,) + self.shape)
-            total = jnp.sum(self.v["dh"])[None] + self.me.receive(label + "/loss", (1,))
-            self.outputs = (decode(force, self.f), float(decode(total, self.f)[0]))
+            if self.party1:
+                force = self.v["prod"] + self.me.receive(label + "/force", (d,) + self.shape)
+                total = jnp.sum(self.v["dh"])[None] + self.me.receive(label + "/loss", (1,))
+                self.outputs = (decode(force, self.f), float(decode(total, self.f)[0]))
+            elif self.symmetric:
+                force = self.v["prod2"] + self.me.receive(label + "/force2", (d,) + self.shape)
+                self.outputs = (decode(force, self.f), None)
 
     def result(self, *, window: int, floor: float) -> tuple:
-        """Party1: ``(loss, force)`` from the revealed outputs after the public-bound check."""
+        """``(loss, force)`` from this party's revealed outputs after the public-bound check
+        (party2: ``(None, its force)``, symmetric only)."""
         force_n, cc_sum = self.outputs
         n = math.prod(self.shape)
-        _check_outputs(force_n, cc_sum, np.moveaxis(np.asarray(self.t["grad"]), -1, 0), n, window, floor)
+        _check_outputs(force_n, 0.0 if cc_sum is None else cc_sum, np.moveaxis(np.asarray(self.t["grad"]), -1, 0), n,
+                       window, floor)
         force = -np.moveaxis(force_n, 0, -1) / (n * float(self.t["scale"]))
-        return -cc_sum / n, np.asarray(force, np.float32)
+        return (None if cc_sum is None else -cc_sum / n), np.asarray(force, np.float32)
 
 
 def frac_bits_for(n_voxels: int) -> int:
@@ -396,7 +441,8 @@ def _check_outputs(force_n, cc_sum, grad, n: int, window: int, floor: float) -> 
 
 
 def secure_force(session: TwoPartySession, fixed_terms: dict, moving_terms: dict, *, window: int = WINDOW,
-                 eps: float = EPS, floor: float = FLOOR, frac_bits: int = FRAC_BITS, tag: str = "lcc"):
+                 eps: float = EPS, floor: float = FLOOR, frac_bits: int = FRAC_BITS, tag: str = "lcc",
+                 symmetric: bool = False):
     """The lncc SVF force on party1's side, computed under MPC (module docstring).
 
     Args:
@@ -408,11 +454,13 @@ def secure_force(session: TwoPartySession, fixed_terms: dict, moving_terms: dict
         frac_bits: fixed-point fractional bits ``f`` (the local terms' ``std`` must be rounded
             to the same grid, as :func:`local_terms` does).
         tag: prefix of the message and correlated-randomness labels (unique per call).
+        symmetric: also party2's force ``-dL/df . grad f`` (Eq. 11), revealed to party2 only.
 
     Returns:
         ``(loss, force)`` as party1 learns them: float loss ``L`` and float32
         ``(*spatial, d)`` force ``-dL/dw . grad w`` (unsmoothed), the same quantities as
-        ``jax.value_and_grad(guarded_lncc)`` and ``-dL/dw[..., None] * gradient(w)`` in the clear.
+        ``jax.value_and_grad(guarded_lncc)`` and ``-dL/dw[..., None] * gradient(w)`` in the clear;
+        symmetric: ``(loss, force, party2's force)``.
 
     Raises:
         ValueError: shapes of the two parties' terms differ, or ``floor <= 0``.
@@ -421,16 +469,17 @@ def secure_force(session: TwoPartySession, fixed_terms: dict, moving_terms: dict
     """
     _check_force_args(fixed_terms["std"], moving_terms["std"], floor)
     shape = tuple(np.shape(moving_terms["std"]))
-    p1, p2 = (LccParty(e, t, window=window, frac_bits=frac_bits)
+    p1, p2 = (LccParty(e, t, window=window, frac_bits=frac_bits, symmetric=symmetric)
               for e, t in zip(endpoints(session), (moving_terms, fixed_terms)))
-    for rnd in ROUNDS:
+    for rnd in rounds(symmetric):
         label = f"{tag}/{rnd}"
-        deal(session.dealer, rnd, label, shape)
+        deal(session.dealer, rnd, label, shape, symmetric)
         p1.send(rnd, label)
         p2.send(rnd, label)
         p1.finish(rnd, label)
         p2.finish(rnd, label)
-    return p1.result(window=window, floor=floor)
+    loss, force = p1.result(window=window, floor=floor)
+    return (loss, force, p2.result(window=window, floor=floor)[1]) if symmetric else (loss, force)
 
 
 def _check_force_args(fixed_std, moving_std, floor) -> None:
@@ -441,16 +490,28 @@ def _check_force_args(fixed_std, moving_std, floor) -> None:
 
 
 def remote_force(session, moving_terms: dict, *, level: str, window: int = WINDOW, floor: float = FLOOR,
-                 frac_bits: int = FRAC_BITS, tag: str = "lcc"):
+                 frac_bits: int = FRAC_BITS, tag: str = "lcc", symmetric: bool = False, retry: bool = False):
     """:func:`secure_force` with party2 and the dealer behind a :class:`~ppreg.secure.session.SecureSession`
     (one ``lcc_round`` operation per round; party2's terms are those of the level ``level`` it
-    opened in ``lcc_level``, see :func:`run_svf_level`). Returns and raises as :func:`secure_force`."""
+    opened in ``lcc_level``, see :func:`run_svf_level`). Symmetric: party2 warps its level by its
+    own half velocity, learns its own force and reports whether it passed its bound (``retry``
+    tells it that the previous attempt failed, so it drops that attempt's update). Returns
+    ``(loss, force)``; raises as :func:`secure_force` (also when party2's force failed its bound)."""
     _check_force_args(moving_terms["std"], moving_terms["std"], floor)
-    p1 = LccParty(Endpoint("party1", session.channel, session.rand), moving_terms, window=window, frac_bits=frac_bits)
-    for rnd in ROUNDS:
+    p1 = LccParty(Endpoint("party1", session.channel, session.rand), moving_terms, window=window, frac_bits=frac_bits,
+                  symmetric=symmetric)
+
+    def after(rnd, label):
+        p1.finish(rnd, label)
+        if rnd == "out" and symmetric and not bool(np.asarray(session.channel.recv("party1", "party2", label + "/ok"))[0]):
+            raise TruncationFailure("party2's force exceeds its public bound (a local truncation wrapped)")
+
+    for rnd in rounds(symmetric):
         label = f"{tag}/{rnd}"
-        session.step({"op": "lcc_round", "round": rnd, "label": label, "level": level},
-                     before=partial(p1.send, rnd, label), after=lambda _, rnd=rnd, label=label: p1.finish(rnd, label))
+        cmd = {"op": "lcc_round", "round": rnd, "label": label, "level": level}
+        if rnd == "cov":
+            cmd["retry"] = bool(retry)
+        session.step(cmd, before=partial(p1.send, rnd, label), after=lambda _, rnd=rnd, label=label: after(rnd, label))
     return p1.result(window=window, floor=floor)
 
 
@@ -488,9 +549,9 @@ def sum_squared_difference(session: TwoPartySession, warped, fixed, *, frac_bits
 
 def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: float, sigma_fluid: float,
                   sigma_diff: float, steps: int, window: int = WINDOW, eps: float = EPS, floor: float = FLOOR,
-                  frac_bits: int | None = None, label: str = "L0", factor: int | None = None):
-    """Secure counterpart of :func:`ppreg.optim.run_svf_level` with ``loss_fn = GuardedLoss(floor)``
-    (non-symmetric).
+                  frac_bits: int | None = None, label: str = "L0", factor: int | None = None,
+                  symmetric: bool = False, first: bool = True):
+    """Secure counterpart of :func:`ppreg.optim.run_svf_level` with ``loss_fn = GuardedLoss(floor)``.
 
     Party2 computes its :func:`local_terms` once per level; each iteration party1 warps its
     image, computes its own terms, runs the protocol (:func:`secure_force` in one process,
@@ -498,6 +559,10 @@ def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: fl
     velocity exactly as the clear loop does (fluid smoothing, scaling to ``step``, diffusion
     smoothing). An iteration whose outputs fail the public bound (a wrapped truncation) is
     repeated with fresh randomness, up to :data:`RETRIES` times.
+
+    Symmetric (SyN's two half velocities, Eq. 10-11; SecureSession only): party2 keeps its own
+    half velocity, warps its level by it every iteration, learns its own force and updates its
+    half exactly as party1 does; :func:`syn_clear` is the clear counterpart.
 
     Args:
         session: a :class:`~ppreg.secure.shares.TwoPartySession` (both parties here; ``fixed`` is
@@ -508,6 +573,8 @@ def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: fl
         window, eps, frac_bits: see :func:`secure_force` (``frac_bits`` default:
             :func:`frac_bits_for` the level's voxel count); floor: see :func:`guarded_lncc`.
         label: message tag prefix (the level's label). factor: the level's shrink factor (remote).
+        symmetric: the two-half-velocity variant; first: this is the first level (party2 starts
+            its half at zero).
 
     Returns:
         ``(velocity, losses (iterations,) float32, seconds)``: ``seconds`` maps each party to its
@@ -516,30 +583,33 @@ def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: fl
         symmetric; with a SecureSession, the session's per-party clocks).
 
     Raises:
-        ValueError: ``fixed`` given with a SecureSession or missing without one.
+        ValueError: ``fixed`` given with a SecureSession or missing without one; symmetric in one
+            process.
         TruncationFailure: every repetition of an iteration failed the bound.
     """
     shape = tuple(np.shape(velocity)[:-1])
     frac_bits = frac_bits_for(math.prod(shape)) if frac_bits is None else frac_bits
     opts = dict(window=window, floor=floor, frac_bits=frac_bits)
     in_process = isinstance(session, TwoPartySession)
-    if in_process == (fixed is None):
-        raise ValueError("run_svf_level takes party2's level image with a TwoPartySession, and none otherwise")
+    if in_process == (fixed is None) or (in_process and symmetric):
+        raise ValueError("run_svf_level takes party2's level image with a TwoPartySession (non-symmetric), and "
+                         "none with a SecureSession")
     seconds = {"party1": 0.0, "party2": 0.0}
     if in_process:
         start = time.perf_counter()
         fixed_terms = jax.block_until_ready(local_terms(jnp.asarray(fixed, jnp.float32), eps=eps, **opts))
         seconds["party2"] += time.perf_counter() - start
 
-        def force_of(terms, tag):
+        def force_of(terms, tag, retry):
             return secure_force(session, fixed_terms, terms, eps=eps, tag=tag, **opts)
     else:
         clocks = dict(session.time)
         session.step({"op": "lcc_level", "label": label, "factor": int(factor), "shape": list(shape), "eps": eps,
-                      **opts})
+                      "symmetric": bool(symmetric), "first": bool(first), "step": float(step),
+                      "sigma_fluid": float(sigma_fluid), "sigma_diff": float(sigma_diff), "steps": int(steps), **opts})
 
-        def force_of(terms, tag):
-            return remote_force(session, terms, level=label, tag=tag, **opts)
+        def force_of(terms, tag, retry):
+            return remote_force(session, terms, level=label, tag=tag, symmetric=symmetric, retry=retry, **opts)
     losses = np.zeros(iterations, np.float32)
     for i in range(iterations):
         start = time.perf_counter()
@@ -547,7 +617,8 @@ def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: fl
         middle = time.perf_counter()
         for attempt in range(RETRIES + 1):
             try:
-                loss, force = force_of(moving_terms, f"{label}/it{i}" + (f"/retry{attempt}" if attempt else ""))
+                loss, force = force_of(moving_terms, f"{label}/it{i}" + (f"/retry{attempt}" if attempt else ""),
+                                       attempt > 0)
                 break
             except TruncationFailure:
                 if attempt == RETRIES:
@@ -568,55 +639,160 @@ def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: fl
     return velocity, losses, {p: t / max(iterations, 1) for p, t in seconds.items()}
 
 
+@partial(jax.jit, static_argnames=("steps", "sigma_fluid", "sigma_diff", "floor"))
+def _syn_step(v1, v2, moving, fixed, step, *, steps, sigma_fluid, sigma_diff, floor):
+    w, f = _warp_exp(v1, moving, steps=steps), _warp_exp(v2, fixed, steps=steps)
+    loss, (g_f, g_w) = jax.value_and_grad(partial(guarded_lncc, floor=floor), argnums=(0, 1))(f, w)
+    v1 = _svf_update(v1, -g_w[..., None] * gradient(w), step, sigma_fluid=sigma_fluid, sigma_diff=sigma_diff)
+    v2 = _svf_update(v2, -g_f[..., None] * gradient(f), step, sigma_fluid=sigma_fluid, sigma_diff=sigma_diff)
+    return v1, v2, loss
+
+
+def syn_clear(fixed_u, moving_u, *, levels, iterations, step: float, sigma_fluid: float, sigma_diff: float,
+              steps: int, floor: float = FLOOR):
+    """The clear counterpart of the symmetric secure loop: SyN's two half velocities, each moving its
+    own image toward the other, each updated by its own force (Eq. 10-11) as :func:`run_svf_level`
+    does, coarse to fine (the two halves carried as one ``2d``-component field).
+
+    Args:
+        fixed_u, moving_u: float32 images on one grid (scaled into [0, 1]). levels, iterations: as
+            :func:`ppreg.register._coarse_to_fine`. step, sigma_fluid, sigma_diff, steps, floor: as
+            :func:`run_svf_level`.
+
+    Returns:
+        ``(v1, v2)``: float32 ``(*shape, d)`` half velocities (full-resolution voxels); the
+        moving-to-fixed displacement is :func:`ppreg.register.deformable_displacement` of their stack.
+    """
+    from ..register import _coarse_to_fine
+
+    d = fixed_u.ndim
+
+    def run_level(li, field, moving, fixed, count):
+        v1, losses = field[..., :d], []
+        v2 = field[..., d:] if field.shape[-1] == 2 * d else jnp.zeros_like(v1)  # the first level starts at zero
+        for _ in range(count):
+            v1, v2, loss = _syn_step(v1, v2, moving, fixed, jnp.float32(step), steps=steps, sigma_fluid=sigma_fluid,
+                                     sigma_diff=sigma_diff, floor=floor)
+            losses.append(float(loss))
+        return jnp.concatenate([v1, v2], axis=-1), np.asarray(losses, np.float32)
+
+    field, _ = _coarse_to_fine(fixed_u, moving_u, tuple(levels), iterations, run_level)
+    return field[..., :d], field[..., d:]
+
+
 # --- three processes: the followers' handlers (ppreg.secure.roles) and party1's driver ------------
 
 
 @handler("lcc_level", "dealer")
 def _level_dealer(role, cmd):
-    role.levels[cmd["label"]] = {"shape": tuple(int(n) for n in cmd["shape"])}
+    role.levels[cmd["label"]] = {"shape": tuple(int(n) for n in cmd["shape"]), "symmetric": bool(cmd.get("symmetric"))}
 
 
 @handler("lcc_level", "party2")
 def _level_fixed(role, cmd):
-    """Party2 scales its image into [0, 1], shrinks it for the level and computes its local terms."""
+    """Party2 scales its image into [0, 1], shrinks it for the level and computes its local terms;
+    symmetric: it keeps the level image and carries its own half velocity to the level (in level
+    voxels, as party1 carries its own: :func:`ppreg.register._coarse_to_fine`)."""
     if role.image is None:
         raise ProtocolError(f"party2 cannot build lcc level {cmd['label']!r}: no image")
-    from ..grid import downsample
+    from ..grid import downsample, upsample_field
     from ..register import _unit_range
 
-    fixed = downsample(_unit_range(role.image), int(cmd["factor"]))
+    factor = int(cmd["factor"])
+    fixed = downsample(_unit_range(role.image), factor)
     if list(fixed.shape) != [int(n) for n in cmd["shape"]]:
         raise ProtocolError(f"party2's level has shape {list(fixed.shape)}, party1 expects {cmd['shape']}")
-    terms = local_terms(fixed, window=int(cmd["window"]), eps=float(cmd["eps"]), floor=float(cmd["floor"]),
-                        frac_bits=int(cmd["frac_bits"]))
-    role.levels[cmd["label"]] = {"shape": tuple(fixed.shape), "terms": terms, "window": int(cmd["window"]),
-                                 "frac_bits": int(cmd["frac_bits"])}
+    opts = dict(window=int(cmd["window"]), eps=float(cmd["eps"]), floor=float(cmd["floor"]),
+                frac_bits=int(cmd["frac_bits"]))
+    cfg = {"shape": tuple(fixed.shape), "window": opts["window"], "frac_bits": opts["frac_bits"],
+           "symmetric": bool(cmd.get("symmetric")), "opts": opts}
+    if cfg["symmetric"]:
+        prev = getattr(role, "syn", None) if not cmd.get("first") else None
+        if prev is None:
+            velocity = jnp.zeros(fixed.shape + (fixed.ndim,), jnp.float32)
+        else:
+            _commit(prev)
+            full = prev["velocity"] * prev["factor"]
+            velocity = upsample_field(full, role.image.shape, prev["factor"], factor) / factor
+        role.syn = {"velocity": velocity, "factor": factor, "pending": None, "fixed": fixed,
+                    "update": {k: float(cmd[k]) for k in ("step", "sigma_fluid", "sigma_diff")},
+                    "steps": int(cmd["steps"])}
+    else:
+        cfg["terms"] = local_terms(fixed, **opts)
+    role.levels[cmd["label"]] = cfg
+
+
+def _received_half(data, shape) -> jnp.ndarray:
+    """Party2's revealed half velocity as received: float32 ``shape``, finite (ProtocolError otherwise)."""
+    field = np.asarray(data)
+    if field.dtype != np.float32 or field.shape != tuple(shape) or not np.all(np.isfinite(field)):
+        raise ProtocolError(f"party1: party2's half velocity is malformed ({field.dtype}, {field.shape}; "
+                            f"expected float32 {tuple(shape)})")
+    return jnp.asarray(field)
+
+
+def _commit(syn: dict) -> None:
+    """Party2 applies the update of its last successful iteration."""
+    if syn["pending"] is not None:
+        syn["velocity"], syn["pending"] = syn["pending"], None
 
 
 @handler("lcc_round", "dealer")
 def _round_dealer(role, cmd):
-    if cmd.get("round") not in ROUNDS:
+    cfg = role.level(cmd["level"])
+    if cmd.get("round") not in rounds(cfg["symmetric"]):
         raise ProtocolError(f"dealer: unknown lcc round {cmd.get('round')!r}")
-    deal(role.dealer, cmd["round"], cmd["label"], role.level(cmd["level"])["shape"])
+    deal(role.dealer, cmd["round"], cmd["label"], cfg["shape"], cfg["symmetric"])
 
 
 @handler("lcc_round", "party2")
 def _round_fixed(role, cmd):
-    """Party2's half of one round; the first round of an iteration starts a fresh state."""
+    """Party2's half of one round; the first round of an iteration starts a fresh state (symmetric:
+    from its image warped by its current half velocity); the last one, symmetric, gives it its
+    force, whose bound check it reports to party1, and its next velocity."""
     cfg = role.level(cmd["level"])
-    if cmd.get("round") == ROUNDS[0]:
-        role.lcc = LccParty(Endpoint("party2", role.channel, role.rand), cfg["terms"], window=cfg["window"],
-                            frac_bits=cfg["frac_bits"])
+    rnd, label = cmd.get("round"), cmd["label"]
+    if rnd == ROUNDS[0]:
+        terms = cfg.get("terms")
+        if cfg["symmetric"]:
+            syn = role.syn
+            if cmd.get("retry"):
+                syn["pending"] = None
+            _commit(syn)
+            warped = _warp_exp(syn["velocity"], syn["fixed"], steps=syn["steps"])
+            terms = local_terms(warped, **cfg["opts"])
+        role.lcc = LccParty(Endpoint("party2", role.channel, role.rand), terms, window=cfg["window"],
+                            frac_bits=cfg["frac_bits"], symmetric=cfg["symmetric"])
     party = getattr(role, "lcc", None)
     if party is None:
-        raise ProtocolError(f"party2: lcc round {cmd.get('round')!r} before the first round of an iteration")
-    party.send(cmd["round"], cmd["label"])
-    party.finish(cmd["round"], cmd["label"])
+        raise ProtocolError(f"party2: lcc round {rnd!r} before the first round of an iteration")
+    party.send(rnd, label)
+    party.finish(rnd, label)
+    if rnd == "out" and cfg["symmetric"]:
+        try:
+            _, force = party.result(window=cfg["window"], floor=cfg["opts"]["floor"])
+            update = role.syn["update"]
+            role.syn["pending"] = _svf_update(role.syn["velocity"], jnp.asarray(force), jnp.float32(update["step"]),
+                                              sigma_fluid=update["sigma_fluid"], sigma_diff=update["sigma_diff"])
+            ok = 1
+        except TruncationFailure:
+            ok = 0
+        role.channel.send("party2", "party1", label + "/ok", np.asarray([ok], np.uint8))
+
+
+@handler("lcc_halves", "party2")
+def _halves_fixed(role, cmd):
+    """Party2 reveals its half velocity (full-resolution voxels) to party1: the output's other half."""
+    syn = getattr(role, "syn", None)
+    if syn is None:
+        raise ProtocolError("party2: no symmetric lcc registration to finish")
+    _commit(syn)
+    role.channel.send("party2", "party1", "lcc/halves", np.asarray(syn["velocity"] * syn["factor"], np.float32))
 
 
 def register_moving_lcc(moving, session, *, transform: str = "svf", levels: tuple[int, ...] = (4, 2, 1),
                         max_iterations=None, step_size: float | None = None, fluid_sigma: float | None = None,
-                        diffusion_sigma: float = 0.5):
+                        diffusion_sigma: float = 0.5, symmetric: bool = False):
     """Party1's secure SVF registration with the ANTs local CC against the fixed party behind ``session``.
 
     ``ppreg party --role moving --transform svf --loss lncc`` runs this with remote peers; it
@@ -631,6 +807,9 @@ def register_moving_lcc(moving, session, *, transform: str = "svf", levels: tupl
         session: party1's :class:`~ppreg.secure.session.SecureSession` whose party2 holds an image.
         transform: ``"svf"``. levels, max_iterations, step_size, fluid_sigma, diffusion_sigma: as
             :func:`ppreg.register`.
+        symmetric: SyN's two half velocities (:func:`run_svf_level`): party2 learns its own half and
+            force and reveals its half at the end; ``Result.params`` is then the stack ``(2, *shape,
+            d)`` of party1's and party2's halves (:func:`syn_clear` is the clear counterpart).
 
     Returns:
         ``(result, fixed_affine)``.
@@ -640,7 +819,8 @@ def register_moving_lcc(moving, session, *, transform: str = "svf", levels: tupl
         FloatingPointError: the optimisation diverged. TruncationFailure: see :func:`run_svf_level`.
     """
     from ..register import (DEFAULT_STEP, DEFAULTS, FLUID_SIGMA, SVF_STEPS, Result, _as_array, _check_options,
-                            _coarse_to_fine, _unit_range, _warp_field, default_iterations, scale_exponent)
+                            _coarse_to_fine, _unit_range, _warp_field, default_iterations, deformable_displacement,
+                            scale_exponent)
     from .parties import _description
 
     if transform != "svf":
@@ -661,15 +841,20 @@ def register_moving_lcc(moving, session, *, transform: str = "svf", levels: tupl
 
     def run_level(li, velocity, moving_level, _fixed, count):
         v, losses, _ = run_svf_level(session, velocity, moving_level, None, iterations=count, label=f"L{li}",
-                                     factor=int(levels[li]), **opts)
+                                     factor=int(levels[li]), symmetric=symmetric, first=li == 0, **opts)
         return v, losses
 
     with session.timed("party1"):
         moving_u = _unit_range(moving_a)
     velocity, reports = _coarse_to_fine(None, moving_u, tuple(levels), max_iterations, run_level, shape=shape)
     after = session.channel.traffic.snapshot()["sent"]
+    if symmetric:  # party2 reveals its half: the output's other part
+        def receive(_):
+            return _received_half(session.channel.recv("party1", "party2", "lcc/halves"), velocity.shape)
+
+        velocity = jnp.stack([velocity, session.step({"op": "lcc_halves"}, after=receive)])
     with session.timed("party1"):
-        u = svf_exp(velocity, steps=SVF_STEPS)
+        u = deformable_displacement("svf", velocity, tuple(shape), None)
         warped = _warp_field(moving_a, u, identity_grid(shape))
     final = session.final_mse(warped, 2.0 ** max(own, info["exponent"]))
     session.end()
