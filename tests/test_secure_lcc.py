@@ -234,3 +234,21 @@ def test_symmetric_secure_registration_follows_the_clear_syn_loop(images):
     with pytest.raises(ValueError, match="TwoPartySession"):
         lcc.run_svf_level(TwoPartySession(seeds=SEEDS), jnp.zeros(fixed.shape + (2,)), moving, fixed, iterations=1,
                           step=0.5, sigma_fluid=2.0, sigma_diff=0.5, steps=6, symmetric=True)
+
+
+def test_malformed_round_messages_are_refused(images):
+    """A masked input of the wrong shape, or an unknown round, stops the receiving party with a clear error."""
+    from ppreg.secure.channel import ProtocolError
+    from ppreg.secure.private import endpoints, send_masked
+
+    fixed, moving = images
+    session = TwoPartySession(seeds=SEEDS)
+    p1, p2 = endpoints(session)
+    party2 = lcc.LccParty(p2, lcc.local_terms(fixed), window=lcc.WINDOW, frac_bits=lcc.FRAC_BITS)
+    lcc.deal(session.dealer, "cov", "bad/cov", fixed.shape)
+    send_masked(p1, "bad/cov", np.zeros((3, 5, 5), np.uint64))  # party1 sends the wrong shape
+    party2.send("cov", "bad/cov")
+    with pytest.raises(ProtocolError, match="shape"):
+        party2.finish("cov", "bad/cov")
+    with pytest.raises(ProtocolError, match="unknown lcc round"):
+        party2.send("gradb", "bad/gradb")  # a symmetric round in a non-symmetric iteration
