@@ -8,9 +8,8 @@ import pytest
 from ppreg.grid import identity_grid
 from ppreg.spectral import Band, alpha_term, metric
 from ppreg.spectral.epdiff import shoot
-from ppreg.spectral.evidence import (_unitary, _unitary_inverse, data_hessian, estimate_alpha, evidence_derivative,
-                                     solve_alpha)
-from ppreg.spectral.products import to_image
+from ppreg.spectral.evidence import data_hessian, estimate_alpha, evidence_derivative, solve_alpha
+from ppreg.spectral.products import from_band_grid, to_band_grid, to_image
 from ppreg.spectral.sampling import bullseye, synthesize_pair
 from ppreg.warp import interpolate
 
@@ -36,14 +35,14 @@ def test_data_hessian_is_the_gauss_newton_hessian(pairs):
     lsym = jnp.asarray(metric(B2, 6.0), jnp.float32)
 
     def warped(theta):
-        _, u1 = shoot(_unitary(theta, B2).astype(jnp.complex64), lsym, B2)
+        _, u1 = shoot(from_band_grid(theta, B2).astype(jnp.complex64), lsym, B2)
         return interpolate(source, identity_grid(B2.shape) + to_image(u1, B2)).ravel()
 
-    theta = _unitary_inverse(v_true, B2).astype(jnp.float32)
+    theta = to_band_grid(v_true, B2).astype(jnp.float32)
     jac = jax.jacrev(warped)(theta).reshape(-1, theta.size) / SIGMA
     probe = jax.random.normal(jax.random.key(3), B2.coeff_shape)
-    expect = _unitary((jac.T @ (jac @ probe.ravel())).reshape(B2.coeff_shape), B2)
-    got = (data_hessian(v_true, 6.0, source, B2, sigma=SIGMA) @ _unitary(probe, B2).ravel()).reshape(B2.coeff_shape)
+    expect = from_band_grid((jac.T @ (jac @ probe.ravel())).reshape(B2.coeff_shape), B2)
+    got = (data_hessian(v_true, 6.0, source, B2, sigma=SIGMA) @ from_band_grid(probe, B2).ravel()).reshape(B2.coeff_shape)
     assert float(jnp.linalg.norm(got - expect) / jnp.linalg.norm(expect)) < 1e-3
 
 

@@ -115,11 +115,10 @@ from ..losses import LNCC_FLAT_FLOOR, _box_count, _box_sum, _standardise, lncc
 from ..svf import exp as svf_exp
 from ..warp import warp
 from .channel import ProtocolError
-from .private import (Endpoint, beaver_send, beaver_share, endpoints, product_share, reveal_to_party1, send_masked,
-                      times_private)
+from .private import endpoints, product_share, reveal_to_party1, send_masked, times_private
 from .ring import decode, encode, x64
 from .roles import handler
-from .shares import Shared, TwoPartySession, truncate_share
+from .shares import Endpoint, Shared, TwoPartySession, beaver_send, beaver_share, truncate_share
 
 WINDOW = 5
 EPS = 1e-5
@@ -234,11 +233,10 @@ def rounds(symmetric: bool) -> tuple[str, ...]:
 
 
 def _lead(rnd: str, ndim: int, symmetric: bool) -> int:
-    """Products per voxel in round ``rnd``."""
+    """Products per voxel in round ``rnd`` (both forces: one more Beaver product, two more terms each side)."""
     if rnd in ("grad", "gradb"):
         return ndim
-    extra = {"hh": 1, "r2": 2, "r1": 2} if symmetric else {}
-    return {"cov": 3, "hh": 2, "r2": 2, "r1": 2}.get(rnd, 1) + extra.get(rnd, 0)
+    return {"cov": 3, "hh": 2 + symmetric, "r2": 2 + 2 * symmetric, "r1": 2 + 2 * symmetric}.get(rnd, 1)
 
 
 def deal(dealer, rnd: str, label: str, shape: tuple[int, ...], symmetric: bool = False) -> None:
@@ -257,7 +255,7 @@ class LccParty:
     intermediate (``self.v``), round by round (:func:`rounds`; ``send`` then ``finish``).
 
     Args:
-        me: the party's :class:`~ppreg.secure.private.Endpoint`.
+        me: the party's :class:`~ppreg.secure.shares.Endpoint`.
         terms: its :func:`local_terms` (party1: the warped moving image; party2: the fixed level,
             warped by its own half velocity when symmetric).
         window, frac_bits: as :func:`secure_force`.
@@ -273,6 +271,7 @@ class LccParty:
         self.shape = tuple(np.shape(terms["std"]))
         self.v: dict = {}
         self._input = None
+        self._encoded: dict = {}
         self.outputs = None
 
     def _box(self, z):
@@ -280,18 +279,22 @@ class LccParty:
             return _box_sum(z, self.window, range(z.ndim))
 
     def _enc(self, key, bits=None):
-        return _ring(self.t[key], self.f if bits is None else bits)
+        """This party's term ``key`` as ring elements (``f`` bits by default), encoded once per iteration."""
+        bits = self.f if bits is None else bits
+        if (key, bits) not in self._encoded:
+            self._encoded[key, bits] = _ring(self.t[key], bits)
+        return self._encoded[key, bits]
 
     def _clear_factors(self, rnd):
         """The owner's clear factors of a private-product round (stacked)."""
-        t, f = self.t, self.f
         if rnd in ("da", "dab"):
-            return [_ring(t["inv"], self.fine)]
+            return [self._enc("inv", self.fine)]
         if rnd in ("he", "hf"):
-            return [_ring(t["var"], f)]
+            return [self._enc("var")]
         if rnd in ("r2", "r1"):
-            return [_ring(t["mean"], f), _ring(t["std"], f)] * (2 if self.symmetric else 1)
-        return [_ring(np.asarray(t["grad"])[..., k], f) for k in range(len(self.shape))]  # grad, gradb
+            return [self._enc("mean"), self._enc("std")] * (2 if self.symmetric else 1)
+        grad = self._enc("grad")  # grad, gradb
+        return [grad[..., k] for k in range(len(self.shape))]
 
     def _shared_inputs(self, rnd):
         """This party's shares of the shared factors of a private-product round (stacked). With both
@@ -467,8 +470,10 @@ def secure_force(session: TwoPartySession, fixed_terms: dict, moving_terms: dict
         TruncationFailure: an output exceeds its public bound (run it again with fresh
             randomness: :func:`run_svf_level` does).
     """
-    _check_force_args(fixed_terms["std"], moving_terms["std"], floor)
+    _check_floor(floor)
     shape = tuple(np.shape(moving_terms["std"]))
+    if tuple(np.shape(fixed_terms["std"])) != shape:
+        raise ValueError(f"fixed and warped shapes differ: {np.shape(fixed_terms['std'])} vs {shape}")
     p1, p2 = (LccParty(e, t, window=window, frac_bits=frac_bits, symmetric=symmetric)
               for e, t in zip(endpoints(session), (moving_terms, fixed_terms)))
     for rnd in rounds(symmetric):
@@ -482,11 +487,9 @@ def secure_force(session: TwoPartySession, fixed_terms: dict, moving_terms: dict
     return (loss, force, p2.result(window=window, floor=floor)[1]) if symmetric else (loss, force)
 
 
-def _check_force_args(fixed_std, moving_std, floor) -> None:
+def _check_floor(floor) -> None:
     if not floor > 0:
         raise ValueError(f"the secure force needs floor > 0 (it bounds the outputs), got {floor!r}")
-    if np.shape(fixed_std) != np.shape(moving_std):
-        raise ValueError(f"fixed and warped shapes differ: {np.shape(fixed_std)} vs {np.shape(moving_std)}")
 
 
 def remote_force(session, moving_terms: dict, *, level: str, window: int = WINDOW, floor: float = FLOOR,
@@ -497,14 +500,18 @@ def remote_force(session, moving_terms: dict, *, level: str, window: int = WINDO
     own half velocity, learns its own force and reports whether it passed its bound (``retry``
     tells it that the previous attempt failed, so it drops that attempt's update). Returns
     ``(loss, force)``; raises as :func:`secure_force` (also when party2's force failed its bound)."""
-    _check_force_args(moving_terms["std"], moving_terms["std"], floor)
+    _check_floor(floor)
     p1 = LccParty(Endpoint("party1", session.channel, session.rand), moving_terms, window=window, frac_bits=frac_bits,
                   symmetric=symmetric)
 
     def after(rnd, label):
         p1.finish(rnd, label)
-        if rnd == "out" and symmetric and not bool(np.asarray(session.channel.recv("party1", "party2", label + "/ok"))[0]):
-            raise TruncationFailure("party2's force exceeds its public bound (a local truncation wrapped)")
+        if rnd == "out" and symmetric:
+            flag = np.asarray(session.channel.recv("party1", "party2", label + "/ok"))
+            if flag.shape != (1,) or flag[0] not in (0, 1):
+                raise ProtocolError(f"party1: malformed bound report from party2 ({flag.dtype}, {flag.shape})")
+            if not flag[0]:
+                raise TruncationFailure("party2's force exceeds its public bound (a local truncation wrapped)")
 
     for rnd in rounds(symmetric):
         label = f"{tag}/{rnd}"

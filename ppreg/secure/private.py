@@ -12,46 +12,18 @@ shares ``w1 + w2 = u v`` (``w2`` sent as a correction), party1 sends ``x - u``, 
 and ``x (y - v) + w1  +  (x - u) v + w2 = x y``: one ring element each way per product, each
 uniform to its receiver, fresh ``u, v, w`` per label.
 
-Beaver product of two shared values (Beaver 1991): each party opens its share minus its part of
-the triple, ``z_i = c_i + e b_i + a_i d (+ e d for party1)``; two ring elements each way.
+Beaver product of two shared values (Beaver 1991; its halves :func:`~ppreg.secure.shares.beaver_send`
+and :func:`~ppreg.secure.shares.beaver_share` live with the shares, as
+:class:`~ppreg.secure.shares.TwoPartySession` uses them too): two ring elements each way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import jax.numpy as jnp
 import numpy as np
 
-from .channel import Channel, ProtocolError
-from .dealer import PartyRandomness
 from .ring import decode, to_ring, x64
-from .shares import Shared, TwoPartySession, truncate, truncate_share
-
-PEER = {"party1": "party2", "party2": "party1"}
-
-
-@dataclass
-class Endpoint:
-    """One party's channel end and randomness, with the masks of its unfinished steps."""
-
-    name: str
-    channel: Channel
-    rand: PartyRandomness
-    pending: dict = field(default_factory=dict)
-
-    @property
-    def other(self) -> str:
-        return PEER[self.name]
-
-    def receive(self, tag: str, shape) -> jnp.ndarray:
-        """A ring array from the other party; ProtocolError unless it has ``shape``."""
-        data = to_ring(self.channel.recv(self.name, self.other, tag))
-        if tuple(data.shape) != tuple(shape):
-            raise ProtocolError(f"{self.name}: {tag!r} from {self.other} has shape {tuple(data.shape)}, "
-                                f"expected {tuple(shape)}")
-        return data
-
+from .shares import Endpoint, Shared, TwoPartySession, truncate
 
 def endpoints(session: TwoPartySession) -> tuple[Endpoint, Endpoint]:
     """Both parties' endpoints of an in-process session."""
@@ -77,27 +49,6 @@ def product_share(me: Endpoint, label: str, x) -> jnp.ndarray:
             return x * theirs + to_ring(me.rand.stream(label + "/w", x.shape))
         theirs = me.receive(label + "/x", x.shape)
         return theirs * mask + to_ring(me.rand.correction(label))
-
-
-def beaver_send(me: Endpoint, label: str, x, y) -> None:
-    """Beaver product, first half: open ``x_i - a_i`` and ``y_i - b_i`` (own shares, equal shapes)."""
-    a, b, c = (to_ring(t) for t in me.rand.beaver(label, x.shape, y.shape, "mul"))
-    me.pending[label] = (a, b, c)
-    with x64():
-        me.channel.send(me.name, me.other, label + "/e", np.asarray(x - a))
-        me.channel.send(me.name, me.other, label + "/d", np.asarray(y - b))
-
-
-def beaver_share(me: Endpoint, label: str, x, y, frac_bits: int) -> jnp.ndarray:
-    """Beaver product, second half: this party's share of ``x y``, truncated by ``frac_bits``."""
-    a, b, c = me.pending.pop(label)
-    with x64():
-        e = x - a + me.receive(label + "/e", x.shape)
-        d = y - b + me.receive(label + "/d", y.shape)
-        z = c + e * b + a * d
-        if me.name == "party1":
-            z = z + e * d
-    return truncate_share(z, me.name, frac_bits)
 
 
 # --- both halves in one process (TwoPartySession) ------------------------------------------------

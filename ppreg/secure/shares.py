@@ -21,13 +21,13 @@ element, where ``2^l`` bounds ``|xy| * 2^(2f)``.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .channel import Channel, InProcessChannel
+from .channel import Channel, InProcessChannel, ProtocolError
 from .dealer import Dealer, PartyRandomness
 from .prg import fresh_uint64
 from .ring import DEFAULT_FRAC_BITS, check_frac_bits, decode, encode, to_ring, x64
@@ -130,6 +130,58 @@ def mul_public(x: Shared, c) -> Shared:
         return truncate(Shared(x.s1 * cr, x.s2 * cr, x.frac_bits), x.frac_bits)
 
 
+PEER = {"party1": "party2", "party2": "party1"}
+
+
+@dataclass
+class Endpoint:
+    """One party's channel end and randomness, with the masks of its unfinished steps (a protocol
+    step runs as per-party halves: send, then form the share; :mod:`ppreg.secure.private`)."""
+
+    name: str
+    channel: Channel
+    rand: PartyRandomness
+    pending: dict = field(default_factory=dict)
+
+    @property
+    def other(self) -> str:
+        return PEER[self.name]
+
+    def receive(self, tag: str, shape) -> jnp.ndarray:
+        """A ring array from the other party; ProtocolError unless it has ``shape``."""
+        data = to_ring(self.channel.recv(self.name, self.other, tag))
+        if tuple(data.shape) != tuple(shape):
+            raise ProtocolError(f"{self.name}: {tag!r} from {self.other} has shape {tuple(data.shape)}, "
+                                f"expected {tuple(shape)}")
+        return data
+
+
+def _apply(op: str, u, v):
+    return u * v if op == "mul" else u @ v
+
+
+def beaver_send(me: Endpoint, label: str, x, y, op: str = "mul") -> None:
+    """Beaver product, first half: open ``x_i - a_i`` and ``y_i - b_i`` (this party's shares)."""
+    a, b, c = (to_ring(t) for t in me.rand.beaver(label, x.shape, y.shape, op))
+    me.pending[label] = (a, b, c)
+    with x64():
+        me.channel.send(me.name, me.other, label + "/e", np.asarray(x - a))
+        me.channel.send(me.name, me.other, label + "/d", np.asarray(y - b))
+
+
+def beaver_share(me: Endpoint, label: str, x, y, frac_bits: int, op: str = "mul") -> jnp.ndarray:
+    """Beaver product, second half: this party's share ``c_i + e b_i + a_i d (+ e d for party1)``
+    of ``x y``, truncated by ``frac_bits``."""
+    a, b, c = me.pending.pop(label)
+    with x64():
+        e = x - a + me.receive(label + "/e", x.shape)
+        d = y - b + me.receive(label + "/d", y.shape)
+        z = c + _apply(op, e, b) + _apply(op, a, d)
+        if me.name == "party1":
+            z = z + _apply(op, e, d)
+    return truncate_share(z, me.name, frac_bits)
+
+
 class TwoPartySession:
     """Two parties and a dealer in one process, exchanging real frames over a channel.
 
@@ -151,24 +203,12 @@ class TwoPartySession:
         _same(x, y, broadcast=op == "mul")
         label = f"beaver/{next(self._counter)}"
         self.dealer.beaver(label, x.shape, y.shape, op)
-        triples = {p: self.rand[p].beaver(label, x.shape, y.shape, op) for p in self.rand}
-        mine = {"party1": (x.s1, y.s1), "party2": (x.s2, y.s2)}
-        with x64():
-            for p, other in (("party1", "party2"), ("party2", "party1")):
-                a, b, _ = triples[p]
-                xi, yi = mine[p]
-                self.channel.send(p, other, label + "/e", np.asarray(xi - to_ring(a)))
-                self.channel.send(p, other, label + "/d", np.asarray(yi - to_ring(b)))
-            out = {}
-            for p, other in (("party1", "party2"), ("party2", "party1")):
-                a, b, c = (to_ring(t) for t in triples[p])
-                xi, yi = mine[p]
-                e = xi - a + to_ring(self.channel.recv(p, other, label + "/e"))
-                d = yi - b + to_ring(self.channel.recv(p, other, label + "/d"))
-                apply = (lambda u, v: u * v) if op == "mul" else (lambda u, v: u @ v)
-                z = c + apply(e, b) + apply(a, d)
-                out[p] = z + apply(e, d) if p == "party1" else z
-        return truncate(Shared(out["party1"], out["party2"], x.frac_bits), x.frac_bits)
+        ends = [(Endpoint(p, self.channel, self.rand[p]), xi, yi)
+                for p, xi, yi in (("party1", x.s1, y.s1), ("party2", x.s2, y.s2))]
+        for me, xi, yi in ends:
+            beaver_send(me, label, xi, yi, op)
+        z1, z2 = (beaver_share(me, label, xi, yi, x.frac_bits, op) for me, xi, yi in ends)
+        return Shared(z1, z2, x.frac_bits)
 
     def mul(self, x: Shared, y: Shared) -> Shared:
         """Element-wise product (broadcasting shapes), one Beaver triple, truncated."""

@@ -7,8 +7,9 @@ too small and alpha too large, by 1.3x to 2.5x on 004's synthetic pairs (``bench
 
 Here alpha maximises the marginal posterior ``p(alpha | S, T) ∝ ∫ p(T | S, v0) p(v0 | alpha) dv0``
 (flat prior on alpha), with the integral taken by Laplace's method around the mode. In real
-coordinates ``theta`` of the band (``c = U theta``, ``U`` the unitary centred FFT of
-:func:`ppreg.spectral.sampling.sample_velocity`; the prior precision is ``P = U^H diag(T^d L) U``)
+coordinates ``theta`` of the band (``c = U theta``, ``U`` the unitary centred FFT
+:func:`ppreg.spectral.products.from_band_grid`, as the sampler's; the prior precision is
+``P = U^H diag(T^d L) U``)
 and with the Gauss-Newton Hessian of the image term ``H = J^T J / sigma^2`` (``J`` the derivative
 of ``S o phi_1^-1`` in ``theta``):
 
@@ -42,7 +43,7 @@ from ..warp import interpolate_gradient
 from .descent import fit_lbfgs
 from .epdiff import shoot
 from .map_alpha import alpha_derivatives
-from .products import to_image
+from .products import from_band_grid, to_band_grid, to_image
 from .symbols import Band, metric
 
 MAX_UNKNOWNS = 4096
@@ -57,17 +58,6 @@ def check_size(band: Band) -> None:
         raise ValueError(f"the Laplace alpha estimate forms a dense {n} x {n} Hessian (band {band.size}, "
                          f"{band.ndim}D); it supports at most {MAX_UNKNOWNS} unknowns: use a smaller band_size "
                          "or estimate_alpha='joint'")
-
-
-def _unitary(theta: jnp.ndarray, band: Band) -> jnp.ndarray:
-    """``c = U theta``: real ``(T,)*d + (d,)`` values to centred Hermitian coefficients."""
-    axes = tuple(range(band.ndim))
-    return jnp.fft.fftshift(jnp.fft.fftn(theta, axes=axes), axes=axes) / band.size ** (band.ndim / 2)
-
-
-def _unitary_inverse(coeffs: jnp.ndarray, band: Band) -> jnp.ndarray:
-    axes = tuple(range(band.ndim))
-    return jnp.real(jnp.fft.ifftn(jnp.fft.ifftshift(coeffs, axes=axes), axes=axes)) * band.size ** (band.ndim / 2)
 
 
 def data_hessian(v0, alpha, source, band: Band, *, gamma: float = 1.0, power: int = 3, sigma: float = 0.03,
@@ -98,15 +88,15 @@ def _data_hessian(v0, alpha, source, *, band, gamma, power, sigma, steps):
     n = band.ndim * band.size**band.ndim
 
     def displacement(theta):
-        _, u1 = shoot(_unitary(theta, band).astype(jnp.complex64), lsym, band, steps=steps)
+        _, u1 = shoot(from_band_grid(theta, band).astype(jnp.complex64), lsym, band, steps=steps)
         return to_image(u1, band)
 
-    theta = _unitary_inverse(v0, band).astype(jnp.float32)
+    theta = to_band_grid(v0, band).astype(jnp.float32)
     jac_u = jax.jacfwd(displacement)(theta).reshape(band.shape + (band.ndim, n))
     slope = interpolate_gradient(source, identity_grid(band.shape) + displacement(theta))
     jac = jnp.einsum("...d,...dm->...m", slope, jac_u).reshape(-1, n) / sigma
     h_theta = jac.T @ jac
-    to_c = jax.vmap(lambda col: _unitary(col.reshape(band.coeff_shape), band).ravel(), in_axes=1, out_axes=1)
+    to_c = jax.vmap(lambda col: from_band_grid(col.reshape(band.coeff_shape), band).ravel(), in_axes=1, out_axes=1)
     left = to_c(h_theta.astype(jnp.complex64))  # U H
     return jnp.conj(to_c(jnp.conj(left).T)).T  # (U (U H)^H)^H = U H U^H
 

@@ -58,6 +58,26 @@ def _values_to_band(values: jnp.ndarray, half: int, shape: tuple[int, ...]) -> j
     return jnp.concatenate([jnp.conj(flipped), pos], axis=last).astype(jnp.complex64)
 
 
+def from_band_grid(values: jnp.ndarray, band: Band) -> jnp.ndarray:
+    """Unitary centred DFT of real values on the ``T^d`` band grid: ``fftshift(fftn(values)) / T^(d/2)``
+    (Hermitian coefficients with ``sum |c|^2 = sum values^2``; white noise maps to white noise).
+
+    Args:
+        values: float ``(T,) * d + (C...)``. band: the band.
+
+    Returns:
+        complex ``(T,) * d + (C...)`` centred coefficients.
+    """
+    axes = tuple(range(band.ndim))
+    return jnp.fft.fftshift(jnp.fft.fftn(values, axes=axes), axes=axes) / band.size ** (band.ndim / 2)
+
+
+def to_band_grid(coeffs: jnp.ndarray, band: Band) -> jnp.ndarray:
+    """Inverse of :func:`from_band_grid`: the real values on the ``T^d`` band grid."""
+    axes = tuple(range(band.ndim))
+    return jnp.real(jnp.fft.ifftn(jnp.fft.ifftshift(coeffs, axes=axes), axes=axes)) * band.size ** (band.ndim / 2)
+
+
 def to_grid(coeffs: jnp.ndarray, band: Band) -> jnp.ndarray:
     """Values of a band field on the ``(2T - 1)^d`` product grid.
 

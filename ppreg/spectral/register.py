@@ -19,7 +19,6 @@ import numpy as np
 
 from .descent import fit, fit_lbfgs, fit_optax
 from .epdiff import shoot
-from .evidence import check_size
 from .evidence import estimate_alpha as estimate_alpha_laplace
 from .products import to_image
 from .symbols import Band, metric
@@ -109,7 +108,6 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
         party2, opts["image_term"] = Party2Target(session, target, band), RemoteImageTerm(band)
         target = jnp.zeros_like(target)
     if estimator == "laplace":
-        check_size(band)
         with party2:
             v0, alpha_out, its, fs, _ = estimate_alpha_laplace(v0, float(alpha), source, target,
                                                                rounds=LAPLACE_ROUNDS, **opts)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from .products import from_band_grid
 from .symbols import Band, metric
 
 
@@ -32,7 +33,7 @@ def sample_velocity(key, band: Band, alpha, *, gamma: float = 1.0, power: int = 
     """
     d = band.ndim
     z = jax.random.normal(key, (band.size,) * d + (d,), jnp.float32)
-    white = jnp.fft.fftshift(jnp.fft.fftn(z, axes=tuple(range(d))), axes=tuple(range(d))) / band.size ** (d / 2)
+    white = from_band_grid(z, band)
     lsym = metric(band, jnp.asarray(alpha, jnp.float32), gamma=gamma, power=power)
     return (white / jnp.sqrt(lsym)[..., None]).astype(jnp.complex64)
 
