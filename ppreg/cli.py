@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import __version__, party_cli
+from . import __version__, party_cli, train_cli
 from ._atomic import atomic_write_text
 from .grid import identity_grid
 from .image import Image, load, load_field, save, save_field
@@ -31,7 +31,7 @@ from .sampling import METHODS
 from .bspline import control_grid_shape, displacement
 from .data import load_sample
 from .optim import DENSE_OPTIMIZERS
-from .register import DEFORMABLE, DENSE_FIELD_FILE, FIXED_HALF_FILE, LOSSES, TRANSFORMS, register
+from .register import DEFORMABLE, LOSSES, TRANSFORMS, register
 from .svf import compose
 from .svf import exp as svf_exp
 from .transforms import apply_matrix
@@ -120,6 +120,10 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimate-alpha", nargs="?", const="laplace", choices=("laplace", "joint"), default=None,
                    help="flash: estimate alpha: laplace (default: marginal MAP, ppreg.spectral.evidence) or joint "
                         "(004 Algorithm 1 as published)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="vxm-diff: trained model folder (default: the model shipped for 2D or 3D)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="vxm-diff: posterior samples for uncertainty.nii.gz (default 16; 0: none)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -144,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--processes", action="store_true",
                       help="run the MPC rows as three local processes (dealer, fixed, moving) on loopback")
     party_cli.add_parsers(sub, levels_type=_levels, fraction_type=_fraction, iterations_type=_iterations)
+    train_cli.add_parsers(sub)
     return parser
 
 
@@ -174,6 +179,7 @@ def _run_register(args) -> int:
             optimizer=args.optimizer, flash_options={k: v for k, v in (("band_size", args.band_size), ("alpha", args.alpha),
                                              ("sigma", args.sigma), ("estimate_alpha", args.estimate_alpha or None))
                            if v is not None},
+            model=args.model, samples=args.samples,
         )
     except (ValueError, OverflowError, FloatingPointError, ImportError) as exc:
         raise CLIError(str(exc)) from None
@@ -195,16 +201,12 @@ def write_outputs(outdir: Path, result, affine, *, plot_fixed=None) -> None:
         save(Image(result.warped, affine), stage / "warped.nii.gz")
         save_field(result.displacement(), stage / "displacement.nii.gz", affine=affine)
         names = ["warped.nii.gz", "displacement.nii.gz", "transform.json", "report.json"]
-        if result.transform.endswith("svf"):
-            halves = np.ndim(result.params) == result.warped.ndim + 2  # two-party symmetric: both halves
-            save_field(result.params[0] if halves else result.params, stage / "velocity.nii.gz", affine=affine)
-            names.append("velocity.nii.gz")
-            if halves:
-                save_field(result.params[1], stage / FIXED_HALF_FILE, affine=affine)
-                names.append(FIXED_HALF_FILE)
-        if result.transform.endswith("dense"):
-            save_field(result.params, stage / DENSE_FIELD_FILE, affine=affine)
-            names.append(DENSE_FIELD_FILE)
+        for name, field in result.output_fields().items():
+            save_field(np.asarray(field), stage / name, affine=affine)
+            names.append(name)
+        for name, image in result.output_images().items():
+            save(Image(np.asarray(image, np.float32), affine), stage / name)
+            names.append(name)
         atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
         atomic_write_text(stage / "report.json", json.dumps(result.report_json(), indent=2) + "\n")
         if plot_fixed is not None:
@@ -398,6 +400,8 @@ def main(argv=None) -> int:
             return party_cli.run_keygen(args, CLIError)
         if args.command == "party":
             return party_cli.run_party(args, CLIError, _load, write_outputs)
+        if args.command == "train":
+            return train_cli.run_train(args, CLIError)
         return _run_demo(args)
     except CLIError as exc:
         print(f"ppreg: error: {exc}", file=sys.stderr)

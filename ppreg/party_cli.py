@@ -3,17 +3,20 @@
 ::
 
     ppreg keygen NAME                      # NAME.key (secret, 0600) and NAME.pub
-    ppreg party --role dealer --listen HOST:PORT --key dealer.key --peers moving.pub fixed.pub
+    ppreg party --role dealer --listen HOST:PORT --key dealer.key --peers moving.pub fixed.pub [--policy FILE]
     ppreg party --role moving --image I.nii.gz --listen HOST:PORT --dealer HOST:PORT --key moving.key \\
         --peer fixed.pub --dealer-key dealer.pub -o OUTDIR [--transform --sampling --fraction --levels ...]
     ppreg party --role fixed --image J.nii.gz --connect HOST:PORT --dealer HOST:PORT --key fixed.key \\
-        --peer moving.pub --dealer-key dealer.pub [--report FILE]
+        --peer moving.pub --dealer-key dealer.pub [--policy FILE] [--report FILE]
 
 The moving party writes OUTDIR as ``ppreg register`` does (staged, then moved in); each process
-writes its own report with ``--report`` (own compute, bytes, time per operation). Exit status: 0 on success,
-2 for bad input (one ``ppreg: error: ...`` line), 1 when the session fails (a peer stalls,
-dies, is refused or sends a malformed or oversized message: one ``ppreg: error: ROLE: ...``
-line; nothing is written).
+writes its own report with ``--report`` (own compute, bytes, time per operation; the fixed party and
+the dealer: their policy and what they revealed). The fixed party and the dealer refuse what their
+``--policy`` (JSON, or TOML for ``*.toml``: :mod:`ppreg.secure.policy`; default
+:data:`~ppreg.secure.policy.DEFAULT`) does not allow. Exit status: 0 on success,
+2 for bad input (one ``ppreg: error: ...`` line, e.g. a bad policy file), 1 when the session fails
+(a peer stalls, dies, is refused, refuses by its policy or sends a malformed or oversized message:
+one ``ppreg: error: ROLE: ...`` line; nothing is written).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .sampling import METHODS
 from .secure import keys
 from .secure.channel import ProtocolError
 from .secure.parties import TRANSFORMS
+from .secure.policy import load_policy
 
 ROLES = {"moving": "party1", "fixed": "party2", "dealer": "dealer"}
 SESSION_ERRORS = (ProtocolError, TimeoutError, ConnectionError, zmq.ZMQError)
@@ -63,7 +67,12 @@ def add_parsers(sub, *, levels_type, fraction_type, iterations_type) -> None:
     p.add_argument("--report", type=Path, help="write this process's own report (JSON: time, bytes, per operation)")
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds to wait for a peer to connect and for each message (default 120)")
-    p.add_argument("--max-message-mb", type=float, default=1024.0, help="largest message accepted (default 1024)")
+    p.add_argument("--max-message-mb", type=float, default=None,
+                   help="largest message sent or accepted, MiB (default 1024; frames received are also bounded by "
+                        "the protocol, from the fixed image's size)")
+    p.add_argument("--policy", type=Path, default=None,
+                   help="fixed, dealer: what this process agrees to compute (JSON, or TOML for *.toml; default: the "
+                        "built-in policy, see the README)")
     p.add_argument("--transform", choices=TRANSFORMS + ("svf",), default="rigid", help="svf: with --loss lncc")
     p.add_argument("--spacing", type=int, default=4, help="bspline: finest control spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=0.01, help="bspline: bending-energy weight")
@@ -107,23 +116,26 @@ def _keys(args, error, *public_args):
 
 def run_party(args, error, load_image, write_outputs) -> int:
     """``ppreg party``: validate, run the role, write its outputs; errors as described in the module docstring."""
-    limits = dict(timeout=args.timeout, max_message_bytes=int(args.max_message_mb * 2**20))
-    if args.timeout <= 0 or args.max_message_mb <= 0:
+    max_mb = 1024.0 if args.max_message_mb is None else args.max_message_mb
+    limits = dict(timeout=args.timeout, max_message_bytes=int(max_mb * 2**20))
+    if args.timeout <= 0 or max_mb <= 0:
         raise error("--timeout and --max-message-mb must be positive")
     from .secure import parties
 
     role = args.role
+    policy = _policy(args, error)
     try:
         if role == "dealer":
             _need(args, error, "listen", "peers")
             own, (moving_key, fixed_key) = _keys(args, error, *args.peers)
-            report = parties.run_dealer(own, listen=args.listen, moving_key=moving_key, fixed_key=fixed_key, **limits)
+            report = parties.run_dealer(own, listen=args.listen, moving_key=moving_key, fixed_key=fixed_key,
+                                        policy=policy, **limits)
         elif role == "fixed":
             _need(args, error, "image", "connect", "dealer", "peer", "dealer-key")
             own, (peer, dealer) = _keys(args, error, args.peer, args.dealer_key)
             image = load_image(args.image)
             report = parties.run_fixed(image, own, connect=args.connect, dealer=args.dealer, peer_key=peer,
-                                       dealer_key=dealer, **limits)
+                                       dealer_key=dealer, policy=policy, **limits)
         else:
             _need(args, error, "image", "listen", "dealer", "peer", "dealer-key", "output")
             own, (peer, dealer) = _keys(args, error, args.peer, args.dealer_key)
@@ -154,6 +166,18 @@ def run_party(args, error, load_image, write_outputs) -> int:
     print(f"{role}: done in {report['wall_s']:.2f} s; compute {report['time_s']:.3f} s; sent {report['online']} bytes "
           f"online, received {report['offline']} bytes offline")
     return 0
+
+
+def _policy(args, error):
+    """The ``--policy`` file (fixed party and dealer only), or ``None`` for the default."""
+    if args.policy is None:
+        return None
+    if args.role == "moving":
+        raise error("--policy is for the fixed party and the dealer (the moving party leads)")
+    try:
+        return load_policy(args.policy)
+    except (FileNotFoundError, ValueError) as exc:
+        raise error(f"{args.role}: {exc}") from None
 
 
 def _sampling_options(args, error) -> dict:

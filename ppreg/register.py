@@ -36,7 +36,8 @@ from .warp import warp
 
 DEFORMABLE = ("bspline", "svf", "dense")
 PIPELINES = tuple(f"{lin}+{deform}" for lin in ("rigid", "affine") for deform in DEFORMABLE)
-TRANSFORMS = KINDS + DEFORMABLE + PIPELINES + ("flash",)  # flash: ppreg.spectral (FLASH geodesic shooting)
+LEARNED = ("vxm-diff",)  # ppreg.learned: trained networks
+TRANSFORMS = KINDS + DEFORMABLE + PIPELINES + ("flash",) + LEARNED  # flash: ppreg.spectral (FLASH geodesic shooting)
 LOSSES = ("ssd", "mi", "ncc", "lncc", "mind")
 FLUID_SIGMA = {"lncc": 3.0, "mind": 3.0}  # svf update smoothing (voxels) per loss; 2.0 for the others
 LINEAR_STAGE_LOSS = {"lncc": "ncc", "mind": "mi"}  # pipelines: local losses run their global kin on the linear stage
@@ -202,6 +203,23 @@ class Result:
             "convention": "matrix maps a fixed voxel index (array axis order) to a moving voxel index",
         }
 
+    def output_fields(self) -> dict:
+        """Vector fields written beside ``transform.json``: ``{file name: float32 (*shape, d)}``
+        (svf: ``velocity.nii.gz``, and ``fixed_velocity.nii.gz`` for two halves; dense: its field)."""
+        kind = self.transform.split("+")[-1]
+        if kind == "svf":
+            halves = np.ndim(self.params) == self.warped.ndim + 2  # two-party symmetric: both halves
+            if halves:
+                return {"velocity.nii.gz": self.params[0], FIXED_HALF_FILE: self.params[1]}
+            return {"velocity.nii.gz": self.params}
+        if kind == "dense":
+            return {DENSE_FIELD_FILE: self.params}
+        return {}
+
+    def output_images(self) -> dict:
+        """Scalar images written beside the transform: ``{file name: float32 (*shape)}`` (none here)."""
+        return {}
+
     def report_json(self) -> dict:
         """The ``report.json`` document."""
         return {
@@ -338,6 +356,8 @@ def register(
     seeds=None,
     ckks_variant: str = "packed",
     flash_options: dict | None = None,
+    model=None,
+    samples: int | None = None,
 ) -> Result:
     """Register ``moving`` to ``fixed`` by Gauss-Newton on SSD.
 
@@ -404,6 +424,11 @@ def register(
             same grid; :func:`ppreg.spectral.register.register_result`): keyword arguments of
             :func:`ppreg.spectral.register.register_flash` (band_size, alpha, sigma, optimizer,
             estimate_alpha, ...); ``max_iterations`` is the descent iteration count (default 150).
+        model: ``transform="vxm-diff"`` (VoxelMorph-diff, :func:`ppreg.learned.register.register_vxm`;
+            same grid, clear): a checkpoint folder or loaded checkpoint; ``None`` takes the model
+            shipped for the images' dimensionality.
+        samples: ``transform="vxm-diff"``: posterior samples for the uncertainty map (default 16;
+            0: none).
 
     Returns:
         :class:`Result`.
@@ -422,6 +447,14 @@ def register(
 
         return register_result(fixed, moving, loss=loss, secure=secure, sampling=sampling,
                                max_iterations=max_iterations, **(flash_options or {}))
+    if transform == "vxm-diff":
+        from .learned.register import DEFAULT_SAMPLES, register_vxm
+
+        if loss != "ssd" or secure is not None or sampling is not None:
+            raise ValueError(f"vxm-diff runs a trained network, clear, with no loss or sampling option; got "
+                             f"loss={loss!r}, secure={secure!r}, sampling={sampling!r}")
+        return register_vxm(fixed, moving, model=model, samples=DEFAULT_SAMPLES if samples is None else samples,
+                            key=key)
     if "+" in str(transform):
         return _register_pipeline(fixed, moving, transform=transform, loss=loss, secure=secure, sampling=sampling,
                                   levels=levels, max_iterations=max_iterations, tol=tol, damping=damping,

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from .grid import gradient
+from .grid import blur_matrix, gradient
 from .losses import _reduce
 from .svf import check_field, field_gradient
 
@@ -169,8 +170,42 @@ def laplacian_prior(u: jnp.ndarray, *, lam) -> jnp.ndarray:
     return 0.5 * lam * total
 
 
-def vmdiff_kl(mu: jnp.ndarray, log_sigma: jnp.ndarray, *, lam) -> jnp.ndarray:
-    """KL divergence of a diagonal Gaussian posterior from the graph-Laplacian prior.
+def smoothed_trace_weights(shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Diagonal of ``C^T L C`` for the separable Gaussian blur ``C`` of :func:`ppreg.grid.smooth_field`.
+
+    With the non-diagonal posterior ``Sigma = C G^2 C^T`` of VoxelMorph-diff Sec. 3.2,
+    ``tr(L Sigma) = sum_i h_i g_i^2`` with ``h = diag(C^T L C)``. ``C = M_0 (x) M_1 (x) ...`` (one
+    :func:`ppreg.grid.blur_matrix` per axis) and ``L = sum_a L_a (x) I`` (``L_a`` the path-graph
+    Laplacian of axis ``a``), so ``h = sum_a diag(M_a^T L_a M_a) (x) (x)_{b != a} diag(M_b^T M_b)``,
+    with ``diag(M^T L M)_i = ||diff(M[:, i])||^2``. Without blur (``M = I``) this is the degree
+    :func:`graph_degree`.
+
+    Args:
+        shape: spatial shape, at least 2 voxels per axis.
+        sigma: blur standard deviation in voxels (> 0).
+
+    Returns:
+        float32 ``(*shape)`` (numpy, computed once per shape).
+
+    Raises:
+        ValueError: ``sigma <= 0``.
+    """
+    if not sigma > 0:
+        raise ValueError(f"sigma must be > 0 voxels, got {sigma!r}")
+    mats = [blur_matrix(int(n), float(sigma)).astype(np.float64) for n in shape]
+    lap = [np.sum(np.diff(m, axis=0) ** 2, axis=0) for m in mats]
+    sq = [np.sum(m**2, axis=0) for m in mats]
+    total = np.zeros(tuple(shape))
+    for a in range(len(shape)):
+        term = np.ones(())
+        for b in range(len(shape)):
+            term = np.multiply.outer(term, lap[b] if b == a else sq[b])
+        total = total + term
+    return total.astype(np.float32)
+
+
+def vmdiff_kl(mu: jnp.ndarray, log_sigma: jnp.ndarray, *, lam, trace_weights=None) -> jnp.ndarray:
+    """KL divergence of a Gaussian posterior from the graph-Laplacian prior.
 
     With ``q = N(mu, diag(sigma^2))`` and ``p = N(0, Lambda^-1)``, ``Lambda = lam (D - A)``
     (:func:`laplacian_prior`), per component of the field::
@@ -184,26 +219,36 @@ def vmdiff_kl(mu: jnp.ndarray, log_sigma: jnp.ndarray, *, lam) -> jnp.ndarray:
     ``C`` is infinite; equivalently the value is ``E_q[log q(z) + 0.5 z^T Lambda z] +
     0.5 n (1 + log 2 pi)``.
 
+    Non-diagonal posterior (Sec. 3.2): ``Sigma = C diag(sigma^2) C^T`` with a fixed Gaussian blur
+    ``C``; pass ``trace_weights = diag(C^T L C)`` (:func:`smoothed_trace_weights`) in place of
+    ``D``. ``log det Sigma`` then differs from the diagonal case by the constant ``2 log det C``,
+    which is left out too.
+
     Args:
         mu: float32 ``(*spatial, ndim)`` posterior mean of the velocity, voxels.
         log_sigma: float32 ``(*spatial, ndim)`` log of the posterior *standard deviation*
             (voxels). VoxelMorph's code names the log-variance ``log_sigma``; pass half of it.
         lam: prior precision scale ``lambda >= 0``.
+        trace_weights: optional float32 ``(*spatial)``: the diagonal of ``L`` seen through the
+            covariance (default: the degree :func:`graph_degree`).
 
     Returns:
         float32 scalar (summed over voxels and components, not averaged).
 
     Raises:
-        ValueError: if ``mu`` is not a vector field, ``log_sigma`` has another shape, or ``lam``
-            is a negative Python number.
+        ValueError: if ``mu`` is not a vector field, ``log_sigma`` has another shape,
+            ``trace_weights`` does not match the grid, or ``lam`` is a negative Python number.
 
     Source: Dalca et al. 2019 (VoxelMorph-diff), Eq. 6, the term
-    ``0.5 [tr(lambda D Sigma - log Sigma) + mu^T Lambda_z mu]``.
+    ``0.5 [tr(lambda D Sigma - log Sigma) + mu^T Lambda_z mu]``, and Sec. 3.2.
     """
     check_field(mu, "mu")
     if jnp.shape(log_sigma) != jnp.shape(mu):
         raise ValueError(f"log_sigma shape {jnp.shape(log_sigma)} differs from mu shape {jnp.shape(mu)}")
     _check_lam(lam)
-    degree = graph_degree(mu.shape[:-1])[..., None]
-    trace = lam * jnp.sum(degree * jnp.exp(2.0 * log_sigma))
+    if trace_weights is None:
+        trace_weights = graph_degree(mu.shape[:-1])
+    elif jnp.shape(trace_weights) != mu.shape[:-1]:
+        raise ValueError(f"trace_weights shape {jnp.shape(trace_weights)} differs from the grid {mu.shape[:-1]}")
+    trace = lam * jnp.sum(jnp.asarray(trace_weights)[..., None] * jnp.exp(2.0 * log_sigma))
     return 0.5 * trace - jnp.sum(log_sigma) + laplacian_prior(mu, lam=lam)

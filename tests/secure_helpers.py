@@ -1,6 +1,8 @@
 """Shared helpers for the secure-layer tests: frame sizes, a channel that records frames, and a
 recorder of every frame and dealer label of an in-process secure session."""
 
+import threading
+
 import numpy as np
 
 from ppreg.secure import dealer as dealer_mod
@@ -62,3 +64,18 @@ class Recorder:
         (channel,) = self.channels
         arrays = [arr.ravel() for src, dst, tag, arr in channel.log if dst == party and arr.dtype == np.uint64]
         return np.concatenate(arrays)
+
+
+def in_thread(fn):
+    """Run ``fn`` in a daemon thread; returns the thread and a dict that gets ``value`` or ``error``."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # reported to the test
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out

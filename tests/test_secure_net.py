@@ -1,17 +1,18 @@
 """Network channel (ZeroMQ + CURVE), keys, and the role drivers, in one process (threads on loopback)."""
 
+import json
 import os
 import stat
-import threading
 import time
 
 import numpy as np
 import pytest
 import zmq
+from secure_helpers import in_thread
 
 from ppreg.party_cli import free_port
 from ppreg.secure import keys, net
-from ppreg.secure.channel import ProtocolError, encode_message
+from ppreg.secure.channel import ProtocolError, decode_message, encode_message
 
 KEYS = {r: keys.generate() for r in ("party1", "party2", "dealer", "stranger")}
 T = 3.0  # seconds: every fault below must surface well within this
@@ -29,20 +30,6 @@ def listener(address, accept=("party2",), timeout=T, **kw):
 def connector(address, role="party2", key=None, server="party1", timeout=T, **kw):
     return net.NetworkChannel(role, key or KEYS[role], connect={server: (address, KEYS[server].public)},
                               timeout=timeout, **kw)
-
-
-def in_thread(fn):
-    out = {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # reported to the test
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
 
 
 def test_keygen_files_and_loading(tmp_path):
@@ -85,14 +72,17 @@ def test_three_endpoints_exchange_frames_and_count_bytes_on_both_sides():
         ch.send("party1", "dealer", "idx", np.array([1, 2], np.int32))
         np.testing.assert_array_equal(ch.recv("party1", "party2", "share"), np.arange(5) * 2.0)
         mine = ch.traffic.snapshot()
+        bound = ch.session_tag
     for t, _ in threads:
         t.join(10)
     (_, d), (_, p2) = threads
     assert "error" not in d and "error" not in p2, (d, p2)
     idx, dealer_view = d["value"]
     np.testing.assert_array_equal(idx, [1, 2])
-    share_bytes = len(encode_message("share", np.zeros(5)))
-    corr_bytes = len(encode_message("corr", np.zeros(5, np.uint64)))
+    # every tag on the wire carries the session binding (the same for all three endpoints)
+    assert len(bound) == 17 and bound.startswith("@")
+    share_bytes = len(encode_message("share" + bound, np.zeros(5)))
+    corr_bytes = len(encode_message("corr" + bound, np.zeros(5, np.uint64)))
     # the sender and the receiver count the same frame; dealer frames are offline
     assert mine["received"]["party1"]["online"] == p2["value"]["sent"]["party2"]["online"] == share_bytes
     assert mine["sent"]["party1"]["online"] == dealer_view["received"]["dealer"]["online"] > 0
@@ -126,29 +116,42 @@ def test_impostor_server_is_detected():
         ctx.term()
 
 
-def raw_party2(address, payloads, *, hello=True):
-    """A party2 that speaks raw ZeroMQ with a valid key: hello, then arbitrary frames."""
+def hello_frame(doc):
+    return encode_message("hello", np.frombuffer(json.dumps(doc).encode(), np.uint8))
+
+
+def raw_party2(address, payloads=(), *, hello=None, key=None):
+    """A party2 that speaks raw ZeroMQ with a valid key: hello (``hello``: its JSON), the listener's
+    welcome, then arbitrary frames (``payloads``: bytes, or ``f(session_tag) -> bytes``).
+
+    Returns ``(ctx, sock, session_tag)`` (``None`` when the listener sent no welcome)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
-    sock.curve_secretkey, sock.curve_publickey = KEYS["party2"].secret, KEYS["party2"].public
+    key = key or KEYS["party2"]
+    sock.curve_secretkey, sock.curve_publickey = key.secret, key.public
     sock.curve_serverkey = KEYS["party1"].public
     sock.connect(net.tcp_address(address))
-    if hello:
-        sock.send(encode_message("hello", np.frombuffer(b"party2", np.uint8)))
+    sock.send(hello_frame(hello or {"role": "party2", "session": None}))
+    tag = None
+    if sock.poll(int(T * 1000)):
+        _, payload = decode_message(sock.recv())
+        tag = "@" + json.loads(payload.tobytes())["session"][:16]
     for p in payloads:
-        sock.send(p)
-    return ctx, sock
+        sock.send(p(tag) if callable(p) else p)
+    return ctx, sock, tag
 
 
 @pytest.mark.parametrize("payload, match", [
     (b"PPRG\x01\x09\x00\x00junk", "dtype code"),
-    (encode_message("share", np.zeros(4))[:-3], "payload of"),
-    (encode_message("other", np.zeros(4)), "expected message 'share'"),
+    (lambda tag: encode_message("share" + tag, np.zeros(4))[:-3], "payload of"),
+    (lambda tag: encode_message("other" + tag, np.zeros(4)), "expected message 'share'"),
+    (lambda tag: encode_message("share", np.zeros(4)), "not bound to this session"),
+    (lambda tag: encode_message("share@0123456789abcdef", np.zeros(4)), "not bound to this session"),
 ])
 def test_malformed_frame_raises_protocol_error(payload, match):
     a = addr()
     t, out = in_thread(lambda: listener(a))
-    ctx, sock = raw_party2(a, [payload])
+    ctx, sock, _ = raw_party2(a, [payload])
     t.join(5)
     try:
         ch = out["value"]
@@ -163,7 +166,7 @@ def test_malformed_frame_raises_protocol_error(payload, match):
 def test_oversized_frames_are_refused_both_ways():
     a = addr()
     t, out = in_thread(lambda: listener(a, max_message_bytes=4096))
-    ctx, sock = raw_party2(a, [])
+    ctx, sock, _ = raw_party2(a)
     t.join(5)
     ch = out["value"]
     try:

@@ -8,6 +8,12 @@ A :class:`Channel` moves these frames between the endpoints ``party1``, ``party2
 ``dealer`` and counts, for every endpoint and phase (``offline`` = dealer material,
 ``online`` = protocol messages), the bytes it sent and received and the number of
 messages it sent (its rounds). Counts are of the frames actually sent, headers included.
+
+Over the network (:mod:`ppreg.secure.net`) every tag on the wire carries the session's binding
+suffix (``@`` and 16 hex digits of the dealer's session id, :attr:`Channel.session_tag`), so a
+frame of another session is refused; in one process the suffix is empty. A follower that stops
+the session sends its reason to the others in an ``error`` frame (:meth:`Channel.send_error`),
+which their next receive raises as :class:`PeerRefusedError`.
 """
 
 from __future__ import annotations
@@ -24,13 +30,32 @@ PHASES = ("offline", "online")
 MAGIC = b"PPRG"
 VERSION = 1
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+ERROR_TAG = "error"
+MAX_ERROR_BYTES = 1024  # an error frame's text, truncated
 _DTYPES = {1: np.dtype("<u8"), 2: np.dtype("<i4"), 3: np.dtype("<f4"), 4: np.dtype("<f8"), 5: np.dtype("u1")}
 _CODES = {(dt.kind, dt.itemsize): code for code, dt in _DTYPES.items()}
 _HEAD = struct.Struct("<4sBBBB")
+MAX_HEADER_BYTES = _HEAD.size + 8 * 8 + 255  # fixed header, eight axes, the longest tag
 
 
 class ProtocolError(RuntimeError):
     """A malformed, unexpected or oversized message."""
+
+
+class PeerRefusedError(ProtocolError):
+    """A peer stopped the session and said why (its ``error`` frame)."""
+
+
+def peek_tag(frame: bytes) -> str | None:
+    """The tag of a well-formed frame header, or ``None`` (never raises; the payload is not checked)."""
+    try:
+        magic, version, _, ndim, tag_len = _HEAD.unpack_from(frame)
+        if magic != MAGIC or version != VERSION or ndim > 8:
+            return None
+        pos = _HEAD.size + 8 * ndim
+        return bytes(frame[pos : pos + tag_len]).decode("utf-8")
+    except (struct.error, UnicodeDecodeError, TypeError):
+        return None
 
 
 def encode_message(tag: str, array: np.ndarray) -> bytes:
@@ -84,6 +109,15 @@ def decode_message(frame: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
     return tag, np.frombuffer(frame, dtype=dtype, offset=pos).reshape(shape)
 
 
+def error_text(array) -> str:
+    """The printable text of an ``error`` frame's payload (control characters dropped, length capped)."""
+    arr = np.asarray(array)
+    if arr.dtype != np.uint8 or arr.ndim != 1:
+        return "(malformed error frame)"
+    text = arr[:MAX_ERROR_BYTES].tobytes().decode("utf-8", "replace")
+    return "".join(c for c in text if c.isprintable())
+
+
 class Traffic:
     """Byte and message counters per endpoint and phase."""
 
@@ -108,6 +142,16 @@ class Channel(abc.ABC):
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.traffic = Traffic()
         self.max_message_bytes = int(max_message_bytes)
+        self.session_tag = ""  # the session binding appended to every tag on the wire (network only)
+
+    def receive_limit(self, src: str) -> int:
+        """Largest frame accepted from ``src`` (:attr:`max_message_bytes`; the network channel has
+        per-peer limits derived from the protocol)."""
+        return self.max_message_bytes
+
+    def wire_tag(self, tag: str) -> str:
+        """``tag`` as sent: with this session's binding suffix."""
+        return tag + self.session_tag
 
     def _check(self, src, dst, phase):
         if src not in ENDPOINTS or dst not in ENDPOINTS or src == dst:
@@ -117,18 +161,37 @@ class Channel(abc.ABC):
 
     def send(self, src: str, dst: str, tag: str, array, *, phase: str = "online") -> None:
         self._check(src, dst, phase)
-        frame = encode_message(tag, np.asarray(array))
+        frame = encode_message(self.wire_tag(tag), np.asarray(array))
         if len(frame) > self.max_message_bytes:
             raise ProtocolError(f"refusing to send {len(frame)} bytes (limit {self.max_message_bytes})")
         self._deliver(src, dst, frame)
         self.traffic.record(src, dst, phase, len(frame))
 
     def recv(self, dst: str, src: str, tag: str) -> np.ndarray:
-        """Receive the next message from ``src``; its tag must equal ``tag`` (ProtocolError otherwise)."""
-        got, array = decode_message(self._fetch(dst, src), max_bytes=self.max_message_bytes)
-        if got != tag:
-            raise ProtocolError(f"{dst} expected message {tag!r} from {src}, got {got!r}")
-        return array
+        """Receive the next message from ``src``; its tag must equal ``tag`` (bound to this session).
+
+        Raises:
+            PeerRefusedError: ``src`` stopped the session (its ``error`` frame).
+            ProtocolError: another tag, a frame of another session, or a malformed or oversized frame.
+        """
+        got, array = decode_message(self._fetch(dst, src), max_bytes=self.receive_limit(src))
+        if got == self.wire_tag(tag):
+            return array
+        if got == self.wire_tag(ERROR_TAG):
+            raise PeerRefusedError(f"{dst}: {src} stopped the session: {error_text(array)}")
+        if self.session_tag and not got.endswith(self.session_tag):
+            raise ProtocolError(f"{dst}: a frame from {src} is not bound to this session (tag {got[:80]!r})")
+        logical = got[:len(got) - len(self.session_tag)]
+        raise ProtocolError(f"{dst} expected message {tag!r} from {src}, got {logical!r}")
+
+    def send_error(self, src: str, dst: str, text: str) -> None:
+        """Best effort: tell ``dst`` why ``src`` stops (an ``error`` frame, at most ``MAX_ERROR_BYTES``
+        of UTF-8 text). Never raises: the session is ending anyway."""
+        data = text.encode("utf-8", "replace")[:MAX_ERROR_BYTES]
+        try:
+            self._deliver(src, dst, encode_message(self.wire_tag(ERROR_TAG), np.frombuffer(data, np.uint8)))
+        except Exception:  # noqa: BLE001 - a dead peer cannot be told
+            pass
 
     @abc.abstractmethod
     def _deliver(self, src: str, dst: str, frame: bytes) -> None:

@@ -5,41 +5,47 @@ Party1 (moving image, coefficients ``c``) needs, each Gauss-Newton iteration, th
 (``(k, d)``, party1's), ``J`` party2's fixed image, ``B = dW/dc`` the public, image-free
 tensor-product basis (:func:`ppreg.bspline.basis_matrices`).
 
-Protocol (``slots = N/2``; :class:`~ppreg.secure.ckks.PackedParty1`/``PackedParty2`` keys):
+Protocol (``slots = N/2``; keys of :class:`SplineParty2`, fresh per session):
 
-1. Party2 encrypts ``J`` in real slots (seeded symmetric encryption, scale ``2^40``): once per
-   level (offline bytes) without sampling or with GMS, whose indices stay with party1 (it
-   puts zero rows at unsampled voxels); each iteration ``J[idx]`` with URS (public indices).
+1. Party2 encrypts ``J`` in real slots (seeded symmetric encryption, scale ``2^40``, top level):
+   once per level (offline bytes) without sampling or with GMS, whose indices stay with party1
+   (it puts zero rows at unsampled voxels); each iteration ``J[idx]`` with URS (public indices).
 2. Party1 scales ``a`` by ``alpha``, a power of two ``>= max |a|`` (kept private), packs two axes
    per plaintext as complex slots ``z = a_p / alpha + i a_{p+1} / alpha``, multiplies
-   (plaintext x ciphertext), rescales once, and adds a fresh encryption, under party2's public
-   key, of a uniform complex mask ``mu`` (real and imaginary parts in ``[-2^mask_bits,
-   2^mask_bits]``, every slot, from the OS CSPRNG). It sends ``ceil(d/2)`` ciphertexts per chunk:
-   the traffic depends on the samples, never on the number of control points ``P``.
-3. Party2 decrypts ``v = a ⊙ J / alpha + mu`` and returns ``T = B^T v`` (``P`` float64,
-   computed with the exact integer basis ``K / sigma`` of :func:`~ppreg.secure.bspline_ppir.spline_map`,
-   so the cost is a public function of the shapes). Party1 reads ``R = alpha (T - B^T mu)``.
+   (plaintext x ciphertext), rescales once, adds a fresh encryption of zero under party2's public
+   key and a mask polynomial ``r`` whose ``N`` coefficients are independent uniform integers in
+   ``[-M, M]`` (OS CSPRNG), ``M = 2^STATISTICAL_SECURITY_BITS X`` with ``X = 2 scale`` the bound
+   of every coefficient of the product's plaintext (:func:`mask_bound`). It sends exactly
+   ``C x ceil(d/2)`` ciphertexts per query (two limbs): the traffic depends on the samples, never
+   on the number of control points ``P``.
+3. Party2 checks the query (count, size, level, scale, and every decrypted coefficient within
+   ``M + X``), decrypts ``v = a ⊙ J / alpha + D(r)`` (``D`` the CKKS decoding, in extended
+   precision from the exact integer coefficients), and returns ``T = B^T v`` (``P`` values as
+   pairs of float64, computed with the exact integer basis ``K / sigma`` of
+   :func:`~ppreg.secure.bspline_ppir.spline_map`). Party1 reads ``R = alpha (T - B^T D(r))``.
 
 What each party learns. Party2: the public shapes and iteration counts, ``c1`` of each
 ciphertext (pseudorandom under RLWE thanks to the fresh public-key encryption; without it,
-party2, who knows its own encryption randomness, could divide ``c1`` and read ``a``), and
-the decrypted slots ``v``: every real coordinate of every slot (so the whole plaintext
-polynomial, including the noise term ``a e_J`` that depends on ``a``) carries an independent
-uniform mask of width ``2^(mask_bits + 1)`` over values of size at most ``1 + 2^-30``, i.e.
-statistical distance at most ``2^-mask_bits`` per masked real (``N 2^-mask_bits`` per
-ciphertext by the union bound: statistical, not cryptographic, hiding, as in the masked
-variants of :mod:`ppreg.secure.ckks_paper`; the paper's party2 decrypts ``R`` itself). Party1
-learns ``R``, its output (``P`` numbers per iteration, a function of both images), as in the
-MPC protocol. Semi-honest parties; no dealer.
+party2, who knows its own encryption randomness, could divide ``c1`` and read ``a``), and the
+decrypted plaintexts: each of their ``N`` coefficients is the value (at most ``X``, noise
+included) plus an independent uniform integer over ``2^STATISTICAL_SECURITY_BITS`` times that
+bound, i.e. statistical distance at most ``2^-40`` per coefficient (``N 2^-40`` per ciphertext
+by the union bound; statistical, not cryptographic, hiding; the paper's party2 decrypts ``R``
+itself). Party1 learns ``R``, its output (``P`` numbers per iteration, a function of both
+images), as in the MPC protocol. Semi-honest parties only: party2 decrypts what party1 sends,
+so a deviating party1 that sends crafted ciphertexts (``c1 = 2^k x^j``) learns linear functionals
+of party2's key from ``T`` (``P`` per query) and could recover it and decrypt ``J``; party2 caps
+the queries per session (``max_queries``) and takes exactly ``C x ceil(d/2)`` ciphertexts per
+query, which bounds but does not prevent this. Against a deviating party1 use the MPC B-spline
+protocol (:mod:`ppreg.secure.bspline_ppir`); the packed linear protocol
+(:mod:`ppreg.secure.ckks`) has no key at party2 and is not affected.
 
-Parameters and precision: the packed parameters (:data:`~ppreg.secure.ckks.PACKED`: ``N =
-8192``, moduli 60, 40, 60 bits, 128-bit secure per the HE standard, scale ``2^40``). After the
-rescale the ciphertext lives modulo ``q0 ~ 2^60`` at scale ``~2^40``: a plaintext coefficient is
-at most ``sqrt(2) 2^(40 + mask_bits)`` and SEAL's encoder wants at most 58 bits, so ``mask_bits <=
-MAX_MASK_BITS = 17`` (larger masks need a second limb at the last level: twice the traffic). The mask costs
-precision through the double-precision decoding, about ``2^(mask_bits - 45)`` per slot
-(:func:`ppreg.secure.ckks_paper.masking_error`); :func:`error_bound` states the resulting
-bound on ``R`` (``~1e-9`` relative to ``max |R|`` for the default ``mask_bits = 16``).
+Parameters and precision (:data:`SPLINE`): ``N = 8192``, moduli 60, 30, 40, 60 bits (190 <= 218,
+128-bit secure per the HE standard), scale ``2^40``. After the rescale the ciphertext lives
+modulo ``q0 q1 ~ 2^90`` at scale ``~2^40``; the masked coefficients are at most ``2^81.x``. The mask
+costs no precision: both parties decode in double-double arithmetic (about 106 bits) from the
+exact integer coefficients and apply ``B^T`` exactly (integer basis, exact float64 pieces), so the
+mask (``~2^47`` per slot) cancels to ``~2^-53``; :func:`error_bound` states the bound on ``R``.
 
 Source: Taiello et al. 2024 (MedIA 94, 103129), Sections 3.1, 5.1 and 5.4.2, Table 3;
 Rueckert et al. 1999 (FFD); Cheon et al. 2017 (CKKS).
@@ -59,13 +65,13 @@ from ..bspline import basis_matrices, control_grid_shape, refine
 from ..grid import gaussian_blur, gradient
 from ..sampling import n_samples
 from .bspline_ppir import SplineMap, party1_terms, spline_map
-from .channel import ProtocolError
-from .ckks import PackedParty1, PackedParty2
-from .ckks_paper import _uniform, masking_error
+from .channel import Channel, ProtocolError
+from .ckks import (DEFAULT_MAX_QUERIES, STATISTICAL_SECURITY_BITS, VALUE_BOUND, CkksParameters, _Seal, addmod,
+                   dd_add, dd_div_scalar, dd_neg, dd_pieces, fingerprint, n_chunks, pack_ciphertexts,
+                   require_tenseal, uniform_integers, unpack_ciphertexts)
 from .ckks_session import _SESSIONS, CkksSession, _public_urs
 
-MASK_BITS = 16
-MAX_MASK_BITS = 17
+SPLINE = CkksParameters(8192, (60, 30, 40, 60), 40, 40)
 TRACES = {"run_spline_level": 0}
 
 
@@ -83,15 +89,68 @@ def spline_transpose(pmap: SplineMap, values, idx=None) -> np.ndarray:
     return field / pmap.sigma
 
 
-def error_bound(pmap: SplineMap, a, idx=None, mask_bits: int = MASK_BITS) -> float:
+def _exact_transpose(pmap: SplineMap, ints: np.ndarray, idx=None) -> list:
+    """``K^T`` of integer-valued float64 rows ``ints (k, c)`` (below ``2^26``), exactly: a list of
+    ``(integer-valued float64 (*ctrl, c), exponent)`` whose sum of ``part 2^exponent`` is the result.
+    Before each axis the values are cut into base-``2^b`` digits so that every float64 sum is exact."""
+    if idx is not None:
+        dense = np.zeros((math.prod(pmap.shape), ints.shape[1]))
+        np.add.at(dense, np.asarray(idx), ints)  # exact: few repeats of 26-bit integers
+        ints = dense
+    parts = [(ints.reshape(pmap.shape + ints.shape[1:]), 0)]
+    for axis, k in enumerate(pmap.int_mats):
+        kt = k.T.astype(np.float64)
+        base = 52 - math.ceil(math.log2(max(float(np.max(kt.sum(axis=1))), 2.0)))
+        out = []
+        for arr, e in parts:
+            rest, shift = arr, 0
+            while True:
+                top = float(np.max(np.abs(rest), initial=0.0))
+                if top < 2.0**base:
+                    out.append((np.moveaxis(np.tensordot(kt, rest, axes=(1, axis)), 0, axis), e + shift))
+                    break
+                low = np.mod(rest, 2.0**base)  # exact: integer-valued float64
+                out.append((np.moveaxis(np.tensordot(kt, low, axes=(1, axis)), 0, axis), e + shift))
+                rest, shift = (rest - low) / 2.0**base, shift + base
+        parts = out
+    return parts
+
+
+def spline_transpose_dd(pmap: SplineMap, values, idx=None):
+    """``B^T`` of double-double rows ``values = (hi, lo)`` (float64 ``(k, c)`` each), exact but for the
+    final division by ``sigma``: a double-double ``(*ctrl_shape, c)``."""
+    total = None
+    for piece, e in dd_pieces(values):
+        for part, e2 in _exact_transpose(pmap, piece, idx):
+            term = (np.ldexp(part, e + e2), np.zeros_like(part))
+            total = term if total is None else dd_add(total, term)
+    return dd_div_scalar(total, pmap.sigma)
+
+
+def product_scale(params: CkksParameters = SPLINE) -> float:
+    """The scale of the rescaled product (as SEAL computes it): ``2^40 2^40 / q`` for the dropped prime ``q``."""
+    primes = require_tenseal()[0].CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_mod_bit_sizes))
+    return 2.0**params.scale_bits * 2.0**params.image_scale_bits / float(primes[-2].value())
+
+
+def mask_bound(params: CkksParameters = SPLINE) -> tuple[int, int]:
+    """``(X, M)``: the bound ``X = 2 scale`` of every plaintext coefficient of an honest product
+    (slot values of modulus at most ``sqrt 2``: coefficients at most ``sqrt 2 scale``, plus CKKS noise
+    far below ``scale``) and the mask range ``M = 2^STATISTICAL_SECURITY_BITS X``."""
+    x = 2 * math.ceil(product_scale(params))
+    return x, x << STATISTICAL_SECURITY_BITS
+
+
+def error_bound(pmap: SplineMap, a, idx=None) -> float:
     """Bound on ``max_j |R_j - (B^T (a ⊙ J))_j|`` for ``|J| <= 1``: ``alpha max_j sum_x B(x, j) eps``
-    with ``eps = 2^-26 + masking_error(1, mask_bits)`` per slot (CKKS noise and double-precision
-    decoding; measured per-slot errors are below ``2^-28`` without mask and ``2^(mask_bits - 47)`` with
-    it). An empirical bound, not a worst case."""
+    with ``eps = 2^-26`` per slot (CKKS noise; measured per-slot errors are below ``2^-28``). The
+    masks cost nothing measurable: both parties decode them in double-double precision (about
+    ``2^-100`` of the masked values, ``2^-53`` absolute) and apply ``B^T`` exactly. An empirical
+    bound, not a worst case."""
     a = np.asarray(a, np.float64)
     alpha = _alpha(a)
     column = float(np.max(spline_transpose(pmap, np.ones((a.shape[0], 1)), idx), initial=0.0))
-    return alpha * column * (2.0**-26 + masking_error(1.0, mask_bits))
+    return alpha * column * 2.0**-26
 
 
 def _alpha(a: np.ndarray) -> float:
@@ -99,18 +158,107 @@ def _alpha(a: np.ndarray) -> float:
     return 2.0 ** math.ceil(math.log2(max(float(np.max(np.abs(a), initial=0.0)), 2.0**-60)))
 
 
-def send_query(party1: PackedParty1, label: str, image: list, a, *, mask_bits: int = MASK_BITS):
-    """Party1: send ``Enc(a ⊙ J / alpha + mu)`` for ``a (m, d)`` against the ``image`` ciphertexts.
+class SplineParty2:
+    """Party2 (fixed image, key holder) of the B-spline term: a fresh key pair per instance.
+
+    Args:
+        channel: the measured channel.
+        params: public CKKS parameters (default :data:`SPLINE`).
+        max_queries: queries answered per session at most (then :class:`ProtocolError`).
+    """
+
+    def __init__(self, channel: Channel, params: CkksParameters = SPLINE, *, max_queries: int = DEFAULT_MAX_QUERIES):
+        self.channel, self.params = channel, params
+        self.max_queries, self.queries = int(max_queries), 0
+        self.seal = _Seal(params)
+        s = self.seal.sealapi
+        keygen = s.KeyGenerator(self.seal.context)
+        self._secret = keygen.secret_key()
+        public = s.PublicKey()
+        keygen.create_public_key(public)
+        self._public_bytes = np.frombuffer(self.seal.save(public), np.uint8).copy()
+        self.fingerprint = fingerprint(self._public_bytes)
+        self._encryptor = s.Encryptor(self.seal.context, self._secret)
+        self._decryptor = s.Decryptor(self.seal.context, self._secret)
+        levels = self.seal.data_levels()
+        self.top, self.level = levels[0], levels[1]
+        self.scale = product_scale(params)
+
+    def send_keys(self) -> None:
+        """Offline: the public parameters and public key (no Galois or relinearisation keys)."""
+        self.channel.send("party2", "party1", "ckks/params", self.params.as_array(), phase="offline")
+        self.channel.send("party2", "party1", "ckks/public_key", self._public_bytes, phase="offline")
+
+    def send_image(self, label: str, values, *, phase: str = "online") -> int:
+        """Encrypt ``values`` (float ``(m,)``, ``|v| <= 1``) in chunks and send them; returns the chunk count.
+
+        Raises:
+            ValueError: non-finite values or ``|v| > 1`` (the public intensity bound).
+        """
+        values = np.asarray(values, np.float64).ravel()
+        if not np.all(np.isfinite(values)) or (values.size and np.max(np.abs(values)) > VALUE_BOUND):
+            raise ValueError("party2's image must be finite and scaled into [-1, 1] before the protocol")
+        s, slots = self.seal.sealapi, self.params.slots
+        count = n_chunks(values.size, self.params)
+        for c in range(count):
+            chunk = np.zeros(slots)
+            part = values[c * slots:(c + 1) * slots]
+            chunk[: part.size] = part
+            pt = s.Plaintext()
+            self.seal.encoder.encode(chunk.tolist(), self.top, 2.0**self.params.image_scale_bits, pt)
+            data = np.frombuffer(self.seal.save(self._encryptor.encrypt_symmetric(pt)), np.uint8)
+            self.channel.send("party2", "party1", f"{label}/{c}", data, phase=phase)
+        return count
+
+    def decrypt(self, ct) -> np.ndarray:
+        """Exact signed integer coefficients (object ``(N,)``) of the plaintext of ``ct`` (at :attr:`level`)."""
+        s, seal = self.seal.sealapi, self.seal
+        pt = s.Plaintext()
+        self._decryptor.decrypt(ct, pt)
+        return seal.centered(seal.from_ntt(seal.plain_values(pt), self.level), self.level)
+
+
+class SplineParty1:
+    """Party1 (moving image) of the B-spline term: encrypts under party2's public key."""
+
+    def __init__(self, channel: Channel):
+        self.channel = channel
+        self.seal = None
+
+    def receive_keys(self) -> None:
+        """Offline: the public context and an encryptor under party2's public key."""
+        params = CkksParameters.from_array(self.channel.recv("party1", "party2", "ckks/params"))
+        self.seal = _Seal(params)
+        public_bytes = self.channel.recv("party1", "party2", "ckks/public_key")
+        self.fingerprint = fingerprint(public_bytes)
+        s = self.seal.sealapi
+        self._encryptor = s.Encryptor(self.seal.context, self.seal.load(s.PublicKey, public_bytes))
+        levels = self.seal.data_levels()
+        self.top, self.level = levels[0], levels[1]
+        self.scale = product_scale(params)
+
+    def receive_image(self, label: str, count: int) -> list:
+        """The ``count`` ciphertexts party2 sent under ``label``."""
+        s = self.seal.sealapi
+        out = []
+        for c in range(count):
+            ct = self.seal.load(s.Ciphertext, self.channel.recv("party1", "party2", f"{label}/{c}"))
+            if ct.size() != 2 or ct.parms_id() != self.top:
+                raise ProtocolError(f"party2's image ciphertext {label}/{c} is not at the top level")
+            out.append(ct)
+        return out
+
+
+def send_query(party1: SplineParty1, label: str, image: list, a):
+    """Party1: send ``Enc(a ⊙ J / alpha) + Enc(0) + r`` for ``a (m, d)`` against the ``image`` ciphertexts.
 
     Returns:
-        party1's private ``(mu (m, d) float64, alpha)`` for :func:`finish`.
+        party1's private ``(mu, alpha)`` for :func:`finish`: ``mu`` the decoded masks ``D(r)``, a
+        double-double pair of float64 ``(m, d)``.
 
     Raises:
-        ValueError: non-finite ``a``, more rows than encrypted values, or ``mask_bits`` out of
-            ``[0, MAX_MASK_BITS]``.
+        ValueError: non-finite ``a``, or more rows than encrypted values.
     """
-    if not 0 <= int(mask_bits) <= MAX_MASK_BITS:
-        raise ValueError(f"mask_bits must be in [0, {MAX_MASK_BITS}] (the 60-bit q0 at scale 2^40), got {mask_bits}")
     seal = party1.seal
     s, slots = seal.sealapi, seal.params.slots
     a = np.asarray(a, np.float64)
@@ -122,33 +270,41 @@ def send_query(party1: PackedParty1, label: str, image: list, a, *, mask_bits: i
     alpha, pairs = _alpha(a), -(-d // 2)
     cols = np.zeros((len(image) * slots, 2 * pairs))
     cols[:m, :d] = a / alpha
-    mu = _uniform(cols.shape, 2.0 ** int(mask_bits))
-    party1.channel.send("party1", "party2", label + "/key", party1.fingerprint)
+    mu = (np.zeros(cols.shape), np.zeros(cols.shape))  # double-double
+    _, bound = mask_bound(seal.params)
+    moduli = seal.moduli(party1.level)
+    blobs = []
     for c, ct in enumerate(image):
         rows = slice(c * slots, (c + 1) * slots)
-        q = seal.context.get_context_data(ct.parms_id()).parms().coeff_modulus()[-1].value()
-        scale = ct.scale * seal.scale / float(q)  # the scale of the rescaled product (as SEAL computes it)
         for j in range(pairs):
             z = cols[rows, 2 * j] + 1j * cols[rows, 2 * j + 1]
-            out = s.Ciphertext()
+            fresh = s.Ciphertext()
+            party1._encryptor.encrypt_zero(party1.level, fresh)  # fresh randomness under party2's public key
+            values = seal.ciphertext_values(fresh).copy()
             if np.any(z):
-                pt = s.Plaintext()
-                seal.encoder.encode(z.tolist(), ct.parms_id(), seal.scale, pt)
+                pt, out = s.Plaintext(), s.Ciphertext()
+                seal.encoder.encode(z.tolist(), ct.parms_id(), 2.0**seal.params.scale_bits, pt)
                 seal.evaluator.multiply_plain(ct, pt, out)
                 seal.evaluator.rescale_to_next_inplace(out)
-            mask_pt, fresh = s.Plaintext(), s.Ciphertext()
-            seal.encoder.encode((mu[rows, 2 * j] + 1j * mu[rows, 2 * j + 1]).tolist(), seal.context.last_parms_id(),
-                                scale, mask_pt)
-            party1._encryptor.encrypt(mask_pt, fresh)  # fresh randomness under party2's public key
-            if np.any(z):
-                seal.evaluator.add_inplace(out, fresh)
-            else:  # zero rows (GMS, padding): the product is zero, send the encrypted mask alone
-                out = fresh
-            party1.channel.send("party1", "party2", f"{label}/{c}/{j}", np.frombuffer(seal.save(out), np.uint8))
-    return mu[:m, :d], alpha
+                product = seal.ciphertext_values(out)
+                values = np.stack([np.stack([addmod(values[p, i], product[p, i], q) for i, q in enumerate(moduli)])
+                                   for p in range(2)])
+            # zero rows (GMS, padding): the product is zero, the masked encryption of zero goes alone
+            r = uniform_integers(bound, seal.n)
+            r_ntt = seal.to_ntt(seal.residues(r, party1.level), party1.level)
+            values[0] = np.stack([addmod(values[0, i], r_ntt[i], q) for i, q in enumerate(moduli)])
+            blobs.append(seal.compressed(seal.serialize(values, party1.level, scale=party1.scale)))
+            re, im = seal.decode_precise(r, party1.scale)
+            for part in range(2):
+                mu[part][rows, 2 * j], mu[part][rows, 2 * j + 1] = re[part], im[part]
+    sizes, blob = pack_ciphertexts(blobs)
+    party1.channel.send("party1", "party2", label + "/key", party1.fingerprint)
+    party1.channel.send("party1", "party2", label + "/sizes", sizes.reshape(len(image), pairs))
+    party1.channel.send("party1", "party2", label, blob)
+    return (mu[0][:m, :d], mu[1][:m, :d]), alpha
 
 
-def respond(party2: PackedParty2, label: str, pmap: SplineMap, count: int, rows: int, idx=None) -> None:
+def respond(party2: SplineParty2, label: str, pmap: SplineMap, count: int, rows: int, idx=None) -> None:
     """Party2: decrypt the ``count`` chunks of masked slots, keep ``rows`` rows, return ``B^T`` of them.
 
     Args:
@@ -156,29 +312,41 @@ def respond(party2: PackedParty2, label: str, pmap: SplineMap, count: int, rows:
         idx: the public URS indices of the rows (``None``: the rows are the voxels).
 
     Raises:
-        ProtocolError: a query under another key pair, or ciphertexts of another context.
+        ProtocolError: the query cap is reached, a query under another key pair, not exactly
+            ``count x ceil(d/2)`` well-formed ciphertexts at the expected level and scale, or
+            decrypted values out of the masked range.
     """
     seal = party2.seal
     s, slots, d = seal.sealapi, seal.params.slots, len(pmap.shape)
-    if not np.array_equal(party2.channel.recv("party2", "party1", label + "/key"), party2.fingerprint):
-        raise ProtocolError("CKKS query was encrypted under another key pair (wrong context); refusing to decrypt")
+    if party2.queries >= party2.max_queries:
+        raise ProtocolError(f"party2 answers at most {party2.max_queries} CKKS queries per session")
+    party2.queries += 1
     pairs = -(-d // 2)
-    values = np.zeros((count * slots, 2 * pairs))
-    decryptor = s.Decryptor(seal.context, party2._secret)
+    fp = party2.channel.recv("party2", "party1", label + "/key")
+    sizes = party2.channel.recv("party2", "party1", label + "/sizes")
+    blob = party2.channel.recv("party2", "party1", label)
+    if not np.array_equal(fp, party2.fingerprint):
+        raise ProtocolError("CKKS query was encrypted under another key pair (wrong context); refusing to decrypt")
+    blobs = unpack_ciphertexts(sizes, blob, (count, pairs), f"CKKS query {label}")
+    x, bound = mask_bound(party2.params)
+    values = (np.zeros((count * slots, 2 * pairs)), np.zeros((count * slots, 2 * pairs)))  # double-double
     for c in range(count):
         for j in range(pairs):
-            ct = seal.load(s.Ciphertext, party2.channel.recv("party2", "party1", f"{label}/{c}/{j}"))
-            if ct.size() != 2 or ct.parms_id() != seal.context.last_parms_id():
+            ct = seal.load(s.Ciphertext, blobs[c * pairs + j])
+            if ct.size() != 2 or ct.parms_id() != party2.level or ct.scale != party2.scale:
                 raise ProtocolError(f"CKKS query {label}/{c}/{j} is not a rescaled two-part ciphertext")
-            pt = s.Plaintext()
-            decryptor.decrypt(ct, pt)
-            z = np.asarray(seal.encoder.decode_complex(pt))
-            values[c * slots:(c + 1) * slots, 2 * j] = z.real
-            values[c * slots:(c + 1) * slots, 2 * j + 1] = z.imag
-    party2.channel.send("party2", "party1", label, spline_transpose(pmap, values[:rows, :d], idx))
+            ints = party2.decrypt(ct)
+            if np.any(np.abs(ints) > bound + x):
+                raise ProtocolError(f"CKKS query {label}/{c}/{j} decrypts outside the masked range")
+            re, im = seal.decode_precise(ints, party2.scale)
+            for part in range(2):
+                values[part][c * slots:(c + 1) * slots, 2 * j] = re[part]
+                values[part][c * slots:(c + 1) * slots, 2 * j + 1] = im[part]
+    t = spline_transpose_dd(pmap, (values[0][:rows, :d], values[1][:rows, :d]), idx)
+    party2.channel.send("party2", "party1", label, np.stack(t))
 
 
-def finish(party1: PackedParty1, label: str, pmap: SplineMap, a, mu, alpha: float, idx=None) -> np.ndarray:
+def finish(party1: SplineParty1, label: str, pmap: SplineMap, a, mu, alpha: float, idx=None) -> np.ndarray:
     """Party1: receive ``T = B^T (a ⊙ J / alpha + mu)`` and reveal ``R``: float64 ``(*ctrl_shape, d)``.
 
     Raises:
@@ -186,13 +354,32 @@ def finish(party1: PackedParty1, label: str, pmap: SplineMap, a, mu, alpha: floa
         ValueError: ``R`` out of range, i.e. decryption under a wrong key or context.
     """
     t = party1.channel.recv("party1", "party2", label)
-    expected = pmap.ctrl_shape + (len(pmap.shape),)
-    if t.shape != expected or t.dtype != np.float64:
+    expected = (2,) + pmap.ctrl_shape + (len(pmap.shape),)
+    if t.shape != expected or t.dtype != np.float64 or not np.all(np.isfinite(t)):
         raise ProtocolError(f"party2's reply is {t.dtype} {t.shape}, expected float64 {expected}")
-    r = alpha * (t - spline_transpose(pmap, mu, idx))
+    diff = dd_add((t[0], t[1]), dd_neg(spline_transpose_dd(pmap, mu, idx)))
+    r = alpha * (diff[0] + diff[1])  # alpha is a power of two
     if not np.all(np.abs(r) <= 2.0 * spline_transpose(pmap, np.abs(np.asarray(a, np.float64)), idx) + 1.0):
         raise ValueError("CKKS decryption failed: R is out of range (ciphertexts and keys of different contexts?)")
     return r
+
+
+class SplineProtocol:
+    """Both parties of the B-spline term in one session (set up at first use, offline bytes)."""
+
+    def __init__(self, channel: Channel, session, *, max_queries: int = DEFAULT_MAX_QUERIES):
+        self.party2, self.party1 = SplineParty2(channel, max_queries=max_queries), SplineParty1(channel)
+        with session.timed("party2"):
+            self.party2.send_keys()
+        with session.timed("party1"):
+            self.party1.receive_keys()
+        self.images: dict[str, list] = {}
+
+    def encrypt_image(self, session, label, values, phase):
+        with session.timed("party2"):
+            count = self.party2.send_image(label, values, phase=phase)
+        with session.timed("party1"):
+            return self.party1.receive_image(label, count)
 
 
 # --- the session's per-iteration query (the pure_callback target) and the jitted level loop ----------
@@ -201,20 +388,20 @@ def finish(party1: PackedParty1, label: str, pmap: SplineMap, a, mu, alpha: floa
 def _query(session: CkksSession, level_index: int, iteration: int, a: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Both parties' steps of one iteration, in protocol order; float64 ``R (*ctrl, d)``."""
     lv = session._levels[level_index]
-    label, proto, pmap = f"L{level_index}/it{iteration}", session.protocol, lv["pmap"]
+    label, proto, pmap = f"L{level_index}/it{iteration}", session.spline, lv["pmap"]
     if lv["per_iteration"]:  # URS: party2 draws the public indices itself and encrypts J[idx]
         with session.timed("party2"):
             public = np.asarray(_public_urs("urs", lv["key"], iteration, n=lv["n"], k=lv["k"]))
         image = proto.encrypt_image(session, label + "/J", lv["fixed"][public], "online")
         rows, mine = a, idx
     else:  # the level's image, encrypted once; sampled rows (GMS) scattered by party1, zero elsewhere
-        image, public, mine = session._images[lv["mask_label"]], None, None
+        image, public, mine = proto.images[lv["mask_label"]], None, None
         with session.timed("party1"):
             rows = a if idx.size == 0 else np.zeros((lv["n"], a.shape[1]), a.dtype)
             if idx.size:
                 rows[idx] = a
     with session.timed("party1"):
-        mu, alpha = send_query(proto.party1, label, image, rows, mask_bits=session.mask_bits)
+        mu, alpha = send_query(proto.party1, label, image, rows)
     with session.timed("party2"):
         respond(proto.party2, label, pmap, len(image), len(public) if public is not None else lv["n"], public)
     with session.timed("party1"):
@@ -291,7 +478,10 @@ def fit_bspline_ckks(fixed_s, moving_s, session: CkksSession, *, key, levels, sp
         FloatingPointError: non-finite coefficients.
     """
     if session.variant != "packed":
-        raise ValueError(f"the CKKS B-spline term uses the packed keys; got variant {session.variant!r}")
+        raise ValueError(f"the CKKS B-spline term runs in a packed session; got variant {session.variant!r}")
+    if session.spline is None:  # its own key pair (party2's), fresh for this session
+        session.spline = SplineProtocol(session.channel, session, max_queries=session.max_queries)
+    spline = session.spline
     shape = tuple(fixed_s.shape)
     d, n = len(shape), math.prod(shape)
     k = n if sampling is None else n_samples(n, fraction)
@@ -311,7 +501,7 @@ def fit_bspline_ckks(fixed_s, moving_s, session: CkksSession, *, key, levels, sp
         mask_label = f"L{li}/mask"
         per_iteration = sampling == "urs"
         if not per_iteration:
-            session.open_mask(mask_label, fixed_level)
+            spline.images[mask_label] = spline.encrypt_image(session, mask_label, fixed_level, "offline")
         session._levels[li] = {"per_iteration": per_iteration, "key": key, "n": n, "k": k, "fixed": fixed_level,
                                "mask_label": mask_label, "pmap": spline_map(shape, sp)}
         with session._loop() as handle:

@@ -5,8 +5,9 @@ centres its own set; the cross-covariance ``L = Q^T Q'`` (Taiello et al. 2024, E
 ``d x d``) is the only joint term. It is one product ``R = W^T J`` of the CKKS session
 (:class:`ppreg.secure.ckks_session.CkksSession`, any variant):
 
-* party2 encrypts ``J = [Q'_0; ...; Q'_{d-1}] / extent`` (its centred columns stacked, divided
-  by the public ``extent`` so that ``|J| <= 1``) and sends its centroid ``q_bar``;
+* party2's image is ``J = [Q'_0; ...; Q'_{d-1}] / extent`` (its centred columns stacked, divided
+  by the public ``extent`` so that ``|J| <= 1``; packed: kept in the clear, party1 holds the key;
+  v1/v2: encrypted), and it sends its centroid ``q_bar``;
 * party1's weights are block-diagonal: column ``a d + b`` holds ``Q_a`` in block ``b``, so
   ``R[a d + b] = L[a, b] / extent``;
 * party1 finishes with Arun / Umeyama (:func:`ppreg.pointcloud.rigid_from_cross_covariance`),

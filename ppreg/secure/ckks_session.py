@@ -10,11 +10,13 @@ runs the protocol (party1's and party2's steps in protocol order over the measur
 compiled loop (:func:`run_level_callback`), compiled once per level shape and options.
 
 Variants (:data:`VARIANTS`): ``"packed"`` (:mod:`ppreg.secure.ckks`, the default and
-fastest), ``"v1"`` and ``"v2"`` (:mod:`ppreg.secure.ckks_paper`, Taiello et al. 2024,
-Section 5.4.2). Sampling: with URS (public indices) party2 encrypts ``J[idx]`` each
-iteration (packed, v2); without sampling, with GMS (whose indices must stay with party1), and
-always for v1 (the paper encrypts ``J`` once), party2 encrypts the whole level once (offline
-bytes) and party1 weights unsampled voxels by zero, so GMS leaks nothing to party2 here.
+fastest; party1 holds the only key, party2 evaluates on its plaintext ``J``), ``"v1"`` and
+``"v2"`` (:mod:`ppreg.secure.ckks_paper`, Taiello et al. 2024, Section 5.4.2). Sampling: with
+URS (public indices) party2 uses ``J[idx]`` each iteration (packed: as a plaintext; v2:
+encrypted); without sampling, with GMS (whose indices must stay with party1), and always for v1
+(the paper encrypts ``J`` once), the query covers the whole level and party1 weights unsampled
+voxels by zero, so GMS leaks nothing to party2 here. Every session has fresh keys and a cap on
+the queries party2 answers (``max_queries``).
 
 Time is measured per party: the callback times each party's protocol steps; party1 is also
 charged the rest of the loop (its local JAX terms and updates, compilation included).
@@ -34,7 +36,7 @@ import numpy as np
 from .. import optim
 from ..transforms import identity_basis
 from .channel import Channel, InProcessChannel
-from .ckks import DEFAULT_FLOOD_BITS, PackedParty1, PackedParty2, require_tenseal
+from .ckks import DEFAULT_MAX_QUERIES, PackedParty1, PackedParty2, power_of_two, require_tenseal
 
 VARIANTS = ("packed", "v1", "v2")
 DEFAULT_VARIANT = "packed"
@@ -45,39 +47,62 @@ TRACES = {"run_level_callback": 0}
 _public_urs = jax.jit(optim.sample_indices, static_argnames=("method", "n", "k"))
 
 
+class _Image:
+    """Packed variant: the handle of an image party2 keeps (its label and public chunk count)."""
+
+    def __init__(self, label: str, count: int):
+        self.label, self.count = label, count
+
+    def __len__(self):
+        return self.count
+
+
 class _PackedProtocol:
     """Adapter: the packed parties behind the session's three calls."""
 
-    def __init__(self, channel, flood_bits):
-        self.party1, self.party2 = PackedParty1(channel), PackedParty2(channel, flood_bits=flood_bits)
+    def __init__(self, channel, max_queries):
+        self.party1, self.party2 = PackedParty1(channel), PackedParty2(channel, max_queries=max_queries)
 
     def setup(self, session):
         with session.timed("party2"):
-            self.party2.send_keys()
+            self.party2.send_setup()
         with session.timed("party1"):
-            self.party1.receive_keys()
+            self.party1.receive_setup()
+        with session.timed("party2"):
+            self.party2.receive_key()
 
     def encrypt_image(self, session, label, values, phase):
+        """Party2 keeps ``values`` as plaintexts (nothing is sent, whatever ``phase``)."""
         with session.timed("party2"):
-            count = self.party2.send_image(label, values, phase=phase)
-        with session.timed("party1"):
-            return self.party1.receive_image(label, count)
+            return _Image(label, self.party2.prepare_image(label, values))
 
-    def product(self, session, label, image, weights, offset=None, offset_bound=0.0):
+    def product(self, session, label, image, weights, offset=None, offset_bound=0.0, weight_bound=None):
+        """``R = weights^T J``; with ``offset`` (party2's) the query uses the public normaliser
+        ``2^ceil(log2(rows x weight_bound x sqrt 2 + offset_bound))``."""
+        weights = np.asarray(weights, np.float64)
+        alpha = None
+        if offset is not None:
+            if weight_bound is None:
+                raise ValueError("a query with an offset needs the public bound of its weights")
+            alpha = power_of_two(weights.shape[0] * float(weight_bound) * np.sqrt(2.0) + float(offset_bound))
         with session.timed("party1"):
-            self.party1.query(label, image, weights)
+            self.party1.query(label, image.count, weights, alpha=alpha)
         with session.timed("party2"):
-            self.party2.respond(label, offset=offset)
+            self.party2.respond(label, image.label, weights.shape[1], offset=offset, offset_alpha=alpha)
         with session.timed("party1"):
             return self.party1.finish(label, offset_bound=offset_bound)
 
+    def release(self, label):
+        """Party2 forgets the per-iteration image ``label``."""
+        self.party2.forget(label)
 
-def _make_protocol(variant, channel, flood_bits, mask_bits, partition):
+
+def _make_protocol(variant, channel, max_queries, partition):
     if variant == "packed":
-        return _PackedProtocol(channel, flood_bits)
+        return _PackedProtocol(channel, max_queries)
     from .ckks_paper import PaperProtocol
 
-    return PaperProtocol(variant, channel, mask_bits=mask_bits, partition=partition)
+    return PaperProtocol(variant, channel, partition=partition, max_queries=max_queries)
 
 
 def _host_term(handle, level_index, iteration, weights):
@@ -135,9 +160,8 @@ class CkksSession:
     Args:
         variant: ``"packed"`` (default), ``"v1"`` or ``"v2"``.
         channel: defaults to a fresh :class:`InProcessChannel`.
-        flood_bits: packed variant: flooding of party2's replies (:func:`ppreg.secure.ckks.flooding_error`).
-        mask_bits: v1/v2 and the B-spline term: statistical masking bits (:mod:`ppreg.secure.ckks_paper`,
-            :mod:`ppreg.secure.ckks_bspline`).
+        max_queries: the most queries the answering party takes in this session (each protocol
+            and the B-spline term count their own).
         partition: v1/v2: sub-array length ``D`` (paper: 128).
 
     Raises:
@@ -146,12 +170,13 @@ class CkksSession:
     """
 
     def __init__(self, variant: str = DEFAULT_VARIANT, *, channel: Channel | None = None,
-                 flood_bits: int = DEFAULT_FLOOD_BITS, mask_bits: int = 16, partition: int = 128):
+                 max_queries: int = DEFAULT_MAX_QUERIES, partition: int = 128):
         if variant not in VARIANTS:
             raise ValueError(f"unknown CKKS variant {variant!r}; expected one of {VARIANTS}")
         require_tenseal()
         self.variant = variant
-        self.mask_bits = int(mask_bits)
+        self.max_queries = int(max_queries)
+        self.spline = None  # the B-spline term's key holder and party1, set up at first use
         self.channel = channel or InProcessChannel()
         self.time = {"party1": 0.0, "party2": 0.0}
         self.iteration_traffic = {"party1": 0, "party2": 0}
@@ -160,7 +185,7 @@ class CkksSession:
         self._levels: dict[int, dict] = {}
         self._callback_s = 0.0
         self._error = None
-        self.protocol = _make_protocol(variant, self.channel, flood_bits, mask_bits, partition)
+        self.protocol = _make_protocol(variant, self.channel, self.max_queries, partition)
         self.protocol.setup(self)
 
     @contextmanager
@@ -172,7 +197,7 @@ class CkksSession:
             self.time[who] += time.perf_counter() - start
 
     def open_mask(self, mask_label: str, fixed_flat) -> None:
-        """Party2 encrypts its whole (level) image once and sends it (offline bytes)."""
+        """Party2 prepares its whole (level) image once (v1/v2: encrypts and sends it, offline bytes)."""
         self._images[mask_label] = self.protocol.encrypt_image(self, mask_label, np.asarray(fixed_flat), "offline")
 
     def _query(self, level_index: int, iteration: int, weights: np.ndarray) -> np.ndarray:
@@ -182,9 +207,11 @@ class CkksSession:
             with self.timed("party2"):
                 idx = np.asarray(_public_urs("urs", lv["key"], iteration, n=lv["n"], k=lv["k"]))
             image = self.protocol.encrypt_image(self, label + "/J", lv["fixed"][idx], "online")
-        else:
-            image = self._images[lv["mask_label"]]
-        return self.protocol.product(self, label, image, weights)
+            try:
+                return self.protocol.product(self, label, image, weights)
+            finally:
+                self.protocol.release(label + "/J")
+        return self.protocol.product(self, label, self._images[lv["mask_label"]], weights)
 
     def run_level(self, mat, level: optim.Level, fixed_flat, key, *, level_index, kind, factor, method, k,
                   max_iterations, tol, damping):
@@ -244,20 +271,24 @@ class CkksSession:
     def sum_squared_difference(self, mask_label: str, warped_flat, fixed_flat) -> float:
         """``sum_x (I_w(x) - J(x))^2`` revealed to party1 only.
 
-        Party1 queries ``-2 I_w`` against the encrypted ``J`` (encrypted now unless the level
-        ``mask_label`` already is), party2 adds its private ``sum J^2`` to its reply, party1
-        adds ``sum I_w^2``.
+        Party1 queries ``-2 I_w`` against ``J`` (prepared now unless the level ``mask_label``
+        already is), party2 adds its private ``sum J^2`` to its reply, party1 adds ``sum I_w^2``.
+
+        Raises:
+            ValueError: ``|I_w| > 1`` (the public intensity bound).
         """
         if mask_label not in self._images:
             self.open_mask(mask_label, fixed_flat)
         with self.timed("party1"):
             warped = np.asarray(warped_flat, np.float64)
+            if warped.size and not np.max(np.abs(warped)) <= 1.0:
+                raise ValueError("the warped image must be scaled into [-1, 1] before the protocol")
             weights = -2.0 * warped[:, None]
         with self.timed("party2"):
             fixed = np.asarray(fixed_flat, np.float64)
             offset = float(np.sum(fixed**2))
         r = self.protocol.product(self, "final/ssd", self._images[mask_label], weights, offset=offset,
-                                  offset_bound=float(warped.size))
+                                  offset_bound=float(warped.size), weight_bound=2.0)
         with self.timed("party1"):
             return float(np.sum(warped**2)) + float(r[0])
 

@@ -6,7 +6,10 @@ party (drawn from the OS CSPRNG and sent once, offline). Everything a party can 
 from its own seed is never sent: the dealer sends only *corrections*, the part of a
 correlated value that depends on the other party's stream (e.g. ``c - c1`` for a Beaver
 triple). Each piece of randomness has a unique label; the dealer refuses to issue a label
-twice, so no triple or mask is ever reused.
+twice, so no triple or mask is ever reused; party2 keeps its own record too (it does not rely on
+the dealer, which a deviating party1 can leave out of an operation): its
+:class:`PartyRandomness` refuses to derive a stream label twice. Over the network every stream is
+bound to the session id (:func:`~ppreg.secure.prg.prf_uint64`'s ``context``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .channel import Channel
+from .channel import Channel, ProtocolError
 from .prg import new_seed, prf_uint64
 from .ring import x64
 
@@ -53,11 +56,11 @@ class Dealer:
 
     def _claim(self, label: str) -> None:
         if label in self._issued:
-            raise RuntimeError(f"correlated randomness {label!r} was already issued; it is never reused")
+            raise ProtocolError(f"dealer: correlated randomness {label!r} was already issued; it is never reused")
         self._issued.add(label)
 
     def _stream(self, party, label, shape):
-        return prf_uint64(self._seeds[party], label, shape)
+        return prf_uint64(self._seeds[party], label, shape, session_context(self.channel))
 
     def beaver(self, label: str, shape_x, shape_y, op: str = "mul") -> None:
         """Issue a Beaver triple ``(a, b, c = a op b)`` for ``op`` in {"mul", "matmul"}.
@@ -126,7 +129,7 @@ class Dealer:
         n = self._mask_sizes[mask_label]
         if receive_idx:
             mask = self.channel.recv("dealer", "party1", label + "/idx")
-            idx = bitmask_to_indices(mask, n)
+            idx = bitmask_to_indices(mask, n, shape[0])
             self.channel.send("dealer", "party2", label + "/idx", mask, phase="offline")
         v = self._stream("party2", mask_label + "/v", (n,))
         v_sel = v if idx is None else v[np.asarray(idx)]
@@ -141,21 +144,34 @@ class PartyRandomness:
     Args:
         party: ``"party1"`` or ``"party2"``.
         channel: the channel the dealer sends on.
+        unique: refuse to derive any stream label twice (party2's own record: a deviating party1
+            that announces a label again cannot make it reuse a mask).
     """
 
-    def __init__(self, party: str, channel: Channel):
+    def __init__(self, party: str, channel: Channel, *, unique: bool = False):
         if party not in PARTIES:
             raise ValueError(f"party must be one of {PARTIES}, got {party!r}")
         self.party, self.channel = party, channel
         self._seed: bytes | None = None
+        self._used: set[str] | None = set() if unique else None
 
     def receive_seed(self) -> None:
         self._seed = bytes(self.channel.recv(self.party, "dealer", "seed"))
 
     def stream(self, label: str, shape) -> np.ndarray:
+        """This party's stream ``label`` (bound to the session over the network).
+
+        Raises:
+            RuntimeError: no seed yet. ProtocolError: ``unique`` and ``label`` was derived before.
+        """
         if self._seed is None:
             raise RuntimeError(f"{self.party} has no seed from the dealer yet")
-        return prf_uint64(self._seed, label, tuple(shape))
+        if self._used is not None:
+            if label in self._used:
+                raise ProtocolError(f"{self.party}: randomness {label!r} was already used in this session; "
+                                    "refusing to reuse a mask")
+            self._used.add(label)
+        return prf_uint64(self._seed, label, tuple(shape), session_context(self.channel))
 
     def beaver(self, label: str, shape_x, shape_y, op: str = "mul"):
         """This party's shares ``(a_i, b_i, c_i)`` of the triple ``label``."""
@@ -179,8 +195,24 @@ def indices_to_bitmask(idx, n: int) -> np.ndarray:
     return np.packbits(bits)
 
 
-def bitmask_to_indices(mask: np.ndarray, n: int) -> np.ndarray:
-    """Sorted int32 indices from :func:`indices_to_bitmask` (ProtocolError-free: validates length)."""
-    if mask.shape != ((n + 7) // 8,):
-        raise ValueError(f"index bitmask of shape {mask.shape} does not describe {n} voxels")
-    return np.flatnonzero(np.unpackbits(mask)[:n]).astype(np.int32)
+def bitmask_to_indices(mask: np.ndarray, n: int, k: int | None = None) -> np.ndarray:
+    """Sorted int32 indices from :func:`indices_to_bitmask`.
+
+    Raises:
+        ProtocolError: not ``ceil(n / 8)`` bytes, bits set past ``n``, or (with ``k``) not ``k`` indices.
+    """
+    mask = np.asarray(mask)
+    if mask.dtype != np.uint8 or mask.shape != ((n + 7) // 8,):
+        raise ProtocolError(f"index bitmask of {mask.dtype} {mask.shape} does not describe {n} voxels")
+    bits = np.unpackbits(mask)
+    if np.any(bits[n:]):
+        raise ProtocolError(f"index bitmask names voxels past {n}")
+    idx = np.flatnonzero(bits[:n]).astype(np.int32)
+    if k is not None and idx.shape[0] != k:
+        raise ProtocolError(f"index bitmask names {idx.shape[0]} voxels, the level samples {k}")
+    return idx
+
+
+def session_context(channel) -> bytes:
+    """The channel's session id (network), bound into every stream; ``b""`` in one process."""
+    return getattr(channel, "session_id", None) or b""

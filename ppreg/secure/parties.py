@@ -12,11 +12,16 @@ Each function runs one process's whole part over a :class:`~ppreg.secure.net.Net
 
 Security model: semi-honest parties and a trusted dealer that colludes with neither; neither
 image holder is the dealer. The public sampling key, the pyramid shapes and the iteration count
-are public (see :mod:`ppreg.secure.ppir` for what each party learns).
+are public (see :mod:`ppreg.secure.ppir` for what each party learns). Party2 and the dealer
+enforce their own :class:`~ppreg.secure.policy.Policy` on everything party1 announces (default
+:data:`~ppreg.secure.policy.DEFAULT`), and every frame is bounded by the protocol
+(:func:`~ppreg.secure.policy.frame_limit`): party2 from its own image, the dealer from its policy's
+``max_voxels``, party1 from the grid party2 announces through the dealer.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -35,7 +40,9 @@ from . import bspline_ppir, lcc, mi, points  # (importing them registers their f
 from .bspline_ppir import fit_bspline
 from .channel import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
 from .keys import KeyPair
-from .net import DEFAULT_TIMEOUT, NetworkChannel
+from .net import DEFAULT_TIMEOUT, SMALL_FRAME_BYTES, NetworkChannel
+from .policy import DEFAULT as DEFAULT_POLICY
+from .policy import Policy, dealer_frame_limit, frame_limit
 from .roles import DealerRole, FixedRole, RemotePeers, decode_json, op_summary
 from .session import SecureSession
 
@@ -44,47 +51,91 @@ PROTOCOLS = (bspline_ppir, lcc, points)  # imported here so that every process r
 
 
 def run_dealer(keypair: KeyPair, *, listen: str, moving_key: bytes, fixed_key: bytes,
-               timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict:
+               timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+               policy: Policy | None = None) -> dict:
     """Serve both parties until the moving party ends the session.
 
+    Args:
+        policy: what the dealer agrees to serve (default :data:`~ppreg.secure.policy.DEFAULT`); it
+            also bounds the frames the dealer accepts (:func:`~ppreg.secure.policy.dealer_frame_limit`).
+        max_message_bytes: the largest frame sent, and a cap on the derived receive limits.
+
     Returns:
-        the dealer's report ``{"time_s", "wall_s", "online", "offline"}``.
+        the dealer's report ``{"time_s", "wall_s", "online", "offline", "ops", "policy"}``
+        (``policy``: :meth:`~ppreg.secure.policy.Guard.summary`, this process's own record).
 
     Raises:
-        TimeoutError, ConnectionError, ProtocolError: see :class:`~ppreg.secure.net.NetworkChannel`.
+        TimeoutError, ConnectionError, ProtocolError: see :class:`~ppreg.secure.net.NetworkChannel`;
+            PolicyError (a ProtocolError): party1 asked for something outside the policy.
     """
     start = time.perf_counter()
+    policy = DEFAULT_POLICY if policy is None else policy
+    limits = {"party1": min(max_message_bytes, dealer_frame_limit(policy)), "party2": SMALL_FRAME_BYTES}
     with NetworkChannel("dealer", keypair, listen=listen, accept={"party1": moving_key, "party2": fixed_key},
-                        timeout=timeout, max_message_bytes=max_message_bytes) as channel:
-        role = DealerRole(channel)
+                        timeout=timeout, max_message_bytes=max_message_bytes, receive_limits=limits) as channel:
+        role = DealerRole(channel, policy=policy)
         role.serve()
-        return dict(role.final_report, wall_s=time.perf_counter() - start)
+        return dict(role.final_report, wall_s=time.perf_counter() - start, policy=role.guard.summary())
 
 
 def run_fixed(fixed: Image, keypair: KeyPair, *, connect: str, dealer: str, peer_key: bytes, dealer_key: bytes,
-              timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> dict:
+              timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+              policy: Policy | None = None) -> dict:
     """Answer the moving party's operations with the fixed image until it ends the session.
 
     Args:
         fixed: party2's image (its data never leaves this process unmasked).
         connect, dealer: ``"HOST:PORT"`` of the moving party and of the dealer.
         peer_key, dealer_key: their public keys.
+        max_message_bytes: the largest frame sent, and a cap on the derived receive limit.
+        policy: what party2 agrees to compute (default :data:`~ppreg.secure.policy.DEFAULT`).
+
+    Frames from party1 and the dealer are bounded by :func:`~ppreg.secure.policy.frame_limit` of
+    this image (refused by libzmq before allocation); party2 announces its grid to the dealer, which
+    passes it on to party1 (the same public facts as ``describe``).
 
     Returns:
-        party2's report ``{"time_s", "wall_s", "online", "offline"}`` (bytes it sent / received).
+        party2's report ``{"time_s", "wall_s", "online", "offline", "ops", "policy"}`` (bytes it sent /
+        received; ``policy``: its own record of what it revealed, :meth:`~ppreg.secure.policy.Guard.summary`).
 
     Raises:
         ValueError: a bad image. TimeoutError, ConnectionError, ProtocolError: see
-            :class:`~ppreg.secure.net.NetworkChannel`.
+            :class:`~ppreg.secure.net.NetworkChannel`; PolicyError (a ProtocolError): party1 asked for
+            something outside the policy.
     """
     start = time.perf_counter()
+    policy = DEFAULT_POLICY if policy is None else policy
     data = _as_array(fixed, "fixed")
     exponent = scale_exponent(data)
+    limit = min(max_message_bytes, frame_limit(data.size, data.ndim, policy, shape=data.shape))
+    announce = {"voxels": int(data.size), "ndim": int(data.ndim), "shape": [int(s) for s in data.shape]}
     with NetworkChannel("party2", keypair, connect={"party1": (connect, peer_key), "dealer": (dealer, dealer_key)},
-                        timeout=timeout, max_message_bytes=max_message_bytes) as channel:
-        role = FixedRole(channel, data, np.asarray(fixed.affine, np.float64), exponent)
+                        timeout=timeout, max_message_bytes=max_message_bytes,
+                        receive_limits={"party1": limit, "dealer": limit}, announce=announce) as channel:
+        role = FixedRole(channel, data, np.asarray(fixed.affine, np.float64), exponent, policy=policy)
         role.serve()
-        return dict(role.final_report, wall_s=time.perf_counter() - start)
+        return dict(role.final_report, wall_s=time.perf_counter() - start, policy=role.guard.summary())
+
+
+def fixed_frame_limit(announced: dict, *, cap: int = DEFAULT_MAX_MESSAGE_BYTES, bins: int | None = None) -> int:
+    """Party1's bound on frames from party2: :func:`~ppreg.secure.policy.frame_limit` of the grid party2
+    announced through the dealer (``announced["party2"]``: ``{"voxels", "ndim", "shape"}``), at most ``cap``.
+
+    Raises:
+        ProtocolError: party2 announced no grid, or a malformed one.
+    """
+    doc = announced.get("party2")
+    try:
+        voxels, ndim = int(doc["voxels"]), int(doc["ndim"])
+        shape = doc.get("shape")
+        shape = None if shape is None else tuple(int(v) for v in shape)
+        ok = voxels > 0 and ndim in (2, 3) and (shape is None or (len(shape) == ndim and math.prod(shape) == voxels))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ProtocolError(f"party1: the fixed party announced no usable grid through the dealer: {str(doc)[:120]}")
+    policy = DEFAULT_POLICY if bins is None or bins <= DEFAULT_POLICY.max_bins else Policy(max_bins=int(bins))
+    return min(int(cap), frame_limit(voxels, ndim, policy, shape=shape))
 
 
 def run_moving(moving: Image, keypair: KeyPair, *, listen: str, dealer: str, peer_key: bytes, dealer_key: bytes,
@@ -113,9 +164,12 @@ def run_moving(moving: Image, keypair: KeyPair, *, listen: str, dealer: str, pee
         TimeoutError, ConnectionError, ProtocolError: see :class:`~ppreg.secure.net.NetworkChannel`.
     """
     start = time.perf_counter()
+    bins = options.get("bins") if options.get("loss") == "mi" else None
+    limits = {"dealer": SMALL_FRAME_BYTES,
+              "party2": lambda announced: fixed_frame_limit(announced, cap=max_message_bytes, bins=bins)}
     with NetworkChannel("party1", keypair, listen=listen, accept={"party2": peer_key},
                         connect={"dealer": (dealer, dealer_key)}, timeout=timeout,
-                        max_message_bytes=max_message_bytes) as channel:
+                        max_message_bytes=max_message_bytes, receive_limits=limits) as channel:
         if on_connect is not None:
             on_connect()
         session = SecureSession(options.pop("frac_bits", 16), channel=channel, peers=RemotePeers(channel))
@@ -138,6 +192,8 @@ def _description(session: SecureSession, exponent: int, ndim: int) -> dict:
             affine = np.asarray(doc["affine"], np.float64)
             ok = len(shape) == ndim and min(shape) > 0 and affine.shape == (4, 4) and np.all(np.isfinite(affine))
             ok = ok and isinstance(doc["exponent"], int)
+            announced = getattr(session.channel, "announced", {}).get("party2")  # network: frames were bounded by it
+            ok = ok and (announced is None or list(shape) == list(announced.get("shape", shape)))
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:

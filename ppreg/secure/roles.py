@@ -19,9 +19,16 @@ blocks, so the same code runs in both settings. Party1's side is
 
 Adding a protocol: write its per-party steps (as :mod:`ppreg.secure.ppir`), register a handler
 per follower that takes part, ``@handler("my_op", "party2") def _(role, cmd): ...`` (state
-lives on the role object, e.g. ``role.levels`` and ``role.party2``), and call
+lives on the role object, e.g. ``role.levels`` and ``role.party2``), register its policy check
+(:func:`ppreg.secure.policy.register_operation`: its loss family, the fields it validates, what it
+reveals; a follower refuses an operation without one), and call
 ``session.step({"op": "my_op", ...}, before=..., after=...)`` from party1's loop. Nothing else
 changes for a network run.
+
+Before any handler runs, each follower checks the command against its policy
+(:class:`~ppreg.secure.policy.Guard`): malformed commands, commands out of order, reused labels
+and anything outside the policy are refused. Over the network a follower that refuses, or whose
+handler fails on party1's input, tells the other endpoints why (an ``error`` frame) before it stops.
 
 Operations defined here: ``setup`` (dealer seeds, fixed-point bits), ``describe`` (party2's
 public image description and the common intensity scale), ``mask`` (party2 masks a level of
@@ -43,11 +50,11 @@ import numpy as np
 
 from .. import optim
 from ..transforms import homogeneous, identity_basis, image_center
-from .channel import Channel, ProtocolError
-from .dealer import Dealer, PartyRandomness
+from .channel import ENDPOINTS, Channel, ProtocolError
+from .dealer import Dealer, PartyRandomness, bitmask_to_indices
+from .policy import MAX_COMMAND_BYTES, Guard, Policy
 from .ppir import Party2
 
-MAX_COMMAND_BYTES = 1 << 16
 FOLLOWERS = ("dealer", "party2")  # the order in which followers' handlers run in one process
 HANDLERS: dict[str, dict[str, object]] = {}
 
@@ -134,11 +141,12 @@ class Role:
 
     name = ""
 
-    def __init__(self, channel: Channel):
+    def __init__(self, channel: Channel, *, policy: Policy | None = None, voxels: int | None = None):
         self.channel = channel
         self.clock = 0.0
         self.op_s: dict[str, list[float]] = {}  # own compute per call, per operation
         self.levels: dict[str, dict] = {}  # per mask label: the level's public configuration
+        self.guard = Guard(self.name, policy, voxels=voxels)
 
     @contextmanager
     def timed(self):
@@ -149,26 +157,48 @@ class Role:
             self.clock += time.perf_counter() - start - (getattr(self.channel, "wait_s", 0.0) - waited)
 
     def handle(self, cmd: dict) -> None:
-        """Run this role's part of ``cmd``.
+        """Check ``cmd`` against this role's policy (:class:`~ppreg.secure.policy.Guard`), then run its part.
 
         Raises:
-            ProtocolError: an operation this role has no part in.
+            ProtocolError: an operation this role has no part in; a malformed command, one out of
+                order or reusing a label. PolicyError: outside the policy (naming the rule).
         """
         fn = HANDLERS.get(cmd.get("op"), {}).get(self.name)
         if fn is None:
-            raise ProtocolError(f"{self.name}: unknown operation {cmd.get('op')!r} from party1")
+            raise ProtocolError(f"{self.name}: unknown operation {str(cmd.get('op'))[:40]!r} from party1")
         start = self.clock
         with self.timed():
+            self.guard.check(cmd)
             fn(self, cmd)
         self.op_s.setdefault(cmd["op"], []).append(self.clock - start)
 
     def serve(self) -> None:
-        """Network loop: handle party1's commands until ``end``."""
+        """Network loop: handle party1's commands until ``end``.
+
+        A refused command or a handler that fails on party1's input (a wrong shape, a missing
+        field: ``KeyError``, ``TypeError``, ``ValueError``, ``IndexError``) ends the session with a
+        :class:`ProtocolError`, whose text the other endpoints receive first (an ``error`` frame).
+        """
         while True:
-            cmd = decode_json(self.channel.recv(self.name, "party1", "cmd"))
-            self.handle(cmd)
+            try:
+                cmd = decode_json(self.channel.recv(self.name, "party1", "cmd"))
+                self.handle(cmd)
+            except ProtocolError as exc:
+                self.stop(str(exc))
+                raise
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                err = ProtocolError(f"{self.name}: operation {cmd['op']!r} failed on party1's input "
+                                    f"({type(exc).__name__}: {str(exc)[:200]})")
+                self.stop(str(err))
+                raise err from exc
             if cmd["op"] == "end":
                 return
+
+    def stop(self, reason: str) -> None:
+        """Tell the other endpoints why this role stops (best effort)."""
+        for peer in ENDPOINTS:
+            if peer != self.name:
+                self.channel.send_error(self.name, peer, reason)
 
     def report(self) -> dict:
         """This role's own time (s), traffic (bytes it sent online, received offline) and time per operation
@@ -189,8 +219,8 @@ class DealerRole(Role):
 
     name = "dealer"
 
-    def __init__(self, channel: Channel, *, seeds=None):
-        super().__init__(channel)
+    def __init__(self, channel: Channel, *, seeds=None, policy: Policy | None = None):
+        super().__init__(channel, policy=policy)
         self.dealer = Dealer(channel, seeds=seeds)
 
 
@@ -206,13 +236,19 @@ class FixedRole(Role):
         exponent: ``ceil(log2 max|image|)`` (:func:`ppreg.register.scale_exponent`), disclosed.
         points: float ``(n, d)`` party2's points (:mod:`ppreg.secure.points`) when it holds them
             itself; in one process they are handed over with :meth:`provide` instead.
+        policy: what party2 agrees to compute (:class:`~ppreg.secure.policy.Policy`); ``None``
+            checks only well-formedness, order and label reuse (one process).
+
+    Party2 derives every stream label at most once (its own record, whatever the dealer does).
     """
 
     name = "party2"
 
-    def __init__(self, channel: Channel, image=None, affine=None, exponent: int | None = None, points=None):
-        super().__init__(channel)
-        self.rand = PartyRandomness("party2", channel)
+    def __init__(self, channel: Channel, image=None, affine=None, exponent: int | None = None, points=None, *,
+                 policy: Policy | None = None):
+        voxels = int(np.size(image)) if image is not None else (None if points is None else int(np.shape(points)[0]))
+        super().__init__(channel, policy=policy, voxels=voxels)
+        self.rand = PartyRandomness("party2", channel, unique=True)
         self.party2: Party2 | None = None
         self.points = None if points is None else np.asarray(points, np.float64)
         self.image = None if image is None else jnp.asarray(image, jnp.float32)
@@ -300,7 +336,7 @@ def _query_dealer(role: DealerRole, cmd):
 def _query_fixed(role: FixedRole, cmd):
     cfg = role.level(cmd["mask"])
     if cfg["method"] == "gms":
-        idx = jnp.asarray(role.party2.receive_indices(cmd["label"], cfg["n"]))
+        idx = jnp.asarray(bitmask_to_indices(role.party2.rand.correction(cmd["label"] + "/idx"), cfg["n"], cfg["k"]))
     else:
         idx = _public_samples(cfg, cmd)
     basis = identity_basis(cfg["kind"], cfg["ndim"])

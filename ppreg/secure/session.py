@@ -45,18 +45,23 @@ class SecureSession:
         fixed: in-process only, ``(image, affine, exponent)`` for a party2 that builds its levels
             from its own image, as a separate process does (see :class:`~ppreg.secure.roles.FixedRole`);
             otherwise the caller hands party2's values to :meth:`open_mask`.
+        policy: in-process only, the :class:`~ppreg.secure.policy.Policy` the in-process dealer
+            and party2 enforce (default none: one process is one user; remote followers apply their own).
 
     Raises:
-        ValueError: bad ``frac_bits``; remote peers without a channel or with seeds.
+        ValueError: bad ``frac_bits``; remote peers without a channel or with seeds, fixed data or a policy.
     """
 
-    def __init__(self, frac_bits: int, *, channel: Channel | None = None, seeds=None, peers=None, fixed=None):
+    def __init__(self, frac_bits: int, *, channel: Channel | None = None, seeds=None, peers=None, fixed=None,
+                 policy=None):
         frac_bits = check_frac_bits(frac_bits)
         if peers is None:
             self.channel = channel or InProcessChannel()
-            peers = LocalPeers(DealerRole(self.channel, seeds=seeds), FixedRole(self.channel, *(fixed or ())))
-        elif channel is None or seeds is not None or fixed is not None:
-            raise ValueError("remote peers need party1's network channel; the dealer process draws the seeds")
+            peers = LocalPeers(DealerRole(self.channel, seeds=seeds, policy=policy),
+                               FixedRole(self.channel, *(fixed or ()), policy=policy))
+        elif channel is None or seeds is not None or fixed is not None or policy is not None:
+            raise ValueError("remote peers need party1's network channel; the dealer process draws the seeds, and "
+                             "the followers apply their own policies")
         else:
             self.channel = channel
         self.peers = peers
