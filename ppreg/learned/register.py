@@ -50,9 +50,7 @@ class LearnedResult(Result):
 
     def transform_json(self) -> dict:
         """A ``dense`` document (``ppreg apply`` reads it) naming the model that produced it."""
-        return {"type": "dense", "displacement": DENSE_FIELD_FILE, "method": self.transform, "model": self.model,
-                "convention": "u in voxels (array axis order) on the fixed grid, stored in the sibling file "
-                              "`displacement`; warped(x) = moving(x + u(x))"}
+        return {**self._doc("dense"), "method": self.transform, "model": self.model}
 
     def output_fields(self) -> dict:
         return {DENSE_FIELD_FILE: self.displacement()}

@@ -32,8 +32,9 @@ import equinox as eqx
 from ..grid import smooth_field, upsample_field
 from ..losses import lncc
 from ..regularizers import smoothed_trace_weights, vmdiff_kl
+from ..svf import _sample_clamped
 from ..svf import exp as svf_exp
-from ..warp import interpolate, warp_displacement
+from ..warp import warp_displacement
 from .checkpoint import register_architecture
 from .unet import UNet
 
@@ -271,11 +272,6 @@ def _surface_points(key, surface: jnp.ndarray, count: int) -> tuple[jnp.ndarray,
     return points, (total > 0).astype(jnp.float32)
 
 
-def _sample_field(field: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:
-    upper = jnp.asarray(field.shape[: points.shape[-1]], jnp.float32) - 1.0
-    return interpolate(field, jnp.clip(points, 0.0, upper))
-
-
 def surface_term(key, u: jnp.ndarray, u_inverse: jnp.ndarray, fixed_labels: jnp.ndarray, moving_labels: jnp.ndarray,
                  config: LossConfig) -> jnp.ndarray:
     """Mean squared surface distance of Eq. 11, both directions, by distance transforms.
@@ -311,8 +307,8 @@ def surface_term(key, u: jnp.ndarray, u_inverse: jnp.ndarray, fixed_labels: jnp.
     for k, surf_from, field, surf_to in ((k_f, surf_f, u, surf_m), (k_m, surf_m, u_inverse, surf_f)):
         points, present = _surface_points(k, surf_from, config.surface_points)
         dist = squared_distance(surf_to, radius=config.surface_radius)
-        moved = points + _sample_field(field, points)
-        terms.append(present * jnp.mean(_sample_field(dist[..., None], moved)[..., 0]))
+        moved = points + _sample_clamped(field, points)
+        terms.append(present * jnp.mean(_sample_clamped(dist[..., None], moved)[..., 0]))
     return 0.5 * (terms[0] + terms[1])
 
 
