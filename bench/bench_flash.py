@@ -25,7 +25,7 @@ Cases (``--cases``, default all):
   fixed image, folding voxels.
 
 - ``mpc``: the ITK pair by FLASH clear and under MPC (``register(..., transform="flash",
-  secure="mpc")``, :mod:`ppreg.secure.flash_mpc`): displacement RMSE vs CLEAR, traffic.
+  secure="mpc")``, :mod:`ppreg.secure.protocols.flash`): displacement RMSE vs CLEAR, traffic.
 
 Usage: python bench/bench_flash.py [--cases gradient bullseye itk mpc 3d] [--out bench/results/bench_flash.json]
 """
@@ -181,7 +181,7 @@ def case_mpc():
     displacement RMSE, MSE, time, traffic."""
     from ppreg import register
     from ppreg.data import load_sample
-    from ppreg.register import scale_exponent
+    from ppreg.options import scale_exponent
 
     fixed = load_sample("BrainProtonDensitySliceBorder20").data
     moving = load_sample("BrainProtonDensitySliceBSplined10").data

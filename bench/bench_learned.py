@@ -28,7 +28,8 @@ field (nearest neighbour); RMSE of the predicted displacement against ``u_true``
 (the fixed tissue labels > 0; ``ppreg.metrics.field_rmse``, mm); folding voxels
 (``ppreg.metrics.folding``, det J <= 0); and the Pearson correlation, over the same brain voxels,
 of vxm-diff's predicted standard deviation ``sqrt(uncertainty)`` with its actual error
-``|u_pred - u_true|``.
+``|u_pred - u_true|``, and the spread of that predicted std over the same voxels (its coefficient of
+variation, std / mean: near 0 means an almost constant uncertainty map).
 
 Methods (rows): identity (u = 0); ppreg vxm-diff (``register_vxm``, posterior mean, 16 samples for
 the uncertainty); ppreg classical SVF (``register(fixed, moving, transform="svf", loss="lncc")``;
@@ -40,6 +41,15 @@ checkpoint's ``config["training"]`` and the batches are drawn by ppreg's own sam
 The peer's objective is its own (NCC with lambda 1 when the ppreg model used lncc, else MSE with
 lambda 0.01: the VoxelMorph paper's settings). Trained peers are cached in
 ``bench/results/peers/`` under a hash of their configuration.
+
+Training budget: every row and summary carries ``budget`` (``"trained S steps x batch B"`` for the
+learned rows, read from the checkpoint for ppreg and from the peer's configuration for VoxelMorph;
+``"per-pair optimisation"`` for classical SVF; ``"-"`` for the identity), printed as a column of the
+tables; the JSON's ``budgets`` gives steps, batch size and pairs seen per learned row and
+``equal_budget`` says whether the peers trained on exactly the ppreg model's steps (``--peer-steps``
+breaks that and is flagged in ``notes``). A smaller equal-budget comparison than the shipped model's is
+made by training a model with fewer steps (``scripts/train_vxm_diff.py --steps N --out DIR``) and
+passing it as ``--model DIR``: the peers then replay that model's batches.
 
 Inference time on CPU: vxm-diff's ``predict`` jitted at batch 1 and at batch 8 (``jax.vmap``) on a
 256 x 256 test pair (3D: one 96 x 112 x 96 volume), first call (compilation) apart from the warm
@@ -175,9 +185,16 @@ def std_error_correlation(variance, u, u_true, mask):
     return float(np.corrcoef(std, error)[0, 1])
 
 
+def std_spread(variance, mask) -> float | None:
+    """Coefficient of variation (std / mean) over ``mask`` of the predicted std ``sqrt(variance)``."""
+    std = np.sqrt(np.maximum(variance[mask], 0.0))
+    return None if std.mean() == 0 else float(std.std() / std.mean())
+
+
 def score(case, u, variance) -> dict:
     """Dice, RMSE against the truth, folding and the std-error correlation of a displacement on a case."""
-    out = {"dice": None, "rmse_vox": None, "rmse_mm": None, "std_error_r": None, "folding": folding(u)["voxels"]}
+    out = {"dice": None, "rmse_vox": None, "rmse_mm": None, "std_error_r": None, "std_cv": None,
+           "folding": folding(u)["voxels"]}
     if case["fixed_labels"] is not None:
         out["dice"] = mean_dice(case["fixed_labels"], warp_labels(case["moving_labels"], u))
     if case["u_true"] is not None:
@@ -185,6 +202,7 @@ def score(case, u, variance) -> dict:
         out["rmse_vox"], out["rmse_mm"] = rmse["voxels"], rmse["mm"]
         if variance is not None:
             out["std_error_r"] = std_error_correlation(variance, u, case["u_true"], case["mask"])
+            out["std_cv"] = std_spread(variance, case["mask"])
     return out
 
 
@@ -207,12 +225,30 @@ def peer_method(model, fixed, moving):
     return peer.predict(model, fixed, moving), None
 
 
-def run_case(case, name, method) -> dict:
+def run_case(case, name, method, budget: str = "-") -> dict:
     t0 = time.perf_counter()
     u, variance = method(case["fixed"], case["moving"])
     seconds = time.perf_counter() - t0
-    return {"family": case["family"], "case": case["name"], "method": name, "shape": list(case["fixed"].shape),
-            **score(case, u, variance), "time_s": seconds}
+    return {"family": case["family"], "case": case["name"], "method": name, "budget": budget,
+            "shape": list(case["fixed"].shape), **score(case, u, variance), "time_s": seconds}
+
+
+def training_budget(steps: int, batch_size: int) -> dict:
+    return {"steps": int(steps), "batch_size": int(batch_size), "pairs_seen": int(steps) * int(batch_size),
+            "text": f"trained {int(steps)} steps x batch {int(batch_size)}"}
+
+
+def budgets_of(ckpt, peer_info: dict) -> dict:
+    """``{row name: budget dict}`` of the learned rows: the ppreg model's (its checkpoint) and the peers'."""
+    training = ckpt.config.get("training") or {}
+    steps = training.get("steps_done", training.get("steps"))
+    out = {"ppreg vxm-diff": (training_budget(steps, training["batch_size"]) if steps is not None
+                              and training.get("batch_size") is not None else {"text": "unknown (no training record)"})}
+    for name, info in peer_info.items():
+        cfg = info["config"]
+        out[name] = {**training_budget(cfg["steps"], cfg["batch_size"]),
+                     "same_batches_as_ppreg": cfg["steps"] == cfg["ppreg_steps"]}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- peers
@@ -380,13 +416,15 @@ def _values(rows, key):
 
 
 def summarize(rows) -> list[dict]:
-    """Mean and worst case per (family, method): worst Dice = min, RMSE = max, folding = max, r = min."""
+    """Mean and worst case per (family, method): worst Dice = min, RMSE = max, folding = max, r = min,
+    std CV = min (the flattest uncertainty map)."""
     out = []
     for family, method in dict.fromkeys((r["family"], r["method"]) for r in rows):
         group = [r for r in rows if r["family"] == family and r["method"] == method]
-        s = {"family": family, "method": method, "pairs": len(group),
+        s = {"family": family, "method": method, "budget": group[0].get("budget", "-"), "pairs": len(group),
              "time_s_median": statistics.median(r["time_s"] for r in group)}
-        for key, worst in (("dice", min), ("rmse_mm", max), ("folding", max), ("std_error_r", min)):
+        for key, worst in (("dice", min), ("rmse_mm", max), ("folding", max), ("std_error_r", min),
+                           ("std_cv", min)):
             values = _values(group, key)
             s[f"{key}_mean"] = float(np.mean(values)) if values else None
             s[f"{key}_worst"] = worst(values) if values else None
@@ -394,8 +432,9 @@ def summarize(rows) -> list[dict]:
     return out
 
 
-SUMMARY_COLUMNS = ("method", "pairs", "Dice mean", "Dice worst", "RMSE mm mean", "RMSE mm worst", "folding mean",
-                   "folding max", "std-err r mean", "std-err r worst", "s/pair (median)")
+SUMMARY_COLUMNS = ("method", "budget", "pairs", "Dice mean", "Dice worst", "RMSE mm mean", "RMSE mm worst",
+                   "folding mean", "folding max", "std-err r mean", "std-err r worst", "std CV mean",
+                   "s/pair (median)")
 
 
 def print_summary(family: str, summary: list[dict]) -> None:
@@ -404,18 +443,19 @@ def print_summary(family: str, summary: list[dict]) -> None:
     for s in summary:
         if s["family"] != family:
             continue
-        print(" | ".join([s["method"], str(s["pairs"]), fmt(s["dice_mean"], ".3f"), fmt(s["dice_worst"], ".3f"),
-                          fmt(s["rmse_mm_mean"], ".2f"), fmt(s["rmse_mm_worst"], ".2f"), fmt(s["folding_mean"], ".1f"),
-                          fmt(s["folding_worst"], "d"), fmt(s["std_error_r_mean"], ".2f"),
-                          fmt(s["std_error_r_worst"], ".2f"), fmt(s["time_s_median"], ".2f")]), flush=True)
+        print(" | ".join([s["method"], s["budget"], str(s["pairs"]), fmt(s["dice_mean"], ".3f"),
+                          fmt(s["dice_worst"], ".3f"), fmt(s["rmse_mm_mean"], ".2f"), fmt(s["rmse_mm_worst"], ".2f"),
+                          fmt(s["folding_mean"], ".1f"), fmt(s["folding_worst"], "d"),
+                          fmt(s["std_error_r_mean"], ".2f"), fmt(s["std_error_r_worst"], ".2f"),
+                          fmt(s["std_cv_mean"], ".3f"), fmt(s["time_s_median"], ".2f")]), flush=True)
 
 
 def print_timing(rows: list[dict]) -> None:
     print("\ninference time per pair (CPU)")
-    print_header(("method", "shape", "batch", "first call s", "warm ms/pair"))
+    print_header(("method", "budget", "shape", "batch", "first call s", "warm ms/pair"))
     for r in rows:
-        print(" | ".join([r["method"], "x".join(map(str, r["shape"])), str(r["batch"]), f"{r['first_call_s']:.2f}",
-                          f"{1e3 * r['warm_s_per_pair']:.1f}"]), flush=True)
+        print(" | ".join([r["method"], r.get("budget", "-"), "x".join(map(str, r["shape"])), str(r["batch"]),
+                          f"{r['first_call_s']:.2f}", f"{1e3 * r['warm_s_per_pair']:.1f}"]), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -455,6 +495,13 @@ def main(argv=None):
     if not args.skip_svf:
         methods["ppreg svf (lncc)"] = svf_method
     methods.update({name: partial(peer_method, model) for name, model in peers.items()})
+    budgets = budgets_of(ckpt, peer_info)
+    row_budget = {"identity": "-", "ppreg svf (lncc)": "per-pair optimisation",
+                  **{name: b["text"] for name, b in budgets.items()}}
+    equal_budget = None if not peer_info else all(b.get("same_batches_as_ppreg") for b in budgets.values()
+                                                 if "same_batches_as_ppreg" in b)
+    for name, b in budgets.items():
+        print(f"budget: {name}: {b['text']}", flush=True)
     for note in notes:
         print(f"NOTE: {note}", flush=True)
 
@@ -464,7 +511,7 @@ def main(argv=None):
             if args.cases is not None and n >= args.cases:
                 break
             for name, method in methods.items():
-                rows.append(run_case(case, name, method))
+                rows.append(run_case(case, name, method, row_budget.get(name, "-")))
                 print(f"[{case['family']}] {case['name']} | {name} | " + ", ".join(
                     f"{k} {fmt(rows[-1][k], '.3f')}" for k in ("dice", "rmse_mm", "std_error_r", "time_s"))
                     + f", folding {rows[-1]['folding']}", flush=True)
@@ -472,6 +519,8 @@ def main(argv=None):
     for family in dict.fromkeys(r["family"] for r in rows):
         print_summary(family, summary)
     timing = [] if args.no_timing else timing_rows(ckpt, peers, args.ndim)
+    for r in timing:
+        r["budget"] = row_budget["ppreg vxm-diff" if r["method"].startswith("ppreg vxm-diff") else r["method"]]
     if timing:
         print_timing(timing)
     for note in notes:
@@ -480,6 +529,7 @@ def main(argv=None):
     write_results(args.out, {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                              "args": vars(args),
                              "model": {"path": str(ckpt.path), "config": config}, "peers": peer_info,
+                             "budgets": budgets, "equal_budget": equal_budget,
                              "notes": notes, "summary": summary, "timing": timing, "rows": rows},
                   **({"peer_versions": peer.versions()} if peers else {}))
 

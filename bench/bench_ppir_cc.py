@@ -7,13 +7,13 @@ Cases (bundled real data):
 
 Both solutions run the same coarse-to-fine loop (:func:`ppreg.register._fit_svf`'s: levels
 (2, 1), the velocity carried in full-resolution voxels and upsampled between levels) on the
-same loss, :func:`ppreg.secure.lcc.guarded_lncc` (window 5, floor 0.1): CLEAR with
-:func:`ppreg.optim.run_svf_level` (jitted), MPC with :func:`ppreg.secure.lcc.run_svf_level`
+same loss, :func:`ppreg.secure.protocols.lcc.guarded_lncc` (window 5, floor 0.1): CLEAR with
+:func:`ppreg.optim.run_svf_level` (jitted), MPC with :func:`ppreg.secure.protocols.lcc.run_svf_level`
 (both parties and the dealer in this process, real frames on a measured channel).
 
 Columns: final loss (clear guarded lncc of the final warp, evaluation only) and MSE, total
 iterations, displacement RMSE of MPC vs CLEAR (voxels, full resolution), time per iteration
-per party (MPC: each party's own compute, see :func:`ppreg.secure.lcc.run_svf_level`; CLEAR:
+per party (MPC: each party's own compute, see :func:`ppreg.secure.protocols.lcc.run_svf_level`; CLEAR:
 the whole loop, party1), online MB each party sent per iteration (average over both levels),
 bytes per voxel per iteration at full resolution (party1), offline MB received from the dealer
 (whole run). A short warm-up run compiles first, so times are steady state.
@@ -33,9 +33,9 @@ import numpy as np
 from ppreg import optim
 from ppreg.data import load_sample
 from ppreg.grid import downsample, identity_grid, level_shape, upsample_field
-from ppreg.register import SVF_STEPS, _unit_range
-from ppreg.secure import lcc
-from ppreg.secure.shares import TwoPartySession
+from ppreg.options import SVF_STEPS, unit_range
+from ppreg.secure.protocols import lcc
+from ppreg.secure.mpc.shares import TwoPartySession
 from ppreg.svf import exp as svf_exp
 from ppreg.warp import warp
 
@@ -60,10 +60,10 @@ def cases(size: int):
     """``(name, fixed, moving)`` float32 images scaled into [0, 1]."""
     fixed2 = load_sample("BrainProtonDensitySliceBorder20").data[40:140, 40:140]
     moving2 = load_sample("BrainProtonDensitySliceBSplined10").data[40:140, 40:140]
-    yield "2D ITK 100x100", _unit_range(jnp.asarray(fixed2)), _unit_range(jnp.asarray(moving2))
+    yield "2D ITK 100x100", unit_range(jnp.asarray(fixed2)), unit_range(jnp.asarray(moving2))
     vol = np.asarray(load_sample("colin27_t1_2mm").data)
     lo = [(n - size) // 2 for n in vol.shape]
-    crop = _unit_range(jnp.asarray(vol[tuple(slice(a, a + size) for a in lo)]))
+    crop = unit_range(jnp.asarray(vol[tuple(slice(a, a + size) for a in lo)]))
     yield f"3D Colin27 {size}^3", crop, _known_warp(crop)
 
 
@@ -71,7 +71,7 @@ def paper_case(upsample: int = 1):
     """The whole Colin27 T1 volume (2 mm, 91 x 109 x 91; ``upsample`` 2: trilinearly resampled to
     182 x 218 x 182, more voxels than the paper's 192 x 160 x 192) vs itself warped by the
     known field (scaled with the grid)."""
-    vol = _unit_range(jnp.asarray(load_sample("colin27_t1_2mm").data))
+    vol = unit_range(jnp.asarray(load_sample("colin27_t1_2mm").data))
     if upsample > 1:
         shape = tuple(upsample * n for n in vol.shape)
         coords = (identity_grid(shape) - (upsample - 1) / 2) / upsample
@@ -149,10 +149,11 @@ def case_rows(name, fixed, moving, schedule, verbose: bool = False) -> list[dict
 
 def symmetric_rows(name, fixed, moving, schedule, verbose: bool = False) -> list[dict]:
     """The two-party symmetric variant (SyN's two half velocities, Eq. 10-11; each party learns only
-    its own force): CLEAR is :func:`ppreg.secure.lcc.syn_clear`, MPC is ``register(secure="mpc",
+    its own force): CLEAR is :func:`ppreg.secure.protocols.lcc.syn_clear`, MPC is ``register(secure="mpc",
     symmetric=True)`` with both peers in this process (each party's own compute from the session's
     clocks; the second run is reported)."""
-    from ppreg.register import deformable_displacement, register
+    from ppreg.register import register
+    from ppreg.result import deformable_displacement
 
     levels, counts = tuple(f for f, _ in schedule), tuple(n for _, n in schedule)
     opts = dict(step=OPTS["step"], sigma_fluid=3.0, sigma_diff=OPTS["sigma_diff"], steps=SVF_STEPS)

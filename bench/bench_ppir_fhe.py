@@ -5,7 +5,7 @@ Same row format as bench_ppir.py (the MPC rows), in-process channel, bundled rea
     pyramid 4,2,1; full sampling, URS and GMS (10 % of voxels, 30 iterations per level).
   * 2D B-spline SSD (Table 3): PD Border20 vs PD BSplined10, control spacing 16, 8, 4 px,
     smoothing sigma 2, 1, 0 (as bench_ppir.py); full sampling and URS (15 iterations per
-    level), the packed B-spline protocol (ppreg.secure.ckks_bspline: party2 decrypts masked
+    level), the packed B-spline protocol (ppreg.secure.ckks.bspline: party2 decrypts masked
     slots only). The paper has no packed row: ``paper`` quotes its FHE-v2 row (its faster one;
     the JSON also holds v1's).
   * Rigid point clouds (Table A1): boundary voxels of the largest AAL region of Colin27 (2 mm,
@@ -40,10 +40,10 @@ from ppreg.bspline import n_params
 from ppreg.data import load_sample
 from ppreg.metrics import field_rmse
 from ppreg.pointcloud import boundary_points, rigid_from_points
-from ppreg.register import scale_exponent
+from ppreg.options import scale_exponent
 from ppreg.sampling import n_samples
-from ppreg.secure.ckks_points import register_points_ckks
-from ppreg.secure.ckks_session import CkksSession
+from ppreg.secure.ckks.points import register_points_ckks
+from ppreg.secure.ckks.session import CkksSession
 from ppreg.transforms import image_center
 
 from bench_ppir import print_row, rotation3

@@ -160,7 +160,7 @@ def basis_matrices(shape: tuple[int, ...], spacing: int) -> tuple[np.ndarray, ..
 
 def mode_products(mats, x: jnp.ndarray) -> jnp.ndarray:
     """Contract spatial axis ``a`` of ``x (*spatial, C)`` with ``mats[a] (out_a, in_a)`` (float, or uint64
-    ring elements: :mod:`ppreg.secure.bspline_ppir` applies ``B^T`` to shares this way)."""
+    ring elements: :mod:`ppreg.secure.protocols.bspline` applies ``B^T`` to shares this way)."""
     for axis, mat in enumerate(mats):
         x = jnp.moveaxis(jnp.tensordot(jnp.asarray(mat, x.dtype), x, axes=(1, axis), precision=_HIGHEST), 0, axis)
     return x

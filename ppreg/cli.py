@@ -11,6 +11,7 @@ clear and under MPC and prints a table in the shape of Taiello et al. 2024, Tabl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -25,13 +26,16 @@ from . import __version__, party_cli, train_cli
 from ._atomic import atomic_write_text
 from .grid import identity_grid
 from .image import Image, load, load_field, save, save_field
+from .itk import embed3, is_itk_transform, read_itk, write_itk
 from .plot import require_matplotlib, save_registration_figure
 from .metrics import displacement_rmse
 from .sampling import METHODS
 from .bspline import control_grid_shape, displacement
 from .data import load_sample
 from .optim import DENSE_OPTIMIZERS
-from .register import DEFORMABLE, LOSSES, TRANSFORMS, register
+from .options import DEFORMABLE, LOSSES, TRANSFORMS
+from .register import register
+from .space import INITS, reduce_affine, world_affine
 from .svf import compose
 from .svf import exp as svf_exp
 from .transforms import apply_matrix
@@ -109,6 +113,12 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--diffusion-sigma", type=float, default=0.5, help="svf: smoothing of the velocity, voxels (0.5)")
     p.add_argument("--symmetric", action="store_true",
                    help="svf: ANTs-style half-way (symmetric) update; with --secure mpc, two half velocities, one per party")
+    p.add_argument("--lncc-open", choices=("smoothed", "force"), default="smoothed",
+                   help="--secure mpc svf: what each iteration opens to a party: its force smoothed by --fluid-sigma on "
+                        "the shares (default) or the raw per-voxel force")
+    p.add_argument("--audit", type=Path, default=None,
+                   help="--secure mpc: write the audit log (JSON lines: every quantity opened to each party, its shape "
+                        "and the running count); its totals go into report.json")
     p.add_argument("--optimizer", choices=DENSE_OPTIMIZERS, default="adam", help="dense: optax optimiser (adam)")
     p.add_argument("--plot", action="store_true",
                    help="also write registration.png (checkerboard, overlay, deformed grid; needs ppreg[plot])")
@@ -135,10 +145,15 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("moving", type=Path)
     reg.add_argument("-o", "--output", type=Path, required=True, help="output directory")
     _add_registration_options(reg)
+    reg.add_argument("--init", choices=INITS, default="header",
+                     help="starting alignment in world (mm) space: header (the images' affines, default), center "
+                          "(centres of mass) or moments (centres and principal axes); clear registration")
     app = sub.add_parser("apply", help="resample an image with a saved transform onto a reference grid")
     app.add_argument("image", type=Path, help="image (or label map) in the moving image's grid")
-    app.add_argument("-t", "--transform", type=Path, required=True,
-                     help="transform.json or displacement.nii.gz written by 'ppreg register'")
+    app.add_argument("-t", "--transform", type=Path, required=True, action="append",
+                     help="transform.json or displacement.nii.gz written by 'ppreg register', or ITK/ANTs files "
+                          "(itk_linear.mat/.txt, an ITK displacement field such as itk_warp.nii.gz), repeatable "
+                          "in antsApplyTransforms order (the last is applied first)")
     app.add_argument("-r", "--reference", type=Path, required=True, help="the fixed image (output grid)")
     app.add_argument("-o", "--output", type=Path, required=True, help="output NIfTI file")
     app.add_argument("--interpolation", choices=("linear", "nearest"), default="linear",
@@ -179,9 +194,13 @@ def _run_register(args) -> int:
             optimizer=args.optimizer, flash_options={k: v for k, v in (("band_size", args.band_size), ("alpha", args.alpha),
                                              ("sigma", args.sigma), ("estimate_alpha", args.estimate_alpha or None))
                            if v is not None},
-            model=args.model, samples=args.samples,
+            model=args.model, samples=args.samples, lncc_open=args.lncc_open, init=args.init, audit=args.audit,
         )
-    except (ValueError, OverflowError, FloatingPointError, ImportError) as exc:
+        if result.fixed_affine is None:  # drivers that register on one grid: world through the images' headers
+            result = dataclasses.replace(result, fixed_affine=world_affine(fixed, fixed.ndim, "fixed"),
+                                         moving_affine=world_affine(moving, moving.ndim, "moving"))
+    except (ValueError, ArithmeticError, ImportError) as exc:  # ArithmeticError: OverflowError, FloatingPointError,
+        # and a secure lncc iteration whose truncations wrapped in every retry (TruncationFailure)
         raise CLIError(str(exc)) from None
     write_outputs(args.output, result, fixed.affine, plot_fixed=fixed.data if args.plot else None)
     print(f"{result.transform} registration ({args.secure}): {result.iterations} iterations, "
@@ -192,7 +211,9 @@ def _run_register(args) -> int:
 def write_outputs(outdir: Path, result, affine, *, plot_fixed=None) -> None:
     """Write warped.nii.gz, displacement.nii.gz, transform.json, report.json (and velocity.nii.gz
     for svf; registration.png when ``plot_fixed``, the fixed image, is given) into ``outdir``
-    (staged, then moved)."""
+    (staged, then moved), and the ITK files of :func:`ppreg.itk.write_itk` (``itk_linear.mat``,
+    ``itk_linear.txt``, ``itk_warp.nii.gz`` for a deformable result). A result without affines
+    (``fixed_affine`` None) is taken to be on the fixed grid ``affine`` (4x4) for both images."""
     outdir = Path(outdir)
     parent = outdir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +228,11 @@ def write_outputs(outdir: Path, result, affine, *, plot_fixed=None) -> None:
         for name, image in result.output_images().items():
             save(Image(np.asarray(image, np.float32), affine), stage / name)
             names.append(name)
+        if getattr(result, "fixed_affine", "absent") is None:
+            w = reduce_affine(affine, np.ndim(result.warped), "fixed")
+            result = dataclasses.replace(result, fixed_affine=w, moving_affine=w)
+        if hasattr(result, "world_transform"):
+            names += write_itk(stage, result)
         atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
         atomic_write_text(stage / "report.json", json.dumps(result.report_json(), indent=2) + "\n")
         if plot_fixed is not None:
@@ -230,9 +256,11 @@ def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
                 from .spectral.register import displacement_from_document
 
                 return grid + displacement_from_document(doc, tuple(shape))
-            if doc.get("type") in DEFORMABLE:
+            if doc.get("type") in DEFORMABLE and "matrix" not in doc:
                 return grid + _deformable_field(doc, shape, path)
             points = grid
+            if doc.get("type") in DEFORMABLE:  # images on different grids: the header start, x -> M0 (x + u(x))
+                points = grid + _deformable_field(doc, shape, path)
             if "deformable" in doc:  # pipeline: x -> A (x + u(x))
                 points = grid + _deformable_field(doc["deformable"], shape, path)
                 doc = doc["linear"]
@@ -289,10 +317,48 @@ def _sibling_field(path: Path, name: str, shape: tuple[int, ...], what: str) -> 
     return field
 
 
+def _itk_coords(paths: list[Path], reference: Image, image: Image) -> np.ndarray:
+    """Image voxel coordinates of every reference voxel through ITK transform files (world space).
+
+    Reference voxel ``x`` goes to world ``W_ref x`` (RAS+ mm; 2D: z = 0), through the transforms from
+    the last listed to the first (antsApplyTransforms' order), and to the image's continuous index
+    through its affine. Returns float32 ``(*reference.shape, d)``.
+    """
+    d = reference.ndim
+    try:
+        w_ref = embed3(world_affine(reference, d, "reference"))
+        w_img = embed3(world_affine(image, d, "image"))
+        maps = [read_itk(p) for p in paths]
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    grid = np.asarray(identity_grid(reference.shape), np.float64).reshape(-1, d)
+    pts = np.concatenate([grid, np.zeros((grid.shape[0], 3 - d))], axis=1) @ w_ref[:3, :3].T + w_ref[:3, 3]
+    for apply in reversed(maps):
+        pts = apply(pts)
+    if d == 2 and np.abs(pts[:, 2]).max() > 1e-3:  # ppreg writes 2D transforms with z the identity
+        raise CLIError(f"the transforms {', '.join(map(str, paths))} move points of the 2D reference out of its plane "
+                       f"(by up to {np.abs(pts[:, 2]).max():.3g} mm): not a 2D registration")
+    inv = np.linalg.inv(w_img)
+    idx = pts @ inv[:3, :3].T + inv[:3, 3]
+    return np.asarray(idx[:, :d].reshape(tuple(reference.shape) + (d,)), np.float32)
+
+
 def _run_apply(args) -> int:
     reference = _load(args.reference)
     image = _load(args.image, ndim=reference.ndim)
-    coords = _transform_coords(args.transform, reference.shape)
+    paths = list(args.transform)
+    itk = [is_itk_transform(p) for p in paths]
+    if any(itk):
+        if not all(itk):
+            raise CLIError("ITK transform files cannot be chained with ppreg's transform.json or displacement.nii.gz; "
+                           f"got {', '.join(map(str, paths))}")
+        coords = _itk_coords(paths, reference, image)
+    elif len(paths) != 1:
+        raise CLIError(f"give one ppreg transform (transform.json or displacement.nii.gz), got {len(paths)}")
+    else:
+        coords = _transform_coords(paths[0], reference.shape)
     if args.interpolation == "nearest":
         out, dtype = interpolate_nearest(image.data, coords), _disk_dtype(args.image)
     else:

@@ -32,32 +32,45 @@ def identity_grid(shape: tuple[int, ...]) -> jnp.ndarray:
     return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
 
 
-def level_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
+def _axis_factors(factor, ndim: int) -> tuple[int, ...]:
+    """A shrink factor (int) or one per axis (a sequence) as a per-axis tuple of positive ints."""
+    factors = tuple(factor) if isinstance(factor, (tuple, list)) else (factor,) * ndim
+    if len(factors) != ndim or any(int(f) != f or f < 1 for f in factors):
+        raise ValueError(f"pyramid shrink factor must be a positive integer, got {factor!r} (or a tuple of "
+                         f"{ndim}, one per axis)")
+    return tuple(int(f) for f in factors)
+
+
+def level_shape(shape: tuple[int, ...], factor) -> tuple[int, ...]:
     """Spatial shape of a pyramid level with shrink ``factor`` (at least 2 voxels per axis).
 
+    ``factor`` is an int (every axis) or a tuple of per-axis ints (anisotropic grids,
+    :func:`ppreg.space.axis_factors`).
+
     Raises:
-        ValueError: if ``factor`` is not a positive integer or the level would have
+        ValueError: if ``factor`` is not a positive integer (per axis) or the level would have
             fewer than 2 voxels along an axis.
     """
-    if int(factor) != factor or factor < 1:
-        raise ValueError(f"pyramid shrink factor must be a positive integer, got {factor!r}")
-    out = tuple(n // int(factor) for n in shape)
+    factors = _axis_factors(factor, len(shape))
+    out = tuple(n // f for n, f in zip(shape, factors))
     if min(out) < 2:
         raise ValueError(f"shrink factor {factor} is too large for image shape {tuple(shape)}")
     return out
 
 
-def level_coordinates(shape: tuple[int, ...], factor: int) -> jnp.ndarray:
+def level_coordinates(shape: tuple[int, ...], factor) -> jnp.ndarray:
     """Full-resolution indices of the voxels of a pyramid level.
 
     Args:
         shape: full-resolution spatial shape.
-        factor: integer shrink factor ``s``.
+        factor: integer shrink factor ``s``, or a tuple of one per axis.
 
     Returns:
-        float32 ``(*level_shape(shape, s), ndim)`` with values ``s * i + (s - 1) / 2``.
+        float32 ``(*level_shape(shape, s), ndim)`` with values ``s * i + (s - 1) / 2`` (per axis).
     """
     coarse = level_shape(shape, factor)
+    if isinstance(factor, (tuple, list)):
+        factor = jnp.asarray(factor, jnp.float32)
     return identity_grid(coarse) * factor + (factor - 1) / 2.0
 
 
@@ -90,11 +103,17 @@ def blur_matrix(n: int, sigma: float) -> np.ndarray:
     return m.astype(np.float32)
 
 
-def _blur_axes(x: jnp.ndarray, sigma: float, axes: int) -> jnp.ndarray:
-    """Blur the first ``axes`` axes of ``x`` with :func:`blur_matrix` (one contraction per axis)."""
+def _blur_axes(x: jnp.ndarray, sigma, axes: int) -> jnp.ndarray:
+    """Blur the first ``axes`` axes of ``x`` with :func:`blur_matrix` (one contraction per axis);
+    ``sigma`` is one value or a tuple of one per axis (0 leaves that axis alone)."""
     letters = "abcdefgh"[: x.ndim]
+    sigmas = tuple(sigma) if isinstance(sigma, (tuple, list)) else (sigma,) * axes
+    if len(sigmas) != axes:
+        raise ValueError(f"expected one sigma or {axes} (one per spatial axis), got {sigma!r}")
     for axis in range(axes):
-        m = jnp.asarray(blur_matrix(x.shape[axis], float(sigma)), x.dtype)
+        if sigmas[axis] <= 0:
+            continue
+        m = jnp.asarray(blur_matrix(x.shape[axis], float(sigmas[axis])), x.dtype)
         spec = f"z{letters[axis]},{letters}->{letters.replace(letters[axis], 'z')}"
         x = jnp.einsum(spec, m, x, precision=jax.lax.Precision.HIGHEST)
     return x
@@ -106,18 +125,22 @@ def gaussian_blur(image: jnp.ndarray, sigma: float) -> jnp.ndarray:
 
     Args:
         image: float array ``(*spatial)``.
-        sigma: standard deviation in voxels (same on every axis); ``0`` returns the input.
+        sigma: standard deviation in voxels, one value (every axis) or a tuple of one per axis
+            (anisotropic grids: :func:`ppreg.space.axis_sigmas`); ``0`` returns the input.
 
     Returns:
         Array of the same shape and dtype.
+
+    Raises:
+        ValueError: a sigma tuple whose length is not ``image.ndim``.
     """
-    if sigma <= 0:
+    if not isinstance(sigma, (tuple, list)) and sigma <= 0:
         return image
     return _blur_axes(image, sigma, image.ndim)
 
 
 @partial(jax.jit, static_argnames="factor")
-def downsample(image: jnp.ndarray, factor: int) -> jnp.ndarray:
+def downsample(image: jnp.ndarray, factor) -> jnp.ndarray:
     """One pyramid level: Gaussian blur (sigma = factor / 2 voxels) then block-centre sampling.
 
     The sample at coarse index ``i`` is the blurred image at full-resolution index
@@ -126,7 +149,9 @@ def downsample(image: jnp.ndarray, factor: int) -> jnp.ndarray:
 
     Args:
         image: float32 ``(*spatial)``.
-        factor: integer shrink factor; ``1`` returns the input unchanged.
+        factor: integer shrink factor; ``1`` returns the input unchanged. A tuple gives one factor
+            per axis (a tuple, even of equal factors, is hashed apart from the int: pass the int
+            for isotropic grids), each axis blurred by ``factor_k / 2`` and sampled as above.
 
     Returns:
         float32 ``level_shape(image.shape, factor)``.
@@ -135,18 +160,28 @@ def downsample(image: jnp.ndarray, factor: int) -> jnp.ndarray:
         ValueError: see :func:`level_shape`.
     """
     coarse = level_shape(image.shape, factor)
+    if isinstance(factor, (tuple, list)):
+        out = gaussian_blur(image, tuple(f / 2.0 if f > 1 else 0.0 for f in factor))
+        for axis, (n, f) in enumerate(zip(coarse, factor)):
+            if f > 1:
+                out = _block_centres(out, axis, n, f)
+        return out
     if factor == 1:
         return image
     out = gaussian_blur(image, factor / 2.0)
     for axis, n in enumerate(coarse):
-        lo = factor // 2 - 1 if factor % 2 == 0 else factor // 2
-        take_lo = jnp.take(out, lo + factor * jnp.arange(n), axis=axis)
-        if factor % 2 == 0:
-            take_hi = jnp.take(out, lo + 1 + factor * jnp.arange(n), axis=axis)
-            out = 0.5 * (take_lo + take_hi)
-        else:
-            out = take_lo
+        out = _block_centres(out, axis, n, factor)
     return out
+
+
+def _block_centres(out: jnp.ndarray, axis: int, n: int, factor: int) -> jnp.ndarray:
+    """Samples at ``factor * i + (factor - 1) / 2``, ``i < n``, along ``axis`` (mean of two for even factors)."""
+    lo = factor // 2 - 1 if factor % 2 == 0 else factor // 2
+    take_lo = jnp.take(out, lo + factor * jnp.arange(n), axis=axis)
+    if factor % 2 == 0:
+        take_hi = jnp.take(out, lo + 1 + factor * jnp.arange(n), axis=axis)
+        return 0.5 * (take_lo + take_hi)
+    return take_lo
 
 
 def gradient(image: jnp.ndarray) -> jnp.ndarray:
@@ -164,7 +199,7 @@ def gradient(image: jnp.ndarray) -> jnp.ndarray:
 @partial(jax.jit, static_argnames="sigma")
 def smooth_field(field: jnp.ndarray, sigma: float) -> jnp.ndarray:
     """Gaussian smoothing of each component of a vector field ``(*spatial, ndim)`` (sigma in voxels)."""
-    if sigma <= 0:
+    if not isinstance(sigma, (tuple, list)) and sigma <= 0:
         return field
     return _blur_axes(field, sigma, field.ndim - 1)
 

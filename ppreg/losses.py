@@ -214,7 +214,7 @@ def lncc(
             :data:`LNCC_FLAT_FLOOR` is the value registration uses. With ``floor > 0`` the
             counted windows use ``D^2 / (E F)`` without ``eps`` (as ITK; ``E F > floor^2``),
             so the value is exactly scale-invariant and ``1 / (E F)`` splits into the two
-            images' own factors (:mod:`ppreg.secure.lcc` relies on it).
+            images' own factors (:mod:`ppreg.secure.protocols.lcc` relies on it).
 
     Returns:
         float32 scalar, or ``(*spatial)`` for ``"none"``.

@@ -9,6 +9,12 @@
     ppreg party --role fixed --image J.nii.gz --connect HOST:PORT --dealer HOST:PORT --key fixed.key \\
         --peer moving.pub --dealer-key dealer.pub [--policy FILE] [--report FILE]
 
+``--secure ckks`` (moving party: the packed CKKS protocol, ssd with a linear transform, or points;
+the dealer process still runs: it binds the session), ``--transform flash`` (FLASH under MPC) and
+``--points FILE`` (both parties, instead of ``--image``: paired ``(n, d)`` points, CSV or ``.npy``;
+the moving party adds ``--extent``) run over the same three processes; the fixed party and the
+dealer need no option for them (their policy decides).
+
 The moving party writes OUTDIR as ``ppreg register`` does (staged, then moved in); each process
 writes its own report with ``--report`` (own compute, bytes, time per operation; the fixed party and
 the dealer: their policy and what they revealed). The fixed party and the dealer refuse what their
@@ -27,15 +33,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import zmq
 
 from ._atomic import atomic_write_text
-from .register import Result
+from .result import Result
 from .sampling import METHODS
-from .secure import keys
-from .secure.channel import ProtocolError
+from .secure.net import keys
+from .secure.net.channel import ProtocolError
 from .secure.parties import TRANSFORMS
 from .secure.policy import load_policy
 
@@ -56,6 +63,17 @@ def add_parsers(sub, *, levels_type, fraction_type, iterations_type) -> None:
     p.add_argument("--role", choices=tuple(ROLES), required=True)
     p.add_argument("--key", type=Path, required=True, help="this process's secret key file (NAME.key)")
     p.add_argument("--image", type=Path, help="moving/fixed: this party's image (NIfTI)")
+    p.add_argument("--points", type=Path,
+                   help="moving/fixed, instead of --image: this party's paired points, an (n, d) array (d = 2 or 3; "
+                        "row i of both files is the same landmark) as CSV (n lines of d numbers) or .npy")
+    p.add_argument("--extent", type=float, default=None,
+                   help="moving, with --points: public bound on |x - centroid| per coordinate of either set "
+                        "(e.g. the largest image side)")
+    p.add_argument("--secure", choices=("mpc", "ckks"), default="mpc",
+                   help="moving: mpc (secret sharing with the dealer, default) or ckks (packed CKKS: ssd with a "
+                        "linear transform, or --points; needs ppreg[fhe] in the moving and fixed processes)")
+    p.add_argument("--ckks-variant", choices=("packed",), default="packed",
+                   help="moving, --secure ckks: packed (the paper's v1/v2 run in one process: ppreg register)")
     p.add_argument("--listen", help="dealer, moving: HOST:PORT to listen on")
     p.add_argument("--connect", help="fixed: HOST:PORT of the moving party")
     p.add_argument("--dealer", help="moving, fixed: HOST:PORT of the dealer")
@@ -73,7 +91,13 @@ def add_parsers(sub, *, levels_type, fraction_type, iterations_type) -> None:
     p.add_argument("--policy", type=Path, default=None,
                    help="fixed, dealer: what this process agrees to compute (JSON, or TOML for *.toml; default: the "
                         "built-in policy, see the README)")
-    p.add_argument("--transform", choices=TRANSFORMS + ("svf",), default="rigid", help="svf: with --loss lncc")
+    p.add_argument("--transform", choices=TRANSFORMS + ("svf", "flash"), default="rigid",
+                   help="svf: with --loss lncc; flash: ssd, --levels 1")
+    p.add_argument("--band-size", type=int, default=None, help="flash: odd Fourier band size per axis (default 15)")
+    p.add_argument("--alpha", type=float, default=None, help="flash: smoothness weight of L (default 100)")
+    p.add_argument("--sigma", type=float, default=None, help="flash: noise sigma, fraction of max intensity (0.03)")
+    p.add_argument("--optimizer", choices=("lbfgs", "flash"), default=None,
+                   help="flash: lbfgs (default) or flash (FLASH's step-controlled gradient descent)")
     p.add_argument("--spacing", type=int, default=4, help="bspline: finest control spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=0.01, help="bspline: bending-energy weight")
     p.add_argument("--loss", choices=("ssd", "mi", "lncc"), default="ssd",
@@ -84,6 +108,12 @@ def add_parsers(sub, *, levels_type, fraction_type, iterations_type) -> None:
     p.add_argument("--fraction", type=fraction_type, default=0.1, help="sampled fraction of voxels (default 0.1)")
     p.add_argument("--symmetric", action="store_true",
                    help="svf with lncc: SyN's two half velocities; the fixed party learns its own half and force")
+    p.add_argument("--lncc-open", choices=("smoothed", "force"), default="smoothed",
+                   help="svf with lncc: what each iteration opens: the force smoothed on the shares (default) or the "
+                        "raw per-voxel force (a fixed party's policy may require smoothed)")
+    p.add_argument("--audit", type=Path, default=None,
+                   help="write this process's audit log (JSON lines: every quantity opened to it, its shape and the "
+                        "running count; see ppreg.secure.audit); its totals go into --report and report.json")
     p.add_argument("--levels", type=levels_type, default=(4, 2, 1), help="pyramid shrink factors (default 4,2,1)")
     p.add_argument("--max-iterations", type=iterations_type, default=None,
                    help="per level, or one count per level for svf (default 100; bspline 15; svf 60, 40 at the finest)")
@@ -120,46 +150,69 @@ def run_party(args, error, load_image, write_outputs) -> int:
     limits = dict(timeout=args.timeout, max_message_bytes=int(max_mb * 2**20))
     if args.timeout <= 0 or max_mb <= 0:
         raise error("--timeout and --max-message-mb must be positive")
+    policy = _policy(args, error)
+    log = _audit(args, error)
+    try:
+        return _run_role(args, error, load_image, write_outputs, policy, log, limits)
+    finally:
+        if log is not None:
+            log.close()
+
+
+def _audit(args, error):
+    """The ``--audit`` log, opened (created) now, before any connection; ``None`` without the option."""
+    if args.audit is None:
+        return None
+    from .secure.audit import AuditLog
+
+    try:
+        return AuditLog(args.audit)
+    except ValueError as exc:
+        raise error(f"{args.role}: {exc}") from None
+
+
+def _run_role(args, error, load_image, write_outputs, policy, log, limits) -> int:
     from .secure import parties
 
     role = args.role
-    policy = _policy(args, error)
     try:
         if role == "dealer":
             _need(args, error, "listen", "peers")
             own, (moving_key, fixed_key) = _keys(args, error, *args.peers)
             report = parties.run_dealer(own, listen=args.listen, moving_key=moving_key, fixed_key=fixed_key,
-                                        policy=policy, **limits)
+                                        policy=policy, audit=log, **limits)
         elif role == "fixed":
-            _need(args, error, "image", "connect", "dealer", "peer", "dealer-key")
+            _need(args, error, "connect", "dealer", "peer", "dealer-key")
             own, (peer, dealer) = _keys(args, error, args.peer, args.dealer_key)
-            image = load_image(args.image)
-            report = parties.run_fixed(image, own, connect=args.connect, dealer=args.dealer, peer_key=peer,
-                                       dealer_key=dealer, policy=policy, **limits)
+            data = _own_data(args, error, load_image)
+            report = parties.run_fixed(data, own, connect=args.connect, dealer=args.dealer, peer_key=peer,
+                                       dealer_key=dealer, policy=policy, audit=log, **limits)
         else:
-            _need(args, error, "image", "listen", "dealer", "peer", "dealer-key", "output")
+            _need(args, error, "listen", "dealer", "peer", "dealer-key", "output")
             own, (peer, dealer) = _keys(args, error, args.peer, args.dealer_key)
-            image = load_image(args.image)
+            data = _own_data(args, error, load_image)
+            options = _moving_options(args, error)
             try:
                 result, affine, report = parties.run_moving(
-                    image, own, listen=args.listen, dealer=args.dealer, peer_key=peer, dealer_key=dealer, **limits,
-                    transform=args.transform, levels=args.levels, max_iterations=args.max_iterations,
-                    frac_bits=args.frac_bits, loss=args.loss, **_sampling_options(args, error),
-                    **(dict(spacing=args.spacing, regularization=args.regularization)
-                       if args.transform == "bspline" else {}),
-                    **(dict(bins=args.bins) if args.loss == "mi" else {}),
+                    data, own, listen=args.listen, dealer=args.dealer, peer_key=peer, dealer_key=dealer, audit=log,
+                    **limits, secure=args.secure, **options,
                     on_connect=lambda: print("moving: connected to the fixed party and the dealer", file=sys.stderr,
                                              flush=True))
-            except (OverflowError, FloatingPointError) as exc:
+            except ArithmeticError as exc:  # OverflowError, FloatingPointError, lncc's TruncationFailure
                 raise SessionError(f"moving: {exc}") from None
-            write_outputs(args.output, result, affine)
+            if log is not None and hasattr(result, "audit"):  # report.json gets the totals party1 received
+                result = replace(result, audit=report["audit"])
+            if args.points is not None:
+                _write_points(args.output, result)
+            else:
+                write_outputs(args.output, result, affine)
             if args.report is not None:
                 atomic_write_text(args.report, json.dumps(dict(report, role=role), indent=2) + "\n")
-            _print_moving(result, report["wall_s"], args.output)
+            _print_moving(result, report["wall_s"], args.output, args.secure)
             return 0
     except SESSION_ERRORS as exc:
         raise SessionError(str(exc) if str(exc).startswith(ROLES[role]) else f"{ROLES[role]}: {exc}") from None
-    except ValueError as exc:  # bad addresses, images or options
+    except (ValueError, ImportError) as exc:  # bad addresses, images or options; --secure ckks without TenSEAL
         raise error(f"{role}: {exc}") from None
     if args.report is not None:
         atomic_write_text(args.report, json.dumps(dict(report, role=role), indent=2) + "\n")
@@ -174,29 +227,96 @@ def _policy(args, error):
         return None
     if args.role == "moving":
         raise error("--policy is for the fixed party and the dealer (the moving party leads)")
+    from .secure import parties  # noqa: F401 - registers every protocol's operations (names a policy may list)
+
     try:
         return load_policy(args.policy)
     except (FileNotFoundError, ValueError) as exc:
         raise error(f"{args.role}: {exc}") from None
 
 
+def load_points(path: Path):
+    """A point file as float64 ``(n, d)``: ``.npy`` (``numpy.load``, no pickles) or text/CSV (``numpy.loadtxt``,
+    comma or whitespace separated, ``#`` comments).
+
+    Raises:
+        FileNotFoundError: unreadable. ValueError: not numbers, or not ``(n, d)`` with d in {2, 3} and n >= d.
+    """
+    import numpy as np
+
+    from .secure.protocols.points import check_points
+
+    try:
+        if path.suffix.lower() == ".npy":
+            data = np.load(path, allow_pickle=False)
+        else:
+            text = path.read_text()
+            data = np.loadtxt(text.splitlines(), delimiter="," if "," in text else None, ndmin=2)
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read point file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"point file {path}: {exc}") from None
+    return check_points(data, f"point file {path}")
+
+
+def _own_data(args, error, load_image):
+    """This party's image (``--image``) or points (``--points``): exactly one of them."""
+    if (args.image is None) == (args.points is None):
+        raise error(f"--role {args.role} needs --image or --points (one of them)")
+    if args.image is not None:
+        return load_image(args.image)
+    try:
+        return load_points(args.points)
+    except (FileNotFoundError, ValueError) as exc:
+        raise error(f"{args.role}: {exc}") from None
+
+
+def _moving_options(args, error) -> dict:
+    """The moving party's registration options from the command line."""
+    if args.points is not None:
+        if args.extent is None:
+            raise error("moving: --points needs --extent (the public bound on the points' spread)")
+        return dict(loss="points", extent=args.extent, frac_bits=args.frac_bits)
+    if args.transform == "flash":
+        if args.loss != "ssd" or args.sampling is not None:
+            raise error("moving: --transform flash runs --loss ssd on every voxel (no --sampling)")
+        flash = {k: v for k, v in (("band_size", args.band_size), ("alpha", args.alpha), ("sigma", args.sigma),
+                                   ("optimizer", args.optimizer)) if v is not None}
+        return dict(transform="flash", levels=args.levels, max_iterations=args.max_iterations,
+                    frac_bits=args.frac_bits, **flash)
+    return dict(transform=args.transform, levels=args.levels, max_iterations=args.max_iterations,
+                frac_bits=args.frac_bits, loss=args.loss, **_sampling_options(args, error),
+                **(dict(spacing=args.spacing, regularization=args.regularization)
+                   if args.transform == "bspline" else {}),
+                **(dict(bins=args.bins) if args.loss == "mi" else {}))
+
+
+def _write_points(outdir: Path, result) -> None:
+    """A point-cloud registration's ``transform.json`` and ``report.json`` in ``outdir``."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(outdir / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
+    atomic_write_text(outdir / "report.json", json.dumps(result.report_json(), indent=2) + "\n")
+
+
 def _sampling_options(args, error) -> dict:
     """``sampling``, ``fraction`` and ``key`` for the losses that sample voxels; lncc uses every voxel
     and takes ``--symmetric``."""
     if args.loss != "lncc":
-        if args.symmetric:
-            raise error("moving: --symmetric goes with --transform svf --loss lncc")
+        if args.symmetric or args.lncc_open != "smoothed":
+            raise error("moving: --symmetric and --lncc-open go with --transform svf --loss lncc")
         return dict(sampling=args.sampling, fraction=args.fraction, key=args.seed)
     if args.sampling is not None:
         raise error("moving: --loss lncc uses every voxel (no --sampling)")
-    return dict(symmetric=args.symmetric)
+    return dict(symmetric=args.symmetric, lncc_open=args.lncc_open)
 
 
-def _print_moving(result: Result, wall: float, outdir: Path) -> None:
+def _print_moving(result: Result, wall: float, outdir: Path, secure: str = "mpc") -> None:
     b = result.bytes
-    print(f"moving: {result.transform} registration (mpc, 3 processes): {result.iterations} iterations, final mean "
-          f"squared error {result.final_loss:.4f}, {wall:.2f} s; online bytes sent: party1 {b['party1']['online']}, "
-          f"party2 {b['party2']['online']}; wrote {outdir}")
+    points = not hasattr(result, "iterations")  # a point-cloud registration (parties.PointsResult)
+    what = "rigid point-cloud" if points else result.transform
+    steps = "" if points else f" {result.iterations} iterations, final mean squared error {result.final_loss:.4f},"
+    print(f"moving: {what} registration ({secure}, 3 processes):{steps} {wall:.2f} s; online bytes sent: party1 "
+          f"{b['party1']['online']}, party2 {b['party2']['online']}; wrote {outdir}")
 
 
 # --- ppreg demo --processes ----------------------------------------------------------------------
@@ -210,8 +330,9 @@ def free_port() -> int:
 
 
 def party_commands(workdir: Path, fixed: Path, moving: Path, outdir: Path, options: list[str], *,
-                   timeout: float = 120.0) -> dict[str, list[str]]:
-    """Key pairs in ``workdir`` and the three ``ppreg party`` command lines on free loopback ports."""
+                   timeout: float = 120.0, policy: Path | None = None) -> dict[str, list[str]]:
+    """Key pairs in ``workdir`` and the three ``ppreg party`` command lines on free loopback ports
+    (``policy``: the ``--policy`` file of the fixed party and the dealer; ``None``: their default)."""
     for name in ROLES:
         if not (workdir / f"{name}.key").exists():
             keys.write_keypair(workdir / name)
@@ -219,12 +340,13 @@ def party_commands(workdir: Path, fixed: Path, moving: Path, outdir: Path, optio
     base = [sys.executable, "-m", "ppreg.cli", "party", "--timeout", str(timeout)]
     k = {name: str(workdir / f"{name}.key") for name in ROLES}
     pub = {name: str(workdir / f"{name}.pub") for name in ROLES}
+    follower = [] if policy is None else ["--policy", str(policy)]
     return {
         "dealer": base + ["--role", "dealer", "--listen", dealer, "--key", k["dealer"], "--peers", pub["moving"],
-                          pub["fixed"], "--report", str(workdir / "dealer_report.json")],
+                          pub["fixed"], "--report", str(workdir / "dealer_report.json")] + follower,
         "fixed": base + ["--role", "fixed", "--image", str(fixed), "--connect", moving_at, "--dealer", dealer,
                          "--key", k["fixed"], "--peer", pub["moving"], "--dealer-key", pub["dealer"],
-                         "--report", str(workdir / "fixed_report.json")],
+                         "--report", str(workdir / "fixed_report.json")] + follower,
         "moving": base + ["--role", "moving", "--image", str(moving), "--listen", moving_at, "--dealer", dealer,
                           "--key", k["moving"], "--peer", pub["fixed"], "--dealer-key", pub["dealer"],
                           "-o", str(outdir), "--report", str(workdir / "moving_report.json")] + options,
@@ -279,7 +401,7 @@ def load_result(outdir: Path) -> Result:
     import numpy as np
 
     from .image import load, load_field
-    from .register import LevelReport
+    from .result import LevelReport
 
     rep = json.loads((outdir / "report.json").read_text())
     doc = json.loads((outdir / "transform.json").read_text())
@@ -301,15 +423,17 @@ def load_result(outdir: Path) -> Result:
 
 
 def register_processes(fixed, moving, *, secure: str = "mpc", timeout: float = 600.0, reports: dict | None = None,
-                       **options) -> Result:
+                       policy: dict | None = None, **options) -> Result:
     """One secure registration as three local ``ppreg party`` processes on the loopback interface.
 
     Args:
         fixed, moving: :class:`~ppreg.image.Image` (written to a private temporary directory).
-        secure: must be ``"mpc"`` (accepted so that the call matches :func:`ppreg.register`).
+        secure: ``"mpc"`` or ``"ckks"`` (``--secure ckks``: packed, linear transforms).
         timeout: seconds before the processes are killed.
         reports: if a dict, filled with each process's own report (``"moving"``, ``"fixed"``,
             ``"dealer"``: ``{"time_s", "wall_s", "online", "offline", "ops"}``).
+        policy: the fixed party's and the dealer's policy (keys of :mod:`ppreg.secure.policy`,
+            written to a JSON ``--policy`` file); ``None``: their default.
         options: ``transform``, ``loss``, ``sampling``, ``fraction``, ``levels``, ``max_iterations``,
             ``seed``, ``frac_bits``, ``spacing``, ``regularization``, ``bins`` (as ``ppreg party``).
 
@@ -317,19 +441,24 @@ def register_processes(fixed, moving, *, secure: str = "mpc", timeout: float = 6
         the moving party's result (times and bytes as each process measured them).
 
     Raises:
-        ValueError: ``secure`` is not ``"mpc"``. RuntimeError: a process failed (the error lines are in
+        ValueError: ``secure`` is not ``"mpc"`` or ``"ckks"``. RuntimeError: a process failed (the error lines are in
             the message).
     """
     from .image import save
 
-    if secure != "mpc":
-        raise ValueError(f"three-process registration is secure (mpc), got secure={secure!r}")
+    if secure not in ("mpc", "ckks"):
+        raise ValueError(f"three-process registration is secure (mpc or ckks), got secure={secure!r}")
+    if secure == "ckks":
+        options = dict(options, secure="ckks")
     with tempfile.TemporaryDirectory(prefix="ppreg-parties-") as tmp:
         work = Path(tmp)
         save(fixed, work / "fixed.nii.gz")
         save(moving, work / "moving.nii.gz")
+        if policy is not None:
+            (work / "policy.json").write_text(json.dumps(policy))
         commands = party_commands(work, work / "fixed.nii.gz", work / "moving.nii.gz", work / "out",
-                                  _option_args(options), timeout=min(timeout, 120.0))
+                                  _option_args(options), timeout=min(timeout, 120.0),
+                                  policy=None if policy is None else work / "policy.json")
         done = run_processes(commands, timeout=timeout)
         failed = {n: p.stderr.strip().splitlines()[-1:] for n, p in done.items() if p.returncode != 0}
         if failed:

@@ -5,9 +5,9 @@ import threading
 
 import numpy as np
 
-from ppreg.secure import dealer as dealer_mod
+from ppreg.secure.mpc import dealer as dealer_mod
 from ppreg.secure import session as session_mod
-from ppreg.secure.channel import InProcessChannel, decode_message
+from ppreg.secure.net.channel import InProcessChannel, decode_message
 
 HEAD = 8  # fixed frame header: magic (4) + version, dtype code, ndim, tag length (1 each)
 

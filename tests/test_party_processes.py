@@ -18,6 +18,7 @@ import pytest
 from ppreg.cli import enable_compilation_cache, main
 from ppreg.data import load_sample
 from ppreg.image import Image, load, load_field, save
+from ppreg.itk import LINEAR_MAT, LINEAR_TXT, WARP_FILE
 from ppreg.party_cli import party_commands, start_processes, wait_processes
 from ppreg.register import register
 
@@ -63,6 +64,12 @@ def sessions(tmp_path_factory):
         save(runs[case]["moving"], work / "moving.nii.gz")
         commands = party_commands(work, work / "fixed.nii.gz", work / "moving.nii.gz", work / "out", _args(options),
                                   timeout=60)
+        for name in commands:  # each process's audit log (ppreg.secure.audit)
+            commands[name] += ["--audit", str(work / f"{name}_audit.jsonl")]
+        if case == "bspline":  # party2 and the dealer opt in: their default refuses the B-spline (issue 13)
+            (work / "policy.json").write_text(json.dumps({"max_spline_functionals_per_voxel": 1.0}))
+            for name in ("fixed", "dealer"):
+                commands[name] += ["--policy", str(work / "policy.json")]
         procs[case] = start_processes(commands)
     for case in runs:
         runs[case]["done"] = wait_processes(procs[case], timeout=240)
@@ -83,6 +90,7 @@ def _check_outputs(run, case, *, rel=1e-6, slack=400):
     assert rep["final_loss"] == pytest.approx(ref.final_loss, rel=rel)
     files = ["displacement.nii.gz", "report.json", "transform.json", "warped.nii.gz"]
     files += [doc[k] for k in ("velocity", "fixed_velocity") if k in doc]
+    files += [LINEAR_MAT, LINEAR_TXT] + ([WARP_FILE] if doc["type"] in ("bspline", "svf") else [])
     assert sorted(p.name for p in out.iterdir()) == sorted(files)
     # traffic as each process counted it: party2's own report agrees with the moving party's report
     fixed_rep = json.loads((run["work"] / "fixed_report.json").read_text())
@@ -142,7 +150,7 @@ def test_three_processes_equal_in_process_register_lncc(sessions):
         half, _ = load_field(out / name)
         np.testing.assert_allclose(half, ref, atol=1e-3)
         assert np.max(np.abs(ref)) > 0.1  # each half moved
-    # per voxel and iteration party1 sends (21 + 3 d) ring elements (ppreg.secure.lcc, both forces)
+    # per voxel and iteration party1 sends (21 + 3 d) ring elements (ppreg.secure.protocols.lcc, both forces)
     n = [int(np.prod(lv.shape)) * lv.iterations for lv in run["ref"].levels]
     assert run["ref"].bytes_per_iteration["party1"] >= 27 * 8 * sum(n) / run["ref"].iterations
     work = run["work"]
@@ -150,6 +158,49 @@ def test_three_processes_equal_in_process_register_lncc(sessions):
                  str(work / "fixed.nii.gz"), "-o", str(work / "applied.nii.gz")]) == 0
     applied = load(work / "applied.nii.gz").data
     np.testing.assert_allclose(applied, load(out / "warped.nii.gz").data, atol=1e-3 * np.abs(applied).max())
+
+
+def _audit(run, name):
+    return [json.loads(line) for line in (run["work"] / f"{name}_audit.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("case", tuple(CASES))
+def test_audit_logs_agree_with_the_reports_and_the_protocol(sessions, case):
+    """Issue 13 (audit log): each process's ``--audit`` lines, from the real decode points, add up to
+    what its report and report.json state, party1's receipts equal what party2's policy counted as
+    released (its own formula), and both equal the per-protocol count: ``P`` numbers per Gauss-Newton
+    query, ``d`` per control point per B-spline query, ``bins^2 + P`` per MI iteration, ``n d + 1`` per
+    lncc iteration (party2: its own ``n d`` force) and ``n d`` for party2's half; one final SSD."""
+    run, ref = sessions[case], sessions[case]["ref"]
+    for name, proc in run["done"].items():
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+    logs = {name: _audit(run, name) for name in ("moving", "fixed", "dealer")}
+    reports = {name: json.loads((run["work"] / f"{name}_report.json").read_text()) for name in logs}
+    for name, lines in logs.items():
+        assert [ln["seq"] for ln in lines] == list(range(1, len(lines) + 1))
+        for direction in ("received", "released"):
+            mine = [ln for ln in lines if ln["direction"] == direction]
+            assert [ln["total"] for ln in mine] == list(np.cumsum([ln["count"] for ln in mine]))
+            assert reports[name]["audit"][direction] == sum(ln["count"] for ln in mine)
+        assert all(ln["count"] == int(np.prod(ln["shape"])) for ln in lines if ln["direction"] == "received")
+    received = {name: reports[name]["audit"]["received"] for name in logs}
+    assert {ln["party"] for ln in logs["moving"]} == {"party1"} and received["moving"] > 0
+    assert reports["fixed"]["audit"]["released"] == reports["fixed"]["policy"]["revealed"] == received["moving"]
+    assert json.loads((run["work"] / "out" / "report.json").read_text())["audit"]["received"] == received["moving"]
+    d, its = len(ref.levels[0].shape), ref.iterations
+    k = {"linear": ref.params.size, "bspline": ref.params.size, "mi": 32 * 32 + ref.params.size}
+    if case == "lncc":
+        per_level = [int(np.prod(lv.shape)) * d * lv.iterations for lv in ref.levels]
+        full = int(np.prod(ref.levels[-1].shape)) * d
+        assert received["moving"] == sum(per_level) + its + full + 1
+        assert received["fixed"] == sum(per_level)  # party2's own (smoothed) force each iteration
+        assert {ln["name"] for ln in logs["moving"]} >= {"party2's half velocity", "local CC sum"}
+        assert any(ln["name"].startswith("smoothed force") for ln in logs["moving"])  # the default mode
+    else:
+        assert received["moving"] == k[case] * its + 1
+        samples = ref.levels[0].n_samples * its if case == "bspline" else 0  # GMS: party1's indices
+        assert received["fixed"] == received["dealer"] == samples
+        assert sum(ln["iteration"] is not None for ln in logs["moving"]) == its * (2 if case == "mi" else 1)
 
 
 def test_killed_fixed_party_stops_the_others_cleanly(sessions):

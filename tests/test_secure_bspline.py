@@ -1,4 +1,4 @@
-"""PPIR(MPC) for B-spline FFD SSD (ppreg.secure.bspline_ppir): the public map, the product
+"""PPIR(MPC) for B-spline FFD SSD (ppreg.secure.protocols.bspline): the public map, the product
 protocol within its error bound, traffic independent of the number of control points, and
 register(transform="bspline", secure="mpc") against the clear result on real data."""
 
@@ -11,7 +11,7 @@ from ppreg.data import load_sample
 from ppreg.grid import downsample
 from ppreg.metrics import field_rmse
 from ppreg.register import register
-from ppreg.secure import bspline_ppir as bp
+from ppreg.secure.protocols import bspline as bp
 from ppreg.secure.session import SecureSession
 from secure_helpers import RecordingChannel, frame_size
 

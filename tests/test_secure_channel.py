@@ -1,12 +1,12 @@
-"""Tests for ppreg.secure.channel (binary frames, in-process channel, traffic counters)."""
+"""Tests for ppreg.secure.net.channel (binary frames, in-process channel, traffic counters)."""
 
 import struct
 
 import numpy as np
 import pytest
 
-from ppreg.secure import channel as ch
-from ppreg.secure.channel import (
+from ppreg.secure.net import channel as ch
+from ppreg.secure.net.channel import (
     MAGIC,
     VERSION,
     InProcessChannel,

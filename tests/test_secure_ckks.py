@@ -1,4 +1,4 @@
-"""PPIR(FHE) with CKKS (ppreg.secure.ckks, ckks_paper, ckks_session): encrypted term vs clear,
+"""PPIR(FHE) with CKKS (ppreg.secure.ckks.packed, ckks_paper, ckks_session): encrypted term vs clear,
 wrong-key failures, traffic, registration of the ITK shifted slice, one compilation."""
 
 import json
@@ -15,10 +15,10 @@ from ppreg import register  # noqa: E402
 from ppreg.cli import main  # noqa: E402
 from ppreg.data import load_sample, sample_path  # noqa: E402
 from ppreg.metrics import displacement_rmse  # noqa: E402
-from ppreg.secure import ckks, ckks_session  # noqa: E402
-from ppreg.secure.channel import InProcessChannel, ProtocolError  # noqa: E402
-from ppreg.secure.ckks import CkksParameters, PackedParty1, PackedParty2, _Seal  # noqa: E402
-from ppreg.secure.ckks_session import CkksSession  # noqa: E402
+from ppreg.secure.ckks import packed as ckks, session as ckks_session  # noqa: E402
+from ppreg.secure.net.channel import InProcessChannel, ProtocolError  # noqa: E402
+from ppreg.secure.ckks.packed import CkksParameters, PackedParty1, PackedParty2, _Seal  # noqa: E402
+from ppreg.secure.ckks.session import CkksSession  # noqa: E402
 from secure_helpers import RecordingChannel, frame_size  # noqa: E402
 
 M, P = 5000, 3  # two chunks of 4096 slots, an odd number of columns (one padded)
@@ -247,7 +247,7 @@ def test_point_clouds_match_clear():
     from scipy.spatial.transform import Rotation
 
     from ppreg.pointcloud import boundary_points, cross_covariance, rigid_from_points
-    from ppreg.secure.ckks_points import register_points_ckks
+    from ppreg.secure.ckks.points import register_points_ckks
 
     labels = np.asarray(load_sample("colin27_aal_2mm").data)
     p = boundary_points(labels, 1, max_points=400).astype(np.float64)

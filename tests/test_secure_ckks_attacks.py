@@ -15,11 +15,11 @@ from scipy.stats import chisquare
 pytest.importorskip("tenseal")
 pytest.importorskip("zstandard")
 
-from ppreg.secure import ckks, ckks_bspline as cb, ckks_paper as cp  # noqa: E402
-from ppreg.secure.bspline_ppir import spline_map  # noqa: E402
-from ppreg.secure.channel import InProcessChannel, ProtocolError  # noqa: E402
-from ppreg.secure.ckks import PackedParty1, PackedParty2, _Seal, pack_ciphertexts  # noqa: E402
-from ppreg.secure.ckks_session import CkksSession  # noqa: E402
+from ppreg.secure.ckks import packed as ckks, bspline as cb, paper as cp  # noqa: E402
+from ppreg.secure.protocols.bspline import spline_map  # noqa: E402
+from ppreg.secure.net.channel import InProcessChannel, ProtocolError  # noqa: E402
+from ppreg.secure.ckks.packed import PackedParty1, PackedParty2, _Seal, pack_ciphertexts  # noqa: E402
+from ppreg.secure.ckks.session import CkksSession  # noqa: E402
 
 DIGITS = 26  # balanced ternary digits of the key per returned number: 2^17 (3^26 - 1) / 2 < q0 / 2
 STEP = 2**17  # above the earlier 2^16 flooding

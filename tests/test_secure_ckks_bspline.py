@@ -1,4 +1,4 @@
-"""PPIR(FHE) B-spline SSD term (ppreg.secure.ckks_bspline): R = B^T (a ⊙ J) vs clear within the
+"""PPIR(FHE) B-spline SSD term (ppreg.secure.ckks.bspline): R = B^T (a ⊙ J) vs clear within the
 documented bound, masked plaintexts (2^40 times the value bound), traffic independent of the
 control grid, wrong keys, and register(transform="bspline", secure="ckks") against the clear
 registration on the ITK slices."""
@@ -18,11 +18,11 @@ from ppreg.bspline import basis_matrices, n_params  # noqa: E402
 from ppreg.data import load_sample  # noqa: E402
 from ppreg.grid import downsample  # noqa: E402
 from ppreg.metrics import field_rmse  # noqa: E402
-from ppreg.secure import ckks_bspline as cb  # noqa: E402
-from ppreg.secure.bspline_ppir import spline_map  # noqa: E402
-from ppreg.secure.channel import ProtocolError  # noqa: E402
-from ppreg.secure.ckks import STATISTICAL_SECURITY_BITS  # noqa: E402
-from ppreg.secure.ckks_bspline import SplineParty1, SplineParty2  # noqa: E402
+from ppreg.secure.ckks import bspline as cb  # noqa: E402
+from ppreg.secure.protocols.bspline import spline_map  # noqa: E402
+from ppreg.secure.net.channel import ProtocolError  # noqa: E402
+from ppreg.secure.ckks.packed import STATISTICAL_SECURITY_BITS  # noqa: E402
+from ppreg.secure.ckks.bspline import SplineParty1, SplineParty2  # noqa: E402
 from cli_helpers import register_and_apply  # noqa: E402
 from secure_helpers import RecordingChannel  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""PPIR(MPC) for FLASH (ppreg.secure.flash_mpc): the target terms against float64, and a secure
+"""PPIR(MPC) for FLASH (ppreg.secure.protocols.flash): the target terms against float64, and a secure
 registration against the clear one on the ITK slices (shrunk 4x: 64 x 55)."""
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 
 from ppreg import register
 from ppreg.data import load_sample
-from ppreg.register import scale_exponent
-from ppreg.secure import flash_mpc
-from ppreg.secure.shares import TwoPartySession
+from ppreg.options import scale_exponent
+from ppreg.secure.protocols import flash as flash_mpc
+from ppreg.secure.mpc.shares import TwoPartySession
 from ppreg.spectral import descent
 from ppreg.spectral.products import from_image
 from ppreg.spectral.symbols import Band

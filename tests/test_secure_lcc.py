@@ -1,7 +1,9 @@
-"""PPIR(MPC) local cross-correlation (ppreg.secure.lcc).
+"""PPIR(MPC) local cross-correlation (ppreg.secure.protocols.lcc).
 
 Real data: a 48 x 48 crop of the ITK brain slices (Border20 fixed, BSplined10 moving).
 """
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,8 @@ from scipy.stats import chisquare
 from ppreg import load_sample
 from ppreg.grid import gradient
 from ppreg.losses import lncc
-from ppreg.secure import lcc
-from ppreg.secure.shares import TwoPartySession
+from ppreg.secure.protocols import lcc
+from ppreg.secure.mpc.shares import TwoPartySession
 from secure_helpers import RecordingChannel
 
 SEEDS = (b"c" * 32, b"d" * 32)
@@ -217,7 +219,9 @@ def test_symmetric_forces_match_clear_autodiff(images):
 def test_symmetric_secure_registration_follows_the_clear_syn_loop(images):
     """register(secure="mpc", symmetric=True): two half velocities, party2 updating its own, the same
     iterates as the clear SyN loop (lcc.syn_clear) to fixed-point rounding; the output composes both."""
-    from ppreg.register import SVF_STEPS, deformable_displacement, register
+    from ppreg.options import SVF_STEPS
+    from ppreg.register import register
+    from ppreg.result import deformable_displacement
 
     fixed, moving = images
     opts = dict(levels=(2, 1), max_iterations=4)
@@ -238,8 +242,8 @@ def test_symmetric_secure_registration_follows_the_clear_syn_loop(images):
 
 def test_malformed_round_messages_are_refused(images):
     """A masked input of the wrong shape, or an unknown round, stops the receiving party with a clear error."""
-    from ppreg.secure.channel import ProtocolError
-    from ppreg.secure.private import endpoints, send_masked
+    from ppreg.secure.net.channel import ProtocolError
+    from ppreg.secure.mpc.private import endpoints, send_masked
 
     fixed, moving = images
     session = TwoPartySession(seeds=SEEDS)
@@ -252,3 +256,64 @@ def test_malformed_round_messages_are_refused(images):
         party2.finish("cov", "bad/cov")
     with pytest.raises(ProtocolError, match="unknown lcc round"):
         party2.send("gradb", "bad/gradb")  # a symmetric round in a non-symmetric iteration
+
+
+def test_raw_mode_opens_the_force_smoothed_mode_only_its_smoothing(images, clear, monkeypatch, tmp_path):
+    """Issue 13, finding 6: in ``force`` mode what party1 decodes is the per-voxel force itself (equal to the
+    clear force, a function of party2's image); in ``smoothed`` mode party1's transcript holds only the
+    smoothed field: the one output share it receives, added to its own share, is ``smooth_field(force)``,
+    far from the raw force, and no other message to party1 changes (the same masked rounds)."""
+    from ppreg.grid import smooth_field
+    from ppreg.secure import audit
+    from ppreg.secure.mpc.ring import decode
+
+    fixed, moving = images
+    _, force_clear = clear
+    sigma, n = 3.0, fixed.size
+    scale = float(lcc.local_terms(moving)["scale"])
+    opened, real = [], lcc.LccParty._reveal
+
+    def spy(self, label):  # what party1 decodes, and from which received share
+        real(self, label)
+        if self.party1:
+            opened.append((self.outputs[0], np.asarray(self.v["prod"])))
+
+    monkeypatch.setattr(lcc.LccParty, "_reveal", spy)
+    views = {}
+    for mode, smooth in (("force", 0.0), ("smoothed", sigma)):
+        session = TwoPartySession(RecordingChannel(), seeds=SEEDS)
+        log = audit.AuditLog(tmp_path / f"{mode}.jsonl")
+        audit.attach(session.channel, "party1", log)
+        _, force = lcc.secure_force(session, lcc.local_terms(fixed), lcc.local_terms(moving), smooth=smooth)
+        log.close()
+        got, own_share = opened[-1]
+        (share,) = session.channel.received("party1", "party2", "lcc/out/force")
+        np.testing.assert_array_equal(got, decode(own_share + share, lcc.FRAC_BITS))  # this message is the opening
+        as_force = -np.moveaxis(got, 0, -1) / (n * scale)
+        views[mode] = (as_force, sorted((s, t, a.shape) for s, d, t, a in session.channel.log if d == "party1"))
+        lines = [json.loads(line) for line in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+        assert [(ln["name"].split(" (")[0], ln["count"]) for ln in lines] == [
+            ("smoothed force" if smooth else "force", 2 * n), ("local CC sum", 1)]
+    want_raw = force_clear
+    want_smooth = np.asarray(smooth_field(jnp.asarray(force_clear), sigma))
+    rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731
+    assert rel(views["force"][0], want_raw) < 1e-3  # the old mode hands party1 the raw force
+    assert rel(views["smoothed"][0], want_smooth) < 1e-3  # the new one only its smoothing ...
+    assert rel(views["smoothed"][0], want_raw) > 0.3  # ... which is not the raw force
+    assert views["force"][1] == views["smoothed"][1]  # the same messages reach party1 in both modes
+
+
+def test_smoothed_registration_stays_close_to_clear(images):
+    """register(secure="mpc", transform="svf", loss="lncc"): the smoothed mode (default) and the raw mode
+    both end within 1e-3 px RMS of the clear registration (the same update: the Gaussian is linear)."""
+    from ppreg.register import register
+
+    fixed, moving = images
+    opts = dict(transform="svf", loss="lncc", levels=(2, 1), max_iterations=4)
+    clear_u = register(fixed, moving, **opts).displacement()
+    assert np.max(np.abs(clear_u)) > 0.3  # it moved
+    for mode in ("smoothed", "force"):
+        u = register(fixed, moving, secure="mpc", lncc_open=mode, **opts).displacement()
+        assert np.sqrt(np.mean(np.sum((u - clear_u) ** 2, -1))) < 1e-3, mode
+    with pytest.raises(ValueError, match="lncc_open"):
+        register(fixed, moving, secure="mpc", lncc_open="raw", **opts)

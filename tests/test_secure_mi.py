@@ -1,4 +1,4 @@
-"""PPIR(MPC) mutual information (ppreg.secure.mi): derivation, bounds, known answer, views."""
+"""PPIR(MPC) mutual information (ppreg.secure.protocols.mi): derivation, bounds, known answer, views."""
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +11,13 @@ from ppreg.data import load_sample
 from ppreg.grid import downsample, level_coordinates
 from ppreg.losses import mutual_information
 from ppreg.metrics import field_rmse
-from ppreg.register import _unit_range, register, scale_exponent
-from ppreg.secure import mi, prg
+from ppreg.options import scale_exponent, unit_range
+from ppreg.register import register
+from ppreg.secure.protocols import mi
+from ppreg.secure.mpc import prg
 from ppreg.secure import session as session_mod
-from ppreg.secure.channel import InProcessChannel, ProtocolError
-from ppreg.secure.ring import encode
+from ppreg.secure.net.channel import InProcessChannel, ProtocolError
+from ppreg.secure.mpc.ring import encode
 from ppreg.transforms import homogeneous, image_center, matrix
 from secure_helpers import Recorder
 
@@ -52,8 +54,8 @@ _autodiff = jax.jit(_autodiff_gradient, static_argnames=("kind", "factor", "k"))
 
 def test_gradient_formula_matches_autodiff():
     """G = -(1/N) S^T rowsum((A' L) ⊙ B) (Eq. 8-9 contracted with L) equals autodiff of the clear loss."""
-    fixed = _unit_range(jnp.asarray(load_sample("BrainT1SliceBorder20").data, jnp.float32))
-    moving = _unit_range(jnp.asarray(load_sample("BrainProtonDensitySliceShifted13x17y").data, jnp.float32))
+    fixed = unit_range(jnp.asarray(load_sample("BrainT1SliceBorder20").data, jnp.float32))
+    moving = unit_range(jnp.asarray(load_sample("BrainProtonDensitySliceShifted13x17y").data, jnp.float32))
     center = image_center(fixed.shape)
     coords = level_coordinates(fixed.shape, 2).reshape(-1, 2)
     mat = matrix("affine", jnp.array([0.05, 0.02, -0.03, 0.04, 5.0, 3.0]), center)
@@ -72,7 +74,7 @@ def test_gradient_formula_matches_autodiff():
 def test_one_iteration_within_the_stated_bounds(small):
     """The revealed P and S^T g of one secure iteration vs float64 clear values, within error_bound."""
     fixed, moving = small["fixed_a"], small["moving_a"]
-    fixed_u, moving_u = _unit_range(jnp.asarray(fixed)), _unit_range(jnp.asarray(moving))
+    fixed_u, moving_u = unit_range(jnp.asarray(fixed)), unit_range(jnp.asarray(moving))
     center, coords = image_center(fixed.shape), level_coordinates(fixed.shape, 1).reshape(-1, 2)
     k, key, kind = coords.shape[0] // 5, jax.random.key(7), "affine"
     session = session_mod.SecureSession(16, fixed=(fixed, np.eye(4), scale_exponent(jnp.asarray(fixed))))
@@ -120,7 +122,7 @@ def test_rigid_urs_gradients_track_clear_and_no_recompilation(small, monkeypatch
 
     (The end points are not compared: the clear regular-step descent is itself chaotic here, a
     1e-6 relative change of the input moves its result by ~0.03 px; see DESIGN.md.)"""
-    fixed_level = _unit_range(jnp.asarray(small["fixed_a"]))
+    fixed_level = unit_range(jnp.asarray(small["fixed_a"]))
     errors, original = [], mi.secure_iteration
 
     def checked(session, level, mat, moving, coords, center, key, it, *, kind, factor, k, bins):
@@ -168,7 +170,7 @@ def _run(small, fixed, moving):
 
 def _plaintexts(image):
     """Encodings a careless protocol could leak: the unit-range image at common bit counts, and a one-hot 1."""
-    u = np.asarray(_unit_range(jnp.asarray(image)), np.float64).ravel()
+    u = np.asarray(unit_range(jnp.asarray(image)), np.float64).ravel()
     enc = np.concatenate([np.asarray(encode(u, f)) for f in (16, 24, mi.histogram_bits(u.size // 5))] + [[1]])
     enc = enc[enc != 0].astype(np.uint64)
     return np.concatenate([enc, np.uint64(0) - enc])

@@ -11,8 +11,8 @@ import zmq
 from secure_helpers import in_thread
 
 from ppreg.party_cli import free_port
-from ppreg.secure import keys, net
-from ppreg.secure.channel import ProtocolError, decode_message, encode_message
+from ppreg.secure.net import keys, transport as net
+from ppreg.secure.net.channel import ProtocolError, decode_message, encode_message
 
 KEYS = {r: keys.generate() for r in ("party1", "party2", "dealer", "stranger")}
 T = 3.0  # seconds: every fault below must surface well within this
@@ -216,7 +216,7 @@ def test_point_clouds_over_the_network_match_one_process():
     """Rigid point clouds with the three roles on their own network endpoints (threads): party2 holds
     its points itself (FixedRole.points) and the result equals the in-process session's."""
     from ppreg.secure.parties import run_dealer
-    from ppreg.secure.points import register_points
+    from ppreg.secure.protocols.points import register_points
     from ppreg.secure.roles import FixedRole, RemotePeers
     from ppreg.secure.session import SecureSession
 

@@ -1,11 +1,11 @@
-"""PPIR(MPC) for rigid point clouds (ppreg.secure.points) on AAL label-boundary points."""
+"""PPIR(MPC) for rigid point clouds (ppreg.secure.protocols.points) on AAL label-boundary points."""
 
 import numpy as np
 import pytest
 
 from ppreg.data import load_sample
 from ppreg.pointcloud import boundary_points, cross_covariance, rigid_from_points
-from ppreg.secure import points as pts
+from ppreg.secure.protocols import points as pts
 from ppreg.secure.session import SecureSession
 from secure_helpers import RecordingChannel, frame_size
 

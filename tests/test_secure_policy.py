@@ -15,9 +15,11 @@ import zmq
 from secure_helpers import in_thread
 
 from ppreg.party_cli import free_port
-from ppreg.secure import keys, net, policy, prg
-from ppreg.secure.channel import InProcessChannel, PeerRefusedError, ProtocolError, encode_message
-from ppreg.secure.dealer import PartyRandomness, bitmask_to_indices
+from ppreg.secure.net import keys, transport as net
+from ppreg.secure import policy
+from ppreg.secure.mpc import prg
+from ppreg.secure.net.channel import InProcessChannel, PeerRefusedError, ProtocolError, encode_message
+from ppreg.secure.mpc.dealer import PartyRandomness, bitmask_to_indices
 from ppreg.secure.policy import DEFAULT, Guard, Policy, PolicyError, load_policy
 from ppreg.secure.roles import DealerRole, FixedRole, LocalPeers, decode_json, encode_json, key_to_json
 
@@ -54,9 +56,13 @@ def test_policy_files_json_and_toml(tmp_path):
         assert pol.losses == ("ssd",) and pol.max_iterations == 50 and not pol.gms and pol.frac_bits == (12, 20)
         assert pol.max_revealed is None and pol.min_samples == DEFAULT.min_samples  # a key left out keeps its default
     assert load_policy(tmp_path / "p.toml").max_revealed_per_voxel is None
+    (tmp_path / "lncc.toml").write_text('lncc_open = "force"\nmin_fluid_sigma = 2\n')
+    assert (load_policy(tmp_path / "lncc.toml").lncc_open, load_policy(tmp_path / "lncc.toml").min_fluid_sigma) == (
+        "force", 2.0)
     for doc, match in [({"max_iteration": 5}, "unknown policy key"), ({"max_iterations": 0}, "'max_iterations'"),
                        ({"losses": ["ssd", "ncc"]}, "'losses'"), ({"gms": "no"}, "'gms'"),
-                       ({"frac_bits": [4, 30]}, "'frac_bits'"), ([1, 2], "a table")]:
+                       ({"frac_bits": [4, 30]}, "'frac_bits'"), ([1, 2], "a table"),
+                       ({"lncc_open": "raw"}, "'lncc_open'"), ({"min_fluid_sigma": -1}, "'min_fluid_sigma'")]:
         (tmp_path / "bad.json").write_text(json.dumps(doc))
         with pytest.raises(ValueError, match=match):
             load_policy(tmp_path / "bad.json")
@@ -89,6 +95,14 @@ def test_policy_files_json_and_toml(tmp_path):
                                 "steps": 7, "window": 5, "floor": 1e-3, "frac_bits": 18}], "symmetric"),
     (Policy(operations=("mask", "query")), [{"op": "points", "label": "pts", "n": 50, "d": 2, "extent": 64.0}],
      "operations"),
+    # finding 6: the default policy opens only the smoothed lncc force, smoothed by at least min_fluid_sigma
+    (DEFAULT, [{"op": "lcc_level", "label": "L0", "factor": 1, "shape": [16, 16], "eps": 1e-5, "sigma_fluid": 3.0,
+                "window": 5, "floor": 0.1, "frac_bits": 18, "open": "force"}], "lncc_open"),
+    (DEFAULT, [{"op": "lcc_level", "label": "L0", "factor": 1, "shape": [16, 16], "eps": 1e-5, "window": 5,
+                "floor": 0.1, "frac_bits": 18}], "lncc_open"),  # a party1 that does not say: the raw force
+    (Policy(min_fluid_sigma=2.0), [{"op": "lcc_level", "label": "L0", "factor": 1, "shape": [16, 16], "eps": 1e-5,
+                                    "sigma_fluid": 1.5, "window": 5, "floor": 0.1, "frac_bits": 18,
+                                    "open": "smoothed"}], "min_fluid_sigma"),
 ])
 def test_commands_outside_the_policy_are_refused_with_the_rules_name(pol, commands, rule):
     """A party1 announcing what party2's policy does not allow is refused before party2 runs it."""
@@ -122,17 +136,24 @@ def test_default_policy_admits_the_documented_defaults():
         level_shape = [-(-s // f) for s in shape]
         g.check({"op": "lcc_level", "label": f"lcc/L{li}", "factor": f, "shape": level_shape, "eps": 1e-5,
                  "symmetric": True, "first": li == 0, "step": 0.5, "sigma_fluid": 1.0, "sigma_diff": 0.5, "steps": 7,
-                 "window": 5, "floor": 1e-3, "frac_bits": 14})
+                 "window": 5, "floor": 1e-3, "frac_bits": 14, "open": "smoothed"})
         for it in range(its):
             for rnd in ("cov", "da", "dab", "he", "hf", "hh", "r2", "r1", "grad", "gradb", "out"):
                 g.check({"op": "lcc_round", "round": rnd, "label": f"lcc/L{li}/it{it}/{rnd}", "level": f"lcc/L{li}"})
     g.check({"op": "lcc_halves"})
     assert 140 * n < g.revealed < DEFAULT.max_revealed_per_voxel * n
-    g = guard(voxels=64 * 64)
-    g.check({"op": "spline_level", "label": "L0/mask", "n": 4096, "k": 2048, "method": "gms", "shape": [64, 64],
-             "spacing": 4, "sigma": 0.0, "key": KEY})
+    # B-spline: the default refuses it (what it reveals rebuilds the image, issue 13 finding 1:
+    # tests/test_secure_bspline_leakage.py); a policy with 3 functionals per voxel admits 15 iterations
+    spline_level = {"op": "spline_level", "label": "L0/mask", "n": 4096, "k": 2048, "method": "gms",
+                    "shape": [64, 64], "spacing": 4, "sigma": 0.0, "key": KEY}
+    with pytest.raises(PolicyError, match="max_spline_functionals_per_voxel"):
+        guard(voxels=64 * 64).check(spline_level)
+    g = guard(Policy(max_spline_functionals_per_voxel=3.0), voxels=64 * 64)
+    g.check(spline_level)
     for it in range(15):
         g.check({"op": "spline_query", "label": f"L0/it{it}", "mask": "L0/mask", "it": it})
+    assert g.spline_functionals == 15 * 2 * 19**2
+    g = guard(voxels=64 * 64)
     g.check({"op": "mi_level", "label": "mi/L0", "factor": 1, "n": 4096, "k": 409, "bins": 32, "kind": "affine",
              "params": 6, "shape": [64, 64], "key": KEY})
     for it in range(200):

@@ -1,4 +1,4 @@
-"""Tests for the PPIR(MPC) product protocol (ppreg.secure.ppir) driven through SecureSession.
+"""Tests for the PPIR(MPC) product protocol (ppreg.secure.protocols.linear) driven through SecureSession.
 
 Each query follows the call order of ``SecureSession.run_level``: ``open_mask`` once per
 level, then ``party1.send_query`` -> ``dealer.product`` -> (GMS: ``party2.receive_indices``)
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from ppreg.secure import ppir
-from ppreg.secure.ring import encode
+from ppreg.secure.protocols import linear as ppir
+from ppreg.secure.mpc.ring import encode
 from ppreg.secure.session import SecureSession
 from secure_helpers import HEAD, RecordingChannel, frame_size
 

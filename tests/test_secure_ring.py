@@ -1,11 +1,11 @@
-"""Tests for ppreg.secure.ring (fixed-point encoding in Z_{2^64})."""
+"""Tests for ppreg.secure.mpc.ring (fixed-point encoding in Z_{2^64})."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppreg.secure import ring
-from ppreg.secure.ring import check_frac_bits, decode, encode
+from ppreg.secure.mpc import ring
+from ppreg.secure.mpc.ring import check_frac_bits, decode, encode
 
 
 @pytest.mark.parametrize("frac_bits", [8, 16, 24])

@@ -1,4 +1,4 @@
-"""Tests for ppreg.secure.shares (additive sharing, Beaver products) and the dealer's label rule.
+"""Tests for ppreg.secure.mpc.shares (additive sharing, Beaver products) and the dealer's label rule.
 
 Fixed-point bounds used below (``f`` fractional bits, ``u = 2^-f``; see ring.py / shares.py):
 
@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from ppreg.secure import shares as sh
-from ppreg.secure.channel import InProcessChannel
-from ppreg.secure.dealer import Dealer
-from ppreg.secure.ring import decode, encode
-from ppreg.secure.shares import Shared, TwoPartySession, reveal, share
+from ppreg.secure.mpc import shares as sh
+from ppreg.secure.net.channel import InProcessChannel
+from ppreg.secure.mpc.dealer import Dealer
+from ppreg.secure.mpc.ring import decode, encode
+from ppreg.secure.mpc.shares import Shared, TwoPartySession, reveal, share
 from secure_helpers import HEAD, RecordingChannel, frame_size
 
 

@@ -14,11 +14,12 @@ from scipy.stats import chi2_contingency
 
 from ppreg.data import load_sample
 from ppreg.grid import downsample
-from ppreg.register import register, scale_exponent
-from ppreg.secure import prg
+from ppreg.options import scale_exponent
+from ppreg.register import register
+from ppreg.secure.mpc import prg
 from ppreg.secure import session as session_mod
-from ppreg.secure.points import register_points
-from ppreg.secure.ring import encode
+from ppreg.secure.protocols.points import register_points
+from ppreg.secure.mpc.ring import encode
 from secure_helpers import Recorder
 
 F = 16

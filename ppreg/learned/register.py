@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..grid import identity_grid
-from ..register import DENSE_FIELD_FILE, LevelReport, Result, _as_array
+from ..options import DENSE_FIELD_FILE, as_array
+from ..result import LevelReport, Result
 from ..warp import warp
 from . import checkpoint
 from .data import normalize_intensity, pad_to_multiple, unpad
@@ -118,7 +119,7 @@ def register_vxm(fixed, moving, *, model=None, samples: int = DEFAULT_SAMPLES, k
     Source: Dalca et al. 2019 (VoxelMorph-diff), Sec. 2.4.
     """
     start = time.perf_counter()
-    fixed_a, moving_a = _as_array(fixed, "fixed"), _as_array(moving, "moving")
+    fixed_a, moving_a = as_array(fixed, "fixed"), as_array(moving, "moving")
     if fixed_a.shape != moving_a.shape:
         raise ValueError(f"vxm-diff needs fixed and moving on the same grid (affinely aligned), got {fixed_a.shape} "
                          f"and {moving_a.shape}")

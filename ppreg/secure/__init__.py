@@ -1,12 +1,19 @@
-"""Secure two-party computation for PPIR: fixed-point ring, shares, dealer, channels, protocols.
+"""Secure two-party computation for PPIR, in layers:
 
-Modules: :mod:`ring` (fixed point in Z_2^64), :mod:`prg` (CSPRNG and seeded SHAKE-256
-streams), :mod:`channel` (framed messages, measured traffic), :mod:`dealer` (trusted
-third party), :mod:`shares` (additive sharing, Beaver products), :mod:`ppir` (the SSD
-term protocol) and :mod:`session` (in-process two-party driver).
+- :mod:`ppreg.secure.mpc`: the ring Z_2^64 and fixed point (``ring``), CSPRNG and seeded streams
+  (``prg``), the dealer's correlated randomness (``dealer``), additive shares and Beaver products
+  (``shares``), products with one party's private values (``private``);
+- :mod:`ppreg.secure.net`: framed messages with measured traffic (``channel``), the CurveZMQ
+  channel between processes (``transport``), key files (``keys``);
+- :mod:`ppreg.secure.protocols`: linear SSD (``linear``), B-spline (``bspline``), mutual information
+  (``mi``), local NCC for svf (``lcc``), point clouds (``points``), FLASH (``flash``);
+- :mod:`ppreg.secure.ckks`: the homomorphic-encryption variants (``packed``, ``paper``, ``bspline``,
+  ``points``) and their ``session``;
+- here: party2's and the dealer's ``policy``, the parties' ``roles`` (dispatch of announced
+  operations), the in-process ``session`` and the process drivers ``parties``.
 """
 
-from .channel import Channel, InProcessChannel, ProtocolError
-from .shares import Shared, TwoPartySession, reveal, share
+from .net.channel import Channel, InProcessChannel, ProtocolError
+from .mpc.shares import Shared, TwoPartySession, reveal, share
 
 __all__ = ["Channel", "InProcessChannel", "ProtocolError", "Shared", "TwoPartySession", "reveal", "share"]

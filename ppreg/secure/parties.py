@@ -1,6 +1,6 @@
 """The three processes of a secure registration: the dealer, the fixed party, the moving party.
 
-Each function runs one process's whole part over a :class:`~ppreg.secure.net.NetworkChannel`
+Each function runs one process's whole part over a :class:`~ppreg.secure.net.transport.NetworkChannel`
 (``ppreg party --role ...`` calls them). Each process holds only its own data:
 
 - the moving party (party1) holds the moving image, runs the optimiser
@@ -12,17 +12,25 @@ Each function runs one process's whole part over a :class:`~ppreg.secure.net.Net
 
 Security model: semi-honest parties and a trusted dealer that colludes with neither; neither
 image holder is the dealer. The public sampling key, the pyramid shapes and the iteration count
-are public (see :mod:`ppreg.secure.ppir` for what each party learns). Party2 and the dealer
+are public (see :mod:`ppreg.secure.protocols.linear` for what each party learns). Party2 and the dealer
 enforce their own :class:`~ppreg.secure.policy.Policy` on everything party1 announces (default
 :data:`~ppreg.secure.policy.DEFAULT`), and every frame is bounded by the protocol
 (:func:`~ppreg.secure.policy.frame_limit`): party2 from its own image, the dealer from its policy's
 ``max_voxels``, party1 from the grid party2 announces through the dealer.
+
+Schemes (``secure``): ``"mpc"`` (the default) or ``"ckks"`` (:mod:`ppreg.secure.ckks.remote`: the
+packed CKKS protocol, linear transforms and point clouds; the dealer process takes part in
+``setup`` and ``end`` only). Point clouds (``loss="points"``): each party holds an ``(n, d)``
+point set instead of an image (:func:`register_moving_points`); FLASH (``transform="flash"``):
+:func:`ppreg.secure.protocols.flash.register_moving_flash`.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -32,40 +40,46 @@ from .. import optim
 from ..bspline import control_grid_shape, displacement
 from ..grid import identity_grid, level_coordinates, level_shape
 from ..image import Image
-from ..register import (DEFAULTS, LevelReport, Result, _as_array, _check_finite, _check_options, _warp_field,
-                        _warp_full, scale_exponent)
+from ..options import DEFAULTS, as_array, check_finite, check_options, scale_exponent
+from ..result import LevelReport, Result, warp_field, warp_linear
 from ..sampling import n_samples
 from ..transforms import KINDS, image_center, params_from_matrix
-from . import bspline_ppir, lcc, mi, points  # (importing them registers their follower handlers)
-from .bspline_ppir import fit_bspline
-from .channel import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
-from .keys import KeyPair
-from .net import DEFAULT_TIMEOUT, SMALL_FRAME_BYTES, NetworkChannel
+from .ckks import remote as ckks_remote
+from .protocols import bspline, flash, lcc, mi, points
+from .protocols.bspline import fit_bspline
+from .protocols.points import check_points
+from .net.channel import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
+from .net.keys import KeyPair
+from .net.transport import DEFAULT_TIMEOUT, SMALL_FRAME_BYTES, NetworkChannel
 from .policy import DEFAULT as DEFAULT_POLICY
 from .policy import Policy, dealer_frame_limit, frame_limit
+from .audit import AuditLog, attach
 from .roles import DealerRole, FixedRole, RemotePeers, decode_json, op_summary
 from .session import SecureSession
 
 TRANSFORMS = KINDS + ("bspline",)  # what a secure (MPC) SSD registration runs, in one process or three
-PROTOCOLS = (bspline_ppir, lcc, points)  # imported here so that every process registers their followers' handlers
+# imported here so that every process registers their followers' handlers
+PROTOCOLS = (bspline, lcc, points, flash, ckks_remote)
 
 
 def run_dealer(keypair: KeyPair, *, listen: str, moving_key: bytes, fixed_key: bytes,
                timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-               policy: Policy | None = None) -> dict:
+               policy: Policy | None = None, audit: AuditLog | None = None) -> dict:
     """Serve both parties until the moving party ends the session.
 
     Args:
         policy: what the dealer agrees to serve (default :data:`~ppreg.secure.policy.DEFAULT`); it
             also bounds the frames the dealer accepts (:func:`~ppreg.secure.policy.dealer_frame_limit`).
         max_message_bytes: the largest frame sent, and a cap on the derived receive limits.
+        audit: an :class:`~ppreg.secure.audit.AuditLog` for what the dealer learns (GMS indices).
 
     Returns:
         the dealer's report ``{"time_s", "wall_s", "online", "offline", "ops", "policy"}``
-        (``policy``: :meth:`~ppreg.secure.policy.Guard.summary`, this process's own record).
+        (``policy``: :meth:`~ppreg.secure.policy.Guard.summary`, this process's own record; with
+        ``audit``, also ``"audit"``: :meth:`~ppreg.secure.audit.AuditLog.summary`).
 
     Raises:
-        TimeoutError, ConnectionError, ProtocolError: see :class:`~ppreg.secure.net.NetworkChannel`;
+        TimeoutError, ConnectionError, ProtocolError: see :class:`~ppreg.secure.net.transport.NetworkChannel`;
             PolicyError (a ProtocolError): party1 asked for something outside the policy.
     """
     start = time.perf_counter()
@@ -74,21 +88,27 @@ def run_dealer(keypair: KeyPair, *, listen: str, moving_key: bytes, fixed_key: b
     with NetworkChannel("dealer", keypair, listen=listen, accept={"party1": moving_key, "party2": fixed_key},
                         timeout=timeout, max_message_bytes=max_message_bytes, receive_limits=limits) as channel:
         role = DealerRole(channel, policy=policy)
+        attach(channel, "dealer", audit)
         role.serve()
-        return dict(role.final_report, wall_s=time.perf_counter() - start, policy=role.guard.summary())
+        return dict(role.final_report, wall_s=time.perf_counter() - start, policy=role.guard.summary(),
+                    **_audit_totals(audit, "dealer"))
 
 
-def run_fixed(fixed: Image, keypair: KeyPair, *, connect: str, dealer: str, peer_key: bytes, dealer_key: bytes,
+def run_fixed(fixed: Image | np.ndarray, keypair: KeyPair, *, connect: str, dealer: str, peer_key: bytes,
+              dealer_key: bytes,
               timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-              policy: Policy | None = None) -> dict:
+              policy: Policy | None = None, audit: AuditLog | None = None) -> dict:
     """Answer the moving party's operations with the fixed image until it ends the session.
 
     Args:
-        fixed: party2's image (its data never leaves this process unmasked).
+        fixed: party2's image (its data never leaves this process unmasked), or its float ``(n, d)`` points
+            (``d`` = 2 or 3) for a point-cloud registration.
         connect, dealer: ``"HOST:PORT"`` of the moving party and of the dealer.
         peer_key, dealer_key: their public keys.
         max_message_bytes: the largest frame sent, and a cap on the derived receive limit.
         policy: what party2 agrees to compute (default :data:`~ppreg.secure.policy.DEFAULT`).
+        audit: an :class:`~ppreg.secure.audit.AuditLog`: what party2 receives, and its record of what
+            each command released to party1.
 
     Frames from party1 and the dealer are bounded by :func:`~ppreg.secure.policy.frame_limit` of
     this image (refused by libzmq before allocation); party2 announces its grid to the dealer, which
@@ -100,21 +120,30 @@ def run_fixed(fixed: Image, keypair: KeyPair, *, connect: str, dealer: str, peer
 
     Raises:
         ValueError: a bad image. TimeoutError, ConnectionError, ProtocolError: see
-            :class:`~ppreg.secure.net.NetworkChannel`; PolicyError (a ProtocolError): party1 asked for
+            :class:`~ppreg.secure.net.transport.NetworkChannel`; PolicyError (a ProtocolError): party1 asked for
             something outside the policy.
     """
     start = time.perf_counter()
     policy = DEFAULT_POLICY if policy is None else policy
-    data = _as_array(fixed, "fixed")
-    exponent = scale_exponent(data)
-    limit = min(max_message_bytes, frame_limit(data.size, data.ndim, policy, shape=data.shape))
-    announce = {"voxels": int(data.size), "ndim": int(data.ndim), "shape": [int(s) for s in data.shape]}
+    if not isinstance(fixed, Image):  # point clouds: the grid party2 announces is its point count and dimension
+        pts = check_points(fixed, "the fixed party's points")
+        limit = min(max_message_bytes, frame_limit(pts.shape[0], pts.shape[1], policy))
+        announce = {"voxels": int(pts.shape[0]), "ndim": int(pts.shape[1])}
+        make_role = partial(FixedRole, points=pts, policy=policy)
+    else:
+        data = as_array(fixed, "fixed")
+        limit = min(max_message_bytes, frame_limit(data.size, data.ndim, policy, shape=data.shape))
+        announce = {"voxels": int(data.size), "ndim": int(data.ndim), "shape": [int(s) for s in data.shape]}
+        make_role = partial(FixedRole, image=data, affine=np.asarray(fixed.affine, np.float64),
+                            exponent=scale_exponent(data), policy=policy)
     with NetworkChannel("party2", keypair, connect={"party1": (connect, peer_key), "dealer": (dealer, dealer_key)},
                         timeout=timeout, max_message_bytes=max_message_bytes,
                         receive_limits={"party1": limit, "dealer": limit}, announce=announce) as channel:
-        role = FixedRole(channel, data, np.asarray(fixed.affine, np.float64), exponent, policy=policy)
+        role = make_role(channel)
+        attach(channel, "party2", audit)
         role.serve()
-        return dict(role.final_report, wall_s=time.perf_counter() - start, policy=role.guard.summary())
+        return dict(role.final_report, wall_s=time.perf_counter() - start, policy=role.guard.summary(),
+                    **_audit_totals(audit, "party2"))
 
 
 def fixed_frame_limit(announced: dict, *, cap: int = DEFAULT_MAX_MESSAGE_BYTES, bins: int | None = None) -> int:
@@ -138,33 +167,44 @@ def fixed_frame_limit(announced: dict, *, cap: int = DEFAULT_MAX_MESSAGE_BYTES, 
     return min(int(cap), frame_limit(voxels, ndim, policy, shape=shape))
 
 
-def run_moving(moving: Image, keypair: KeyPair, *, listen: str, dealer: str, peer_key: bytes, dealer_key: bytes,
-               timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-               on_connect=None, **options) -> tuple[Result, np.ndarray, float]:
+def run_moving(moving: Image | np.ndarray, keypair: KeyPair, *, listen: str, dealer: str, peer_key: bytes,
+               dealer_key: bytes, timeout: float = DEFAULT_TIMEOUT, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+               on_connect=None, secure: str = "mpc", audit: AuditLog | None = None,
+               **options) -> tuple[Result, np.ndarray, float]:
     """Register the moving image to the remote fixed image (party1's process).
 
     Args:
-        moving: party1's image.
+        moving: party1's image, or its float ``(n, d)`` points with ``loss="points"``.
         listen: ``"HOST:PORT"`` where the fixed party connects.
         dealer: ``"HOST:PORT"`` of the dealer.
         peer_key, dealer_key: the fixed party's and the dealer's public keys.
         on_connect: optional ``callable()`` run once both peers are connected and authenticated.
-        options: ``loss`` (``"ssd"``, default; ``"mi"``: :func:`ppreg.secure.mi.register_moving_mi`;
-            ``"lncc"``: :func:`ppreg.secure.lcc.register_moving_lcc`, svf), ``frac_bits`` and the
-            options of :func:`register_moving` (or of the MI or lncc driver).
+        audit: an :class:`~ppreg.secure.audit.AuditLog` for every quantity opened to party1; its totals
+            go into the report (``"audit"``).
+        secure: ``"mpc"`` or ``"ckks"`` (:class:`~ppreg.secure.ckks.remote.RemoteCkksSession`: ssd with a
+            linear transform, or points).
+        options: ``loss`` (``"ssd"``, default; ``"mi"``: :func:`ppreg.secure.protocols.mi.register_moving_mi`;
+            ``"lncc"``: :func:`ppreg.secure.protocols.lcc.register_moving_lcc`, svf; ``"points"``:
+            :func:`register_moving_points`, with ``extent``), ``transform="flash"`` (ssd:
+            :func:`ppreg.secure.protocols.flash.register_moving_flash`), ``frac_bits`` and the options of
+            :func:`register_moving` (or of the other drivers).
 
     Returns:
         ``(result, fixed_affine, report)``: as :func:`ppreg.register` returns (times: each party's
-        own compute; bytes: each party's own count of what it sent and received), the fixed image's
-        voxel-to-world matrix, and this process's report ``{"time_s", "wall_s", "online",
+        own compute; bytes: each party's own count of what it sent and received; points:
+        :class:`PointsResult`), the fixed image's voxel-to-world matrix (points: ``None``), and this
+        process's report ``{"time_s", "wall_s", "online",
         "offline", "ops"}`` (as the followers', :func:`~ppreg.secure.roles.op_summary`).
 
     Raises:
-        ValueError, OverflowError, FloatingPointError: as :func:`ppreg.register`.
-        TimeoutError, ConnectionError, ProtocolError: see :class:`~ppreg.secure.net.NetworkChannel`.
+        ValueError, OverflowError, FloatingPointError: as :func:`ppreg.register`; an unknown ``secure``
+            or a loss or transform it does not run. ImportError: ``"ckks"`` without TenSEAL.
+        TimeoutError, ConnectionError, ProtocolError: see :class:`~ppreg.secure.net.transport.NetworkChannel`.
     """
     start = time.perf_counter()
-    bins = options.get("bins") if options.get("loss") == "mi" else None
+    loss = options.pop("loss", "ssd")
+    check_scheme(secure, loss, options.get("transform", "rigid"))
+    bins = options.get("bins") if loss == "mi" else None
     limits = {"dealer": SMALL_FRAME_BYTES,
               "party2": lambda announced: fixed_frame_limit(announced, cap=max_message_bytes, bins=bins)}
     with NetworkChannel("party1", keypair, listen=listen, accept={"party2": peer_key},
@@ -172,14 +212,86 @@ def run_moving(moving: Image, keypair: KeyPair, *, listen: str, dealer: str, pee
                         max_message_bytes=max_message_bytes, receive_limits=limits) as channel:
         if on_connect is not None:
             on_connect()
+        attach(channel, "party1", audit)
         session = SecureSession(options.pop("frac_bits", 16), channel=channel, peers=RemotePeers(channel))
-        loss = options.pop("loss", "ssd")
-        driver = {"mi": mi.register_moving_mi, "lncc": lcc.register_moving_lcc}.get(loss, register_moving)
+        if secure == "ckks":
+            session = ckks_remote.RemoteCkksSession(session)
+        driver = {"mi": mi.register_moving_mi, "lncc": lcc.register_moving_lcc,
+                  "points": register_moving_points}.get(loss, register_moving)
+        if options.get("transform") == "flash":
+            driver = flash.register_moving_flash
+            options.pop("transform")
         result, affine = driver(moving, session, **options)
         own = result.bytes["party1"]
         report = {"time_s": session.clock, "wall_s": time.perf_counter() - start, "online": own["online"],
-                  "offline": own["offline"], "ops": op_summary(session.op_s)}
+                  "offline": own["offline"], "ops": op_summary(session.op_s), **_audit_totals(audit, "party1")}
         return result, affine, report
+
+
+def _audit_totals(audit: AuditLog | None, party: str) -> dict:
+    """``{"audit": totals}`` for a report (:meth:`~ppreg.secure.audit.AuditLog.summary`), or ``{}``."""
+    return {} if audit is None else {"audit": audit.summary(party)}
+
+
+def check_scheme(secure: str, loss: str, transform: str) -> None:
+    """ValueError unless ``ppreg party`` runs ``loss`` with ``transform`` under ``secure``: mpc runs
+    every loss (flash with ssd), ckks ssd with a linear transform and points (packed variant)."""
+    if secure not in ("mpc", "ckks"):
+        raise ValueError(f"secure must be 'mpc' or 'ckks', got {secure!r}")
+    if transform == "flash" and (loss != "ssd" or secure != "mpc"):
+        raise ValueError(f"the flash transform runs the ssd loss under mpc, got loss={loss!r}, secure={secure!r}")
+    if secure == "ckks" and not (loss == "points" or (loss == "ssd" and transform in KINDS)):
+        raise ValueError(f"secure='ckks' over processes runs the ssd loss with {KINDS} or point clouds, got "
+                         f"loss={loss!r}, transform={transform!r}")
+
+
+@dataclass(frozen=True)
+class PointsResult:
+    """A point-cloud registration's output (party1's): ``matrix`` float64 ``(d + 1, d + 1)`` maps party1's
+    points onto party2's (``q ~ matrix @ [p, 1]``), ``cross_covariance`` the revealed ``L`` (``(d, d)``);
+    ``time_s`` and ``bytes`` per party as :class:`~ppreg.result.Result`."""
+
+    matrix: np.ndarray
+    cross_covariance: np.ndarray
+    secure: str
+    time_s: dict
+    bytes: dict
+
+    def transform_json(self) -> dict:
+        return {"type": "points-rigid", "matrix": np.asarray(self.matrix).tolist(),
+                "convention": "q ~ matrix @ [p, 1]: maps the moving party's points onto the fixed party's, in the "
+                              "units of the point files (least-squares rotation and translation, Arun/Umeyama)"}
+
+    def report_json(self) -> dict:
+        return {"transform": "points-rigid", "secure": self.secure, "cross_covariance": np.asarray(
+            self.cross_covariance).tolist(), "time_s": self.time_s, "bytes": self.bytes}
+
+
+def register_moving_points(p, session, *, extent: float) -> tuple[PointsResult, None]:
+    """Party1's rigid registration of its points ``p`` (float ``(n, d)``) onto the remote party2's paired
+    points (row ``i`` of each is one landmark): MPC (:func:`ppreg.secure.protocols.points.register_points`)
+    or CKKS (:func:`ppreg.secure.ckks.remote.register_points_remote`). Ends the session.
+
+    Args:
+        extent: public bound on ``|x - centroid|`` of either set per coordinate, agreed beforehand (e.g.
+            the largest image side); sent to party2 in the command.
+
+    Returns:
+        ``(PointsResult, None)``.
+
+    Raises:
+        ValueError: bad points or extent; points beyond ``extent`` (either party's).
+    """
+    p = check_points(p, "the moving party's points")
+    if not (isinstance(extent, (int, float)) and math.isfinite(extent) and extent > 0):
+        raise ValueError(f"extent must be positive, got {extent!r}")
+    if getattr(session, "scheme", "mpc") == "ckks":
+        mat, cov = ckks_remote.register_points_remote(p, session, extent=extent)
+    else:
+        mat, cov = points.register_points(p, None, session, extent=extent)
+    session.end()
+    return PointsResult(np.asarray(mat, np.float64), np.asarray(cov, np.float64), getattr(session, "scheme", "mpc"),
+                        {q: session.time[q] for q in ("party1", "party2")}, session.bytes_report()), None
 
 
 def _description(session: SecureSession, exponent: int, ndim: int) -> dict:
@@ -220,8 +332,8 @@ def register_moving(moving, session: SecureSession, *, transform: str = "rigid",
         moving: array or :class:`~ppreg.image.Image` (2D or 3D).
         session: party1's session (remote or in-process peers whose party2 holds an image).
         transform: ``"translation" | "rigid" | "affine"`` (Gauss-Newton over a pyramid,
-            :mod:`ppreg.secure.ppir`) or ``"bspline"`` (Gauss-Newton-CG over control grids,
-            :mod:`ppreg.secure.bspline_ppir`); other arguments as :func:`ppreg.register`.
+            :mod:`ppreg.secure.protocols.linear`) or ``"bspline"`` (Gauss-Newton-CG over control grids,
+            :mod:`ppreg.secure.protocols.bspline`); other arguments as :func:`ppreg.register`.
 
     Returns:
         ``(result, fixed_affine)``.
@@ -232,13 +344,13 @@ def register_moving(moving, session: SecureSession, *, transform: str = "rigid",
     """
     if transform not in TRANSFORMS:
         raise ValueError(f"secure (mpc) registration runs the transforms {TRANSFORMS}, got {transform!r}")
-    moving_a = _as_array(moving, "moving")
+    moving_a = as_array(moving, "moving")
     ndim = moving_a.ndim
     family = DEFAULTS["bspline" if transform == "bspline" else "gauss-newton"]
     max_iterations = family["max_iterations"] if max_iterations is None else max_iterations
     tol = family["tol"] if tol is None else tol
     damping = family["damping"] if damping is None else damping
-    _check_options(transform, "ssd", "mpc", sampling, levels, ndim, max_iterations, tol, damping)
+    check_options(transform, "ssd", "mpc", sampling, levels, ndim, max_iterations, tol, damping)
     own = scale_exponent(moving_a)
     info = _description(session, own, ndim)
     shape = info["shape"]
@@ -251,7 +363,7 @@ def register_moving(moving, session: SecureSession, *, transform: str = "rigid",
                                   sampling=sampling, fraction=fraction, max_iterations=max_iterations, tol=tol,
                                   lam=regularization, damping=damping, cg_iterations=cg_iterations, shape=shape)
         reports = [LevelReport(f, tuple(shape), it, k, np.full(it, np.nan)) for f, it, k in its]
-        warped = _warp_field(moving_a, displacement(coeffs, shape, spacing), identity_grid(shape))
+        warped = warp_field(moving_a, displacement(coeffs, shape, spacing), identity_grid(shape))
         params, mat, center = np.asarray(coeffs), None, None
     else:
         for f in levels:
@@ -261,7 +373,7 @@ def register_moving(moving, session: SecureSession, *, transform: str = "rigid",
         mat, reports = _linear_levels(session, moving_s, shape, center, key, transform=transform, levels=levels,
                                       sampling=sampling, fraction=fraction, max_iterations=max_iterations, tol=tol,
                                       damping=damping)
-        warped = _warp_full(moving_a, mat, identity_grid(shape))
+        warped = warp_linear(moving_a, mat, identity_grid(shape))
         params = params_from_matrix(transform, np.asarray(mat), np.asarray(center))
         mat, center = np.asarray(mat, np.float64), np.asarray(center, np.float64)
     final = _final_mse(session, warped, levels, scale)
@@ -270,7 +382,7 @@ def register_moving(moving, session: SecureSession, *, transform: str = "rigid",
     result = Result(
         transform=transform, params=params, matrix=mat, center=center,
         spacing=spacing if transform == "bspline" else None, warped=np.asarray(warped), final_loss=final,
-        iterations=iterations, levels=tuple(reports), secure="mpc",
+        iterations=iterations, levels=tuple(reports), secure=getattr(session, "scheme", "mpc"),
         time_s={p: session.time[p] for p in ("party1", "party2")}, bytes=session.bytes_report(),
         bytes_per_iteration={p: session.iteration_traffic[p] / max(iterations, 1) for p in ("party1", "party2")},
     )
@@ -292,7 +404,7 @@ def _linear_levels(session, moving_s, shape, center, key, *, transform, levels, 
         mat, it = session.run_level(mat, level, None, key, level_index=li, kind=transform, factor=factor,
                                     method=sampling, k=k, max_iterations=max_iterations, tol=tol, damping=damping)
         reports.append(LevelReport(int(factor), level_shape(shape, factor), it, k, np.full(it, np.nan)))
-        _check_finite(mat, li, factor)
+        check_finite(mat, li, factor)
     return mat, reports
 
 

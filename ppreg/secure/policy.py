@@ -14,11 +14,13 @@ and an unknown key or a value of the wrong type is an error naming the key. Each
 a refusal names it:
 
 - ``losses`` (default ``["ssd", "mi", "lncc", "points"]``): loss families party1 may run.
-- ``transforms`` (``["translation", "rigid", "affine", "bspline", "svf"]``; point clouds count as
-  ``rigid``): transforms party1 may run.
+- ``transforms`` (``["translation", "rigid", "affine", "bspline", "svf", "flash"]``; point clouds
+  count as ``rigid``): transforms party1 may run.
 - ``operations`` (``null``: every protocol operation): protocol operations allowed by name
   (``mask``, ``query``, ``ssd``, ``spline_level``, ``spline_query``, ``mi_level``, ``mi_joint``,
-  ``mi_grad``, ``lcc_level``, ``lcc_round``, ``lcc_halves``, ``points``).
+  ``mi_grad``, ``lcc_level``, ``lcc_round``, ``lcc_halves``, ``points``; FLASH: ``flash_level``,
+  ``flash_eval``; CKKS: ``ckks_setup``, ``ckks_key``, ``ckks_level``, ``ckks_query``, ``ckks_ssd``,
+  ``ckks_points``, :mod:`ppreg.secure.ckks.remote`).
 - ``max_iterations`` (200): iteration attempts per level (lncc retries count).
 - ``max_levels`` (8): levels (masked images of party2) per session.
 - ``max_revealed`` (``null``, no limit; TOML: leave it out or ``inf``): numbers revealed to party1
@@ -28,21 +30,44 @@ a refusal names it:
   3D affine transform, so that no single query determines the values it samples.
 - ``gms`` (``true``): gradient-magnitude sampling (its indices are a function of party1's image).
 - ``symmetric`` (``true``): symmetric lncc, in which party2 reveals its half velocity.
+- ``lncc_open`` (``"smoothed"``): what an lncc iteration may open to party1: ``"smoothed"`` only
+  the force smoothed on the shares (:mod:`ppreg.secure.protocols.lcc`), ``"force"`` also the raw
+  per-voxel force (``ppreg party --lncc-open force``).
+- ``min_fluid_sigma`` (1.0): the smallest smoothing sigma (level voxels) a smoothed lncc level
+  may use (a tiny sigma would open the raw force under another name).
 - ``frac_bits`` (``[8, 24]``): fixed-point fractional bits (the session's and lncc's).
 - ``max_bins`` (64): Mattes MI histogram bins (``bins^2`` revealed per iteration).
 - ``max_final_errors`` (1): final errors (``ssd``) per session; each is a linear functional of
   party2's image with coefficients party1 chooses.
 - ``max_voxels`` (``2**25``): voxels of a level; party2 uses its own image's count instead, and
   the dealer also bounds its frames by it.
+- ``max_spline_functionals_per_voxel`` (0: party2 does not run the B-spline protocol; ``null`` or
+  ``inf``: no limit): linear functionals of party2's image revealed by the B-spline protocol in the
+  session (``R = B^T (a ⊙ J)``: ``d P`` per query, every level and iteration counted), per voxel of
+  party2's image; party2 refuses a level when not one more query fits, and a query past the limit.
+  Party2 cannot compute the functionals (their weights ``a`` are party1's), so it counts them: the
+  count bounds their rank. No positive default is safe: with a smoothness prior, three queries at
+  control spacing 16 (0.09 per voxel) rebuild J's contrast to relative L2 error 0.35, one at spacing
+  4 (0.2) to 0.36, a registration at the CLI defaults (up to 2.8 per voxel on a 257 x 221 slice,
+  1.0 in 3D) to 0.03 (:mod:`ppreg.secure.protocols.bspline`, DESIGN.md). A hospital that accepts
+  this sets the key (e.g. 3 for the CLI defaults in 2D).
+- ``spline_noise`` (0; at most ``2**-6``): the standard deviation of the Gaussian noise party2 adds
+  to its share of every B-spline ``R`` (and to its reply in the CKKS protocol), relative to the
+  largest ``|R|`` party1's encoding admits (ring units ``2^61``). Accuracy cost and the
+  reconstruction error it buys: :mod:`ppreg.secure.protocols.bspline`.
 
 "Revealed numbers" are the outputs party1 decodes, per operation: ``P`` parameters per
 Gauss-Newton query, ``d`` per control point per B-spline query, ``bins^2 + P`` per MI iteration,
 ``d`` per voxel (plus the loss) per lncc iteration, ``d`` per voxel for the symmetric half
-velocity, ``d^2 + d`` for point clouds and one per final error. The default admits every
+velocity, ``d^2 + d`` for point clouds, ``2 T^d d + 1`` per FLASH energy evaluation (band ``T``,
+each counted as an iteration), one per final error; under CKKS (:mod:`ppreg.secure.ckks.remote`)
+``P`` and ``d^2`` round up to even and the final error counts two. The default admits every
 documented command (``ppreg demo --processes``, ``ppreg party`` with the defaults of each loss,
-which reach 150 revealed numbers per voxel with lncc in 3D); a hospital narrows it.
+which reach 150 revealed numbers per voxel with lncc in 3D) except the B-spline protocol, which
+party2 refuses naming ``max_spline_functionals_per_voxel`` (what it reveals rebuilds the image;
+see there); a hospital narrows the policy, or raises that key to run B-spline registrations.
 
-Independent of the policy, each follower refuses (:class:`~ppreg.secure.channel.ProtocolError`) a
+Independent of the policy, each follower refuses (:class:`~ppreg.secure.net.channel.ProtocolError`) a
 command that is malformed (a missing field, a wrong type, a value out of its range), that comes
 before ``setup`` or repeats it, that names a level it did not open, or that reuses a label: party2
 keeps its own record of every label, so a deviating party1 cannot make it mask twice with one
@@ -61,11 +86,11 @@ import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from .channel import MAX_HEADER_BYTES, ProtocolError
-from .ring import FRAC_BITS_RANGE
+from .net.channel import MAX_HEADER_BYTES, ProtocolError
+from .mpc.ring import FRAC_BITS_RANGE
 
 LOSSES = ("ssd", "mi", "lncc", "points")
-TRANSFORMS = ("translation", "rigid", "affine", "bspline", "svf")
+TRANSFORMS = ("translation", "rigid", "affine", "bspline", "svf", "flash")
 MAX_COMMAND_BYTES = 1 << 16
 FRAMEWORK = ("setup", "describe", "end")  # always allowed: the session itself
 OPERATIONS = {  # protocol operation -> loss family (None: the final error, under any loss)
@@ -74,7 +99,9 @@ OPERATIONS = {  # protocol operation -> loss family (None: the final error, unde
     "lcc_level": "lncc", "lcc_round": "lncc", "lcc_halves": "lncc",
     "points": "points",
 }
+MAX_SPLINE_NOISE = 2.0**-6  # spline_noise: noise * 2^61 * 9 sigma stays inside the signed ring
 CHECKS: dict[str, object] = {}  # checks of operations registered by other modules (register_operation)
+FRAME_BOUNDS: list = []  # frame bounds of protocols registered by other modules (register_frame_bound)
 _LABEL_CHARS = 200
 
 
@@ -88,6 +115,19 @@ def register_operation(op: str, loss: str | None, check) -> None:
         raise ValueError(f"loss must be one of {LOSSES} or None, got {loss!r}")
     OPERATIONS[op] = loss
     CHECKS[op] = check
+
+
+def register_frame_bound(bound) -> None:
+    """Add a protocol's largest frame to :func:`frame_limit`: ``bound(voxels, ndim, policy)`` returns
+    the bytes (header included) of its largest frame over a grid of ``voxels`` voxels (points) of
+    ``ndim`` axes, or 0 when ``policy`` allows none of its operations."""
+    FRAME_BOUNDS.append(bound)
+
+
+def allows_any(policy: Policy | None, ops) -> bool:
+    """Whether ``policy`` (default :data:`DEFAULT`) allows any of the operations ``ops`` by name."""
+    policy = DEFAULT if policy is None else policy
+    return policy.operations is None or any(op in policy.operations for op in ops)
 
 
 class PolicyError(ProtocolError):
@@ -112,10 +152,14 @@ class Policy:
     min_samples: int = 16
     gms: bool = True
     symmetric: bool = True
+    lncc_open: str = "smoothed"
+    min_fluid_sigma: float = 1.0
     frac_bits: tuple[int, int] = FRAC_BITS_RANGE
     max_bins: int = 64
     max_final_errors: int = 1
     max_voxels: int = 2**25
+    max_spline_functionals_per_voxel: float | None = 0.0
+    spline_noise: float = 0.0
 
     @classmethod
     def from_mapping(cls, doc: dict, source: str = "policy") -> Policy:
@@ -167,6 +211,14 @@ def _parse_value(key, value, where):
         return names(TRANSFORMS)
     if key == "operations":
         return None if value is None else names(tuple(OPERATIONS))
+    if key == "lncc_open":
+        if value not in ("smoothed", "force"):
+            raise ValueError(f"{where} must be \"smoothed\" or \"force\", got {value!r}")
+        return value
+    if key == "min_fluid_sigma":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{where} must be a non-negative number of voxels, got {value!r}")
+        return float(value)
     if key in ("gms", "symmetric"):
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false, got {value!r}")
@@ -178,7 +230,11 @@ def _parse_value(key, value, where):
                 or not lo <= value[0] <= value[1] <= hi):
             raise ValueError(f"{where} must be [low, high] integers with {lo} <= low <= high <= {hi}, got {value!r}")
         return (int(value[0]), int(value[1]))
-    if key in ("max_revealed", "max_revealed_per_voxel"):
+    if key == "spline_noise":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SPLINE_NOISE:
+            raise ValueError(f"{where} must be a number in [0, {MAX_SPLINE_NOISE}], got {value!r}")
+        return float(value)
+    if key in ("max_revealed", "max_revealed_per_voxel", "max_spline_functionals_per_voxel"):
         if value is None or (isinstance(value, float) and value == math.inf):
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -213,6 +269,19 @@ def load_policy(path: str | Path) -> Policy:
     return Policy.from_mapping(doc, str(path))
 
 
+def check_spline_functionals(role: str, policy: Policy | None, total: int, voxels: int, what: str) -> None:
+    """Refuse (:class:`PolicyError`, rule ``max_spline_functionals_per_voxel``) when ``total`` B-spline
+    functionals of party2's image (``d P`` per query, counted by party2 itself) exceed the policy's
+    limit per voxel of its ``voxels``-voxel image; ``policy`` ``None``: no limit."""
+    limit = None if policy is None else policy.max_spline_functionals_per_voxel
+    if limit is not None and total > limit * max(int(voxels), 1):
+        raise PolicyError(role, "max_spline_functionals_per_voxel",
+                          f"{what} would bring the linear functionals of party2's image revealed by the B-spline "
+                          f"protocol to {total} ({total / max(int(voxels), 1):.3g} per voxel of {voxels}); the "
+                          f"policy allows {limit:g} per voxel (with more, party1 can rebuild the image by least "
+                          "squares)")
+
+
 # --- frame limits derived from the protocol ---------------------------------------------------------
 
 
@@ -231,11 +300,13 @@ def frame_limit(voxels: int, ndim: int, policy: Policy | None = None, *, shape=N
     """The largest frame (bytes, header included) of a session over a fixed grid of ``voxels`` voxels:
     commands (:data:`MAX_COMMAND_BYTES`), or :func:`per_voxel_elements` ring elements per voxel; with
     the grid's ``shape``, also party2's B-spline share (``d`` per control point, at most
-    ``d prod(s_i + 3)``)."""
+    ``d prod(s_i + 3)``), and the largest frame of each protocol registered with
+    :func:`register_frame_bound` (CKKS ciphertexts: :func:`ppreg.secure.ckks.remote.frame_bound`)."""
     elements = per_voxel_elements(ndim, policy) * int(voxels)
     if shape is not None:
         elements = max(elements, len(shape) * math.prod(int(s) + 3 for s in shape))
-    return MAX_HEADER_BYTES + max(MAX_COMMAND_BYTES, 8 * elements)
+    extra = max((int(fn(int(voxels), int(ndim), policy)) for fn in FRAME_BOUNDS), default=0)
+    return max(MAX_HEADER_BYTES + max(MAX_COMMAND_BYTES, 8 * elements), extra)
 
 
 def dealer_frame_limit(policy: Policy | None = None) -> int:
@@ -269,6 +340,7 @@ class Guard:
 
     Attributes:
         revealed: numbers revealed to party1 so far (as counted in the module docstring).
+        spline_functionals: of them, linear functionals of party2's image revealed by B-spline queries.
         iterations: iteration attempts so far, all levels.
     """
 
@@ -280,6 +352,7 @@ class Guard:
         self.revealed = 0
         self.iterations = 0
         self.final_errors = 0
+        self.spline_functionals = 0
         self.started = False
         self.halves = False
         self._largest = 0
@@ -511,6 +584,8 @@ class Guard:
         from ..bspline import control_grid_shape
 
         coefficients = len(shape) * math.prod(control_grid_shape(shape, spacing))
+        check_spline_functionals(self.role, self.policy, self.spline_functionals + coefficients,  # one query must fit
+                                 self.voxels or max(self._largest, 1), f"a query of B-spline level {label!r}")
         self.open_level(label, {"op": "spline_level", "n": n, "coefficients": coefficients})
 
     def _op_spline_query(self, cmd):
@@ -518,7 +593,11 @@ class Guard:
         level = self.level_of(cmd, "mask", "spline_level")
         self.count(cmd, "it", 0)
         self.iteration(level, cmd["mask"])
+        total = self.spline_functionals + level["coefficients"]
+        check_spline_functionals(self.role, self.policy, total, self.voxels or max(self._largest, 1),
+                                 f"B-spline query {label!r}")
         self.reveal(level["coefficients"], f"B-spline query {label!r}")
+        self.spline_functionals = total
 
     def _op_mi_level(self, cmd):
         label = self.new_label(cmd)
@@ -580,25 +659,40 @@ class Guard:
         for name in ("eps", "floor"):
             if not self.field(cmd, name, "real") >= 0:
                 self.bad("lcc_level", f"negative {name}")
+        opened = self.field(cmd, "open", "str", optional=True) or "force"  # an old party1: the raw force
+        if opened not in ("smoothed", "force"):
+            self.bad("lcc_level", f"unknown 'open' {opened[:40]!r}")
+        smoothed = opened == "smoothed"
         for name in ("step", "sigma_fluid", "sigma_diff"):
-            self.field(cmd, name, "real", optional=not symmetric)
+            self.field(cmd, name, "real", optional=not (symmetric or (smoothed and name == "sigma_fluid")))
         self.field(cmd, "steps", "int", optional=not symmetric)
         self.field(cmd, "first", "bool", optional=True)
-        self.open_level(label, {"op": "lcc_level", "n": n, "ndim": len(shape), "symmetric": symmetric})
+        p = self.policy
+        if p is not None and p.lncc_open == "smoothed":
+            if not smoothed:
+                self.refuse("lncc_open", "an lncc level that opens the raw per-voxel force; the policy allows only "
+                                         "the smoothed force (--lncc-open smoothed)")
+            elif not cmd["sigma_fluid"] >= p.min_fluid_sigma:
+                self.refuse("min_fluid_sigma", f"smoothing sigma {cmd['sigma_fluid']:g} voxels; the policy needs at "
+                                               f"least {p.min_fluid_sigma:g}")
+        if smoothed and not cmd["sigma_fluid"] > 0:
+            self.bad("lcc_level", f"smoothed with sigma_fluid {cmd['sigma_fluid']}")
+        self.open_level(label, {"op": "lcc_level", "n": n, "ndim": len(shape), "symmetric": symmetric,
+                                "open": opened})
 
     def _op_lcc_round(self, cmd):
         label = self.new_label(cmd)
         level = self.level_of(cmd, "level", "lcc_level")
         rnd = self.field(cmd, "round", "str")
         self.field(cmd, "retry", "bool", optional=True)
-        from .lcc import rounds  # (lcc registers handlers: imported lazily, it imports roles)
+        from .protocols.lcc import rounds  # (lcc registers handlers: imported lazily, it imports roles)
 
         names = rounds(level["symmetric"])
         if rnd not in names:
             self.bad("lcc_round", f"unknown round {rnd[:40]!r}")
         if rnd == names[0]:  # an iteration (or a retry) starts: party1 will learn its force and the loss
             self.iteration(level, cmd["level"])
-            self.reveal(level["n"] * level["ndim"] + 1, f"lncc iteration {label!r}")
+            self.reveal(level["n"] * level["ndim"] + 1, f"lncc iteration {label!r} ({level['open']} force)")
 
     def _op_lcc_halves(self, cmd):
         levels = [lv for lv in self.levels.values() if lv["op"] == "lcc_level" and lv["symmetric"]]
@@ -625,5 +719,5 @@ class Guard:
     def summary(self) -> dict:
         """The counts so far, and the policy (``None``: none)."""
         return {"revealed": self.revealed, "iterations": self.iterations, "levels": len(self.levels),
-                "final_errors": self.final_errors,
+                "final_errors": self.final_errors, "spline_functionals": self.spline_functionals,
                 "policy": None if self.policy is None else self.policy.to_dict()}

@@ -11,13 +11,13 @@ runs in four parts, in this order:
 4. party1's ``after`` part (e.g. receive party2's share and reveal).
 
 In one process (:class:`LocalPeers`) the parts run in that order, one after the other, over an
-:class:`~ppreg.secure.channel.InProcessChannel`. Over a network (:class:`RemotePeers`,
-:class:`~ppreg.secure.net.NetworkChannel`) party1 sends the command, each follower process runs
+:class:`~ppreg.secure.net.channel.InProcessChannel`. Over a network (:class:`RemotePeers`,
+:class:`~ppreg.secure.net.transport.NetworkChannel`) party1 sends the command, each follower process runs
 :meth:`Role.serve` (receive a command, run its handler, repeat until ``end``) and every receive
 blocks, so the same code runs in both settings. Party1's side is
 :class:`ppreg.secure.session.SecureSession` (its ``step`` method).
 
-Adding a protocol: write its per-party steps (as :mod:`ppreg.secure.ppir`), register a handler
+Adding a protocol: write its per-party steps (as :mod:`ppreg.secure.protocols.linear`), register a handler
 per follower that takes part, ``@handler("my_op", "party2") def _(role, cmd): ...`` (state
 lives on the role object, e.g. ``role.levels`` and ``role.party2``), register its policy check
 (:func:`ppreg.secure.policy.register_operation`: its loss family, the fields it validates, what it
@@ -50,10 +50,11 @@ import numpy as np
 
 from .. import optim
 from ..transforms import homogeneous, identity_basis, image_center
-from .channel import ENDPOINTS, Channel, ProtocolError
-from .dealer import Dealer, PartyRandomness, bitmask_to_indices
+from . import audit
+from .net.channel import ENDPOINTS, Channel, ProtocolError
+from .mpc.dealer import Dealer, PartyRandomness, bitmask_to_indices
 from .policy import MAX_COMMAND_BYTES, Guard, Policy
-from .ppir import Party2
+from .protocols.linear import Party2
 
 FOLLOWERS = ("dealer", "party2")  # the order in which followers' handlers run in one process
 HANDLERS: dict[str, dict[str, object]] = {}
@@ -168,7 +169,11 @@ class Role:
             raise ProtocolError(f"{self.name}: unknown operation {str(cmd.get('op'))[:40]!r} from party1")
         start = self.clock
         with self.timed():
+            audit.begin(self.channel, self.name, cmd)
+            before = self.guard.revealed
             self.guard.check(cmd)
+            if self.guard.revealed > before:  # party2's own record of what this command lets party1 learn
+                audit.released(self.channel, self.name, f"to party1 by {cmd['op']}", self.guard.revealed - before)
             fn(self, cmd)
         self.op_s.setdefault(cmd["op"], []).append(self.clock - start)
 
@@ -215,7 +220,7 @@ class Role:
 
 
 class DealerRole(Role):
-    """The dealer process's state: a :class:`~ppreg.secure.dealer.Dealer` and the level configurations."""
+    """The dealer process's state: a :class:`~ppreg.secure.mpc.dealer.Dealer` and the level configurations."""
 
     name = "dealer"
 
@@ -234,7 +239,7 @@ class FixedRole(Role):
             values over with :meth:`provide`.
         affine: ``(4, 4)`` voxel-to-world matrix of ``image`` (public).
         exponent: ``ceil(log2 max|image|)`` (:func:`ppreg.register.scale_exponent`), disclosed.
-        points: float ``(n, d)`` party2's points (:mod:`ppreg.secure.points`) when it holds them
+        points: float ``(n, d)`` party2's points (:mod:`ppreg.secure.protocols.points`) when it holds them
             itself; in one process they are handed over with :meth:`provide` instead.
         policy: what party2 agrees to compute (:class:`~ppreg.secure.policy.Policy`); ``None``
             checks only well-formedness, order and label reuse (one process).
@@ -337,6 +342,7 @@ def _query_fixed(role: FixedRole, cmd):
     cfg = role.level(cmd["mask"])
     if cfg["method"] == "gms":
         idx = jnp.asarray(bitmask_to_indices(role.party2.rand.correction(cmd["label"] + "/idx"), cfg["n"], cfg["k"]))
+        audit.opened(role.channel, "party2", "GMS sample indices (party1's choice)", idx.shape)
     else:
         idx = _public_samples(cfg, cmd)
     basis = identity_basis(cfg["kind"], cfg["ndim"])

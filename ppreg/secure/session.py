@@ -1,9 +1,9 @@
 """Party1's side of a PPIR(MPC) registration: the protocol loop, with the dealer and party2 as peers.
 
 The peers are in the same process (:class:`~ppreg.secure.roles.LocalPeers`, the default: one
-measured :class:`~ppreg.secure.channel.InProcessChannel`; tests, benchmarks,
+measured :class:`~ppreg.secure.net.channel.InProcessChannel`; tests, benchmarks,
 ``register(secure="mpc")``) or separate processes (:class:`~ppreg.secure.roles.RemotePeers`
-over a :class:`~ppreg.secure.net.NetworkChannel`: ``ppreg party``). Either way the loop below
+over a :class:`~ppreg.secure.net.transport.NetworkChannel`: ``ppreg party``). Either way the loop below
 announces each operation and runs party1's parts around the followers' handlers
 (:mod:`ppreg.secure.roles`), so there is one implementation. Time is measured per party (each
 party's own compute, not time spent waiting) and traffic from the frames on the channel.
@@ -20,10 +20,11 @@ import numpy as np
 
 from .. import optim
 from ..transforms import identity_basis
-from .channel import Channel, InProcessChannel
-from .dealer import PartyRandomness
-from .ppir import Party1
-from .ring import check_frac_bits
+from . import audit
+from .net.channel import Channel, InProcessChannel
+from .mpc.dealer import PartyRandomness
+from .protocols.linear import PUBLIC_FRAC_BITS, VALUE_BOUND, Party1
+from .mpc.ring import check_frac_bits, check_range
 from .roles import DealerRole, FixedRole, LocalPeers, key_to_json, public_coordinates, urs_indices
 
 _local_terms = jax.jit(optim.local_terms, static_argnames=("kind", "factor", "method", "k", "frac_bits"))
@@ -36,9 +37,9 @@ class SecureSession:
     """Party1 of one registration, with the dealer and party2 as peers.
 
     Args:
-        frac_bits: fixed-point fractional bits (see :mod:`ppreg.secure.ring`).
+        frac_bits: fixed-point fractional bits (see :mod:`ppreg.secure.mpc.ring`).
         channel: defaults to a fresh :class:`InProcessChannel`; with ``peers``, party1's
-            :class:`~ppreg.secure.net.NetworkChannel`.
+            :class:`~ppreg.secure.net.transport.NetworkChannel`.
         seeds: optional dealer seeds (tests, in-process only); CSPRNG otherwise.
         peers: ``None`` (dealer and party2 in this process) or
             :class:`~ppreg.secure.roles.RemotePeers`.
@@ -75,12 +76,12 @@ class SecureSession:
 
     @property
     def dealer(self):
-        """The in-process :class:`~ppreg.secure.dealer.Dealer`."""
+        """The in-process :class:`~ppreg.secure.mpc.dealer.Dealer`."""
         return self._local("dealer").dealer
 
     @property
     def party2(self):
-        """The in-process :class:`~ppreg.secure.ppir.Party2`."""
+        """The in-process :class:`~ppreg.secure.protocols.linear.Party2`."""
         return self._local("party2").party2
 
     @property
@@ -111,6 +112,7 @@ class SecureSession:
         followers run their handlers, then return ``after(result of before)``. Party1's compute
         for it is added to ``op_s[cmd["op"]]``."""
         start = self.clock
+        audit.begin(self.channel, "party1", cmd)
         self.peers.announce(cmd)
         result = None
         if before is not None:
@@ -180,6 +182,7 @@ class SecureSession:
 
             def finish(terms, mat=mat, label=label):
                 r = self.party1.finish(label, mask_label, terms.xh, basis)
+                audit.opened(self.channel, "party1", "R = M^T (a * J)", r.shape)
                 new, step = _update(mat, terms, jnp.asarray(r, jnp.float32), kind=kind, center=level.center,
                                     damping=damping)
                 return new, float(step)
@@ -203,9 +206,16 @@ class SecureSession:
         revealed on its own. Reuses the level mask ``mask_label`` of the full-resolution
         image (fresh ``u, w``). ``fixed_flat``: party2's values when it is in this process
         (default: the values it masked for ``mask_label``).
+
+        Raises:
+            OverflowError: ``2 sum |w| + n`` (the bound on what is opened, ``|J| <= 1``) does not fit
+                the ring at ``2f + 1`` fractional bits (it would wrap); nothing is sent.
         """
         n = int(warped_flat.shape[0])
         label = "final/ssd"
+        # opened at 2f + 1 bits: party1's -2 sum w J plus party2's sum J^2 (|J| <= 1, public) must fit the ring
+        check_range(2.0 * float(np.sum(np.abs(warped_flat))) * VALUE_BOUND + n * VALUE_BOUND**2,
+                    2 * self.party1.f + PUBLIC_FRAC_BITS, "the final sum of squared differences")
         ones, unit = np.ones((n, 1), np.float32), np.ones((1, 1, 1), np.float32)
         if fixed_flat is not None:
             self.provide(label, fixed_flat)
@@ -215,6 +225,7 @@ class SecureSession:
 
         def finish(_):
             cross_and_fixed = float(self.party1.finish(label, mask_label, ones, unit)[0])
+            audit.opened(self.channel, "party1", "sum of squared differences", (1,))
             return float(np.sum(np.asarray(warped_flat, np.float64) ** 2)) + cross_and_fixed
 
         return self.step({"op": "ssd", "label": label, "mask": mask_label, "n": n}, before=send, after=finish)
@@ -224,12 +235,7 @@ class SecureSession:
         original units, revealed to party1 only: party2 masks its image afresh (``open_mask``; or
         reuses the full-resolution level ``mask_label``), then :meth:`sum_squared_difference` on
         both divided by the common ``scale``."""
-        n = int(np.size(warped))
-        if open_mask:
-            self.open_mask(mask_label, n=n, factor=1)
-        with self.timed("party1"):
-            warped_s = np.asarray(warped).reshape(-1) / scale
-        return self.sum_squared_difference(mask_label, warped_s) / n * scale**2
+        return final_mse(self, warped, scale, mask_label, open_mask=open_mask)
 
     def bytes_report(self) -> dict:
         """``{party: {"online": sent bytes, "offline": dealer bytes received}}`` (remote party2: its own report)."""
@@ -238,3 +244,15 @@ class SecureSession:
         return {"party1": {"online": int(snap["sent"]["party1"]["online"]),
                            "offline": int(snap["received"]["party1"]["offline"])},
                 "party2": {"online": int(party2["online"]), "offline": int(party2["offline"])}}
+
+
+def final_mse(session, warped, scale: float, mask_label: str, *, open_mask: bool) -> float:
+    """``session.final_mse`` of every session kind (MPC, remote CKKS): party2 masks its image afresh
+    (``open_mask``) or reuses the level ``mask_label``, then ``sum_squared_difference`` of both
+    divided by the common ``scale``, as a mean over the voxels in original units."""
+    n = int(np.size(warped))
+    if open_mask:
+        session.open_mask(mask_label, n=n, factor=1)
+    with session.timed("party1"):
+        warped_s = np.asarray(warped).reshape(-1) / scale
+    return session.sum_squared_difference(mask_label, warped_s) / n * scale**2

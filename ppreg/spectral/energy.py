@@ -108,7 +108,7 @@ def adjoint_gradient(v0, source, target, lsym, band: Band, *, sigma: float = 0.0
         image_term: ``None`` (clear), or ``image_term(warped, a) -> (sum r^2, F(r a))`` with
             ``r = warped - T`` for a target held elsewhere (``a = grad S(psi_1)``, ``F`` the band
             DFT, ``prod(N) from_image``; ``target`` is then unused): the force is
-            ``F(r a) / sigma^2`` (:mod:`ppreg.secure.flash_mpc`).
+            ``F(r a) / sigma^2`` (:mod:`ppreg.secure.protocols.flash`).
 
     Returns:
         ``(E, (prior, image), grad_V, warped)``: float32 scalars; complex64 ``band.coeff_shape``

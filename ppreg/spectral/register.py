@@ -61,9 +61,12 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
             ``iterations`` per round, 5 rounds) or ``"joint"`` (004 Algorithm 1 as published:
             biased high where the images leave motion unobserved; flash or lbfgs optimizer).
         intensity_scale: divide both images by this (default: their common maximum |intensity|).
-        session: a :class:`~ppreg.secure.shares.TwoPartySession`: party2 holds ``fixed`` and the
+        session: a :class:`~ppreg.secure.mpc.shares.TwoPartySession`: party2 holds ``fixed`` and the
             target terms of every energy evaluation run under MPC
-            (:class:`ppreg.secure.flash_mpc.Party2Target`); lbfgs and flash optimizers.
+            (:class:`ppreg.secure.protocols.flash.Party2Target`); or party1's
+            :class:`~ppreg.secure.session.SecureSession` with party2 in another process (``fixed`` is
+            ``None``, ``intensity_scale`` required: :class:`ppreg.secure.protocols.flash.Party1Target`);
+            lbfgs and flash optimizers.
 
     Returns:
         ``(v0, alpha, iterations, objectives, displacement, seconds)``: complex64 coefficients
@@ -85,7 +88,11 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
         raise ValueError("estimate_alpha='joint' needs the flash or lbfgs optimizer (004 Algorithm 1)")
     if estimator == "laplace" and optimizer != "lbfgs":
         raise ValueError(f"estimate_alpha='laplace' fits with the lbfgs optimizer, got {optimizer!r}")
-    fixed, moving = jnp.asarray(fixed, jnp.float32), jnp.asarray(moving, jnp.float32)
+    if fixed is None and (session is None or intensity_scale is None):
+        raise ValueError("without the fixed image (party2 in another process) FLASH needs a session and the "
+                         "public intensity_scale")
+    moving = jnp.asarray(moving, jnp.float32)
+    fixed = jnp.zeros_like(moving) if fixed is None else jnp.asarray(fixed, jnp.float32)
     if fixed.shape != moving.shape:
         raise ValueError(f"FLASH needs fixed and moving on the same grid, got {fixed.shape} and {moving.shape}")
     if not (alpha > 0 and gamma > 0 and sigma > 0):
@@ -101,11 +108,11 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
                 iterations=int(iterations))
     party2 = nullcontext()
     if session is not None:  # party1 never holds the target: the image terms come from the protocol
-        from ..secure.flash_mpc import Party2Target, RemoteImageTerm
+        from ..secure.protocols.flash import RemoteImageTerm, image_target
 
         if optimizer == "adam":
             raise ValueError("secure FLASH runs the lbfgs or flash optimizer")
-        party2, opts["image_term"] = Party2Target(session, target, band), RemoteImageTerm(band)
+        party2, opts["image_term"] = image_target(session, target, band), RemoteImageTerm(band)
         target = jnp.zeros_like(target)
     if estimator == "laplace":
         with party2:
@@ -136,7 +143,7 @@ def _result_class():
     if _FLASH_RESULT is None:
         from dataclasses import dataclass
 
-        from ..register import Result
+        from ..result import Result
 
         @dataclass(frozen=True)
         class FlashResult(Result):
@@ -222,7 +229,7 @@ def register_result(fixed, moving, *, loss="ssd", secure=None, sampling=None, ma
         fixed, moving: arrays or :class:`~ppreg.image.Image` (same grid).
         loss, sampling: must be ``"ssd"`` and ``None``.
         secure: ``None`` (clear) or ``"mpc"``: party2 holds ``fixed``; the image energy and the
-            band force of every evaluation run under MPC (:mod:`ppreg.secure.flash_mpc`), both
+            band force of every evaluation run under MPC (:mod:`ppreg.secure.protocols.flash`), both
             images scaled by the public power of two ``2^max(e_fixed, e_moving)``; the final
             mean squared error is computed securely.
         max_iterations: descent iterations (default 150).
@@ -235,34 +242,33 @@ def register_result(fixed, moving, *, loss="ssd", secure=None, sampling=None, ma
         ValueError: other loss / secure / sampling, different grids, bad options.
     """
     from ..grid import identity_grid
-    from ..register import LevelReport, _as_array, scale_exponent
+    from ..options import as_array, scale_exponent
     from ..warp import warp
 
     start = time.perf_counter()
     if loss != "ssd" or secure not in (None, "mpc") or sampling is not None:
         raise ValueError("the flash transform runs the ssd loss on every voxel, clear or secure='mpc', got "
                          f"loss={loss!r}, secure={secure!r}, sampling={sampling!r}")
-    fixed_a, moving_a = _as_array(fixed, "fixed"), _as_array(moving, "moving")
+    fixed_a, moving_a = as_array(fixed, "fixed"), as_array(moving, "moving")
     if fixed_a.shape != moving_a.shape:
         raise ValueError(f"flash needs fixed and moving on the same grid, got {fixed_a.shape} and {moving_a.shape}")
     options = {**DEFAULTS, **options}
     iterations = 150 if max_iterations is None else int(max_iterations)
     session = None
     if secure == "mpc":
-        from ..secure.shares import TwoPartySession
+        from ..secure.mpc.shares import TwoPartySession
 
         session = TwoPartySession()
         options["intensity_scale"] = 2.0 ** max(scale_exponent(fixed_a), scale_exponent(moving_a))
     v0, alpha, its, fs, u, _ = register_flash(fixed_a, moving_a, iterations=iterations, session=session, **options)
     warped = np.asarray(warp(moving_a, identity_grid(fixed_a.shape) + u))
-    shape = tuple(fixed_a.shape)
     if session is None:
         final = float(np.mean((warped - np.asarray(fixed_a)) ** 2))
         time_s = {"party1": time.perf_counter() - start, "party2": 0.0}
         zero = {"online": 0, "offline": 0}
         nbytes, per_iteration = {"party1": dict(zero), "party2": dict(zero)}, {"party1": 0.0, "party2": 0.0}
     else:
-        from ..secure.lcc import sum_squared_difference
+        from ..secure.protocols.lcc import sum_squared_difference
 
         scale = options["intensity_scale"]
         final = sum_squared_difference(session, warped / scale, np.asarray(fixed_a) / scale) * scale**2 / warped.size
@@ -271,6 +277,16 @@ def register_result(fixed, moving, *, loss="ssd", secure=None, sampling=None, ma
         nbytes = {p: {"online": snap["sent"][p]["online"], "offline": snap["received"][p]["offline"]}
                   for p in ("party1", "party2")}
         per_iteration = {p: nbytes[p]["online"] / max(its, 1) for p in nbytes}
+    return flash_result(v0, alpha, its, fs, warped, final, options, secure=secure, time_s=time_s, nbytes=nbytes,
+                        per_iteration=per_iteration)
+
+
+def flash_result(v0, alpha, its, fs, warped, final, options, *, secure, time_s, nbytes, per_iteration):
+    """The ``FlashResult`` of a registration (in one process, :func:`register_result`, or party1's of
+    three, :func:`ppreg.secure.protocols.flash.register_moving_flash`): ``options`` as :data:`DEFAULTS`."""
+    from ..result import LevelReport
+
+    shape = tuple(np.shape(warped))
     return _result_class()(
         transform="flash", params=v0, matrix=None, center=None, spacing=None, warped=warped, final_loss=final,
         iterations=its, levels=(LevelReport(1, shape, its, int(np.prod(shape)), fs),), secure=secure,

@@ -9,7 +9,7 @@ A :class:`Channel` moves these frames between the endpoints ``party1``, ``party2
 ``online`` = protocol messages), the bytes it sent and received and the number of
 messages it sent (its rounds). Counts are of the frames actually sent, headers included.
 
-Over the network (:mod:`ppreg.secure.net`) every tag on the wire carries the session's binding
+Over the network (:mod:`ppreg.secure.net.transport`) every tag on the wire carries the session's binding
 suffix (``@`` and 16 hex digits of the dealer's session id, :attr:`Channel.session_tag`), so a
 frame of another session is refused; in one process the suffix is empty. A follower that stops
 the session sends its reason to the others in an ``error`` frame (:meth:`Channel.send_error`),

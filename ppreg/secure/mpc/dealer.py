@@ -9,7 +9,7 @@ triple). Each piece of randomness has a unique label; the dealer refuses to issu
 twice, so no triple or mask is ever reused; party2 keeps its own record too (it does not rely on
 the dealer, which a deviating party1 can leave out of an operation): its
 :class:`PartyRandomness` refuses to derive a stream label twice. Over the network every stream is
-bound to the session id (:func:`~ppreg.secure.prg.prf_uint64`'s ``context``).
+bound to the session id (:func:`~ppreg.secure.mpc.prg.prf_uint64`'s ``context``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .channel import Channel, ProtocolError
+from .. import audit
+from ..net.channel import Channel, ProtocolError
 from .prg import new_seed, prf_uint64
 from .ring import x64
 
@@ -92,7 +93,7 @@ class Dealer:
         party2's, where party2 already masked ``Y`` with ``v`` = its stream ``v_label`` (``shape``).
 
         ``u`` comes from party1's stream (``label/u``); ``w = rowsum(u ⊙ v)`` (``(k,)``) is shared as
-        ``w1`` (party1's stream ``label/w``) and ``w - w1`` (sent to party2). Used by :mod:`ppreg.secure.mi`.
+        ``w1`` (party1's stream ``label/w``) and ``w - w1`` (sent to party2). Used by :mod:`ppreg.secure.protocols.mi`.
         """
         self._claim(label)
         u = self._stream("party1", label + "/u", shape)
@@ -103,7 +104,7 @@ class Dealer:
 
     def private_product(self, label: str, shape) -> None:
         """Correlated randomness for ``x * y`` element-wise, ``x`` party1's and ``y`` party2's
-        (:mod:`ppreg.secure.lcc`): ``u`` from party1's stream, ``v`` from party2's, ``w = u v``
+        (:mod:`ppreg.secure.protocols.lcc`): ``u`` from party1's stream, ``v`` from party2's, ``w = u v``
         shared as ``w1`` (party1's stream) and ``w - w1`` (sent to party2)."""
         self._claim(label)
         u = self._stream("party1", label + "/u", shape)
@@ -117,7 +118,7 @@ class Dealer:
         self._mask_sizes[mask_label] = int(n)
 
     def product(self, label: str, mask_label: str, shape: tuple[int, int], idx=None, *, receive_idx: bool = False) -> None:
-        """Correlated randomness for one masked product (see :mod:`ppreg.secure.ppir`).
+        """Correlated randomness for one masked product (see :mod:`ppreg.secure.protocols.linear`).
 
         ``u`` (``shape = (k, c)``) is party1's, ``v`` the registered mask of party2;
         ``w = u * v[idx]`` is shared as ``w1`` (party1's stream) and ``w - w1`` (sent to
@@ -130,6 +131,7 @@ class Dealer:
         if receive_idx:
             mask = self.channel.recv("dealer", "party1", label + "/idx")
             idx = bitmask_to_indices(mask, n, shape[0])
+            audit.opened(self.channel, "dealer", "GMS sample indices (party1's choice)", idx.shape)
             self.channel.send("dealer", "party2", label + "/idx", mask, phase="offline")
         v = self._stream("party2", mask_label + "/v", (n,))
         v_sel = v if idx is None else v[np.asarray(idx)]

@@ -4,7 +4,7 @@ Party1 holds the moving image and the coefficients ``c``; party2 holds the fixed
 ``J``. A Gauss-Newton step needs ``grad = (2/k) B^T (a ⊙ (I_w - J))`` with ``a = grad I(x + u(x))``
 (per sampled voxel, ``(k, d)``) and ``B = dW/dc`` the public, image-free tensor-product
 B-spline basis (:mod:`ppreg.bspline`). Only ``R = B^T (a ⊙ J)`` needs both images; it is the
-masked product of :mod:`ppreg.secure.ppir` (party2 masks ``J`` once per level, party1 sends
+masked product of :mod:`ppreg.secure.protocols.linear` (party2 masks ``J`` once per level, party1 sends
 ``a - u`` per iteration, the dealer supplies ``w = u ⊙ v[idx]``) followed by the public map
 ``B^T`` applied by each party to its share. The map is separable: per axis the integer matrix
 ``K_a = 6 s^3 B_a`` (:class:`SplineMap`), applied in the ring as mode products
@@ -23,13 +23,65 @@ nothing. Fine grids get ``f_a > f``; coarse grids (``K`` grows as ``s^4`` per ax
 rounded ``a`` everywhere (its local term, the Hessian), so the step is the exact
 Gauss-Newton-CG step for the rounded gradient.
 
-What each party learns: party1 learns ``R`` (its output: ``P`` numbers per iteration, a
-function of both images) and ``J - v`` (uniform); party2 learns ``a - u`` (uniform), the
+What each party learns: party1 learns ``R`` (its output: ``d P`` numbers per iteration, a
+function of both images, and enough to rebuild ``J``: see below) and ``J - v`` (uniform); party2 learns ``a - u`` (uniform), the
 sample indices (public for full sampling and URS from a public key; GMS indices are a
 function of party1's image: a documented leak), and the public shapes, spacings, iteration
 counts and the power-of-two intensity scale. Security: semi-honest parties, a trusted
-dealer that colludes with neither (:mod:`ppreg.secure.dealer`); every ``u``, ``w`` has its
+dealer that colludes with neither (:mod:`ppreg.secure.mpc.dealer`); every ``u``, ``w`` has its
 own label and is used once.
+
+Leakage of ``R`` and party2's defences (issue 13, finding 1). Per iteration party1 receives ``d P``
+numbers (``P = prod(ctrl_shape)`` control points, about ``d n / s^d`` at spacing ``s``): ``d P``
+linear functionals ``R[j, c] = sum_x B(x, j) a_c(x) J_level(x)`` of party2's (smoothed) image with
+weights ``a`` of party1's choosing. Before this change nothing bounded them, and many iterations let
+party1 solve for ``J`` by least squares: a registration at the CLI defaults (spacings 16, 8, 4,
+15 iterations each: 4.45 functionals per voxel of a 48 x 48 crop, up to 2.8 on the 257 x 221 slice)
+rebuilds J to relative L2 error 0.007 (contrast, ``J - mean J``: 0.034); and with a smoothness
+prior far fewer suffice (contrast error, 48 x 48 crop of the PD slice, honest ``a``, no noise;
+tests/test_secure_bspline_leakage.py):
+
+- spacing 4: 1 query (0.20 functionals per voxel) 0.36 (plain 0.07); 2 (0.39) 0.11; 5 (0.98) 0.022;
+- spacing 8: 1 query (0.07) 0.63 (plain 0.13); 2 (0.14) 0.27; 3 (0.21) 0.19;
+- spacing 16: 1 query (0.03) 0.96 (plain 0.22); 3 (0.09) 0.35;
+- a deviating party1 choosing ``a`` (local moments in each cell), spacing 8, 1 query: 0.44.
+
+(For scale: the plain relative error of a constant guess is 0.20 on that crop, of party1's own moving
+image 0.15, so the plain error mostly measures the mean brightness.) Now party2 counts the
+functionals itself (:class:`~ppreg.secure.policy.Guard`: ``d P`` per ``spline_query``, from the
+public shape and spacing; it cannot compute their rank, ``a`` being party1's, so the count bounds
+it) and refuses a level or query past its policy's ``max_spline_functionals_per_voxel``. Since no
+positive count is safe (three queries at spacing 16, 0.09 per voxel, already give 0.35), the default
+is 0: party2 refuses the B-spline protocol unless its policy opts in (3 per voxel admits the CLI
+defaults in 2D); one process (``register(secure="mpc")``, one user) has no policy. With
+``spline_noise`` (``kappa``) party2 adds Gaussian noise, standard deviation ``kappa 2^61`` ring units
+(:func:`noise_std_ring`, from the OS CSPRNG), to its share before ``R`` is opened: ``kappa`` times
+the largest ``|R|`` party1's encoding admits (at least ``kappa max_j sum_x B(x, j) |a(x)|`` in ``R``'s
+units, whatever party1's scale; party2 needs no ``f_a``). The trade-off (accuracy: 86 x 74 PD pair,
+levels 2, 1, spacing 8, 5 iterations, vs the noise-free secure run, which is within 5e-4 px of CLEAR;
+attack: after a registration at the CLI defaults on the 48 x 48 crop, budget off):
+
+======  ===============  ===============================
+kappa   RMSE vs kappa=0  attack error (plain / contrast)
+======  ===============  ===============================
+0       0                0.007 / 0.034
+1e-6    0.0007 px        0.014 / 0.070
+1e-5    0.0067 px        0.018 / 0.093
+3e-5    0.020 px
+1e-4    0.069 px         0.035 / 0.175
+1e-3    0.73 px          0.077 / 0.388
+1e-2    10.4 px          (the registration diverges)
+======  ===============  ===============================
+
+so noise within the 0.05 px accuracy target (``kappa <= 5e-5``) leaves the contrast error below 0.15:
+noise does not reconcile accuracy and privacy here, the budget's refusal does (at the price of the
+registration). As differential privacy the noise is weak: one voxel of ``J`` (``|J| <= 1``) moves
+party2's share by at most ``2^62 sqrt(d 4^d)`` ring units in L2 (a deviating party1 may put a row's
+whole bound on one voxel), so each query is ``rho``-zCDP with ``rho = 2^(2d+1) d / kappa^2``, and ``T``
+queries give ``(rho T + 2 sqrt(rho T ln(1/delta)), delta)``-DP: ``epsilon > 2.6e5`` per query at the
+largest admitted ``kappa = 2^-6`` in 2D. It is an empirical defence against reconstruction, not a
+DP guarantee. (A deviating party1 can also scale ``a`` up until the actual ``R``, rather than its
+bound for ``|J| <= 1``, fills the ring, gaining their ratio: a few bits; party2 cannot see ``a``.)
 
 Precision: ``a`` is rounded by party1 (and used rounded throughout), ``J`` is rounded to ``f``
 bits, so ``|R_j - (B^T (a ⊙ J))_j| <= 2^-(f+1) sum_x B(x, j) |a(x)|`` (:func:`error_bound`).
@@ -50,15 +102,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import optim
-from ..bspline import basis_matrices, control_grid_shape, displacement, mode_products, refine
-from ..grid import gaussian_blur, gradient, identity_grid
-from ..sampling import n_samples
-from ..warp import inside_mask, interpolate
-from . import ppir
-from .channel import ProtocolError
-from .ring import check_range, decode, x64
-from .roles import handler, key_from_json, key_to_json, urs_indices
+from ... import optim
+from ...bspline import basis_matrices, control_grid_shape, displacement, mode_products, refine
+from ...grid import gaussian_blur, gradient, identity_grid
+from ...sampling import n_samples
+from ...warp import inside_mask, interpolate
+from . import linear as ppir
+from .. import audit
+from ..net.channel import ProtocolError
+from ..mpc.prg import fresh_uint64
+from ..mpc.ring import check_range, decode, x64
+from ..roles import handler, key_from_json, key_to_json, urs_indices
 
 RING_HEADROOM_BITS = 62
 MAX_A_BITS = 24  # float32 carries 24 significant bits: finer rounding of a changes nothing
@@ -151,10 +205,31 @@ def send_spline_query(party1: ppir.Party1, label: str, a, pmap: SplineMap, idx=N
     party1.send_factor(label, a, idx, n=n, send_idx=send_idx, frac_bits=a_bits)
 
 
-def respond_spline(party2: ppir.Party2, label: str, mask_label: str, pmap: SplineMap, idx=None) -> None:
-    """Party2: compute and send its share of ``R`` (``P`` ring elements)."""
+def standard_normal(shape) -> np.ndarray:
+    """float64 standard normal samples ``shape`` from the OS CSPRNG (Box-Muller on 53-bit uniforms;
+    ``|z| <= 8.6``)."""
+    bits = fresh_uint64((2,) + tuple(shape)) >> np.uint64(11)
+    u1 = (bits[0].astype(np.float64) + 1.0) / 2.0**53  # (0, 1]
+    u2 = bits[1].astype(np.float64) / 2.0**53
+    return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+
+
+def noise_std_ring(noise: float) -> float:
+    """Party2's noise (ring units) for a relative ``noise`` (``Policy.spline_noise``): ``noise 2^61``,
+    i.e. ``noise`` times the largest ``|R|`` party1's encoding admits (:func:`a_bits_for`)."""
+    return float(noise) * 2.0 ** (RING_HEADROOM_BITS - 1)
+
+
+def respond_spline(party2: ppir.Party2, label: str, mask_label: str, pmap: SplineMap, idx=None, *,
+                   noise: float = 0.0) -> None:
+    """Party2: compute and send its share of ``R`` (``P`` ring elements), plus Gaussian noise of
+    standard deviation :func:`noise_std_ring` (``noise``) when ``noise > 0`` (party2's policy)."""
     z = party2.product_share(label, mask_label, idx)
-    party2.channel.send("party2", "party1", label, np.asarray(map_transpose(pmap, z, idx)))
+    share = np.asarray(map_transpose(pmap, z, idx))
+    if noise > 0:
+        eta = np.rint(noise_std_ring(noise) * standard_normal(share.shape)).astype(np.int64)
+        share = share + eta.view(np.uint64)  # wraps modulo 2^64, as the ring does
+    party2.channel.send("party2", "party1", label, share)
 
 
 def finish_spline(party1: ppir.Party1, label: str, mask_label: str, pmap: SplineMap, a_bits: int) -> np.ndarray:
@@ -168,6 +243,7 @@ def finish_spline(party1: ppir.Party1, label: str, mask_label: str, pmap: Spline
     theirs = np.asarray(party1.channel.recv("party1", "party2", label))
     if theirs.shape != mine.shape or theirs.dtype != np.uint64:
         raise ProtocolError(f"party2's share is {theirs.dtype} {theirs.shape}, expected uint64 {mine.shape}")
+    audit.opened(party1.channel, "party1", "R = B^T (a * J)", mine.shape)
     with x64():
         return pmap.decode(mine + jnp.asarray(theirs), a_bits, party1.f)
 
@@ -272,16 +348,19 @@ def _query_fixed(role, cmd):
     cfg = role.level(cmd["mask"])
     if cfg["method"] == "gms":
         idx = jnp.asarray(role.party2.receive_indices(cmd["label"], cfg["n"]))
+        audit.opened(role.channel, "party2", "GMS sample indices (party1's choice)", idx.shape)
     else:
         idx = _samples(cfg, cmd)
-    respond_spline(role.party2, cmd["label"], cmd["mask"], cfg["pmap"], idx)
+    policy = role.guard.policy
+    respond_spline(role.party2, cmd["label"], cmd["mask"], cfg["pmap"], idx,
+                   noise=0.0 if policy is None else policy.spline_noise)
 
 
 # --- party1's driver -------------------------------------------------------------------------------
 
 
 def fit_bspline(fixed_s, moving_s, session=None, *, key, levels, spacing, sampling=None, fraction=0.1,
-                max_iterations=15, tol=1e-2, lam=0.01, damping=0.1, cg_iterations=10, shape=None):
+                max_iterations=15, tol=1e-2, lam=0.01, damping=0.1, cg_iterations=10, shape=None, observe=None):
     """Coarse-to-fine B-spline Gauss-Newton-CG, with ``R`` from the MPC protocol or in the clear.
 
     Party1's loop: each level is the operation ``spline_level`` (party2 smooths its image with
@@ -303,6 +382,11 @@ def fit_bspline(fixed_s, moving_s, session=None, *, key, levels, spacing, sampli
         max_iterations, tol, lam, damping, cg_iterations: as ``optim.run_bspline_level`` (each
             iteration is :func:`ppreg.optim.bspline_step`).
         shape: the fixed image shape (public; default ``fixed_s.shape``).
+        observe: ``None``, or called as ``observe(level, spacing, sigma, idx, a, r)`` after every
+            iteration with what party1 holds: the level index, its control spacing and smoothing,
+            the sample indices (``None``: every voxel), ``a`` float32 ``(k, d)`` as sent and ``R``
+            float32 ``(*ctrl, d)`` as revealed (e.g. an audit, or the reconstruction attack of
+            tests/test_secure_bspline_leakage.py).
 
     Returns:
         ``(coeffs float32 (*ctrl, d), [(factor, iterations, k), ...])``.
@@ -357,6 +441,8 @@ def fit_bspline(fixed_s, moving_s, session=None, *, key, levels, spacing, sampli
                 def finish(terms, c=coeffs, label=label):
                     idx, a, b, a_bits = terms
                     r = jnp.asarray(finish_spline(session.party1, label, mask_label, pmap, a_bits), jnp.float32)
+                    if observe is not None:
+                        observe(li, sp, sigma, idx, a, r)
                     new, step = _step(c, a, idx, b - r, **opts)
                     return new, float(step)
 
@@ -365,6 +451,8 @@ def fit_bspline(fixed_s, moving_s, session=None, *, key, levels, spacing, sampli
             else:
                 idx, a, b, _ = local()
                 r = map_transpose(pmap, _clear_r(a, fixed_level if idx is None else fixed_level[idx]), idx)
+                if observe is not None:
+                    observe(li, sp, sigma, idx, a, r)
                 coeffs, step = _step(coeffs, a, idx, b - r, **opts)
             it += 1
             if float(step) <= tol:

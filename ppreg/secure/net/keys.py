@@ -19,7 +19,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from .._atomic import atomic_write_text
+from ..._atomic import atomic_write_text
 
 _TEMPLATE = """#   ZeroMQ CURVE {kind} certificate written by `ppreg keygen` for {name!r}
 #   {note}

@@ -15,7 +15,7 @@ element, where ``2^l`` bounds ``|xy| * 2^(2f)``.
 
 :class:`Shared` holds both parties' shares of one value for in-process simulation
 (tests, benchmarks); :class:`TwoPartySession` runs the interactive steps over a
-:class:`~ppreg.secure.channel.Channel` so the traffic is measured.
+:class:`~ppreg.secure.net.channel.Channel` so the traffic is measured.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .channel import Channel, InProcessChannel, ProtocolError
+from ..net.channel import Channel, InProcessChannel, ProtocolError
 from .dealer import Dealer, PartyRandomness
 from .prg import fresh_uint64
 from .ring import DEFAULT_FRAC_BITS, check_frac_bits, decode, encode, to_ring, x64
@@ -136,7 +136,7 @@ PEER = {"party1": "party2", "party2": "party1"}
 @dataclass
 class Endpoint:
     """One party's channel end and randomness, with the masks of its unfinished steps (a protocol
-    step runs as per-party halves: send, then form the share; :mod:`ppreg.secure.private`)."""
+    step runs as per-party halves: send, then form the share; :mod:`ppreg.secure.mpc.private`)."""
 
     name: str
     channel: Channel

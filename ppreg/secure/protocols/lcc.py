@@ -1,4 +1,4 @@
-"""PPIR(MPC) for the ANTs local cross-correlation (CC): the SVF force, revealed to party1 only.
+"""PPIR(MPC) for the ANTs local cross-correlation (CC): the smoothed SVF force, revealed to party1 only.
 
 The clear loss is :func:`guarded_lncc` (:func:`ppreg.losses.lncc` with ANTs' flat-window rule):
 both images standardised globally (``f``, ``w``), then per window ``x`` (box of side
@@ -60,22 +60,47 @@ plus party2's ``8 (d N + 1)`` output bytes; offline, party2 receives one element
 (``(12 + d) 8 N`` bytes). (With the ``eps`` of ``D^2 / (E F + eps)`` the division did not
 split and needed 3 Newton steps of a secure reciprocal: ``(26 + d) 8 N`` bytes.)
 
-What each party learns: party1 learns ``N s dL/dw . grad w`` per voxel (its force, before
-smoothing; from it the clear force follows with its own ``s``) and the loss value ``L``;
-nothing else: every message it receives is masked by fresh uniform dealer randomness
-(Beaver openings, private-product inputs). Party2 learns nothing (uniform messages only).
-Both learn the public shapes, window, ``eps``, ``floor``, iteration count and whether an
-iteration was repeated after a wrapped truncation (below). Security: semi-honest parties,
-non-colluding trusted dealer; no per-voxel intermediate (``D``, ``E F``, ``2D/(EF)``,
-``J - D/E I``) is opened. Party1 can read from its force where it is zero (every window
-around a voxel flat in either image); the smoothed force would leak less (not done).
+What each party learns (``lncc_open``; a level of ``N`` voxels in ``d`` dimensions, per iteration
+attempt). Every message a party receives is masked by fresh uniform dealer randomness (Beaver
+openings, private-product inputs) except the one opening of the ``out`` round; no per-voxel
+intermediate (``D``, ``E F``, ``2D/(EF)``, ``J - D/E I``) is ever opened. The opening is:
+
+- ``"force"`` (the raw mode): party1 decodes ``N s dL/dw . grad w``, ``d N`` numbers (its force per
+  voxel, before smoothing; the clear force follows with its own ``s``), and the CC sum ``N L``: ``d N
+  + 1`` numbers. The force is a deterministic function of party2's image ``J`` (and of party1's own
+  warped image): at each voxel with ``grad w != 0`` it is a fixed combination of ``J`` over the
+  windows around it, so each iteration gives party1 about ``N`` equations in the ``N`` unknowns of
+  ``J``, sharp at voxel resolution; it also shows where every window is flat in ``J`` (force 0).
+- ``"smoothed"`` (the default, and what the default :class:`~ppreg.secure.policy.Policy` requires):
+  the Gaussian ``G`` of the update (``sigma = sigma_fluid``, 3 voxels by default) is linear with
+  public weights, so each party applies it to its own share of the force (:func:`smooth_share`,
+  local, no message) and only ``G(N s dL/dw . grad w)`` and ``N L`` are opened: the same ``d N + 1``
+  numbers, exactly what the update needs (the clear loop smooths the force first thing). What it
+  protects: no single voxel's force, nor the sharp detail of ``J`` behind it, is opened; ``G``
+  passes a frequency ``k`` (cycles per voxel) with gain ``exp(-2 pi^2 sigma^2 k^2)``, below the
+  opening's resolution ``2^-f`` for ``k > sqrt(f ln 2 / (2 pi^2)) / sigma`` (0.27 at ``sigma = 3``,
+  ``f = 18``), so the opened field carries about ``(2 * 0.27)^d`` of ``d N`` numbers' worth of
+  components (2D: 0.28, 3D: 0.15; above a 1e-3 gain, 0.16 and 0.06). What it does not: the
+  smoothed force is still a deterministic function of ``J``, its low-pass image (with party1's own
+  ``grad w`` as a known weight); over many iterations party1 collects many such views, and no
+  formal (e.g. differential-privacy) bound follows. Sub-sampling the smoothed field to the band
+  ``G`` keeps (every second voxel per axis at ``sigma = 3``) would cut the count of opened numbers by
+  ``2^d`` (not done: the update would then be interpolated).
+
+Party2 learns nothing in the non-symmetric protocol (uniform messages only). Both learn the public
+shapes, window, ``eps``, ``floor``, ``sigma``, iteration count and whether an iteration was repeated
+after a wrapped truncation (below). Security: semi-honest parties, non-colluding trusted dealer.
+Party2's :class:`~ppreg.secure.policy.Guard` counts ``d N + 1`` released numbers per attempt in
+either mode (``ppreg party --audit`` lists them, :mod:`ppreg.secure.audit`).
 
 Symmetric (Eq. 10-11, SyN's two half velocities; :func:`run_svf_level`): party2 holds its own
 half velocity ``v2`` and moves its image by it, so both local terms change every iteration. The
 same rounds also give party2 ``N s dL/df . grad f`` (its force, ``(I - D/F J)`` of Eq. 11 written
-per window as (*) with the roles swapped, ``beta' = 2 (h F) h``), revealed to party2 only; each
-party updates its own half. Party2 learns its force and its half (the ``fixed o exp(v2)`` side of
-the result), party1 its own force and, at the end, ``v2`` (the output ``exp(v1) o exp(-v2)``).
+per window as (*) with the roles swapped, ``beta' = 2 (h F) h``), revealed to party2 only (smoothed
+on the shares like party1's in the smoothed mode: ``d N`` numbers per iteration, a function of
+party1's image ``I`` as party1's is of ``J``); each party updates its own half. Party2 learns its
+force and its half (the ``fixed o exp(v2)`` side of the result), party1 its own force and, at the
+end, ``v2`` (``d N`` numbers of the full-resolution grid: the output ``exp(v1) o exp(-v2)``).
 Traffic per voxel and iteration: ``21 + 3d`` ring elements from each party (``7 + 2d`` more:
 ``h F``, a third Beaver product, four more terms, ``d`` products with ``grad f``, ``d`` output shares).
 
@@ -94,9 +119,21 @@ iteration about 3e-3, over a 24^3 one 1e-2 (the largest values: ``D`` and ``B(be
 3D windows). Party1 checks what it receives against public bounds (:func:`output_bound`:
 ``|N dL/dw_std| <= 4 window^d / sqrt(floor)`` per voxel, ``|cc| <= 1``); a wrapped value
 (or any value it reaches) cannot pass, and :func:`run_svf_level` repeats the iteration with
-fresh randomness (:class:`TruncationFailure`). The rate grows as ``N 2^(2f)``, so large levels
-run with fewer fractional bits (:func:`frac_bits_for`: 15 at 182 x 218 x 182, where 18 wrapped
-in every attempt); an exact truncation would remove the repeats altogether.
+fresh randomness (:class:`TruncationFailure`), up to :data:`RETRIES` (5) times: at the largest
+expected rate (0.1 per iteration) six attempts fail together with probability ``1e-6`` per
+iteration, and then the registration stops with a :class:`TruncationFailure` naming the level and
+iteration (``ppreg register`` and ``ppreg party``: one ``ppreg: error:`` line, never a traceback).
+The rate grows as ``N 2^(2f)``, so large levels run with fewer fractional bits
+(:func:`frac_bits_for`: 15 at 182 x 218 x 182, where 18 wrapped in every attempt). The smoothed
+mode adds ``d`` local truncations per force element (:func:`smooth_share`, at ``f + 14`` bits:
+``|z| 2^(f + 14 - 64)`` each, ``2e-10`` for a force of 1 at ``f = 18``).
+
+Why not an exact truncation (design decision, DESIGN.md): the dealer-assisted probabilistic
+truncation (a pair ``(r, r >> s)``, open ``x + r``) needs ``|x| < 2^(63 - kappa)`` for ``kappa`` bits
+of statistical masking; at ``kappa = 40`` that leaves 23 bits for a value carried at ``2f = 36``
+fractional bits, i.e. nothing. An exact one in ``Z_2^64`` needs a secure comparison (bit
+decomposition: tens of rounds and ``~64`` AND gates per element) or a 128-bit ring (twice the
+traffic of every round); a repeat once in ten iterations at worst costs less than either.
 """
 
 from __future__ import annotations
@@ -104,21 +141,22 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..grid import gradient, identity_grid, smooth_field
-from ..losses import LNCC_FLAT_FLOOR, _box_count, _box_sum, _standardise, lncc
-from ..svf import exp as svf_exp
-from ..warp import warp
-from .channel import ProtocolError
-from .private import endpoints, product_share, reveal_to_party1, send_masked, times_private
-from .ring import decode, encode, x64
-from .roles import handler
-from .shares import Endpoint, Shared, TwoPartySession, beaver_send, beaver_share, truncate_share
+from ...grid import blur_matrix, gradient, identity_grid, smooth_field
+from ...losses import LNCC_FLAT_FLOOR, _box_count, _box_sum, _standardise, lncc
+from ...svf import exp as svf_exp
+from ...warp import warp
+from .. import audit
+from ..net.channel import ProtocolError
+from ..mpc.private import endpoints, product_share, reveal_to_party1, send_masked, times_private
+from ..mpc.ring import check_range, decode, encode, x64
+from ..roles import handler
+from ..mpc.shares import Endpoint, Shared, TwoPartySession, beaver_send, beaver_share, truncate_share
 
 WINDOW = 5
 EPS = 1e-5
@@ -127,7 +165,12 @@ FRAC_BITS = 18
 MIN_FRAC_BITS = 14
 WRAP_FREE_VOXELS = 2**17  # at FRAC_BITS, about 0.1 expected wrapped truncations per iteration (24^3: 1e-2)
 INV_EXTRA_BITS = 6
-RETRIES = 2
+RETRIES = 5
+SMOOTH_BITS = 14  # fractional bits of the public Gaussian weights applied to the force shares (smoothed mode)
+LNCC_OPEN = ("smoothed", "force")
+"""What each iteration opens (module docstring): the force smoothed on the shares (the update before its
+scaling), or the raw per-voxel force."""
+DEFAULT_OPEN = "smoothed"
 
 
 def guarded_lncc(fixed, warped, *, window: int = WINDOW, eps: float = EPS, floor: float = FLOOR):
@@ -250,21 +293,67 @@ def deal(dealer, rnd: str, label: str, shape: tuple[int, ...], symmetric: bool =
         dealer.private_product(label, full)
 
 
+@lru_cache(maxsize=32)
+def _blur_ring(n: int, sigma: float, bits: int) -> np.ndarray:
+    """:func:`ppreg.grid.blur_matrix` ``(n, n)`` as ring elements ``round(2^bits M)`` (non-negative: uint64)."""
+    return np.rint(blur_matrix(n, sigma).astype(np.float64) * 2.0**bits).astype(np.uint64)
+
+
+def smooth_share(z, party: str, sigma: float, bits: int = SMOOTH_BITS):
+    """One party's share of ``smooth_field`` of a shared field, computed locally (smoothed mode).
+
+    The Gaussian (:func:`ppreg.grid.smooth_field`: per spatial axis the edge-replicating
+    :func:`~ppreg.grid.blur_matrix`) is linear with public weights, so each party applies it to its
+    own share: per axis a ring contraction with ``round(2^bits M)`` and a local truncation by
+    ``bits`` (error: one unit of ``2^-f`` per axis, plus the weights' rounding, ``2^-(bits+1)`` per
+    tap, relative). No message is exchanged.
+
+    Args:
+        z: uint64 ring array ``(C, *spatial)`` (this party's share, any fractional bits).
+        party: ``"party1"`` or ``"party2"`` (the truncation rule differs).
+        sigma: voxels; ``<= 0`` returns ``z`` unchanged. bits: the weights' fractional bits.
+
+    Returns:
+        uint64 ``(C, *spatial)``, the same fractional bits.
+    """
+    if sigma <= 0:
+        return z
+    with x64():
+        z = jnp.asarray(z, jnp.uint64)
+        for axis in range(1, z.ndim):
+            m = jnp.asarray(_blur_ring(int(z.shape[axis]), float(sigma), int(bits)))
+            z = truncate_share(jnp.moveaxis(jnp.tensordot(m, z, axes=(1, axis)), 0, axis), party, bits)
+    return z
+
+
+def _blur_float(x, sigma: float) -> np.ndarray:
+    """float64 ``smooth_field`` of ``x (C, *spatial)`` over its spatial axes (the public bound's smoothing)."""
+    x = np.asarray(x, np.float64)
+    for axis in range(1, x.ndim):
+        m = blur_matrix(x.shape[axis], float(sigma)).astype(np.float64)
+        x = np.moveaxis(np.tensordot(m, x, axes=(1, axis)), 0, axis)
+    return x
+
+
 class LccParty:
     """One party's side of :func:`secure_force`: its own clear terms and its shares of every
     intermediate (``self.v``), round by round (:func:`rounds`; ``send`` then ``finish``).
 
     Args:
-        me: the party's :class:`~ppreg.secure.shares.Endpoint`.
+        me: the party's :class:`~ppreg.secure.mpc.shares.Endpoint`.
         terms: its :func:`local_terms` (party1: the warped moving image; party2: the fixed level,
             warped by its own half velocity when symmetric).
         window, frac_bits: as :func:`secure_force`.
         symmetric: also compute party2's force (the derivative in the fixed image), revealed to
             party2 only (``out``).
+        smooth: ``> 0``: the Gaussian sigma (level voxels) applied to the force shares before they
+            are opened (smoothed mode, :func:`smooth_share`); ``0``: the raw force is opened.
     """
 
-    def __init__(self, me: Endpoint, terms: dict, *, window: int, frac_bits: int, symmetric: bool = False):
+    def __init__(self, me: Endpoint, terms: dict, *, window: int, frac_bits: int, symmetric: bool = False,
+                 smooth: float = 0.0):
         self.me, self.t, self.window, self.f = me, terms, int(window), int(frac_bits)
+        self.smooth = float(smooth)
         self.fine = self.f + INV_EXTRA_BITS
         self.party1 = me.name == "party1"
         self.symmetric = bool(symmetric)
@@ -380,19 +469,23 @@ class LccParty:
                 v["g"] = box(r1[0]) + r2[1] - r1[1] - box(r2[0])  # N dL/dw: -[f B(a) - B(a mu_f) - w B(b) + B(b mu_w)]
                 if self.symmetric:  # N dL/df: -[w B(a) - B(a mu_w) - f B(b') + B(b' mu_f)]
                     v["g2"] = box(r2[2]) + r1[3] - r2[3] - box(r1[2])
-            else:  # grad, gradb: N s dL/dw . grad w (party2: dL/df . grad f), shares
-                v["prod" if rnd == "grad" else "prod2"] = out
+            else:  # grad, gradb: N s dL/dw . grad w (party2: dL/df . grad f), shares; smoothed before opening
+                v["prod" if rnd == "grad" else "prod2"] = smooth_share(out, self.me.name, self.smooth)
 
     def _reveal(self, label: str) -> None:
         d = len(self.shape)
+        what = "smoothed force" if self.smooth > 0 else "force"
         with x64():
             if self.party1:
                 force = self.v["prod"] + self.me.receive(label + "/force", (d,) + self.shape)
                 total = jnp.sum(self.v["dh"])[None] + self.me.receive(label + "/loss", (1,))
                 self.outputs = (decode(force, self.f), float(decode(total, self.f)[0]))
+                audit.opened(self.me.channel, "party1", f"{what} (N s dL/dw . grad w)", force.shape)
+                audit.opened(self.me.channel, "party1", "local CC sum", (1,))
             elif self.symmetric:
                 force = self.v["prod2"] + self.me.receive(label + "/force2", (d,) + self.shape)
                 self.outputs = (decode(force, self.f), None)
+                audit.opened(self.me.channel, "party2", f"its own {what} (N s dL/df . grad f)", force.shape)
 
     def result(self, *, window: int, floor: float) -> tuple:
         """``(loss, force)`` from this party's revealed outputs after the public-bound check
@@ -400,7 +493,7 @@ class LccParty:
         force_n, cc_sum = self.outputs
         n = math.prod(self.shape)
         _check_outputs(force_n, 0.0 if cc_sum is None else cc_sum, np.moveaxis(np.asarray(self.t["grad"]), -1, 0), n,
-                       window, floor)
+                       window, floor, smooth=self.smooth)
         force = -np.moveaxis(force_n, 0, -1) / (n * float(self.t["scale"]))
         return (None if cc_sum is None else -cc_sum / n), np.asarray(force, np.float32)
 
@@ -434,18 +527,23 @@ def output_bound(window: int, ndim: int, floor: float) -> float:
     return 4.0 * window**ndim / math.sqrt(floor)
 
 
-def _check_outputs(force_n, cc_sum, grad, n: int, window: int, floor: float) -> None:
+def _check_outputs(force_n, cc_sum, grad, n: int, window: int, floor: float, *, smooth: float = 0.0) -> None:
     """Party1's check of what it received against the public bounds (``cc <= 1`` per window);
-    a wrapped truncation is off by ``~2^(64 - 2f)`` and cannot pass. Raises TruncationFailure."""
+    a wrapped truncation is off by ``~2^(64 - 2f)`` and cannot pass. Smoothed (``smooth > 0``):
+    the Gaussian's weights are non-negative, so ``|G x| <= G |x| <= G (bound |grad|)``, which the
+    receiver computes from its own gradient. Raises TruncationFailure."""
     slack = 1.01
-    bound = output_bound(window, grad.shape[0], floor) * np.abs(grad) * slack + 1e-3
+    bound = output_bound(window, grad.shape[0], floor) * np.abs(grad) * slack
+    if smooth > 0:
+        bound = _blur_float(bound, smooth)
+    bound = bound + 1e-3
     if not (np.all(np.abs(force_n) <= bound) and abs(cc_sum) <= n * slack):
         raise TruncationFailure("a revealed lncc output exceeds its public bound (a local truncation wrapped)")
 
 
 def secure_force(session: TwoPartySession, fixed_terms: dict, moving_terms: dict, *, window: int = WINDOW,
                  eps: float = EPS, floor: float = FLOOR, frac_bits: int = FRAC_BITS, tag: str = "lcc",
-                 symmetric: bool = False):
+                 symmetric: bool = False, smooth: float = 0.0):
     """The lncc SVF force on party1's side, computed under MPC (module docstring).
 
     Args:
@@ -458,12 +556,14 @@ def secure_force(session: TwoPartySession, fixed_terms: dict, moving_terms: dict
             to the same grid, as :func:`local_terms` does).
         tag: prefix of the message and correlated-randomness labels (unique per call).
         symmetric: also party2's force ``-dL/df . grad f`` (Eq. 11), revealed to party2 only.
+        smooth: ``0`` (raw: the force is opened) or the Gaussian sigma (voxels) applied to the
+            force shares before opening (smoothed mode: only ``smooth_field(force, smooth)`` is opened).
 
     Returns:
         ``(loss, force)`` as party1 learns them: float loss ``L`` and float32
-        ``(*spatial, d)`` force ``-dL/dw . grad w`` (unsmoothed), the same quantities as
-        ``jax.value_and_grad(guarded_lncc)`` and ``-dL/dw[..., None] * gradient(w)`` in the clear;
-        symmetric: ``(loss, force, party2's force)``.
+        ``(*spatial, d)`` force ``-dL/dw . grad w`` (raw; smoothed mode: its Gaussian smoothing), the
+        same quantities as ``jax.value_and_grad(guarded_lncc)`` and ``-dL/dw[..., None] * gradient(w)``
+        (``smooth_field`` of it) in the clear; symmetric: ``(loss, force, party2's force)``.
 
     Raises:
         ValueError: shapes of the two parties' terms differ, or ``floor <= 0``.
@@ -474,7 +574,7 @@ def secure_force(session: TwoPartySession, fixed_terms: dict, moving_terms: dict
     shape = tuple(np.shape(moving_terms["std"]))
     if tuple(np.shape(fixed_terms["std"])) != shape:
         raise ValueError(f"fixed and warped shapes differ: {np.shape(fixed_terms['std'])} vs {shape}")
-    p1, p2 = (LccParty(e, t, window=window, frac_bits=frac_bits, symmetric=symmetric)
+    p1, p2 = (LccParty(e, t, window=window, frac_bits=frac_bits, symmetric=symmetric, smooth=smooth)
               for e, t in zip(endpoints(session), (moving_terms, fixed_terms)))
     for rnd in rounds(symmetric):
         label = f"{tag}/{rnd}"
@@ -493,7 +593,8 @@ def _check_floor(floor) -> None:
 
 
 def remote_force(session, moving_terms: dict, *, level: str, window: int = WINDOW, floor: float = FLOOR,
-                 frac_bits: int = FRAC_BITS, tag: str = "lcc", symmetric: bool = False, retry: bool = False):
+                 frac_bits: int = FRAC_BITS, tag: str = "lcc", symmetric: bool = False, retry: bool = False,
+                 smooth: float = 0.0):
     """:func:`secure_force` with party2 and the dealer behind a :class:`~ppreg.secure.session.SecureSession`
     (one ``lcc_round`` operation per round; party2's terms are those of the level ``level`` it
     opened in ``lcc_level``, see :func:`run_svf_level`). Symmetric: party2 warps its level by its
@@ -502,7 +603,7 @@ def remote_force(session, moving_terms: dict, *, level: str, window: int = WINDO
     ``(loss, force)``; raises as :func:`secure_force` (also when party2's force failed its bound)."""
     _check_floor(floor)
     p1 = LccParty(Endpoint("party1", session.channel, session.rand), moving_terms, window=window, frac_bits=frac_bits,
-                  symmetric=symmetric)
+                  symmetric=symmetric, smooth=smooth)
 
     def after(rnd, label):
         p1.finish(rnd, label)
@@ -540,39 +641,54 @@ def _svf_update(velocity, force, step, *, sigma_fluid, sigma_diff):
 
 
 def sum_squared_difference(session: TwoPartySession, warped, fixed, *, frac_bits: int = FRAC_BITS,
-                           tag: str = "final") -> float:
+                           tag: str = "final", fixed_bound: float = 1.0) -> float:
     """``sum (w - f)^2`` revealed to party1 only: ``sum w^2`` (party1's) + ``sum f^2`` (party2's,
     added to its share) - ``2 sum w f`` (one private product); no per-voxel value is opened.
-    ``tag``: label prefix, unique per call in a session."""
+    ``tag``: label prefix, unique per call in a session.
+
+    ``fixed_bound`` is the public bound on ``|f|`` (party2 checks its values against it): party1
+    bounds the product ``w f`` at ``2f`` bits by ``max|w| fixed_bound`` and the opened sum by
+    ``sum (|w| + fixed_bound)^2`` plus the truncation error, so nothing can wrap unnoticed.
+
+    Raises:
+        ValueError: ``|f| > fixed_bound``. OverflowError: either bound does not fit the ring at these
+            fractional bits (:func:`~ppreg.secure.mpc.private.reveal_to_party1`).
+    """
     w, f = np.asarray(warped, np.float64).ravel(), np.asarray(fixed, np.float64).ravel()
+    if f.size and not np.max(np.abs(f)) <= fixed_bound:
+        raise ValueError(f"party2's values exceed the public bound |f| <= {fixed_bound:g} of the secure SSD")
+    check_range(float(np.max(np.abs(w), initial=0.0)) * fixed_bound, 2 * frac_bits, "the secure SSD's product w f")
+    bound = float(np.sum((np.abs(w) + fixed_bound) ** 2)) + 2.0 * w.size * 2.0**-frac_bits + 1.0
     with x64():
         w_own = Shared(_ring(w, frac_bits), jnp.zeros(w.shape, jnp.uint64), frac_bits)
     (wf,) = times_private(session, [(w_own, _ring(f, frac_bits))], "party2", tag + "/ssd-product")
     with x64():
         s1 = encode(np.float64(np.sum(w * w)), frac_bits) - jnp.uint64(2) * jnp.sum(wf.s1)
         s2 = encode(np.float64(np.sum(f * f)), frac_bits) - jnp.uint64(2) * jnp.sum(wf.s2)
-    return float(reveal_to_party1(session, Shared(s1[None], s2[None], frac_bits), tag + "/ssd")[0])
+    return float(reveal_to_party1(session, Shared(s1[None], s2[None], frac_bits), tag + "/ssd", bound=bound,
+                                  what="the secure sum of squared differences")[0])
 
 
 def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: float, sigma_fluid: float,
                   sigma_diff: float, steps: int, window: int = WINDOW, eps: float = EPS, floor: float = FLOOR,
                   frac_bits: int | None = None, label: str = "L0", factor: int | None = None,
-                  symmetric: bool = False, first: bool = True):
+                  symmetric: bool = False, first: bool = True, lncc_open: str = DEFAULT_OPEN):
     """Secure counterpart of :func:`ppreg.optim.run_svf_level` with ``loss_fn = GuardedLoss(floor)``.
 
     Party2 computes its :func:`local_terms` once per level; each iteration party1 warps its
     image, computes its own terms, runs the protocol (:func:`secure_force` in one process,
     :func:`remote_force` with a :class:`~ppreg.secure.session.SecureSession`) and updates the
     velocity exactly as the clear loop does (fluid smoothing, scaling to ``step``, diffusion
-    smoothing). An iteration whose outputs fail the public bound (a wrapped truncation) is
-    repeated with fresh randomness, up to :data:`RETRIES` times.
+    smoothing; in smoothed mode the fluid smoothing is done on the shares, before opening). An
+    iteration whose outputs fail the public bound (a wrapped truncation) is repeated with fresh
+    randomness, up to :data:`RETRIES` times.
 
     Symmetric (SyN's two half velocities, Eq. 10-11; SecureSession only): party2 keeps its own
     half velocity, warps its level by it every iteration, learns its own force and updates its
     half exactly as party1 does; :func:`syn_clear` is the clear counterpart.
 
     Args:
-        session: a :class:`~ppreg.secure.shares.TwoPartySession` (both parties here; ``fixed`` is
+        session: a :class:`~ppreg.secure.mpc.shares.TwoPartySession` (both parties here; ``fixed`` is
             party2's level image) or a :class:`~ppreg.secure.session.SecureSession` (``fixed`` is
             ``None``: party2 builds the level from its own image and ``factor``).
         velocity: float32 ``(*shape, d)`` (level voxels, party1's). moving: party1's level image.
@@ -582,6 +698,8 @@ def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: fl
         label: message tag prefix (the level's label). factor: the level's shrink factor (remote).
         symmetric: the two-half-velocity variant; first: this is the first level (party2 starts
             its half at zero).
+        lncc_open: ``"smoothed"`` (default: only ``smooth_field(force, sigma_fluid)`` is opened, to
+            each party its own) or ``"force"`` (the raw per-voxel force); module docstring.
 
     Returns:
         ``(velocity, losses (iterations,) float32, seconds)``: ``seconds`` maps each party to its
@@ -591,12 +709,14 @@ def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: fl
 
     Raises:
         ValueError: ``fixed`` given with a SecureSession or missing without one; symmetric in one
-            process.
+            process; an unknown ``lncc_open``, or ``"smoothed"`` with ``sigma_fluid <= 0``.
         TruncationFailure: every repetition of an iteration failed the bound.
     """
     shape = tuple(np.shape(velocity)[:-1])
     frac_bits = frac_bits_for(math.prod(shape)) if frac_bits is None else frac_bits
     opts = dict(window=window, floor=floor, frac_bits=frac_bits)
+    smooth = _open_sigma(lncc_open, sigma_fluid)
+    update_sigma = 0.0 if smooth else sigma_fluid  # smoothed mode: the opened force is already smoothed
     in_process = isinstance(session, TwoPartySession)
     if in_process == (fixed is None) or (in_process and symmetric):
         raise ValueError("run_svf_level takes party2's level image with a TwoPartySession (non-symmetric), and "
@@ -608,15 +728,17 @@ def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: fl
         seconds["party2"] += time.perf_counter() - start
 
         def force_of(terms, tag, retry):
-            return secure_force(session, fixed_terms, terms, eps=eps, tag=tag, **opts)
+            return secure_force(session, fixed_terms, terms, eps=eps, tag=tag, smooth=smooth, **opts)
     else:
         clocks = dict(session.time)
         session.step({"op": "lcc_level", "label": label, "factor": int(factor), "shape": list(shape), "eps": eps,
                       "symmetric": bool(symmetric), "first": bool(first), "step": float(step),
-                      "sigma_fluid": float(sigma_fluid), "sigma_diff": float(sigma_diff), "steps": int(steps), **opts})
+                      "sigma_fluid": float(sigma_fluid), "sigma_diff": float(sigma_diff), "steps": int(steps),
+                      "open": lncc_open, **opts})
 
         def force_of(terms, tag, retry):
-            return remote_force(session, terms, level=label, tag=tag, symmetric=symmetric, retry=retry, **opts)
+            return remote_force(session, terms, level=label, tag=tag, symmetric=symmetric, retry=retry,
+                                smooth=smooth, **opts)
     losses = np.zeros(iterations, np.float32)
     for i in range(iterations):
         start = time.perf_counter()
@@ -627,15 +749,18 @@ def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: fl
                 loss, force = force_of(moving_terms, f"{label}/it{i}" + (f"/retry{attempt}" if attempt else ""),
                                        attempt > 0)
                 break
-            except TruncationFailure:
+            except TruncationFailure as exc:
                 if attempt == RETRIES:
-                    raise
+                    raise TruncationFailure(
+                        f"secure lncc, level {label} iteration {i}: a local truncation wrapped in all {RETRIES + 1} "
+                        f"attempts (each with fresh correlated randomness; expected about once in 10 iterations at "
+                        f"most): {exc}. Run the registration again") from None
                 warnings.warn(f"{label} iteration {i}: a local truncation wrapped; repeating the iteration "
                               "with fresh correlated randomness", RuntimeWarning, stacklevel=2)
         end = time.perf_counter()
         losses[i] = loss
         velocity = jax.block_until_ready(_svf_update(velocity, jnp.asarray(force), jnp.float32(step),
-                                                     sigma_fluid=sigma_fluid, sigma_diff=sigma_diff))
+                                                     sigma_fluid=update_sigma, sigma_diff=sigma_diff))
         if in_process:  # both halves ran here, one after the other: half of the protocol is each party's
             seconds["party1"] += (middle - start) + (end - middle) / 2 + (time.perf_counter() - end)
             seconds["party2"] += (end - middle) / 2
@@ -644,6 +769,22 @@ def run_svf_level(session, velocity, moving, fixed, *, iterations: int, step: fl
     if not in_process:
         seconds = {p: session.time.get(p, 0.0) - clocks.get(p, 0.0) for p in seconds}
     return velocity, losses, {p: t / max(iterations, 1) for p, t in seconds.items()}
+
+
+def _open_sigma(lncc_open: str, sigma_fluid: float) -> float:
+    """The sigma applied to the force shares before opening: ``sigma_fluid`` (smoothed) or 0 (force).
+
+    Raises:
+        ValueError: an unknown mode, or smoothed mode with ``sigma_fluid <= 0`` (nothing to smooth).
+    """
+    if lncc_open not in LNCC_OPEN:
+        raise ValueError(f"lncc_open must be one of {LNCC_OPEN}, got {lncc_open!r}")
+    if lncc_open == "force":
+        return 0.0
+    if not sigma_fluid > 0:
+        raise ValueError(f"lncc_open='smoothed' opens the force smoothed by fluid_sigma, which must be > 0, "
+                         f"got {sigma_fluid!r}")
+    return float(sigma_fluid)
 
 
 @partial(jax.jit, static_argnames=("steps", "sigma_fluid", "sigma_diff", "floor"))
@@ -663,14 +804,14 @@ def syn_clear(fixed_u, moving_u, *, levels, iterations, step: float, sigma_fluid
 
     Args:
         fixed_u, moving_u: float32 images on one grid (scaled into [0, 1]). levels, iterations: as
-            :func:`ppreg.register._coarse_to_fine`. step, sigma_fluid, sigma_diff, steps, floor: as
+            :func:`ppreg.register.coarse_to_fine`. step, sigma_fluid, sigma_diff, steps, floor: as
             :func:`run_svf_level`.
 
     Returns:
         ``(v1, v2)``: float32 ``(*shape, d)`` half velocities (full-resolution voxels); the
         moving-to-fixed displacement is :func:`ppreg.register.deformable_displacement` of their stack.
     """
-    from ..register import _coarse_to_fine
+    from ...pyramid import coarse_to_fine
 
     d = fixed_u.ndim
 
@@ -683,7 +824,7 @@ def syn_clear(fixed_u, moving_u, *, levels, iterations, step: float, sigma_fluid
             losses.append(float(loss))
         return jnp.concatenate([v1, v2], axis=-1), np.asarray(losses, np.float32)
 
-    field, _ = _coarse_to_fine(fixed_u, moving_u, tuple(levels), iterations, run_level)
+    field, _ = coarse_to_fine(fixed_u, moving_u, tuple(levels), iterations, run_level)
     return field[..., :d], field[..., d:]
 
 
@@ -699,20 +840,21 @@ def _level_dealer(role, cmd):
 def _level_fixed(role, cmd):
     """Party2 scales its image into [0, 1], shrinks it for the level and computes its local terms;
     symmetric: it keeps the level image and carries its own half velocity to the level (in level
-    voxels, as party1 carries its own: :func:`ppreg.register._coarse_to_fine`)."""
+    voxels, as party1 carries its own: :func:`ppreg.register.coarse_to_fine`)."""
     if role.image is None:
         raise ProtocolError(f"party2 cannot build lcc level {cmd['label']!r}: no image")
-    from ..grid import downsample, upsample_field
-    from ..register import _unit_range
+    from ...grid import downsample, upsample_field
+    from ...options import unit_range
 
     factor = int(cmd["factor"])
-    fixed = downsample(_unit_range(role.image), factor)
+    fixed = downsample(unit_range(role.image), factor)
     if list(fixed.shape) != [int(n) for n in cmd["shape"]]:
         raise ProtocolError(f"party2's level has shape {list(fixed.shape)}, party1 expects {cmd['shape']}")
     opts = dict(window=int(cmd["window"]), eps=float(cmd["eps"]), floor=float(cmd["floor"]),
                 frac_bits=int(cmd["frac_bits"]))
     cfg = {"shape": tuple(fixed.shape), "window": opts["window"], "frac_bits": opts["frac_bits"],
-           "symmetric": bool(cmd.get("symmetric")), "opts": opts}
+           "symmetric": bool(cmd.get("symmetric")), "opts": opts,
+           "smooth": _open_sigma(cmd.get("open", "force"), float(cmd.get("sigma_fluid") or 0.0))}
     if cfg["symmetric"]:
         prev = getattr(role, "syn", None) if not cmd.get("first") else None
         if prev is None:
@@ -722,19 +864,21 @@ def _level_fixed(role, cmd):
             full = prev["velocity"] * prev["factor"]
             velocity = upsample_field(full, role.image.shape, prev["factor"], factor) / factor
         role.syn = {"velocity": velocity, "factor": factor, "pending": None, "fixed": fixed,
-                    "update": {k: float(cmd[k]) for k in ("step", "sigma_fluid", "sigma_diff")},
+                    "update": {k: float(cmd[k]) for k in ("step", "sigma_fluid", "sigma_diff")}
+                    | ({"sigma_fluid": 0.0} if cfg["smooth"] else {}),  # smoothed: its opened force is smoothed
                     "steps": int(cmd["steps"])}
     else:
         cfg["terms"] = local_terms(fixed, **opts)
     role.levels[cmd["label"]] = cfg
 
 
-def _received_half(data, shape) -> jnp.ndarray:
+def _received_half(data, shape, channel=None) -> jnp.ndarray:
     """Party2's revealed half velocity as received: float32 ``shape``, finite (ProtocolError otherwise)."""
     field = np.asarray(data)
     if field.dtype != np.float32 or field.shape != tuple(shape) or not np.all(np.isfinite(field)):
         raise ProtocolError(f"party1: party2's half velocity is malformed ({field.dtype}, {field.shape}; "
                             f"expected float32 {tuple(shape)})")
+    audit.opened(channel, "party1", "party2's half velocity", field.shape)
     return jnp.asarray(field)
 
 
@@ -769,7 +913,7 @@ def _round_fixed(role, cmd):
             warped = _warp_exp(syn["velocity"], syn["fixed"], steps=syn["steps"])
             terms = local_terms(warped, **cfg["opts"])
         role.lcc = LccParty(Endpoint("party2", role.channel, role.rand), terms, window=cfg["window"],
-                            frac_bits=cfg["frac_bits"], symmetric=cfg["symmetric"])
+                            frac_bits=cfg["frac_bits"], symmetric=cfg["symmetric"], smooth=cfg["smooth"])
     party = getattr(role, "lcc", None)
     if party is None:
         raise ProtocolError(f"party2: lcc round {rnd!r} before the first round of an iteration")
@@ -799,12 +943,12 @@ def _halves_fixed(role, cmd):
 
 def register_moving_lcc(moving, session, *, transform: str = "svf", levels: tuple[int, ...] = (4, 2, 1),
                         max_iterations=None, step_size: float | None = None, fluid_sigma: float | None = None,
-                        diffusion_sigma: float = 0.5, symmetric: bool = False):
+                        diffusion_sigma: float = 0.5, symmetric: bool = False, lncc_open: str = DEFAULT_OPEN):
     """Party1's secure SVF registration with the ANTs local CC against the fixed party behind ``session``.
 
     ``ppreg party --role moving --transform svf --loss lncc`` runs this with remote peers; it
     mirrors ``register(fixed, moving, transform="svf", loss="lncc", secure="mpc")`` level for level
-    (:func:`run_svf_level` over :func:`ppreg.register._coarse_to_fine`, the same defaults), with
+    (:func:`run_svf_level` over :func:`ppreg.register.coarse_to_fine`, the same defaults), with
     party2 building each level from its own image. The final mean squared error
     (``Result.final_loss``, original units) is computed securely. Ends the session.
 
@@ -817,6 +961,8 @@ def register_moving_lcc(moving, session, *, transform: str = "svf", levels: tupl
         symmetric: SyN's two half velocities (:func:`run_svf_level`): party2 learns its own half and
             force and reveals its half at the end; ``Result.params`` is then the stack ``(2, *shape,
             d)`` of party1's and party2's halves (:func:`syn_clear` is the clear counterpart).
+        lncc_open: what each iteration opens, ``"smoothed"`` (default) or ``"force"``
+            (:func:`run_svf_level`; party2's policy may require ``"smoothed"``).
 
     Returns:
         ``(result, fixed_affine)``.
@@ -825,18 +971,19 @@ def register_moving_lcc(moving, session, *, transform: str = "svf", levels: tupl
         ValueError: bad image or options, or a fixed image of another shape.
         FloatingPointError: the optimisation diverged. TruncationFailure: see :func:`run_svf_level`.
     """
-    from ..register import (DEFAULT_STEP, DEFAULTS, FLUID_SIGMA, SVF_STEPS, Result, _as_array, _check_options,
-                            _coarse_to_fine, _unit_range, _warp_field, default_iterations, deformable_displacement,
-                            scale_exponent)
-    from .parties import _description
+    from ...options import (DEFAULT_STEP, DEFAULTS, FLUID_SIGMA, SVF_STEPS, as_array, check_options, default_iterations,
+                            scale_exponent, unit_range)
+    from ...pyramid import coarse_to_fine
+    from ...result import Result, deformable_displacement, warp_field
+    from ..parties import _description
 
     if transform != "svf":
         raise ValueError(f"the secure lncc registration runs transform='svf', got {transform!r}")
-    moving_a = _as_array(moving, "moving")
+    moving_a = as_array(moving, "moving")
     family = DEFAULTS["svf"]
     max_iterations = default_iterations("svf", levels, family) if max_iterations is None else max_iterations
     step_size = DEFAULT_STEP["svf"] if step_size is None else step_size
-    _check_options("svf", "lncc", "mpc", None, levels, moving_a.ndim, max_iterations, family["tol"], 0.0)
+    check_options("svf", "lncc", "mpc", None, levels, moving_a.ndim, max_iterations, family["tol"], 0.0)
     own = scale_exponent(moving_a)
     info = _description(session, own, moving_a.ndim)
     shape = info["shape"]
@@ -844,25 +991,28 @@ def register_moving_lcc(moving, session, *, transform: str = "svf", levels: tupl
         raise ValueError(f"secure svf needs the moving image on the fixed grid {tuple(shape)}, got {moving_a.shape}")
     opts = dict(step=step_size, sigma_fluid=FLUID_SIGMA["lncc"] if fluid_sigma is None else fluid_sigma,
                 sigma_diff=diffusion_sigma, steps=SVF_STEPS)
+    _open_sigma(lncc_open, opts["sigma_fluid"])  # ValueError before anything is opened
     traffic = session.channel.traffic.snapshot()["sent"]
 
     def run_level(li, velocity, moving_level, _fixed, count):
         v, losses, _ = run_svf_level(session, velocity, moving_level, None, iterations=count, label=f"L{li}",
-                                     factor=int(levels[li]), symmetric=symmetric, first=li == 0, **opts)
+                                     factor=int(levels[li]), symmetric=symmetric, first=li == 0,
+                                     lncc_open=lncc_open, **opts)
         return v, losses
 
     with session.timed("party1"):
-        moving_u = _unit_range(moving_a)
-    velocity, reports = _coarse_to_fine(None, moving_u, tuple(levels), max_iterations, run_level, shape=shape)
+        moving_u = unit_range(moving_a)
+    velocity, reports = coarse_to_fine(None, moving_u, tuple(levels), max_iterations, run_level, shape=shape)
     after = session.channel.traffic.snapshot()["sent"]
     if symmetric:  # party2 reveals its half: the output's other part
         def receive(_):
-            return _received_half(session.channel.recv("party1", "party2", "lcc/halves"), velocity.shape)
+            return _received_half(session.channel.recv("party1", "party2", "lcc/halves"), velocity.shape,
+                                  session.channel)
 
         velocity = jnp.stack([velocity, session.step({"op": "lcc_halves"}, after=receive)])
     with session.timed("party1"):
         u = deformable_displacement("svf", velocity, tuple(shape), None)
-        warped = _warp_field(moving_a, u, identity_grid(shape))
+        warped = warp_field(moving_a, u, identity_grid(shape))
     final = session.final_mse(warped, 2.0 ** max(own, info["exponent"]))
     session.end()
     iterations = sum(r.iterations for r in reports)

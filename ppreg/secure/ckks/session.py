@@ -6,12 +6,12 @@ secure term ``R = S^T J`` is a ``jax.pure_callback`` into the CKKS protocol.
 ``iteration_traffic``, ``iterations``), so ``register(..., secure="ckks")`` runs the same
 linear pipeline as MPC. Per iteration party1 computes its local terms in JAX, the callback
 runs the protocol (party1's and party2's steps in protocol order over the measured
-:class:`~ppreg.secure.channel.Channel`), and party1 updates the transform, all inside one
+:class:`~ppreg.secure.net.channel.Channel`), and party1 updates the transform, all inside one
 compiled loop (:func:`run_level_callback`), compiled once per level shape and options.
 
-Variants (:data:`VARIANTS`): ``"packed"`` (:mod:`ppreg.secure.ckks`, the default and
+Variants (:data:`VARIANTS`): ``"packed"`` (:mod:`ppreg.secure.ckks.packed`, the default and
 fastest; party1 holds the only key, party2 evaluates on its plaintext ``J``), ``"v1"`` and
-``"v2"`` (:mod:`ppreg.secure.ckks_paper`, Taiello et al. 2024, Section 5.4.2). Sampling: with
+``"v2"`` (:mod:`ppreg.secure.ckks.paper`, Taiello et al. 2024, Section 5.4.2). Sampling: with
 URS (public indices) party2 uses ``J[idx]`` each iteration (packed: as a plaintext; v2:
 encrypted); without sampling, with GMS (whose indices must stay with party1), and always for v1
 (the paper encrypts ``J`` once), the query covers the whole level and party1 weights unsampled
@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import optim
-from ..transforms import identity_basis
-from .channel import Channel, InProcessChannel
-from .ckks import DEFAULT_MAX_QUERIES, PackedParty1, PackedParty2, power_of_two, require_tenseal
+from ... import optim
+from ...transforms import identity_basis
+from ..net.channel import Channel, InProcessChannel
+from .packed import DEFAULT_MAX_QUERIES, PackedParty1, PackedParty2, power_of_two, require_tenseal
 
 VARIANTS = ("packed", "v1", "v2")
 DEFAULT_VARIANT = "packed"
@@ -78,13 +78,13 @@ class _PackedProtocol:
 
     def product(self, session, label, image, weights, offset=None, offset_bound=0.0, weight_bound=None):
         """``R = weights^T J``; with ``offset`` (party2's) the query uses the public normaliser
-        ``2^ceil(log2(rows x weight_bound x sqrt 2 + offset_bound))``."""
+        :func:`offset_normaliser`."""
         weights = np.asarray(weights, np.float64)
         alpha = None
         if offset is not None:
             if weight_bound is None:
                 raise ValueError("a query with an offset needs the public bound of its weights")
-            alpha = power_of_two(weights.shape[0] * float(weight_bound) * np.sqrt(2.0) + float(offset_bound))
+            alpha = offset_normaliser(weights.shape[0], weight_bound, offset_bound)
         with session.timed("party1"):
             self.party1.query(label, image.count, weights, alpha=alpha)
         with session.timed("party2"):
@@ -97,10 +97,16 @@ class _PackedProtocol:
         self.party2.forget(label)
 
 
+def offset_normaliser(rows: int, weight_bound: float, offset_bound: float) -> float:
+    """The public normaliser of a packed query whose reply carries party2's offset:
+    ``2^ceil(log2(rows x weight_bound x sqrt 2 + offset_bound))`` (both parties compute it)."""
+    return power_of_two(int(rows) * float(weight_bound) * np.sqrt(2.0) + float(offset_bound))
+
+
 def _make_protocol(variant, channel, max_queries, partition):
     if variant == "packed":
         return _PackedProtocol(channel, max_queries)
-    from .ckks_paper import PaperProtocol
+    from .paper import PaperProtocol
 
     return PaperProtocol(variant, channel, partition=partition, max_queries=max_queries)
 
@@ -163,6 +169,8 @@ class CkksSession:
         max_queries: the most queries the answering party takes in this session (each protocol
             and the B-spline term count their own).
         partition: v1/v2: sub-array length ``D`` (paper: 128).
+        protocol: the parties' adapter (default: both in this process, by ``variant``); party2
+            in another process: :class:`ppreg.secure.ckks.remote.RemoteCkksSession`.
 
     Raises:
         ImportError: TenSEAL (the ``fhe`` extra) is not installed.
@@ -170,7 +178,7 @@ class CkksSession:
     """
 
     def __init__(self, variant: str = DEFAULT_VARIANT, *, channel: Channel | None = None,
-                 max_queries: int = DEFAULT_MAX_QUERIES, partition: int = 128):
+                 max_queries: int = DEFAULT_MAX_QUERIES, partition: int = 128, protocol=None):
         if variant not in VARIANTS:
             raise ValueError(f"unknown CKKS variant {variant!r}; expected one of {VARIANTS}")
         require_tenseal()
@@ -185,7 +193,7 @@ class CkksSession:
         self._levels: dict[int, dict] = {}
         self._callback_s = 0.0
         self._error = None
-        self.protocol = _make_protocol(variant, self.channel, self.max_queries, partition)
+        self.protocol = protocol or _make_protocol(variant, self.channel, self.max_queries, partition)
         self.protocol.setup(self)
 
     @contextmanager

@@ -36,7 +36,7 @@ Threat model: semi-honest, as the paper. The decrypting party decrypts what the 
 a deviating peer can send crafted ciphertexts and read linear functionals of the key; v1/v2 take
 exactly the expected ciphertexts (count, level, size) per query and at most ``max_queries``
 queries per session, which bounds but does not prevent this. Against a deviating party1 use the
-packed variant (:mod:`ppreg.secure.ckks`: no key at party2).
+packed variant (:mod:`ppreg.secure.ckks.packed`: no key at party2).
 
 Source: Taiello et al. 2024 (MedIA 94, 103129), Section 5.4.2, Fig. 1b, A4; Benaissa et
 al. 2021 (TenSEAL), vector-matrix product.
@@ -48,8 +48,8 @@ import math
 
 import numpy as np
 
-from .channel import Channel, ProtocolError
-from .ckks import (DEFAULT_MAX_QUERIES, STATISTICAL_SECURITY_BITS, VALUE_BOUND, CkksParameters, _Seal, addmod,
+from ..net.channel import Channel, ProtocolError
+from .packed import (DEFAULT_MAX_QUERIES, STATISTICAL_SECURITY_BITS, VALUE_BOUND, CkksParameters, _Seal, addmod,
                    dd_add, dd_neg, dd_sum, mulmod, power_of_two, require_tenseal, uniform_integers)
 
 POLY_MODULUS_DEGREE = 8192

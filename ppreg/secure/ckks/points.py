@@ -3,7 +3,7 @@
 Party1 holds the source points ``p (n, d)``, party2 the paired targets ``q (n, d)``. Each
 centres its own set; the cross-covariance ``L = Q^T Q'`` (Taiello et al. 2024, Eq. A2,
 ``d x d``) is the only joint term. It is one product ``R = W^T J`` of the CKKS session
-(:class:`ppreg.secure.ckks_session.CkksSession`, any variant):
+(:class:`ppreg.secure.ckks.session.CkksSession`, any variant):
 
 * party2's image is ``J = [Q'_0; ...; Q'_{d-1}] / extent`` (its centred columns stacked, divided
   by the public ``extent`` so that ``|J| <= 1``; packed: kept in the clear, party1 holds the key;
@@ -17,7 +17,10 @@ What each party learns: as the session's protocol (packed: party2 learns nothing
 party1 learns ``L``, ``q_bar`` (implied by ``t`` anyway), ``n`` and ``d``.
 
 Precision: ``extent`` times the session's error on ``R`` (packed:
-:func:`ppreg.secure.ckks.error_bound`).
+:func:`ppreg.secure.ckks.packed.error_bound`).
+
+Three processes (``ppreg party --points FILE --secure ckks``): the same product with party2's steps
+in the fixed process, :func:`ppreg.secure.ckks.remote.register_points_remote` (packed variant).
 
 Source: Taiello et al. 2024 (MedIA 94, 103129), Appendix A 1, Eq. A1-A2, Table A1; Arun et al. 1987.
 """
@@ -26,9 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..pointcloud import rigid_from_cross_covariance
-from .channel import ProtocolError
-from .points import centred_points
+from ...pointcloud import rigid_from_cross_covariance
+from ..net.channel import ProtocolError
+from ..protocols.points import centred_points
 
 
 def block_weights(centred: np.ndarray) -> np.ndarray:
@@ -47,7 +50,7 @@ def register_points_ckks(p, q, session, *, extent: float, label: str = "points")
     Args:
         p: float ``(n, d)`` party1's source points (voxel indices), ``d`` = 2 or 3.
         q: float ``(n, d)`` party2's target points, paired row by row.
-        session: a :class:`~ppreg.secure.ckks_session.CkksSession`.
+        session: a :class:`~ppreg.secure.ckks.session.CkksSession`.
         extent: public bound on ``|q - q_bar|`` and ``|p - p_bar|`` per coordinate (e.g. the
             image size), in voxels.
         label: message tag prefix.

@@ -42,9 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .channel import Channel
-from .dealer import PartyRandomness, bitmask_to_indices, indices_to_bitmask
-from .ring import check_frac_bits, check_range, decode, encode, to_ring, x64
+from ..net.channel import Channel
+from ..mpc.dealer import PartyRandomness, bitmask_to_indices, indices_to_bitmask
+from ..mpc.ring import check_frac_bits, check_range, decode, encode, to_ring, x64
 
 PUBLIC_FRAC_BITS = 1
 VALUE_BOUND = 1.0

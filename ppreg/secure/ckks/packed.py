@@ -23,7 +23,7 @@ Protocol (``slots = N/2``, ``C = ceil(m / slots)`` chunks, ``pairs = ceil(P / 2)
    encrypts every chunk under its secret key (seeded: half the bytes) and sends exactly
    ``pairs x C`` ciphertexts at the last level, at scale ``2^scale_bits``.
 2. Party2 checks the query (count, size, level, scale; anything else is a
-   :class:`~ppreg.secure.channel.ProtocolError`), multiplies each ciphertext by its plaintext
+   :class:`~ppreg.secure.net.channel.ProtocolError`), multiplies each ciphertext by its plaintext
    ``J`` chunk (scale ``2^image_scale_bits``, computed in the NTT domain modulo ``q0``, no
    rescale), adds the chunks, adds a fresh encryption of zero under ``(b, a)`` (circuit privacy:
    it masks ``c1`` uniformly modulo ``q0``), and returns ``c1`` (``N`` words) and the two
@@ -70,7 +70,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .channel import Channel, ProtocolError
+from ..net.channel import Channel, ProtocolError
 
 FHE_EXTRA = "pip install 'ppreg[fhe]'"
 VALUE_BOUND = 1.0

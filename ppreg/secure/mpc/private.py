@@ -1,8 +1,8 @@
-"""Each party's half of the element-wise products of :mod:`ppreg.secure.lcc` and :mod:`ppreg.secure.flash_mpc`.
+"""Each party's half of the element-wise products of :mod:`ppreg.secure.protocols.lcc` and :mod:`ppreg.secure.protocols.flash`.
 
 A protocol step runs as two halves per party: *send* (mask its own input and send it) and
 *share* (receive the other's masked input and form its own additive share). In one process
-(:class:`~ppreg.secure.shares.TwoPartySession`) both parties' halves run one after the other;
+(:class:`~ppreg.secure.mpc.shares.TwoPartySession`) both parties' halves run one after the other;
 in three processes each party runs its own (party2 inside an operation handler of
 :mod:`ppreg.secure.roles`), so one implementation serves both.
 
@@ -12,9 +12,9 @@ shares ``w1 + w2 = u v`` (``w2`` sent as a correction), party1 sends ``x - u``, 
 and ``x (y - v) + w1  +  (x - u) v + w2 = x y``: one ring element each way per product, each
 uniform to its receiver, fresh ``u, v, w`` per label.
 
-Beaver product of two shared values (Beaver 1991; its halves :func:`~ppreg.secure.shares.beaver_send`
-and :func:`~ppreg.secure.shares.beaver_share` live with the shares, as
-:class:`~ppreg.secure.shares.TwoPartySession` uses them too): two ring elements each way.
+Beaver product of two shared values (Beaver 1991; its halves :func:`~ppreg.secure.mpc.shares.beaver_send`
+and :func:`~ppreg.secure.mpc.shares.beaver_share` live with the shares, as
+:class:`~ppreg.secure.mpc.shares.TwoPartySession` uses them too): two ring elements each way.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .ring import decode, to_ring, x64
+from .ring import check_range, decode_within, to_ring, x64
 from .shares import Endpoint, Shared, TwoPartySession, truncate
 
 def endpoints(session: TwoPartySession) -> tuple[Endpoint, Endpoint]:
@@ -82,9 +82,27 @@ def times_private(session: TwoPartySession, pairs, owner: str, label: str, *, tr
     return [Shared(out.s1[i], out.s2[i], frac) for i in range(len(pairs))]
 
 
-def reveal_to_party1(session: TwoPartySession, x: Shared, tag: str) -> np.ndarray:
-    """Party2 sends its share; party1 adds its own and decodes (float64)."""
+def reveal_to_party1(session: TwoPartySession, x: Shared, tag: str, *, bound: float, what: str) -> np.ndarray:
+    """Party2 sends its share; party1 adds its own and decodes (float64), range-checked.
+
+    The caller states a public ``bound`` on ``|x|`` (real units, from public facts and its own
+    inputs, fixed-point error included): it must fit the ring before anything is sent, and the
+    decoded values must stay within it (:func:`~ppreg.secure.mpc.ring.decode_within`), so a value
+    that wrapped around the ring is an error, never a silently different number.
+
+    Args:
+        x: the shared value (any shape) at ``x.frac_bits`` fractional bits (no truncation needed).
+        tag: message tag. bound: ``>= 0``. what: the quantity's name, for the error.
+
+    Returns:
+        float64 array of ``x``'s shape.
+
+    Raises:
+        OverflowError: ``bound`` does not fit the ring at ``x.frac_bits`` (nothing is sent), or a
+            decoded value exceeds ``bound`` (both name ``what`` and the bound).
+    """
+    check_range(float(bound), x.frac_bits, what)
     session.channel.send("party2", "party1", tag, np.asarray(x.s2))
     theirs = session.channel.recv("party1", "party2", tag)
     with x64():
-        return decode(x.s1 + jnp.asarray(theirs, jnp.uint64), x.frac_bits)
+        return decode_within(x.s1 + jnp.asarray(theirs, jnp.uint64), x.frac_bits, bound, what)

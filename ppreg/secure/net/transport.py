@@ -1,7 +1,7 @@
-"""Network :class:`~ppreg.secure.channel.Channel`: each endpoint in its own process (ZeroMQ + CURVE).
+"""Network :class:`~ppreg.secure.net.channel.Channel`: each endpoint in its own process (ZeroMQ + CURVE).
 
 One process runs one endpoint (``party1``, ``party2`` or ``dealer``). The messages are the
-same length-checked binary frames as in-process (:func:`~ppreg.secure.channel.encode_message`,
+same length-checked binary frames as in-process (:func:`~ppreg.secure.net.channel.encode_message`,
 no Python object serialisation), carried by ZeroMQ (pyzmq) over TCP with CurveZMQ
 (Curve25519 key exchange, authenticated encryption of every message, forward secrecy).
 
@@ -14,11 +14,11 @@ and pins that peer's public key (a server with another key fails the handshake).
 Session binding. A listener admits each key once: a second connection with a key that has
 already connected (a replay, a stale process, a second session run with the same key) is
 refused during the handshake, and a frame from another connection than the first one of its key
-is a :class:`~ppreg.secure.channel.ProtocolError`. The dealer draws a 128-bit session id per
+is a :class:`~ppreg.secure.net.channel.ProtocolError`. The dealer draws a 128-bit session id per
 session and gives it to each party in its ``welcome``; each party then opens its other
 connections with a ``hello`` naming that id, and the listener refuses a hello with another id
 (or none). The id is then bound into every tag on the wire (``Channel.session_tag``) and into
-every PRF stream (:func:`~ppreg.secure.prg.prf_uint64`'s ``context``). Without a dealer (two
+every PRF stream (:func:`~ppreg.secure.mpc.prg.prf_uint64`'s ``context``). Without a dealer (two
 endpoints, as in tests) the listener draws the id. Hello and welcome frames are part of the
 handshake and are not counted as traffic.
 
@@ -33,8 +33,8 @@ Robustness:
   by libzmq before any allocation (``ZMQ_MAXMSGSIZE``, which drops the connection) and again
   when decoded; frames over ``max_message_bytes`` are refused on send;
 - a malformed frame, an unexpected tag or a frame of another session raises
-  :class:`~ppreg.secure.channel.ProtocolError`; a peer's ``error`` frame raises
-  :class:`~ppreg.secure.channel.PeerRefusedError` with its reason.
+  :class:`~ppreg.secure.net.channel.ProtocolError`; a peer's ``error`` frame raises
+  :class:`~ppreg.secure.net.channel.PeerRefusedError` with its reason.
 
 Traffic: each process records every frame it sends and receives (frame bytes, headers
 included; CurveZMQ adds about 40 bytes per message on the wire, not counted). Frames from
@@ -139,7 +139,7 @@ class NetworkChannel(Channel):
 
     Args:
         role: this process's endpoint, one of ``party1``, ``party2``, ``dealer``.
-        keypair: this endpoint's CURVE key pair (:func:`ppreg.secure.keys.load_keypair`).
+        keypair: this endpoint's CURVE key pair (:func:`ppreg.secure.net.keys.load_keypair`).
         listen: ``"HOST:PORT"`` to bind (with ``accept``).
         accept: ``{peer role: public key}`` admitted on ``listen``; any other key is refused.
         connect: ``{peer role: ("HOST:PORT", public key of that peer)}``.

@@ -23,6 +23,10 @@ truncation: ``|L - Q^T Q'| <= 2^-(f+1) sum_i (|Q_i| + |Q'_i| + 2^-(f+1))`` entry
 (:func:`error_bound`). The ring bound uses the public extent of both sets (e.g. the image
 size): ``n extent^2 2^(2f) < 2^62`` (OverflowError otherwise, before anything is sent).
 
+Three processes: ``ppreg party --points FILE`` (:func:`ppreg.secure.parties.register_moving_points`)
+announces the same ``points`` operation, which the fixed process (holding its points) and the dealer
+run; its policy counts ``d^2 + d`` revealed numbers.
+
 Source: Taiello et al. 2024 (MedIA 94, 103129), Appendix A 1, Eq. A1-A2, Table A1; Arun et al. 1987.
 """
 
@@ -31,24 +35,34 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ..pointcloud import rigid_from_cross_covariance
-from .channel import ProtocolError
-from .ring import check_range, decode, encode, to_ring, x64
-from .roles import handler
+from ...pointcloud import rigid_from_cross_covariance
+from .. import audit
+from ..net.channel import ProtocolError
+from ..mpc.ring import check_range, decode, encode, to_ring, x64
+from ..roles import handler
 
 
-def centred_points(points, extent: float, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(centre, points - centre)`` of a party's ``(n, d)`` point set, float64.
+def check_points(points, what: str) -> np.ndarray:
+    """A party's point set as float64 ``(n, d)``.
 
     Raises:
-        ValueError: not ``(n, d)`` with ``d`` in {2, 3} and ``n >= d``, non-finite
-            coordinates, or a point farther than the public ``extent`` from the centre.
+        ValueError: not ``(n, d)`` with ``d`` in {2, 3} and ``n >= d``, or non-finite coordinates.
     """
     pts = np.asarray(points, np.float64)
     if pts.ndim != 2 or pts.shape[1] not in (2, 3) or pts.shape[0] < pts.shape[1]:
         raise ValueError(f"{what} must be (n, d) with d = 2 or 3 and n >= d, got shape {pts.shape}")
     if not np.all(np.isfinite(pts)):
         raise ValueError(f"{what} has non-finite coordinates")
+    return pts
+
+
+def centred_points(points, extent: float, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(centre, points - centre)`` of a party's ``(n, d)`` point set, float64.
+
+    Raises:
+        ValueError: see :func:`check_points`; a point farther than the public ``extent`` from the centre.
+    """
+    pts = check_points(points, what)
     centre = pts.mean(axis=0)
     centred = pts - centre
     if np.max(np.abs(centred)) > extent:
@@ -109,6 +123,8 @@ def finish_points(party1, label: str, q_enc) -> tuple[np.ndarray, np.ndarray]:
     centroid = np.asarray(party1.channel.recv("party1", "party2", label + "/centroid"), np.float64)
     if centroid.shape != (q_enc.shape[1],) or not np.all(np.isfinite(centroid)):
         raise ProtocolError("party2 sent a malformed centroid")
+    audit.opened(party1.channel, "party1", "cross-covariance L", cov.shape)
+    audit.opened(party1.channel, "party1", "centroid of party2's points", centroid.shape)
     return cov, centroid
 
 

@@ -8,7 +8,7 @@
   The dealer and a party that share a seed derive the same stream for the same label
   without sending it; distinct labels give independent keys, so every triple and mask
   has its own label and is never reused. Over the network every stream is also bound to the
-  session: ``context`` is the dealer's per-session id (:mod:`ppreg.secure.net`), so the same
+  session: ``context`` is the dealer's per-session id (:mod:`ppreg.secure.net.transport`), so the same
   seed and label in another session give an unrelated stream.
 """
 

@@ -25,13 +25,13 @@ Protocol (two rounds per iteration; the dealer's streams supply every mask, only
 
 1. ``P``: party1 sends ``E = A - u`` (``k b``); party2 sends ``F = B - v`` (``k b``, a fresh mask each
    iteration: the sampled points change) and its share ``E^T v + w2`` (``b^2``), ``w = u^T v``
-   (:meth:`~ppreg.secure.dealer.Dealer.cross_product`). Party1 reveals ``N P = A^T F + w1 + E^T v + w2``.
+   (:meth:`~ppreg.secure.mpc.dealer.Dealer.cross_product`). Party1 reveals ``N P = A^T F + w1 + E^T v + w2``.
 2. ``G``: party1 computes ``L`` and ``Z = A' L`` (``k x b``) and sends ``Z - u'`` and ``S - u''``
    (``k b + k P``). Shares of ``g = rowsum(Z ⊙ B)``: party1 ``rowsum(Z ⊙ F) + w1'``, party2
    ``g2 = rowsum((Z - u') ⊙ v) + w2'`` with ``w' = rowsum(u' ⊙ v)``
-   (:meth:`~ppreg.secure.dealer.Dealer.row_dot`; ``F`` is reused, not resent). Party2 sends
+   (:meth:`~ppreg.secure.mpc.dealer.Dealer.row_dot`; ``F`` is reused, not resent). Party2 sends
    ``g2 - v''`` (``k``) and its share ``sum_x ((S - u'') ⊙ v'' + w2'')`` (``P``), ``w'' = u'' ⊙ v''``
-   (:meth:`~ppreg.secure.dealer.Dealer.product`); party1 reveals ``S^T g`` adding
+   (:meth:`~ppreg.secure.mpc.dealer.Dealer.product`); party1 reveals ``S^T g`` adding
    ``sum_x (S ⊙ (g1 + g2 - v'') + w1'')``.
 
 Per iteration party1 sends ``8 k (2 b + P)`` bytes and party2 ``8 (k b + b^2 + k + P)`` (plus frame
@@ -48,8 +48,8 @@ Both learn the public shapes, bins, level keys (hence the sample points), the it
 and the transform kind. Party2 never learns ``P``, ``G`` nor the transform. Every ``u``, ``v``,
 ``w`` has its own label and enters one product, except party2's ``v``, which masks ``B`` once
 (``F`` is sent once) and enters the two products of that iteration, each with its own fresh ``u``
-and ``w`` (as the level mask of :mod:`ppreg.secure.ppir` serves every iteration of a level).
-Security: semi-honest parties, a trusted dealer that colludes with neither (:mod:`ppreg.secure.dealer`).
+and ``w`` (as the level mask of :mod:`ppreg.secure.protocols.linear` serves every iteration of a level).
+Security: semi-honest parties, a trusted dealer that colludes with neither (:mod:`ppreg.secure.mpc.dealer`).
 
 Fixed point (ring ``Z_2^64``, no truncation anywhere): ``B`` is an exact integer (0/1); ``A`` is
 encoded at ``f_A`` bits, ``Z`` at ``f_Z`` and ``S`` at ``f_S``. Party1 chooses them from its own data
@@ -74,17 +74,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import optim
-from ..grid import downsample, level_coordinates
-from ..losses import _log_ratio, parzen_weights
-from ..transforms import homogeneous, n_params
-from .channel import ProtocolError
-from .ring import check_range
-from .roles import handler, key_from_json, key_to_json
+from ... import optim
+from ...grid import downsample, level_coordinates
+from ...losses import _log_ratio, parzen_weights
+from ...transforms import homogeneous, n_params
+from .. import audit
+from ..net.channel import ProtocolError
+from ..mpc.ring import check_range
+from ..roles import handler, key_from_json, key_to_json
 
 RING_HEADROOM_BITS = 61  # revealed sums stay below 2^61
 MAX_FRAC_BITS = 40
-RANGE = (0.0, 1.0)  # both images are scaled into [0, 1] by their owners (register._unit_range)
+RANGE = (0.0, 1.0)  # both images are scaled into [0, 1] by their owners (register.unit_range)
 
 
 # --- the clear maths (shared by the secure party1 and the reference) --------------------------
@@ -163,7 +164,7 @@ def _party1_step(mat, revealed, total, prev, length, scales, center, *, kind, re
 
 
 def _encode(x, bits: int) -> np.ndarray:
-    """``round(x 2^bits) mod 2^64`` (numpy uint64); OverflowError as :func:`ppreg.secure.ring.encode`."""
+    """``round(x 2^bits) mod 2^64`` (numpy uint64); OverflowError as :func:`ppreg.secure.mpc.ring.encode`."""
     x = np.asarray(x, np.float64)
     check_range(float(np.max(np.abs(x), initial=0.0)), bits, "encoded value")
     return np.round(x * 2.0**bits).astype(np.int64).view(np.uint64)
@@ -234,6 +235,7 @@ def finish_histogram(party1, label: str, enc, bits: int, total: float):
     if f_msg.shape != enc.shape or theirs.shape != (bins, bins):
         raise ProtocolError(f"party2's histogram messages have shapes {f_msg.shape}, {theirs.shape}")
     w1 = party1.rand.stream(label + "/w", (bins, bins))
+    audit.opened(party1.channel, "party1", "joint histogram", theirs.shape)
     counts = _decode(np.einsum("kr,kt->rt", enc, f_msg) + w1 + theirs, bits)
     return jnp.asarray(counts / max(total, np.finfo(np.float32).tiny), jnp.float32), f_msg
 
@@ -262,6 +264,7 @@ def finish_gradient(party1, label: str, sent, f_msg) -> np.ndarray:
     g1 = np.einsum("kt,kt->k", z_enc, f_msg) + party1.rand.stream(label + "/w", (k,))
     w1 = party1.rand.stream(label + "/h/w", s_enc.shape)
     mine = np.sum(s_enc * (g1 + delta)[:, None] + w1, axis=0)
+    audit.opened(party1.channel, "party1", "MI gradient S^T g", theirs.shape)
     return _decode(mine + theirs, f_s + f_z)
 
 
@@ -278,9 +281,9 @@ def _level_fixed(role, cmd):
     """Party2 scales its image into [0, 1] (its own range), shrinks it for the level, keeps it."""
     if role.image is None:
         raise ProtocolError(f"party2 cannot build level {cmd['label']!r}: no image")
-    from ..register import _unit_range
+    from ...options import unit_range
 
-    image = _unit_range(role.image)
+    image = unit_range(role.image)
     if list(image.shape) != list(cmd["shape"]):
         raise ProtocolError(f"party2's image has shape {list(image.shape)}, party1 expects {cmd['shape']}")
     factor = int(cmd["factor"])
@@ -483,19 +486,19 @@ def register_moving_mi(moving, session, *, transform: str = "rigid", sampling: s
         ValueError: bad image or options. OverflowError: fixed-point range exceeded.
         FloatingPointError: the optimisation diverged.
     """
-    from ..grid import identity_grid, level_shape
-    from ..register import (DEFAULTS, LevelReport, Result, _as_array, _check_finite, _check_options, _unit_range,
-                            _warp_full, scale_exponent)
-    from ..sampling import n_samples
-    from ..transforms import image_center, params_from_matrix
-    from .parties import _description
+    from ...grid import identity_grid, level_shape
+    from ...options import DEFAULTS, as_array, check_finite, check_options, scale_exponent, unit_range
+    from ...result import LevelReport, Result, warp_linear
+    from ...sampling import n_samples
+    from ...transforms import image_center, params_from_matrix
+    from ..parties import _description
 
-    moving_a = _as_array(moving, "moving")
+    moving_a = as_array(moving, "moving")
     ndim = moving_a.ndim
     family = DEFAULTS["descent"]
     max_iterations = family["max_iterations"] if max_iterations is None else max_iterations
     tol = family["tol"] if tol is None else tol
-    _check_options(transform, "mi", "mpc", sampling, levels, ndim, max_iterations, tol, 0.0)
+    check_options(transform, "mi", "mpc", sampling, levels, ndim, max_iterations, tol, 0.0)
     own = scale_exponent(moving_a)
     info = _description(session, own, ndim)
     shape = info["shape"]
@@ -505,7 +508,7 @@ def register_moving_mi(moving, session, *, transform: str = "rigid", sampling: s
     key = jax.random.key(key) if isinstance(key, int) else key
     center = image_center(shape)
     with session.timed("party1"):
-        moving_u = _unit_range(moving_a)
+        moving_u = unit_range(moving_a)
     mat = jnp.eye(ndim + 1, dtype=jnp.float32)
     reports = []
     for li, factor in enumerate(levels):
@@ -516,8 +519,8 @@ def register_moving_mi(moving, session, *, transform: str = "rigid", sampling: s
                                     kind=transform, factor=int(factor), k=k, bins=bins, max_iterations=max_iterations,
                                     step=float(factor), min_step=tol, relaxation=2.0, shape=shape)
         reports.append(LevelReport(int(factor), level_shape(shape, factor), it, k, losses))
-        _check_finite(mat, li, factor)
-    warped = _warp_full(moving_a, mat, identity_grid(shape))
+        check_finite(mat, li, factor)
+    warped = warp_linear(moving_a, mat, identity_grid(shape))
     final = session.final_mse(warped, 2.0 ** max(own, info["exponent"]))
     session.end()
     iterations = sum(r.iterations for r in reports)

@@ -1,7 +1,7 @@
 """PPIR(FHE) for cubic B-spline FFD with SSD: ``R = B^T (a ⊙ J)`` with CKKS; party2 decrypts masked values only.
 
 Party1 (moving image, coefficients ``c``) needs, each Gauss-Newton iteration, the secure part
-``R = B^T (a ⊙ J)`` of the SSD gradient (:mod:`ppreg.secure.bspline_ppir`): ``a = grad I(x + u(x))``
+``R = B^T (a ⊙ J)`` of the SSD gradient (:mod:`ppreg.secure.protocols.bspline`): ``a = grad I(x + u(x))``
 (``(k, d)``, party1's), ``J`` party2's fixed image, ``B = dW/dc`` the public, image-free
 tensor-product basis (:func:`ppreg.bspline.basis_matrices`).
 
@@ -22,7 +22,7 @@ Protocol (``slots = N/2``; keys of :class:`SplineParty2`, fresh per session):
    ``M + X``), decrypts ``v = a ⊙ J / alpha + D(r)`` (``D`` the CKKS decoding, in extended
    precision from the exact integer coefficients), and returns ``T = B^T v`` (``P`` values as
    pairs of float64, computed with the exact integer basis ``K / sigma`` of
-   :func:`~ppreg.secure.bspline_ppir.spline_map`). Party1 reads ``R = alpha (T - B^T D(r))``.
+   :func:`~ppreg.secure.protocols.bspline.spline_map`). Party1 reads ``R = alpha (T - B^T D(r))``.
 
 What each party learns. Party2: the public shapes and iteration counts, ``c1`` of each
 ciphertext (pseudorandom under RLWE thanks to the fresh public-key encryption; without it,
@@ -31,14 +31,27 @@ decrypted plaintexts: each of their ``N`` coefficients is the value (at most ``X
 included) plus an independent uniform integer over ``2^STATISTICAL_SECURITY_BITS`` times that
 bound, i.e. statistical distance at most ``2^-40`` per coefficient (``N 2^-40`` per ciphertext
 by the union bound; statistical, not cryptographic, hiding; the paper's party2 decrypts ``R``
-itself). Party1 learns ``R``, its output (``P`` numbers per iteration, a function of both
-images), as in the MPC protocol. Semi-honest parties only: party2 decrypts what party1 sends,
+itself). Party1 learns ``R``, its output (``d P`` numbers per iteration, a function of both
+images, enough to rebuild ``J`` over a few iterations: see below), as in the MPC protocol. Semi-honest parties only: party2 decrypts what party1 sends,
 so a deviating party1 that sends crafted ciphertexts (``c1 = 2^k x^j``) learns linear functionals
 of party2's key from ``T`` (``P`` per query) and could recover it and decrypt ``J``; party2 caps
 the queries per session (``max_queries``) and takes exactly ``C x ceil(d/2)`` ciphertexts per
 query, which bounds but does not prevent this. Against a deviating party1 use the MPC B-spline
-protocol (:mod:`ppreg.secure.bspline_ppir`); the packed linear protocol
-(:mod:`ppreg.secure.ckks`) has no key at party2 and is not affected.
+protocol (:mod:`ppreg.secure.protocols.bspline`); the packed linear protocol
+(:mod:`ppreg.secure.ckks.packed`) has no key at party2 and is not affected.
+
+Leakage of ``R`` (issue 13, finding 1): the same as the MPC protocol's
+(:mod:`ppreg.secure.protocols.bspline`): per iteration party1 receives ``d P`` linear functionals of
+``J`` (``P`` control points) with its own weights ``a``, and before this change enough iterations
+let it solve for ``J`` by least squares (a registration at the CLI defaults: contrast error 0.03 on a
+48 x 48 crop; with a smoothness prior one query at spacing 4 already gives 0.36). Now party2's own
+code (:class:`SplineParty2`, :func:`respond`) counts the ``d P`` functionals of each reply from its
+public shape and spacing and refuses (:class:`~ppreg.secure.policy.PolicyError`, rule
+``max_spline_functionals_per_voxel``, before it receives or decrypts the query) past its policy's
+limit per voxel of its image; with ``spline_noise`` it adds Gaussian noise (OS CSPRNG) of standard
+deviation ``spline_noise max_j sum_x B(x, j)`` to ``T`` (the bound of ``T`` for ``|a / alpha| <= 1``,
+``|J| <= 1``: the MPC protocol's relative noise). With a policy party2's default refuses every
+query; in one process (``register(secure="ckks")``, one user, ``policy=None``) neither applies.
 
 Parameters and precision (:data:`SPLINE`): ``N = 8192``, moduli 60, 30, 40, 60 bits (190 <= 218,
 128-bit secure per the HE standard), scale ``2^40``. After the rescale the ciphertext lives
@@ -60,16 +73,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import optim
-from ..bspline import basis_matrices, control_grid_shape, refine
-from ..grid import gaussian_blur, gradient
-from ..sampling import n_samples
-from .bspline_ppir import SplineMap, party1_terms, spline_map
-from .channel import Channel, ProtocolError
-from .ckks import (DEFAULT_MAX_QUERIES, STATISTICAL_SECURITY_BITS, VALUE_BOUND, CkksParameters, _Seal, addmod,
+from ... import optim
+from ...bspline import basis_matrices, control_grid_shape, refine
+from ...grid import gaussian_blur, gradient
+from ...sampling import n_samples
+from ..protocols.bspline import SplineMap, party1_terms, spline_map, standard_normal
+from ..net.channel import Channel, ProtocolError
+from ..policy import Policy, check_spline_functionals
+from .packed import (DEFAULT_MAX_QUERIES, STATISTICAL_SECURITY_BITS, VALUE_BOUND, CkksParameters, _Seal, addmod,
                    dd_add, dd_div_scalar, dd_neg, dd_pieces, fingerprint, n_chunks, pack_ciphertexts,
                    require_tenseal, uniform_integers, unpack_ciphertexts)
-from .ckks_session import _SESSIONS, CkksSession, _public_urs
+from .session import _SESSIONS, CkksSession, _public_urs
 
 SPLINE = CkksParameters(8192, (60, 30, 40, 60), 40, 40)
 TRACES = {"run_spline_level": 0}
@@ -165,11 +179,16 @@ class SplineParty2:
         channel: the measured channel.
         params: public CKKS parameters (default :data:`SPLINE`).
         max_queries: queries answered per session at most (then :class:`ProtocolError`).
+        policy: party2's :class:`~ppreg.secure.policy.Policy`: its ``max_spline_functionals_per_voxel``
+            (party2 counts the ``d P`` functionals of its image each reply reveals, :attr:`functionals`,
+            and refuses past the limit before it decrypts) and ``spline_noise`` (Gaussian noise it adds
+            to each reply); ``None``: neither (one process, one user).
     """
 
-    def __init__(self, channel: Channel, params: CkksParameters = SPLINE, *, max_queries: int = DEFAULT_MAX_QUERIES):
-        self.channel, self.params = channel, params
-        self.max_queries, self.queries = int(max_queries), 0
+    def __init__(self, channel: Channel, params: CkksParameters = SPLINE, *, max_queries: int = DEFAULT_MAX_QUERIES,
+                 policy: Policy | None = None):
+        self.channel, self.params, self.policy = channel, params, policy
+        self.max_queries, self.queries, self.functionals = int(max_queries), 0, 0
         self.seal = _Seal(params)
         s = self.seal.sealapi
         keygen = s.KeyGenerator(self.seal.context)
@@ -314,13 +333,16 @@ def respond(party2: SplineParty2, label: str, pmap: SplineMap, count: int, rows:
     Raises:
         ProtocolError: the query cap is reached, a query under another key pair, not exactly
             ``count x ceil(d/2)`` well-formed ciphertexts at the expected level and scale, or
-            decrypted values out of the masked range.
+            decrypted values out of the masked range. PolicyError: the reply would pass party2's
+            ``max_spline_functionals_per_voxel`` (checked before anything is received or decrypted).
     """
     seal = party2.seal
     s, slots, d = seal.sealapi, seal.params.slots, len(pmap.shape)
     if party2.queries >= party2.max_queries:
         raise ProtocolError(f"party2 answers at most {party2.max_queries} CKKS queries per session")
-    party2.queries += 1
+    total = party2.functionals + d * math.prod(pmap.ctrl_shape)
+    check_spline_functionals("party2", party2.policy, total, math.prod(pmap.shape), f"CKKS B-spline query {label!r}")
+    party2.queries, party2.functionals = party2.queries + 1, total
     pairs = -(-d // 2)
     fp = party2.channel.recv("party2", "party1", label + "/key")
     sizes = party2.channel.recv("party2", "party1", label + "/sizes")
@@ -343,6 +365,10 @@ def respond(party2: SplineParty2, label: str, pmap: SplineMap, count: int, rows:
                 values[part][c * slots:(c + 1) * slots, 2 * j] = re[part]
                 values[part][c * slots:(c + 1) * slots, 2 * j + 1] = im[part]
     t = spline_transpose_dd(pmap, (values[0][:rows, :d], values[1][:rows, :d]), idx)
+    noise = 0.0 if party2.policy is None else party2.policy.spline_noise
+    if noise > 0:  # relative to the bound of T = B^T (a ⊙ J / alpha): max_j sum_x B(x, j) (|a / alpha|, |J| <= 1)
+        column = float(np.max(spline_transpose(pmap, np.ones((rows, 1)), idx)))
+        t = dd_add(t, (noise * column * standard_normal(t[0].shape), np.zeros_like(t[0])))
     party2.channel.send("party2", "party1", label, np.stack(t))
 
 
@@ -367,8 +393,10 @@ def finish(party1: SplineParty1, label: str, pmap: SplineMap, a, mu, alpha: floa
 class SplineProtocol:
     """Both parties of the B-spline term in one session (set up at first use, offline bytes)."""
 
-    def __init__(self, channel: Channel, session, *, max_queries: int = DEFAULT_MAX_QUERIES):
-        self.party2, self.party1 = SplineParty2(channel, max_queries=max_queries), SplineParty1(channel)
+    def __init__(self, channel: Channel, session, *, max_queries: int = DEFAULT_MAX_QUERIES,
+                 policy: Policy | None = None):
+        self.party2 = SplineParty2(channel, max_queries=max_queries, policy=policy)
+        self.party1 = SplineParty1(channel)
         with session.timed("party2"):
             self.party2.send_keys()
         with session.timed("party1"):
@@ -427,7 +455,7 @@ def run_spline_level(coeffs, stack, key, handle, level_index, *, shape, spacing,
         key: public PRNG key (URS/GMS); handle, level_index: int32 scalars naming the live
             session and level (traced: one compilation serves every session).
         shape, spacing, method, k, max_iterations, tol, lam, damping, cg_iterations: as
-            :func:`ppreg.secure.bspline_ppir.fit_bspline` (static).
+            :func:`ppreg.secure.protocols.bspline.fit_bspline` (static).
 
     Returns:
         ``(coeffs, iterations)``.
@@ -455,20 +483,22 @@ def run_spline_level(coeffs, stack, key, handle, level_index, *, shape, spacing,
 
 
 def fit_bspline_ckks(fixed_s, moving_s, session: CkksSession, *, key, levels, spacing, sampling=None, fraction=0.1,
-                     max_iterations=15, tol=1e-2, lam=0.01, damping=0.1, cg_iterations=10):
+                     max_iterations=15, tol=1e-2, lam=0.01, damping=0.1, cg_iterations=10, policy=None):
     """Coarse-to-fine B-spline Gauss-Newton-CG with ``R`` from the CKKS protocol (in-process parties).
 
-    The same levels, steps and stopping rule as :func:`ppreg.secure.bspline_ppir.fit_bspline`
+    The same levels, steps and stopping rule as :func:`ppreg.secure.protocols.bspline.fit_bspline`
     (each level: control spacing ``spacing * factor``, both images smoothed with
     ``sigma = factor / 2`` by their owners; each iteration :func:`ppreg.optim.bspline_step`).
 
     Args:
         fixed_s: float32 ``(*shape)`` party2's fixed image scaled into ``[-1, 1]``.
         moving_s: float32 party1's moving image of the same shape, scaled likewise.
-        session: a :class:`~ppreg.secure.ckks_session.CkksSession` of variant ``"packed"``.
+        session: a :class:`~ppreg.secure.ckks.session.CkksSession` of variant ``"packed"``.
         key: public PRNG key; levels: coarse-to-fine factors; spacing: finest control spacing (voxels);
         sampling: ``None``, ``"urs"`` or ``"gms"``; fraction: sampled fraction of voxels;
         max_iterations, tol, lam, damping, cg_iterations: as :func:`ppreg.optim.run_bspline_level`.
+        policy: party2's :class:`~ppreg.secure.policy.Policy` (:class:`SplineParty2`), applied by its
+            own code; ``None`` (one user): no B-spline budget and no noise.
 
     Returns:
         ``(coeffs float32 (*ctrl, d), [(factor, iterations, k), ...])``.
@@ -476,11 +506,12 @@ def fit_bspline_ckks(fixed_s, moving_s, session: CkksSession, *, key, levels, sp
     Raises:
         ValueError: a session of another variant.
         FloatingPointError: non-finite coefficients.
+        PolicyError: a query past party2's ``max_spline_functionals_per_voxel``.
     """
     if session.variant != "packed":
         raise ValueError(f"the CKKS B-spline term runs in a packed session; got variant {session.variant!r}")
     if session.spline is None:  # its own key pair (party2's), fresh for this session
-        session.spline = SplineProtocol(session.channel, session, max_queries=session.max_queries)
+        session.spline = SplineProtocol(session.channel, session, max_queries=session.max_queries, policy=policy)
     spline = session.spline
     shape = tuple(fixed_s.shape)
     d, n = len(shape), math.prod(shape)

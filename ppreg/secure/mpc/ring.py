@@ -80,6 +80,26 @@ def decode(r, frac_bits: int) -> np.ndarray:
         return np.asarray(signed, np.float64) / 2.0**frac_bits
 
 
+def decode_within(r, frac_bits: int, bound: float, what: str) -> np.ndarray:
+    """:func:`decode` of an opened value whose magnitude has the public ``bound`` (real units).
+
+    Decoding reads a ring element as a signed 64-bit integer, so a true value with ``|x| 2^f >= 2^63``
+    would come out as another number, silently. The bound (derived by the caller from public facts
+    and its own inputs, fixed-point error included) is checked twice: it must fit the ring with a
+    bit to spare (:func:`check_range`), and no decoded value may exceed it (one that does means the
+    bound was wrong or an intermediate wrapped).
+
+    Raises:
+        OverflowError: either check fails; the message names ``what`` and the bound.
+    """
+    check_range(float(bound), frac_bits, what)
+    out = decode(r, frac_bits)
+    if out.size and not np.max(np.abs(out)) <= bound:
+        raise OverflowError(f"{what}: an opened value ({np.max(np.abs(out)):.4g}) exceeds its bound {bound:.4g}; an "
+                            "intermediate wrapped around the 64-bit ring (lower the fractional bits or the inputs)")
+    return out
+
+
 def to_ring(x) -> jnp.ndarray:
     """A uint64 JAX array from host data (e.g. a received message)."""
     with x64():

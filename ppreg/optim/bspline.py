@@ -1,0 +1,111 @@
+"""Cubic B-spline free-form deformation on SSD: Gauss-Newton with matrix-free conjugate gradients
+(clear loop, and the step the secure party1 takes)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..bspline import displacement, jacobian_transpose
+from ..grid import identity_grid
+from ..regularizers import bending_energy
+from ..warp import inside_mask, interpolate
+
+
+# --- cubic B-spline free-form deformation: Gauss-Newton with matrix-free conjugate gradients ---
+#
+# E(c) = mean_x (I(x + u(x)) - J(x))^2 + lam * bending_energy(u),   u = displacement(c)
+# dW/dc is the public separable basis (bspline.displacement / jacobian_transpose), so with
+# g = grad I(x + u(x)) and r = I_w - J:
+#   grad E = (2/N) B^T (g r) + lam grad BE,       H v = (2/N) B^T (g (g . B v)) + lam H_BE v
+# Only B^T (g J) needs the fixed image (the PPIR term R); H v is party1's alone.
+# Levels refine the control grid (exact subdivision) at full resolution, smoothing both images.
+
+
+def _bspline_warp_terms(coeffs, moving_stack, shape, spacing):
+    """Warped intensity and moving gradient ``(*shape)``, ``(*shape, d)`` at ``x + u(x)`` (zero outside)."""
+    pts = identity_grid(shape) + displacement(coeffs, shape, spacing)
+    vals = interpolate(moving_stack, pts)
+    inside = inside_mask(pts, moving_stack.shape[: len(shape)]).astype(jnp.float32)
+    return vals[..., 0] * inside, vals[..., 1:] * inside[..., None]
+
+
+def bspline_step(coeffs, a, idx, data_term, *, shape, spacing, lam, damping, cg_iterations):
+    """One damped Gauss-Newton-CG step of the B-spline FFD on SSD (traceable; the clear loop and
+    the secure party1, :mod:`ppreg.secure.protocols.bspline`, both take it).
+
+    Args:
+        coeffs: float32 ``(*ctrl, d)`` current coefficients.
+        a: float32 ``(k, d)`` moving gradient at the warped samples (``g`` above).
+        idx: int ``(k,)`` sample indices into the flattened grid, or ``None`` (``k = n``, every voxel).
+        data_term: float32 ``(*ctrl, d)``: ``B^T (a (I_w - J))`` summed over the samples
+            (secure: party1's ``B^T (a I_w)`` minus the revealed ``R``).
+        shape, spacing: static image shape and control spacing (voxels).
+        lam: bending-energy weight; damping: LM weight ``mu = damping (2/n) mean|a|^2 (151/315 s)^d``
+            (the mean diagonal of the data Hessian: ``int beta3^2 = 151/315`` per axis);
+            cg_iterations: conjugate-gradient iterations.
+
+    Returns:
+        ``(coeffs + delta, RMS displacement of delta over the grid in voxels)`` with
+        ``(H + lam H_BE + mu) delta = -((2/k) data_term + lam grad BE)``,
+        ``H v = (2/k) B_s^T (a (a . B_s v))``.
+    """
+    d = len(shape)
+    n = int(np.prod(shape))
+    k = a.shape[0]
+
+    def reg_grad(c):
+        return jax.grad(lambda cc: lam * bending_energy(displacement(cc, shape, spacing)))(c)
+
+    grad = (2.0 / k) * data_term + reg_grad(coeffs)
+    mu = damping * (2.0 / n) * jnp.mean(jnp.sum(a * a, axis=-1)) * (151.0 / 315.0 * spacing) ** d
+
+    def hvp(v):
+        bv = displacement(v, shape, spacing).reshape(n, d)
+        ga = a * jnp.sum(a * (bv if idx is None else bv[idx]), axis=-1, keepdims=True)
+        dense = ga if idx is None else jnp.zeros((n, d), ga.dtype).at[idx].add(ga)
+        return (2.0 / k) * jacobian_transpose(dense.reshape(shape + (d,)), spacing) + reg_grad(v) + mu * v
+
+    delta, _ = jax.scipy.sparse.linalg.cg(hvp, -grad, maxiter=cg_iterations)
+    step = jnp.sqrt(jnp.mean(jnp.sum(displacement(delta, shape, spacing) ** 2, axis=-1)))
+    return coeffs + delta, step
+
+
+@partial(jax.jit, static_argnames=("shape", "spacing", "max_iterations", "tol", "lam", "damping", "cg_iterations"))
+def run_bspline_level(coeffs, moving_stack, fixed, *, shape, spacing, max_iterations, tol, lam, damping,
+                      cg_iterations):
+    """Gauss-Newton-CG loop for one control spacing (clear; jitted ``lax.while_loop``).
+
+    Args:
+        coeffs: float32 ``(*control_grid_shape(shape, spacing), d)`` initial coefficients.
+        moving_stack: float32 ``(*shape_m, 1 + d)``: smoothed moving image and its gradient.
+        fixed: float32 ``(*shape)`` smoothed fixed image.
+        shape, spacing: static grid and control spacing (voxels).
+        max_iterations, tol: stop when the RMS displacement of a step is ``<= tol`` voxels.
+        lam: bending-energy weight; damping: LM weight relative to the mean data-Hessian diagonal;
+        cg_iterations: conjugate-gradient iterations per Gauss-Newton step.
+
+    Returns:
+        ``(coeffs, iterations, losses)``: ``losses (max_iterations,)`` is the data term
+        (mean squared error, scaled units) before each iteration, NaN after the last.
+    """
+    ndim = len(shape)
+
+    def body(state):
+        c, it, _, losses = state
+        iw, g = _bspline_warp_terms(c, moving_stack, shape, spacing)
+        r = iw - fixed
+        c, step = bspline_step(c, g.reshape(-1, ndim), None, jacobian_transpose(g * r[..., None], spacing),
+                               shape=shape, spacing=spacing, lam=lam, damping=damping, cg_iterations=cg_iterations)
+        return c, it + 1, step, losses.at[it].set(jnp.mean(r * r))
+
+    def cond(state):
+        _, it, step, _ = state
+        return (it < max_iterations) & (step > tol)
+
+    losses = jnp.full((max_iterations,), jnp.nan, jnp.float32)
+    c, it, _, losses = jax.lax.while_loop(cond, body, (coeffs, jnp.int32(0), jnp.float32(jnp.inf), losses))
+    return c, it, losses

@@ -1,0 +1,131 @@
+"""Registration options shared by every driver (clear, secure, spectral, learned): the transform and
+loss names, per-method defaults, option checks and the conversion of input images.
+
+Kept apart from :mod:`ppreg.register` so that the secure, spectral and learned drivers can use them
+without importing the public dispatcher (which imports them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from .image import Image
+from .sampling import METHODS
+from .transforms import KINDS, check_kind
+
+DEFORMABLE = ("bspline", "svf", "dense")
+PIPELINES = tuple(f"{lin}+{deform}" for lin in ("rigid", "affine") for deform in DEFORMABLE)
+LEARNED = ("vxm-diff",)  # ppreg.learned: trained networks
+TRANSFORMS = KINDS + DEFORMABLE + PIPELINES + ("flash",) + LEARNED  # flash: ppreg.spectral (FLASH geodesic shooting)
+LOSSES = ("ssd", "mi", "ncc", "lncc", "mind")
+FLUID_SIGMA = {"lncc": 3.0, "mind": 3.0}  # svf update smoothing (voxels) per loss; 2.0 for the others
+LINEAR_STAGE_LOSS = {"lncc": "ncc", "mind": "mi"}  # pipelines: local losses run their global kin on the linear stage
+SVF_STEPS = 6  # squarings in exp(v)
+SECURE = (None, "mpc", "ckks")
+# dense defaults, tuned on the Colin27 case of bench/bench_svf.py (lncc, seed 0)
+DENSE_LEARNING_RATE = 0.1  # Adam step (level voxels)
+DENSE_DIFFUSION = 0.1  # diffusion weight (loss units per voxel^2 of gradient)
+DENSE_SIGMA = 2.0  # Gaussian smoothing of the gradient (adam) or of the update variable (lbfgs), level voxels
+DENSE_FIELD_FILE = "dense_displacement.nii.gz"  # dense: the deformable part, beside transform.json
+FIXED_HALF_FILE = "fixed_velocity.nii.gz"  # two-party symmetric svf: party2's half velocity
+DEFAULTS = {  # per optimiser: max_iterations (per level), tol (voxels), damping
+    "gauss-newton": {"max_iterations": 100, "tol": 1e-3, "damping": 1e-3},
+    "descent": {"max_iterations": 200, "tol": 1e-3, "damping": 0.0},
+    "bspline": {"max_iterations": 15, "tol": 1e-2, "damping": 0.1},
+    "svf": {"max_iterations": 60, "tol": 0.0, "damping": 0.0},
+    "dense": {"max_iterations": 60, "tol": 0.0, "damping": 0.0},
+}
+DEFAULT_STEP = {"svf": 0.5, "dense": DENSE_LEARNING_RATE}  # step_size: svf largest update, dense Adam rate (voxels)
+DEFAULT_REGULARIZATION = {"bspline": 0.01, "dense": DENSE_DIFFUSION}
+# The finest svf level runs fewer iterations: one costs about 8x a half-resolution one (3D), and on the
+# Colin27 case of bench/bench_svf.py 60 instead of 40 gains only 0.02-0.03 mm of RMSE (0.17-0.21 mm).
+SVF_FINEST_ITERATIONS = 40
+
+
+def as_array(x, name):
+    data = x.data if isinstance(x, Image) else np.asarray(x)
+    if data.ndim not in (2, 3):
+        raise ValueError(f"{name} image must be 2D or 3D, got shape {data.shape}")
+    if not np.issubdtype(data.dtype, np.number):
+        raise TypeError(f"{name} image must be numeric, got dtype {data.dtype}")
+    bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if bad:
+        raise ValueError(f"{name} image has {bad} non-finite voxels")
+    return jnp.asarray(data, jnp.float32)
+
+
+def scale_exponent(image) -> int:
+    """``ceil(log2 max|image|)``: the only intensity information a party discloses.
+
+    Raises:
+        ValueError: for an all-zero image.
+    """
+    peak = float(jnp.max(jnp.abs(image)))
+    if peak == 0.0:
+        raise ValueError("image is all zero: nothing to register")
+    return math.ceil(math.log2(peak))
+
+
+def unit_range(image):
+    """Scale an image into [0, 1] by its own minimum and maximum (for mi and ncc)."""
+    lo, hi = jnp.min(image), jnp.max(image)
+    return (image - lo) / jnp.maximum(hi - lo, 1e-12)
+
+
+def default_iterations(transform: str, levels, family: dict):
+    """Default ``max_iterations``: the family's per level; svf and dense: :data:`SVF_FINEST_ITERATIONS`
+    at the finest of several levels."""
+    count = family["max_iterations"]
+    if transform in ("svf", "dense") and len(levels) > 1:
+        return (count,) * (len(levels) - 1) + (SVF_FINEST_ITERATIONS,)
+    return count
+
+
+def check_options(transform, loss, secure, sampling, levels, ndim, max_iterations, tol, damping):
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+    if transform in ("svf", "dense"):
+        if sampling is not None or (secure is not None and (transform, loss) != ("svf", "lncc")):
+            raise ValueError(f"the {transform} transform runs clear with every voxel in this version (secure: svf "
+                             "with loss='lncc')")
+        if levels and levels[-1] != 1:
+            raise ValueError(f"{transform} levels must end at full resolution (1), got {levels}")
+    elif loss != "ssd" and (transform == "bspline" or (secure is not None and (secure, loss) != ("mpc", "mi"))
+                            or sampling == "gms" or loss in ("lncc", "mind")):
+        raise ValueError(f"loss {loss!r} is available for clear registration (mi, ncc: linear transforms with full "
+                         "or URS sampling, mi also with secure='mpc'; lncc, mind: svf); bspline and secure "
+                         "registration use ssd")
+    if transform == "bspline":
+        if ndim not in (2, 3):
+            raise ValueError(f"transforms support 2D and 3D images, got ndim={ndim}")
+        if any(b != 2 * a for a, b in zip(levels[1:], levels[:-1])):
+            raise ValueError(f"bspline levels must halve from one to the next (e.g. 4,2,1), got {levels}")
+    elif transform not in ("svf", "dense"):
+        check_kind(transform, ndim)
+    counts = max_iterations if isinstance(max_iterations, (tuple, list)) else (max_iterations,)
+    if isinstance(max_iterations, (tuple, list)) and (transform not in ("svf", "dense") or len(counts) != len(levels)):
+        raise ValueError(f"max_iterations per level (a sequence) is for svf and dense, one per level {levels}; "
+                         f"got {max_iterations!r}")
+    if any(int(c) != c or c < 1 for c in counts):
+        raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}")
+    if not (tol >= 0 and damping >= 0):
+        raise ValueError(f"tol and damping must be non-negative, got tol={tol!r}, damping={damping!r}")
+    if secure not in SECURE:
+        raise ValueError(f"unknown secure mode {secure!r}; expected one of {SECURE}")
+    if secure == "ckks" and transform not in KINDS + ("bspline",):
+        raise ValueError(f"secure='ckks' supports {KINDS + ('bspline',)} in this version, got {transform!r}")
+    if sampling is not None and sampling not in METHODS:
+        raise ValueError(f"unknown sampling {sampling!r}; expected one of {METHODS} or None")
+    if not levels:
+        raise ValueError("levels must list at least one shrink factor")
+
+
+def check_finite(x, li, factor):
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise FloatingPointError(f"registration diverged at pyramid level {li} (factor {factor}): "
+                                 "the transform is not finite; try more damping or coarser levels")

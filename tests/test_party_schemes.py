@@ -1,0 +1,254 @@
+"""``ppreg party`` runs CKKS, FLASH-MPC and point clouds over three real processes (issue 13, finding 9).
+
+Each case starts the dealer, the fixed and the moving party as separate ``ppreg party`` processes
+on the loopback interface (all cases at once: the processes mostly wait on each other), and
+compares the moving party's output with the in-process secure registration of the same inputs;
+three more sessions check that the fixed party refuses, by its ``--policy``, an operation of each
+kind. Shapes are tiny (64x64 slices, a few iterations, 20 points).
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from ppreg.cli import enable_compilation_cache
+from ppreg.data import load_sample
+from ppreg.image import Image, save
+from ppreg.party_cli import party_commands, start_processes, wait_processes
+from ppreg.register import register
+
+pytest.importorskip("tenseal")
+
+CKKS = dict(transform="translation", levels=(1,), sampling="urs", fraction=0.2, max_iterations=3, key=3)
+FLASH = dict(max_iterations=10, band_size=7, optimizer="flash")  # its first 8 steps are rejected (halved)
+EXTENT = 64.0
+REFUSED = {  # case: (its options, the fixed party's policy, the rule named)
+    "ckks_refused": ("ckks", {"operations": ["mask", "query", "ssd"]}, "operations"),
+    "flash_refused": ("flash", {"transforms": ["translation", "rigid", "affine"]}, "transforms"),
+    "points_refused": ("points_mpc", {"losses": ["ssd"]}, "losses"),
+}
+
+
+def _image(name, step):
+    img = load_sample(name)
+    return Image(np.asarray(img.data)[::step, ::step], img.affine)
+
+
+def _rotation(deg):
+    a = np.deg2rad(deg)
+    return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+
+
+def _points():
+    """20 paired 2D landmarks (the default policy's min_samples is 16): party2's are party1's rotated by
+    10 degrees, shifted, with noise."""
+    rng = np.random.default_rng(5)  # test data, not a mask
+    p = rng.uniform(5, 55, (20, 2))
+    q = p @ _rotation(10.0).T + np.array([3.0, -4.5]) + rng.normal(0, 0.2, p.shape)
+    return p, q
+
+
+def _args(case):
+    if case == "ckks":
+        return ["--secure", "ckks", "--transform", "translation", "--levels", "1", "--sampling", "urs",
+                "--fraction", "0.2", "--max-iterations", "3", "--seed", "3"]
+    if case == "flash":
+        return ["--transform", "flash", "--levels", "1", "--max-iterations", "10", "--band-size", "7",
+                "--optimizer", "flash"]
+    return ["--extent", str(EXTENT)] + (["--secure", "ckks"] if case == "points_ckks" else [])
+
+
+def _commands(work, case, policy=None):
+    """The three command lines; point cases pass --points (CSV for the fixed party, .npy for the moving one)."""
+    base = case if policy is None else REFUSED[case][0]
+    commands = party_commands(work, work / "fixed.nii.gz", work / "moving.nii.gz", work / "out", _args(base),
+                              timeout=60)
+    if base.startswith("points"):
+        for name, path in (("fixed", work / "fixed.csv"), ("moving", work / "moving.npy")):
+            cmd = commands[name]
+            i = cmd.index("--image")
+            cmd[i:i + 2] = ["--points", str(path)]
+    if policy is not None:
+        (work / "policy.json").write_text(json.dumps(policy))
+        commands["fixed"] += ["--policy", str(work / "policy.json")]
+    return commands
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory):
+    from ppreg.secure.ckks.points import register_points_ckks
+    from ppreg.secure.ckks.session import CkksSession
+    from ppreg.secure.protocols.points import register_points
+    from ppreg.secure.session import SecureSession
+
+    enable_compilation_cache()  # as `ppreg` does: the processes reuse what the references compile
+    images = {"ckks": (_image("BrainProtonDensitySliceBorder20", 4), _image("BrainProtonDensitySliceShifted13x17y", 4)),
+              "flash": (_image("BrainProtonDensitySliceBorder20", 4), _image("BrainProtonDensitySliceBSplined10", 4))}
+    p, q = _points()
+    refs = {
+        "ckks": register(*images["ckks"], secure="ckks", **CKKS),
+        "flash": register(*images["flash"], transform="flash", secure="mpc", max_iterations=FLASH["max_iterations"],
+                          flash_options={k: FLASH[k] for k in ("band_size", "optimizer")}),
+        "points_mpc": register_points(p, q, SecureSession(16), extent=EXTENT),
+        "points_ckks": register_points_ckks(p, q, CkksSession("packed"), extent=EXTENT),
+    }
+    runs, procs = {}, {}
+    for case in list(refs) + list(REFUSED):
+        work = tmp_path_factory.mktemp(case)
+        fixed, moving = images["flash" if "flash" in case else "ckks"]
+        save(fixed, work / "fixed.nii.gz")
+        save(moving, work / "moving.nii.gz")
+        np.savetxt(work / "fixed.csv", q, delimiter=",", header="row, column (voxels)")
+        np.save(work / "moving.npy", p)
+        policy = REFUSED[case][1] if case in REFUSED else None
+        runs[case] = {"work": work, "ref": refs.get(case), "points": (p, q)}
+        procs[case] = start_processes(_commands(work, case, policy))
+    for case in runs:
+        runs[case]["done"] = wait_processes(procs[case], timeout=300)
+    return runs
+
+
+def _outputs(run):
+    for name, proc in run["done"].items():
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+    work = run["work"]
+    rep = json.loads((work / "out" / "report.json").read_text())
+    doc = json.loads((work / "out" / "transform.json").read_text())
+    reports = {name: json.loads((work / f"{name}_report.json").read_text()) for name in ("moving", "fixed", "dealer")}
+    # traffic as each process counted it from the frames it sent: party2's own report is the moving party's record
+    assert rep["bytes"]["party2"] == {"online": reports["fixed"]["online"], "offline": reports["fixed"]["offline"]}
+    assert rep["bytes"]["party1"]["online"] > 0 and rep["bytes"]["party2"]["online"] > 0
+    return rep, doc, reports
+
+
+def test_ckks_over_three_processes_equals_in_process(sessions):
+    """``--secure ckks``: party2's packed-CKKS steps run in the fixed process (its own image, its own URS
+    samples); the dealer only binds the session (setup and end); the result equals ``register(secure="ckks")``
+    up to the CKKS noise."""
+    run = sessions["ckks"]
+    rep, doc, reports = _outputs(run)
+    ref = run["ref"]
+    assert rep["secure"] == "ckks" and rep["iterations"] == ref.iterations == 3
+    np.testing.assert_allclose(np.asarray(doc["matrix"]), ref.matrix, atol=1e-4)
+    assert np.max(np.abs(ref.matrix[:2, 2])) > 0.5  # it moved
+    assert rep["final_loss"] == pytest.approx(ref.final_loss, rel=1e-4)
+    # party2 answered one query per iteration and counted what it revealed: 2 numbers (one column pair) each,
+    # plus the final error's pair
+    fixed = reports["fixed"]
+    assert fixed["ops"]["ckks_query"]["calls"] == 3 and fixed["policy"]["revealed"] == 3 * 2 + 2
+    assert set(reports["dealer"]["ops"]) == {"setup"}  # no CKKS operation reaches the dealer (end: after its report)
+    # per iteration party1 sends one query of one chunk (a seeded ciphertext, ~64 kB), party2 its reply
+    assert 30_000 < rep["bytes_per_iteration"]["party1"] < 200_000
+    assert 8 * 8192 < rep["bytes_per_iteration"]["party2"] < 8 * 8194 + 1000
+
+
+def test_flash_over_three_processes_equals_in_process(sessions):
+    """``--transform flash``: every energy evaluation is a ``flash_eval`` operation run by the fixed
+    process (its half of the private products and of the band DFT) and the dealer; the result equals
+    ``register(transform="flash", secure="mpc")`` to fixed-point rounding."""
+    run = sessions["flash"]
+    rep, doc, reports = _outputs(run)
+    ref = run["ref"]
+    assert doc["type"] == "flash" and rep["secure"] == "mpc" and rep["iterations"] == ref.iterations
+    v0 = np.asarray(doc["coefficients_real"]) + 1j * np.asarray(doc["coefficients_imag"])
+    assert np.max(np.abs(ref.params)) > 1e-3  # it moved
+    np.testing.assert_allclose(v0, ref.params, atol=1e-3 * np.max(np.abs(ref.params)))
+    assert rep["final_loss"] == pytest.approx(ref.final_loss, rel=1e-3)
+    evals = reports["fixed"]["ops"]["flash_eval"]["calls"]
+    assert evals >= ref.iterations and reports["dealer"]["ops"]["flash_eval"]["calls"] == evals
+    # party2 counted 2 T^d d + 1 numbers per evaluation and one final error
+    assert reports["fixed"]["policy"]["revealed"] == evals * (2 * 7**2 * 2 + 1) + 1
+
+
+@pytest.mark.parametrize("case", ["points_mpc", "points_ckks"])
+def test_points_over_three_processes(sessions, case):
+    """``--points`` (CSV for the fixed party, .npy for the moving one): the rigid transform equals the
+    in-process secure one (MPC: exactly, L is opened without truncation; CKKS: to its noise) and maps
+    party1's points onto party2's within the noise."""
+    run = sessions[case]
+    rep, doc, reports = _outputs(run)
+    mat, _ = run["ref"]
+    got = np.asarray(doc["matrix"])
+    np.testing.assert_allclose(got, mat, atol=1e-6 if case == "points_mpc" else 1e-4)
+    p, q = run["points"]
+    moved = np.c_[p, np.ones(len(p))] @ got.T
+    assert np.sqrt(np.mean(np.sum((moved[:, :2] - q) ** 2, -1))) < 0.5
+    assert rep["secure"] == ("ckks" if case == "points_ckks" else "mpc")
+    op = "ckks_points" if case == "points_ckks" else "points"
+    assert reports["fixed"]["ops"][op]["calls"] == 1
+    assert reports["fixed"]["policy"]["revealed"] == 2 * 2 + 2  # L and q_bar (d = 2: no odd column under CKKS)
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_fixed_party_refuses_by_its_policy(sessions, case):
+    """The fixed process checks each CKKS, FLASH and point-cloud operation against its ``--policy``: the
+    session stops with the rule named, and the moving party writes nothing."""
+    run = sessions[case]
+    rule = REFUSED[case][2]
+    for name in ("moving", "fixed"):
+        proc = run["done"][name]
+        assert proc.returncode == 1, (name, proc.stderr[-1000:])
+        assert f"refused by policy rule '{rule}'" in proc.stderr.strip().splitlines()[-1], proc.stderr[-1000:]
+    assert not (run["work"] / "out").exists()
+
+
+# --- fast checks of the fixed party's side (no processes) --------------------------------------------
+
+
+def test_ckks_frame_limit_is_derived_from_the_parameters():
+    """The fixed party's frame limit covers a CKKS query (6 column pairs of real, serialized ciphertexts,
+    measured here against the bound) only when its policy allows a CKKS operation, and stays far below
+    the old 1 GiB."""
+    from ppreg.secure import policy
+    from ppreg.secure.ckks import remote
+    from ppreg.secure.ckks.packed import PackedParty1, PackedParty2
+    from ppreg.secure.net.channel import InProcessChannel
+
+    channel = InProcessChannel()
+    one, two = PackedParty1(channel), PackedParty2(channel)
+    two.send_setup()
+    one.receive_setup()
+    two.receive_key()
+    one.query("q", 1, np.full((100, 12), 1e-3))
+    channel.recv("party2", "party1", "q/key")
+    sizes = channel.recv("party2", "party1", "q/sizes")
+    assert sizes.shape == (6, 1) and int(sizes.max()) <= remote.ciphertext_bytes()
+    with_ckks = policy.frame_limit(256, 2, policy.DEFAULT, shape=(16, 16))
+    mpc_only = policy.frame_limit(256, 2, policy.Policy(operations=("mask", "query", "ssd")), shape=(16, 16))
+    assert mpc_only < 6 * int(sizes.max()) <= with_ckks < 1 << 20
+    assert remote.frame_bound(256, 2, policy.Policy(operations=("mask", "query", "ssd"))) == 0
+
+
+def test_fixed_party_refuses_a_second_ckks_setup():
+    """A second ``ckks_setup`` (a fresh instance would reset party2's query cap) is refused, under
+    any label."""
+    from ppreg.secure.ckks import remote  # noqa: F401 - registers the CKKS operations
+    from ppreg.secure.net.channel import ProtocolError
+    from ppreg.secure.policy import Guard
+
+    guard = Guard("party2", None)
+    guard.check({"op": "setup", "frac_bits": 16})
+    guard.check({"op": "ckks_setup", "label": "ckks/setup", "variant": "packed"})
+    for label in ("ckks/setup", "ckks/setup2"):
+        with pytest.raises(ProtocolError, match="ckks"):
+            guard.check({"op": "ckks_setup", "label": label, "variant": "packed"})
+
+
+def test_point_files_csv_and_npy(tmp_path):
+    """``--points``: CSV (comma or whitespace, ``#`` comments) and ``.npy`` read the same ``(n, d)``
+    array; anything else is a clear error naming the file."""
+    from ppreg.party_cli import load_points
+
+    p, _ = _points()
+    np.savetxt(tmp_path / "a.csv", p, delimiter=",", header="x, y")
+    np.savetxt(tmp_path / "a.txt", p)
+    np.save(tmp_path / "a.npy", p)
+    for name in ("a.csv", "a.txt", "a.npy"):
+        np.testing.assert_allclose(load_points(tmp_path / name), p, rtol=1e-15)
+    (tmp_path / "bad.csv").write_text("1,2,3,4\n5,6,7,8\n")
+    with pytest.raises(ValueError, match="bad.csv.*d = 2 or 3"):
+        load_points(tmp_path / "bad.csv")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="obj.npy"):
+        load_points(tmp_path / "obj.npy")
