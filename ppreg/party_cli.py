@@ -10,7 +10,8 @@
         --peer moving.pub --dealer-key dealer.pub [--policy FILE] [--report FILE]
 
 ``--secure ckks`` (moving party: the packed CKKS protocol, ssd with a linear transform, or points;
-the dealer process still runs: it binds the session), ``--transform flash`` (FLASH under MPC) and
+with ``--transform bspline`` the CKKS B-spline term, party2's own key pair; the dealer process still
+runs: it binds the session), ``--transform flash`` (FLASH under MPC) and
 ``--points FILE`` (both parties, instead of ``--image``: paired ``(n, d)`` points, CSV or ``.npy``;
 the moving party adds ``--extent``) run over the same three processes; the fixed party and the
 dealer need no option for them (their policy decides).
@@ -71,9 +72,10 @@ def add_parsers(sub, *, levels_type, fraction_type, iterations_type) -> None:
                         "(e.g. the largest image side)")
     p.add_argument("--secure", choices=("mpc", "ckks"), default="mpc",
                    help="moving: mpc (secret sharing with the dealer, default) or ckks (packed CKKS: ssd with a "
-                        "linear transform, or --points; needs ppreg[fhe] in the moving and fixed processes)")
+                        "linear transform or bspline, or --points; needs ppreg[fhe] in the moving and fixed processes)")
     p.add_argument("--ckks-variant", choices=("packed",), default="packed",
-                   help="moving, --secure ckks: packed (the paper's v1/v2 run in one process: ppreg register)")
+                   help="moving, --secure ckks: packed (the paper's v1/v2 run in one process: ppreg register "
+                        "--secure ckks --ckks-variant v1|v2)")
     p.add_argument("--listen", help="dealer, moving: HOST:PORT to listen on")
     p.add_argument("--connect", help="fixed: HOST:PORT of the moving party")
     p.add_argument("--dealer", help="moving, fixed: HOST:PORT of the dealer")

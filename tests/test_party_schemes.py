@@ -27,7 +27,12 @@ REFUSED = {  # case: (its options, the fixed party's policy, the rule named)
     "ckks_refused": ("ckks", {"operations": ["mask", "query", "ssd"]}, "operations"),
     "flash_refused": ("flash", {"transforms": ["translation", "rigid", "affine"]}, "transforms"),
     "points_refused": ("points_mpc", {"losses": ["ssd"]}, "losses"),
+    # the CKKS B-spline at the default policy: party2 refuses its first level (what R reveals rebuilds J)
+    "bspline_ckks_refused": ("bspline_ckks", None, "max_spline_functionals_per_voxel"),
 }
+SPLINE = dict(transform="bspline", spacing=8, levels=(1,), max_iterations=3, key=3)
+SPLINE_URS = dict(SPLINE, sampling="urs", fraction=0.5)
+OPT_IN = {"max_spline_functionals_per_voxel": None}  # the fixed party's opt-in policy for the B-spline cases
 
 
 def _image(name, step):
@@ -53,6 +58,10 @@ def _args(case):
     if case == "ckks":
         return ["--secure", "ckks", "--transform", "translation", "--levels", "1", "--sampling", "urs",
                 "--fraction", "0.2", "--max-iterations", "3", "--seed", "3"]
+    if case.startswith("bspline_ckks"):
+        urs = ["--sampling", "urs", "--fraction", "0.5"] if case == "bspline_ckks_urs" else []
+        return ["--secure", "ckks", "--transform", "bspline", "--spacing", "8", "--levels", "1",
+                "--max-iterations", "3", "--seed", "3"] + urs
     if case == "flash":
         return ["--transform", "flash", "--levels", "1", "--max-iterations", "10", "--band-size", "7",
                 "--optimizer", "flash"]
@@ -61,9 +70,10 @@ def _args(case):
 
 def _commands(work, case, policy=None):
     """The three command lines; point cases pass --points (CSV for the fixed party, .npy for the moving one)."""
-    base = case if policy is None else REFUSED[case][0]
+    base = REFUSED[case][0] if case in REFUSED else case
+    # the dealer hears nothing between setup and end of a CKKS session: its idle timeout spans the session
     commands = party_commands(work, work / "fixed.nii.gz", work / "moving.nii.gz", work / "out", _args(base),
-                              timeout=60)
+                              timeout=180 if base.startswith("bspline") else 60)
     if base.startswith("points"):
         for name, path in (("fixed", work / "fixed.csv"), ("moving", work / "moving.npy")):
             cmd = commands[name]
@@ -92,6 +102,8 @@ def sessions(tmp_path_factory):
                           flash_options={k: FLASH[k] for k in ("band_size", "optimizer")}),
         "points_mpc": register_points(p, q, SecureSession(16), extent=EXTENT),
         "points_ckks": register_points_ckks(p, q, CkksSession("packed"), extent=EXTENT),
+        "bspline_ckks": register(*images["ckks"], secure="ckks", **SPLINE),
+        "bspline_ckks_urs": register(*images["ckks"], secure="ckks", **SPLINE_URS),
     }
     runs, procs = {}, {}
     for case in list(refs) + list(REFUSED):
@@ -101,7 +113,7 @@ def sessions(tmp_path_factory):
         save(moving, work / "moving.nii.gz")
         np.savetxt(work / "fixed.csv", q, delimiter=",", header="row, column (voxels)")
         np.save(work / "moving.npy", p)
-        policy = REFUSED[case][1] if case in REFUSED else None
+        policy = REFUSED[case][1] if case in REFUSED else (OPT_IN if case.startswith("bspline") else None)
         runs[case] = {"work": work, "ref": refs.get(case), "points": (p, q)}
         procs[case] = start_processes(_commands(work, case, policy))
     for case in runs:
@@ -159,6 +171,30 @@ def test_flash_over_three_processes_equals_in_process(sessions):
     assert evals >= ref.iterations and reports["dealer"]["ops"]["flash_eval"]["calls"] == evals
     # party2 counted 2 T^d d + 1 numbers per evaluation and one final error
     assert reports["fixed"]["policy"]["revealed"] == evals * (2 * 7**2 * 2 + 1) + 1
+
+
+@pytest.mark.parametrize("case", ["bspline_ckks", "bspline_ckks_urs"])
+def test_ckks_bspline_over_three_processes_equals_in_process(sessions, case):
+    """``--secure ckks --transform bspline`` with the fixed party's opt-in policy: party2's B-spline steps
+    (its own key pair, its level encrypted once, or each URS sample; decrypting masked values, ``B^T``) run
+    in the fixed process, which counts the ``d P`` functionals of each reply; the coefficients equal
+    ``register(secure="ckks")``'s up to the CKKS noise (both within 2^-26 alpha per R value)."""
+    run = sessions[case]
+    rep, doc, reports = _outputs(run)
+    ref = run["ref"]
+    assert doc["type"] == "bspline" and rep["secure"] == "ckks" and rep["iterations"] == ref.iterations == 3
+    coeffs = np.asarray(doc["coefficients"])
+    assert np.max(np.abs(ref.params)) > 0.1  # it moved
+    np.testing.assert_allclose(coeffs, ref.params, atol=1e-3)
+    assert rep["final_loss"] == pytest.approx(ref.final_loss, rel=1e-3)
+    fixed = reports["fixed"]
+    d, ctrl = 2, np.asarray(ref.params).shape[:2]
+    assert fixed["ops"]["ckks_spline_query"]["calls"] == 3
+    assert fixed["policy"]["spline_functionals"] == 3 * d * int(np.prod(ctrl))
+    assert fixed["policy"]["revealed"] == 3 * d * int(np.prod(ctrl)) + 2  # plus the final error's pair
+    if case == "bspline_ckks_urs":
+        assert fixed["ops"]["ckks_spline_sample"]["calls"] == 3
+    assert set(reports["dealer"]["ops"]) == {"setup"}
 
 
 @pytest.mark.parametrize("case", ["points_mpc", "points_ckks"])
@@ -252,3 +288,70 @@ def test_point_files_csv_and_npy(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object))
     with pytest.raises(ValueError, match="obj.npy"):
         load_points(tmp_path / "obj.npy")
+
+
+def test_fixed_party_guard_counts_ckks_bspline_functionals():
+    """The fixed party's Guard checks the CKKS B-spline operations as the MPC ones: the default policy refuses
+    the first level (naming ``max_spline_functionals_per_voxel``); an opted-in budget counts ``d P`` per
+    query and refuses the query past it; a sample or query on no open B-spline level is refused."""
+    from ppreg.secure.ckks import remote  # noqa: F401 - registers the CKKS operations
+    from ppreg.secure.net.channel import ProtocolError
+    from ppreg.secure.policy import DEFAULT, Guard, Policy, PolicyError
+    from ppreg.secure.roles import key_to_json
+    import jax
+
+    level = {"op": "ckks_spline_level", "label": "L0/mask", "n": 32 * 32, "k": 32 * 32, "method": None,
+             "shape": [32, 32], "spacing": 8, "sigma": 0.0, "key": key_to_json(jax.random.key(0))}
+    functionals = 2 * 7 * 7  # d P: control grid ceil(31 / 8) + 3 = 7 per axis
+    for policy, refused in ((DEFAULT, "level"), (Policy(max_spline_functionals_per_voxel=1.5 * functionals / 1024),
+                                                 "query")):
+        guard = Guard("party2", policy, voxels=32 * 32)
+        guard.check({"op": "setup", "frac_bits": 16})
+        guard.check({"op": "ckks_spline_setup", "label": "ckks/spline_setup"})
+        with pytest.raises(ProtocolError, match="not an open"):
+            guard.check({"op": "ckks_spline_sample", "label": "x/J", "mask": "L0/mask", "it": 0})
+        if refused == "level":
+            with pytest.raises(PolicyError, match="max_spline_functionals_per_voxel"):
+                guard.check(level)
+            continue
+        guard.check(level)
+        guard.check({"op": "ckks_spline_query", "label": "L0/it0", "mask": "L0/mask", "it": 0})
+        assert guard.spline_functionals == guard.revealed == functionals
+        with pytest.raises(PolicyError, match="max_spline_functionals_per_voxel"):
+            guard.check({"op": "ckks_spline_query", "label": "L0/it1", "mask": "L0/mask", "it": 1})
+
+
+def test_ckks_bspline_frames_fit_the_derived_bound():
+    """Every frame of the CKKS B-spline term (party2's public key, an image ciphertext, party1's query,
+    party2's reply) fits :func:`~ppreg.secure.ckks.remote.spline_frame_bound` of the grid, which is 0
+    when the policy allows none of its operations."""
+    from ppreg.secure import policy
+    from ppreg.secure.ckks import bspline as cb
+    from ppreg.secure.ckks import remote
+    from ppreg.secure.net.channel import InProcessChannel
+    from ppreg.secure.protocols.bspline import spline_map
+
+    shape = (40, 30)
+    n = shape[0] * shape[1]
+    bound = remote.spline_frame_bound(n, 2, policy.DEFAULT)
+    channel = InProcessChannel()
+    two, one = cb.SplineParty2(channel), cb.SplineParty1(channel)
+    two.send_keys()
+    frames = [channel.recv("party1", "party2", "ckks/params")]
+    frames.append(channel.recv("party1", "party2", "ckks/public_key"))
+    channel.send("party2", "party1", "ckks/params", frames[0])
+    channel.send("party2", "party1", "ckks/public_key", frames[1])
+    one.receive_keys()
+    count = two.send_image("L0", np.linspace(-1, 1, n))
+    frames.append(channel.recv("party1", "party2", "L0/0"))
+    channel.send("party2", "party1", "L0/0", frames[-1])
+    image = one.receive_image("L0", count)
+    pmap = spline_map(shape, 2)  # the smallest spacing: the largest reply
+    cb.send_query(one, "q", image, np.full((n, 2), 0.5))
+    for label in ("q/key", "q/sizes", "q"):  # party1's query, measured on its way
+        frames.append(channel.recv("party2", "party1", label))
+        channel.send("party1", "party2", label, frames[-1])
+    cb.respond(two, "q", pmap, count, n)
+    frames += [channel.recv("party1", "party2", "q")]
+    assert max(np.asarray(f).nbytes for f in frames) <= bound < 1 << 21
+    assert remote.spline_frame_bound(n, 2, policy.Policy(operations=("mask", "query", "ssd"))) == 0

@@ -19,8 +19,8 @@ enforce their own :class:`~ppreg.secure.policy.Policy` on everything party1 anno
 ``max_voxels``, party1 from the grid party2 announces through the dealer.
 
 Schemes (``secure``): ``"mpc"`` (the default) or ``"ckks"`` (:mod:`ppreg.secure.ckks.remote`: the
-packed CKKS protocol, linear transforms and point clouds; the dealer process takes part in
-``setup`` and ``end`` only). Point clouds (``loss="points"``): each party holds an ``(n, d)``
+packed CKKS protocol, linear transforms and point clouds, and the CKKS B-spline term; the dealer
+process takes part in ``setup`` and ``end`` only). Point clouds (``loss="points"``): each party holds an ``(n, d)``
 point set instead of an image (:func:`register_moving_points`); FLASH (``transform="flash"``):
 :func:`ppreg.secure.protocols.flash.register_moving_flash`.
 """
@@ -45,6 +45,7 @@ from ..result import LevelReport, Result, warp_field, warp_linear
 from ..sampling import n_samples
 from ..transforms import KINDS, image_center, params_from_matrix
 from .ckks import remote as ckks_remote
+from .ckks.bspline import fit_bspline_ckks
 from .protocols import bspline, flash, lcc, mi, points
 from .protocols.bspline import fit_bspline
 from .protocols.points import check_points
@@ -182,7 +183,7 @@ def run_moving(moving: Image | np.ndarray, keypair: KeyPair, *, listen: str, dea
         audit: an :class:`~ppreg.secure.audit.AuditLog` for every quantity opened to party1; its totals
             go into the report (``"audit"``).
         secure: ``"mpc"`` or ``"ckks"`` (:class:`~ppreg.secure.ckks.remote.RemoteCkksSession`: ssd with a
-            linear transform, or points).
+            linear transform or bspline, or points).
         options: ``loss`` (``"ssd"``, default; ``"mi"``: :func:`ppreg.secure.protocols.mi.register_moving_mi`;
             ``"lncc"``: :func:`ppreg.secure.protocols.lcc.register_moving_lcc`, svf; ``"points"``:
             :func:`register_moving_points`, with ``extent``), ``transform="flash"`` (ssd:
@@ -235,13 +236,13 @@ def _audit_totals(audit: AuditLog | None, party: str) -> dict:
 
 def check_scheme(secure: str, loss: str, transform: str) -> None:
     """ValueError unless ``ppreg party`` runs ``loss`` with ``transform`` under ``secure``: mpc runs
-    every loss (flash with ssd), ckks ssd with a linear transform and points (packed variant)."""
+    every loss (flash with ssd), ckks ssd with a linear transform or bspline, and points (packed variant)."""
     if secure not in ("mpc", "ckks"):
         raise ValueError(f"secure must be 'mpc' or 'ckks', got {secure!r}")
     if transform == "flash" and (loss != "ssd" or secure != "mpc"):
         raise ValueError(f"the flash transform runs the ssd loss under mpc, got loss={loss!r}, secure={secure!r}")
-    if secure == "ckks" and not (loss == "points" or (loss == "ssd" and transform in KINDS)):
-        raise ValueError(f"secure='ckks' over processes runs the ssd loss with {KINDS} or point clouds, got "
+    if secure == "ckks" and not (loss == "points" or (loss == "ssd" and transform in TRANSFORMS)):
+        raise ValueError(f"secure='ckks' over processes runs the ssd loss with {TRANSFORMS} or point clouds, got "
                          f"loss={loss!r}, transform={transform!r}")
 
 
@@ -333,7 +334,8 @@ def register_moving(moving, session: SecureSession, *, transform: str = "rigid",
         session: party1's session (remote or in-process peers whose party2 holds an image).
         transform: ``"translation" | "rigid" | "affine"`` (Gauss-Newton over a pyramid,
             :mod:`ppreg.secure.protocols.linear`) or ``"bspline"`` (Gauss-Newton-CG over control grids,
-            :mod:`ppreg.secure.protocols.bspline`); other arguments as :func:`ppreg.register`.
+            :mod:`ppreg.secure.protocols.bspline`; under CKKS :func:`ppreg.secure.ckks.bspline.fit_bspline_ckks`);
+            other arguments as :func:`ppreg.register`.
 
     Returns:
         ``(result, fixed_affine)``.
@@ -359,9 +361,10 @@ def register_moving(moving, session: SecureSession, *, transform: str = "rigid",
     moving_s = moving_a / scale
     if transform == "bspline":
         control_grid_shape(shape, spacing * levels[0])  # ValueError for a bad spacing
-        coeffs, its = fit_bspline(None, moving_s, session, key=key, levels=tuple(levels), spacing=spacing,
-                                  sampling=sampling, fraction=fraction, max_iterations=max_iterations, tol=tol,
-                                  lam=regularization, damping=damping, cg_iterations=cg_iterations, shape=shape)
+        fit = fit_bspline_ckks if getattr(session, "scheme", "mpc") == "ckks" else fit_bspline
+        coeffs, its = fit(None, moving_s, session, key=key, levels=tuple(levels), spacing=spacing,
+                          sampling=sampling, fraction=fraction, max_iterations=max_iterations, tol=tol,
+                          lam=regularization, damping=damping, cg_iterations=cg_iterations, shape=shape)
         reports = [LevelReport(f, tuple(shape), it, k, np.full(it, np.nan)) for f, it, k in its]
         warped = warp_field(moving_a, displacement(coeffs, shape, spacing), identity_grid(shape))
         params, mat, center = np.asarray(coeffs), None, None

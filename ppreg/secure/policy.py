@@ -20,7 +20,8 @@ a refusal names it:
   (``mask``, ``query``, ``ssd``, ``spline_level``, ``spline_query``, ``mi_level``, ``mi_joint``,
   ``mi_grad``, ``lcc_level``, ``lcc_round``, ``lcc_halves``, ``points``; FLASH: ``flash_level``,
   ``flash_eval``; CKKS: ``ckks_setup``, ``ckks_key``, ``ckks_level``, ``ckks_query``, ``ckks_ssd``,
-  ``ckks_points``, :mod:`ppreg.secure.ckks.remote`).
+  ``ckks_points``, ``ckks_spline_setup``, ``ckks_spline_level``, ``ckks_spline_sample``,
+  ``ckks_spline_query``, :mod:`ppreg.secure.ckks.remote`).
 - ``max_iterations`` (200): iteration attempts per level (lncc retries count).
 - ``max_levels`` (8): levels (masked images of party2) per session.
 - ``max_revealed`` (``null``, no limit; TOML: leave it out or ``inf``): numbers revealed to party1

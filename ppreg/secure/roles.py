@@ -227,6 +227,9 @@ class DealerRole(Role):
     def __init__(self, channel: Channel, *, seeds=None, policy: Policy | None = None):
         super().__init__(channel, policy=policy)
         self.dealer = Dealer(channel, seeds=seeds)
+        # The dealer holds no image and may hear nothing for a whole CKKS session (setup, then end):
+        # it waits for party1 as long as the connection lives; a dead party1 is still detected.
+        channel.patience["party1"] = math.inf
 
 
 class FixedRole(Role):

@@ -46,12 +46,18 @@ Leakage of ``R`` (issue 13, finding 1): the same as the MPC protocol's
 let it solve for ``J`` by least squares (a registration at the CLI defaults: contrast error 0.03 on a
 48 x 48 crop; with a smoothness prior one query at spacing 4 already gives 0.36). Now party2's own
 code (:class:`SplineParty2`, :func:`respond`) counts the ``d P`` functionals of each reply from its
-public shape and spacing and refuses (:class:`~ppreg.secure.policy.PolicyError`, rule
+public shape and spacing (in another process, ``ppreg party --secure ckks --transform bspline``, its
+:class:`~ppreg.secure.policy.Guard` counts them too: :mod:`ppreg.secure.ckks.remote`) and refuses
+(:class:`~ppreg.secure.policy.PolicyError`, rule
 ``max_spline_functionals_per_voxel``, before it receives or decrypts the query) past its policy's
 limit per voxel of its image; with ``spline_noise`` it adds Gaussian noise (OS CSPRNG) of standard
 deviation ``spline_noise max_j sum_x B(x, j)`` to ``T`` (the bound of ``T`` for ``|a / alpha| <= 1``,
 ``|J| <= 1``: the MPC protocol's relative noise). With a policy party2's default refuses every
 query; in one process (``register(secure="ckks")``, one user, ``policy=None``) neither applies.
+
+Processes. :class:`SplineProtocol` runs both parties here; :class:`ppreg.secure.ckks.remote.RemoteSpline`
+is party1's side with party2 in the fixed process (its steps are operations of
+:mod:`ppreg.secure.roles`), behind the same ``open_level`` and ``query`` (the session's ``make_spline``).
 
 Parameters and precision (:data:`SPLINE`): ``N = 8192``, moduli 60, 30, 40, 60 bits (190 <= 218,
 128-bit secure per the HE standard), scale ``2^40``. After the rescale the ciphertext lives
@@ -409,31 +415,62 @@ class SplineProtocol:
         with session.timed("party1"):
             return self.party1.receive_image(label, count)
 
+    def open_level(self, session, lv: dict, fixed_s) -> None:
+        """Party2 smooths its image for level ``lv`` (:func:`level_entry`) and, unless it samples per
+        query (URS), encrypts it once (offline bytes)."""
+        with session.timed("party2"):
+            lv["fixed"] = np.asarray(gaussian_blur(fixed_s, lv["sigma"]), np.float64).reshape(-1)
+        if not lv["per_iteration"]:
+            self.images[lv["mask_label"]] = self.encrypt_image(session, lv["mask_label"], lv["fixed"], "offline")
+
+    def query(self, session, lv: dict, label: str, iteration: int, a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """Both parties' steps of one iteration, in protocol order; float64 ``R (*ctrl, d)``."""
+        pmap = lv["pmap"]
+        if lv["per_iteration"]:  # URS: party2 draws the public indices itself and encrypts J[idx]
+            with session.timed("party2"):
+                public = np.asarray(_public_urs("urs", lv["key"], iteration, n=lv["n"], k=lv["k"]))
+            image = self.encrypt_image(session, label + "/J", lv["fixed"][public], "online")
+        else:  # the level's image, encrypted once
+            image, public = self.images[lv["mask_label"]], None
+        with session.timed("party1"):
+            rows, mine = query_rows(lv, a, idx)
+            mu, alpha = send_query(self.party1, label, image, rows)
+        with session.timed("party2"):
+            respond(self.party2, label, pmap, len(image), len(public) if public is not None else lv["n"], public)
+        with session.timed("party1"):
+            return finish(self.party1, label, pmap, rows, mu, alpha, mine)
+
+
+def level_entry(shape, spacing: int, sigma: float, *, level_index: int, key, method, k: int) -> dict:
+    """Party1's public record of one B-spline level of a CKKS session (``session._levels``): its mask
+    label, URS flag, sampling, smoothing ``sigma`` and the map ``B`` of control ``spacing``."""
+    n = math.prod(shape)
+    return {"per_iteration": method == "urs", "key": key, "n": n, "k": int(k), "method": method,
+            "mask_label": f"L{level_index}/mask", "pmap": spline_map(tuple(shape), int(spacing)),
+            "shape": tuple(shape), "spacing": int(spacing), "sigma": float(sigma)}
+
+
+def query_rows(lv: dict, a: np.ndarray, idx: np.ndarray):
+    """Party1's rows of a query and the sample indices to apply ``B^T`` with: ``(a, idx)`` against a
+    per-iteration sample (URS), else ``a`` scattered into the level's ``n`` rows (GMS; zero at unsampled
+    voxels, so party2 never sees the indices) and ``None``."""
+    if lv["per_iteration"]:
+        return a, idx
+    if idx.size == 0:
+        return a, None
+    rows = np.zeros((lv["n"], a.shape[1]), a.dtype)
+    rows[idx] = a
+    return rows, None
+
 
 # --- the session's per-iteration query (the pure_callback target) and the jitted level loop ----------
 
 
 def _query(session: CkksSession, level_index: int, iteration: int, a: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Both parties' steps of one iteration, in protocol order; float64 ``R (*ctrl, d)``."""
-    lv = session._levels[level_index]
-    label, proto, pmap = f"L{level_index}/it{iteration}", session.spline, lv["pmap"]
-    if lv["per_iteration"]:  # URS: party2 draws the public indices itself and encrypts J[idx]
-        with session.timed("party2"):
-            public = np.asarray(_public_urs("urs", lv["key"], iteration, n=lv["n"], k=lv["k"]))
-        image = proto.encrypt_image(session, label + "/J", lv["fixed"][public], "online")
-        rows, mine = a, idx
-    else:  # the level's image, encrypted once; sampled rows (GMS) scattered by party1, zero elsewhere
-        image, public, mine = proto.images[lv["mask_label"]], None, None
-        with session.timed("party1"):
-            rows = a if idx.size == 0 else np.zeros((lv["n"], a.shape[1]), a.dtype)
-            if idx.size:
-                rows[idx] = a
-    with session.timed("party1"):
-        mu, alpha = send_query(proto.party1, label, image, rows)
-    with session.timed("party2"):
-        respond(proto.party2, label, pmap, len(image), len(public) if public is not None else lv["n"], public)
-    with session.timed("party1"):
-        return finish(proto.party1, label, pmap, rows, mu, alpha, mine)
+    """One iteration's ``R (*ctrl, d)`` (float64) from the session's B-spline parties (in this process:
+    :meth:`SplineProtocol.query`; party2 in another: :class:`ppreg.secure.ckks.remote.RemoteSpline`)."""
+    return session.spline.query(session, session._levels[level_index], f"L{level_index}/it{iteration}", iteration,
+                                a, idx)
 
 
 def _host_term(handle, level_index, iteration, a, idx):
@@ -483,7 +520,7 @@ def run_spline_level(coeffs, stack, key, handle, level_index, *, shape, spacing,
 
 
 def fit_bspline_ckks(fixed_s, moving_s, session: CkksSession, *, key, levels, spacing, sampling=None, fraction=0.1,
-                     max_iterations=15, tol=1e-2, lam=0.01, damping=0.1, cg_iterations=10, policy=None):
+                     max_iterations=15, tol=1e-2, lam=0.01, damping=0.1, cg_iterations=10, policy=None, shape=None):
     """Coarse-to-fine B-spline Gauss-Newton-CG with ``R`` from the CKKS protocol (in-process parties).
 
     The same levels, steps and stopping rule as :func:`ppreg.secure.protocols.bspline.fit_bspline`
@@ -491,14 +528,17 @@ def fit_bspline_ckks(fixed_s, moving_s, session: CkksSession, *, key, levels, sp
     ``sigma = factor / 2`` by their owners; each iteration :func:`ppreg.optim.bspline_step`).
 
     Args:
-        fixed_s: float32 ``(*shape)`` party2's fixed image scaled into ``[-1, 1]``.
+        fixed_s: float32 ``(*shape)`` party2's fixed image scaled into ``[-1, 1]``; ``None`` when party2
+            is another process (:class:`~ppreg.secure.ckks.remote.RemoteCkksSession`) and holds it.
         moving_s: float32 party1's moving image of the same shape, scaled likewise.
-        session: a :class:`~ppreg.secure.ckks.session.CkksSession` of variant ``"packed"``.
+        session: a :class:`~ppreg.secure.ckks.session.CkksSession` of variant ``"packed"`` (its
+            ``make_spline`` gives the B-spline parties: both here, or party2 in another process).
         key: public PRNG key; levels: coarse-to-fine factors; spacing: finest control spacing (voxels);
         sampling: ``None``, ``"urs"`` or ``"gms"``; fraction: sampled fraction of voxels;
         max_iterations, tol, lam, damping, cg_iterations: as :func:`ppreg.optim.run_bspline_level`.
         policy: party2's :class:`~ppreg.secure.policy.Policy` (:class:`SplineParty2`), applied by its
-            own code; ``None`` (one user): no B-spline budget and no noise.
+            own code; ``None`` (one user): no B-spline budget and no noise. A remote party2 applies its own.
+        shape: the fixed image shape (public; default ``fixed_s.shape``).
 
     Returns:
         ``(coeffs float32 (*ctrl, d), [(factor, iterations, k), ...])``.
@@ -511,9 +551,9 @@ def fit_bspline_ckks(fixed_s, moving_s, session: CkksSession, *, key, levels, sp
     if session.variant != "packed":
         raise ValueError(f"the CKKS B-spline term runs in a packed session; got variant {session.variant!r}")
     if session.spline is None:  # its own key pair (party2's), fresh for this session
-        session.spline = SplineProtocol(session.channel, session, max_queries=session.max_queries, policy=policy)
+        session.spline = session.make_spline(policy)
     spline = session.spline
-    shape = tuple(fixed_s.shape)
+    shape = tuple(fixed_s.shape if shape is None else shape)
     d, n = len(shape), math.prod(shape)
     k = n if sampling is None else n_samples(n, fraction)
     spacings = [int(spacing) * int(f) for f in levels]
@@ -527,14 +567,8 @@ def fit_bspline_ckks(fixed_s, moving_s, session: CkksSession, *, key, levels, sp
                 coeffs = refine(coeffs, shape, spacings[li - 1])
             m = gaussian_blur(moving_s, sigma)
             stack = jnp.concatenate([m[..., None], gradient(m)], axis=-1)
-        with session.timed("party2"):
-            fixed_level = np.asarray(gaussian_blur(fixed_s, sigma), np.float64).reshape(-1)
-        mask_label = f"L{li}/mask"
-        per_iteration = sampling == "urs"
-        if not per_iteration:
-            spline.images[mask_label] = spline.encrypt_image(session, mask_label, fixed_level, "offline")
-        session._levels[li] = {"per_iteration": per_iteration, "key": key, "n": n, "k": k, "fixed": fixed_level,
-                               "mask_label": mask_label, "pmap": spline_map(shape, sp)}
+        session._levels[li] = lv = level_entry(shape, sp, sigma, level_index=li, key=key, method=sampling, k=k)
+        spline.open_level(session, lv, fixed_s)
         with session._loop() as handle:
             coeffs, it = run_spline_level(coeffs, stack, key, jnp.int32(handle), jnp.int32(li), shape=shape,
                                           spacing=sp, method=sampling, k=k, max_iterations=int(max_iterations),

@@ -1,4 +1,5 @@
-"""PPIR(FHE) over three processes (``ppreg party --secure ckks``): the packed protocol with party2 in its own process.
+"""PPIR(FHE) over three processes (``ppreg party --secure ckks``): the packed protocol and the B-spline
+term with party2 in its own process.
 
 Party2's steps of the packed protocol (:mod:`ppreg.secure.ckks.packed`) are operation handlers
 of :mod:`ppreg.secure.roles`, announced by party1 through its
@@ -28,18 +29,40 @@ Operations (party2; the dealer takes part in none):
 - ``ckks_points`` (the fields of ``points``): party2's centred points stacked as its image
   (:mod:`ppreg.secure.ckks.points`), the product with party1's block weights, and ``q_bar``.
 
+The B-spline term (:mod:`ppreg.secure.ckks.bspline`, ``--transform bspline``; party2 holds the key):
+
+- ``ckks_spline_setup`` (offline, once): party2 draws its own key pair (:class:`SplineParty2`, with its
+  policy: the functional budget and ``spline_noise``) and sends the parameters and public key.
+- ``ckks_spline_level`` (the fields of ``spline_level``): party2 smooths its image for the level and,
+  unless it samples per query (URS), encrypts it once and sends it (``ceil(n / 4096)`` ciphertexts,
+  offline). Checked as ``spline_level``: at the default policy (``max_spline_functionals_per_voxel``
+  0) party2 refuses here, before any key is used.
+- ``ckks_spline_sample`` (``label``, ``mask``, ``it``; URS only): party2 draws iteration ``it``'s public
+  sample and sends ``J[idx]`` encrypted (``ceil(k / 4096)`` ciphertexts); it reveals nothing (party2's key).
+- ``ckks_spline_query`` (``label``, ``mask``, ``it``): party2 receives ``chunks x ceil(d / 2)`` masked
+  ciphertexts (:func:`~ppreg.secure.ckks.bspline.respond`: checked for count, size, level, scale and
+  mask range), decrypts them and returns ``T = B^T v`` (``d P`` double-doubles, plus its noise).
+  Checked as ``spline_query``: ``d P`` functionals counted per reply (``P`` control points), refused
+  past the limit; :class:`SplineParty2` counts them again in its own code.
+
 What party2 reveals to party1 (counted by its :class:`~ppreg.secure.policy.Guard`): per query
 two integers modulo ``q0`` per column pair, i.e. ``2 ceil(P / 2)`` numbers (``P`` parameters);
-two for the final error; ``2 ceil(d^2 / 2) + d`` for point clouds. Party2 receives per query
-``ceil(P / 2) x chunks`` ciphertexts under party1's key (nothing it can read).
+two for the final error; ``2 ceil(d^2 / 2) + d`` for point clouds; per B-spline iteration ``d P``
+numbers (``R``; ``P`` control points). Party2 receives per query ``ceil(P / 2) x chunks``
+ciphertexts under party1's key (nothing it can read); per B-spline iteration ``ceil(d / 2) x
+chunks`` ciphertexts under its own key whose decryptions are statistically masked (``2^-40`` per
+coefficient) and, with GMS, nothing of the sample indices (party1 sends zero rows).
 
 Frame limits (:func:`frame_bound`, added to :func:`ppreg.secure.policy.frame_limit` when the
 policy allows any CKKS operation): the largest CKKS frame is party1's query, at most
 ``ceil(12 / 2) x ceil(d voxels / slots)`` ciphertexts of at most :func:`ciphertext_bytes` each,
-or party1's public key, or party2's reply (``6 (N + 2)`` words), all from :data:`PACKED`.
+or party1's public key, or party2's reply (``6 (N + 2)`` words), all from :data:`PACKED`, or a
+B-spline frame (:func:`spline_frame_bound`, from :data:`~ppreg.secure.ckks.bspline.SPLINE`).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -47,23 +70,28 @@ from ...pointcloud import rigid_from_cross_covariance
 from ...transforms import n_params
 from ..net.channel import MAX_HEADER_BYTES, ProtocolError
 from ..policy import allows_any, register_frame_bound, register_operation
+from ..protocols.bspline import level_values, spline_config
 from ..protocols.points import centred_points
 from ..roles import _level_config, handler, key_to_json, urs_indices
 from ..session import final_mse
+from .bspline import SPLINE, SplineParty1, SplineParty2, finish, query_rows, respond, send_query, spline_map
 from .packed import DEFAULT_MAX_QUERIES, PACKED, CkksParameters, PackedParty1, PackedParty2, n_chunks
 from .points import block_weights
 from .session import CkksSession, offset_normaliser
 
-OPERATIONS = ("ckks_setup", "ckks_key", "ckks_level", "ckks_query", "ckks_ssd", "ckks_points")
+SPLINE_OPERATIONS = ("ckks_spline_setup", "ckks_spline_level", "ckks_spline_sample", "ckks_spline_query")
+OPERATIONS = ("ckks_setup", "ckks_key", "ckks_level", "ckks_query", "ckks_ssd", "ckks_points") + SPLINE_OPERATIONS
 MAX_PAIRS = 6  # column pairs of a query: P <= 12 (3D affine); points: d^2 <= 9
-_ONCE = {"ckks_setup": "ckks/setup", "ckks_key": "ckks/key"}
+_ONCE = {"ckks_setup": "ckks/setup", "ckks_key": "ckks/key", "ckks_spline_setup": "ckks/spline_setup"}
 
 
-def ciphertext_bytes(params: CkksParameters = PACKED) -> int:
+def ciphertext_bytes(params: CkksParameters = PACKED, limbs: int | None = None) -> int:
     """An upper bound on one serialized ciphertext of a query: two polynomials of ``N`` words per
-    data-level modulus (the special prime excluded), SEAL's 16-byte header and member fields,
-    and zstd's worst-case expansion (``1/128`` plus a frame header)."""
-    raw = 2 * params.poly_modulus_degree * 8 * (len(params.coeff_mod_bit_sizes) - 1) + 256
+    data-level modulus (the special prime excluded; or ``limbs`` moduli, e.g. all of them for a
+    public key), SEAL's 16-byte header and member fields, and zstd's worst-case expansion
+    (``1/128`` plus a frame header)."""
+    limbs = len(params.coeff_mod_bit_sizes) - 1 if limbs is None else int(limbs)
+    raw = 2 * params.poly_modulus_degree * 8 * limbs + 256
     return 16 + raw + raw // 128 + 512
 
 
@@ -76,7 +104,22 @@ def frame_bound(voxels: int, ndim: int, policy=None, params: CkksParameters = PA
     query = MAX_PAIRS * n_chunks(int(ndim) * int(voxels), params) * ciphertext_bytes(params)
     key = len(params.coeff_mod_bit_sizes) * n * 8
     reply = MAX_PAIRS * (n + 2) * 8
-    return MAX_HEADER_BYTES + max(query, key, reply)
+    return MAX_HEADER_BYTES + max(query, key, reply, spline_frame_bound(voxels, ndim, policy))
+
+
+def spline_frame_bound(voxels: int, ndim: int, policy=None, params: CkksParameters = SPLINE) -> int:
+    """The largest frame (bytes, header excluded) of the CKKS B-spline term over ``voxels`` voxels in
+    ``ndim`` dimensions; 0 when ``policy`` allows none of :data:`SPLINE_OPERATIONS`. Party2's public key
+    (every modulus), one image ciphertext, party1's query (``ceil(d/2) x ceil(voxels / slots)``
+    ciphertexts) and party2's reply ``T`` (``2 d`` float64 per control point; with spacing ``>= 2`` an axis
+    of ``s`` voxels has at most ``(s + 6) / 2`` control points, so at most ``3.5^(d-1) (voxels + 6) / 2``)."""
+    if not allows_any(policy, SPLINE_OPERATIONS):
+        return 0
+    d = int(ndim)
+    key = ciphertext_bytes(params, len(params.coeff_mod_bit_sizes))
+    query = -(-d // 2) * n_chunks(int(voxels), params) * ciphertext_bytes(params)
+    reply = 2 * d * 8 * math.ceil(3.5 ** (d - 1) * (int(voxels) + 6) / 2)
+    return max(key, query, reply)
 
 
 register_frame_bound(frame_bound)
@@ -93,6 +136,17 @@ def _check_once(guard, cmd):
         guard.bad(cmd["op"], f"label {label[:40]!r} (expected {_ONCE[cmd['op']]!r})")
     if cmd["op"] == "ckks_setup" and cmd.get("variant") != "packed":
         guard.bad("ckks_setup", f"CKKS variant {str(cmd.get('variant'))[:20]!r} (over processes: 'packed')")
+    if cmd["op"] == "ckks_spline_setup":  # refused early (no key pair) outside the policy's losses and transforms
+        guard.require_loss("ssd")
+        guard.require_transform("bspline")
+
+
+def _check_spline_sample(guard, cmd):
+    """A URS sample of ``J`` encrypted under party2's key (party1 cannot read it): nothing revealed;
+    the iteration is counted by the ``ckks_spline_query`` that uses it."""
+    guard.new_label(cmd)
+    guard.level_of(cmd, "mask", "spline_level")
+    guard.count(cmd, "it", 0)
 
 
 def _check_query(guard, cmd):
@@ -120,6 +174,10 @@ register_operation("ckks_level", "ssd", lambda guard, cmd: guard._op_mask(cmd))
 register_operation("ckks_query", "ssd", _check_query)
 register_operation("ckks_ssd", None, _check_ssd)
 register_operation("ckks_points", "points", _check_points)
+register_operation("ckks_spline_setup", "ssd", _check_once)
+register_operation("ckks_spline_level", "ssd", lambda guard, cmd: guard._op_spline_level(cmd))
+register_operation("ckks_spline_sample", "ssd", _check_spline_sample)
+register_operation("ckks_spline_query", "ssd", lambda guard, cmd: guard._op_spline_query(cmd))
 
 
 def _party2(role) -> PackedParty2:
@@ -203,7 +261,120 @@ def _points_fixed(role, cmd):
     role.channel.send("party2", "party1", label + "/centroid", q_bar)
 
 
+def _spline(role) -> SplineParty2:
+    spline = getattr(role, "spline", None)
+    if spline is None:
+        raise ProtocolError("party2: a CKKS B-spline operation before 'ckks_spline_setup'")
+    return spline
+
+
+def _spline_level(role, label) -> dict:
+    cfg = role.level(label)
+    if not cfg.get("ckks_spline"):
+        raise ProtocolError(f"party2: {label!r} is not a CKKS B-spline level")
+    return cfg
+
+
+@handler("ckks_spline_setup", "party2")
+def _spline_setup_fixed(role, cmd):
+    """Party2's own key pair for the B-spline term, with its policy (functional budget, ``spline_noise``)."""
+    try:
+        role.spline = SplineParty2(role.channel, max_queries=DEFAULT_MAX_QUERIES, policy=role.guard.policy)
+    except ImportError as exc:
+        raise ProtocolError(f"party2: CKKS is not available in the fixed process ({exc})") from None
+    role.spline.send_keys()
+
+
+@handler("ckks_spline_level", "party2")
+def _spline_level_fixed(role, cmd):
+    """Party2 smooths its image for the level; without URS it encrypts it once (offline) and sends it."""
+    spline = _spline(role)
+    values = np.asarray(level_values(role, cmd), np.float64)
+    cfg = dict(spline_config(cmd), values=values, prepared=False, ckks_spline=True,
+               pmap=spline_map(tuple(cmd["shape"]), int(cmd["spacing"])))
+    if cmd.get("method") != "urs":
+        cfg["count"] = spline.send_image(cmd["label"], values, phase="offline")
+    role.levels[cmd["label"]] = cfg
+
+
+@handler("ckks_spline_sample", "party2")
+def _spline_sample_fixed(role, cmd):
+    """URS: party2 draws iteration ``it``'s public sample itself and sends ``J[idx]`` encrypted under its key."""
+    cfg = _spline_level(role, cmd["mask"])
+    if cfg["method"] != "urs":
+        raise ProtocolError(f"party2: level {cmd['mask']!r} does not sample per iteration (URS)")
+    it = int(cmd["it"])
+    idx = np.asarray(urs_indices(cfg["key"], it, n=cfg["n"], k=cfg["k"]))
+    cfg["sample"] = (it, idx, _spline(role).send_image(cmd["label"], cfg["values"][idx]))
+
+
+@handler("ckks_spline_query", "party2")
+def _spline_query_fixed(role, cmd):
+    """One ``T = B^T v`` (:func:`~ppreg.secure.ckks.bspline.respond`: party2 checks the query, counts its
+    functionals against its policy and adds its ``spline_noise``)."""
+    cfg, spline = _spline_level(role, cmd["mask"]), _spline(role)
+    if cfg["method"] == "urs":
+        it, idx, count = cfg.pop("sample", (None, None, None))
+        if it != int(cmd["it"]):
+            raise ProtocolError(f"party2: B-spline query {cmd['label']!r} without its iteration's sample")
+        rows = idx.size
+    else:
+        idx, count, rows = None, cfg["count"], cfg["n"]
+    respond(spline, cmd["label"], cfg["pmap"], count, rows, idx)
+
+
 # --- party1 ---------------------------------------------------------------------------------------
+
+
+class RemoteSpline:
+    """Party1 of the CKKS B-spline term whose party2 is another process: the interface of
+    :class:`~ppreg.secure.ckks.bspline.SplineProtocol` (``open_level``, ``query``) over operations.
+
+    Raises:
+        ProtocolError: malformed keys, ciphertexts or replies from party2 (and party2's refusals).
+    """
+
+    def __init__(self, leader):
+        self.leader, self.party1, self.images = leader, SplineParty1(leader.channel), {}
+        leader.step({"op": "ckks_spline_setup", "label": _ONCE["ckks_spline_setup"]},
+                    after=lambda _: self.party1.receive_keys())
+
+    def _chunks(self, m: int) -> int:
+        return n_chunks(m, self.party1.seal.params)  # party1's own count, from the public parameters
+
+    def open_level(self, session, lv: dict, fixed_s) -> None:
+        if fixed_s is not None:
+            raise ValueError("party2 is another process: it builds its levels from its own image")
+        label = lv["mask_label"]
+        cmd = {"op": "ckks_spline_level", "label": label, "n": lv["n"], "k": lv["k"], "method": lv["method"],
+               "shape": list(lv["shape"]), "spacing": lv["spacing"], "sigma": lv["sigma"],
+               "key": key_to_json(lv["key"])}
+
+        def receive(_):
+            self.images[label] = self.party1.receive_image(label, self._chunks(lv["n"]))
+
+        self.leader.step(cmd, after=None if lv["per_iteration"] else receive)
+
+    def query(self, session, lv: dict, label: str, iteration: int, a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        mask = lv["mask_label"]
+        if lv["per_iteration"]:
+            image = self.leader.step({"op": "ckks_spline_sample", "label": label + "/J", "mask": mask,
+                                      "it": int(iteration)},
+                                     after=lambda _: self.party1.receive_image(label + "/J", self._chunks(lv["k"])))
+        else:
+            image = self.images[mask]
+
+        def before():
+            rows, mine = query_rows(lv, a, idx)
+            return rows, mine, send_query(self.party1, label, image, rows)
+
+        def after(state):
+            rows, mine, (mu, alpha) = state
+            return finish(self.party1, label, lv["pmap"], rows, mu, alpha, mine)
+
+        return self.leader.step({"op": "ckks_spline_query", "label": label, "mask": mask, "it": int(iteration)},
+                                before=before, after=after)
+
 
 
 class _Leader:
@@ -242,6 +413,12 @@ class RemoteCkksSession(CkksSession):
 
     def step(self, cmd, **parts):
         return self.leader.step(cmd, **parts)
+
+    def make_spline(self, policy=None) -> RemoteSpline:
+        """The B-spline term with the remote party2 (its own key pair and policy)."""
+        if policy is not None:
+            raise ValueError("party2 is another process: it applies its own policy (ppreg party --policy)")
+        return RemoteSpline(self.leader)
 
     @property
     def op_s(self) -> dict:

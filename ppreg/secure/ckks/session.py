@@ -196,6 +196,13 @@ class CkksSession:
         self.protocol = protocol or _make_protocol(variant, self.channel, self.max_queries, partition)
         self.protocol.setup(self)
 
+    def make_spline(self, policy=None):
+        """The B-spline term's parties (:class:`~ppreg.secure.ckks.bspline.SplineProtocol`, both in this
+        process; party2's key pair fresh for this session), with party2's ``policy`` (``None``: one user)."""
+        from .bspline import SplineProtocol
+
+        return SplineProtocol(self.channel, self, max_queries=self.max_queries, policy=policy)
+
     @contextmanager
     def timed(self, who: str):
         start = time.perf_counter()

@@ -143,6 +143,9 @@ class Channel(abc.ABC):
         self.traffic = Traffic()
         self.max_message_bytes = int(max_message_bytes)
         self.session_tag = ""  # the session binding appended to every tag on the wire (network only)
+        # per-sender receive timeout overrides, seconds (network only; math.inf: wait as long as the
+        # connection is alive, a dead peer is still detected by the transport's heartbeats)
+        self.patience: dict[str, float] = {}
 
     def receive_limit(self, src: str) -> int:
         """Largest frame accepted from ``src`` (:attr:`max_message_bytes`; the network channel has

@@ -424,13 +424,14 @@ class NetworkChannel(Channel):
         if src not in self._links:
             raise ValueError(f"{self.role} has no connection to {src}")
         start = time.monotonic()
-        deadline, lost_at = start + self.timeout, None
+        wait = self.patience.get(src, self.timeout)
+        deadline, lost_at = start + wait, None
         try:
             while not self._inbox[src]:
                 self._raise_refusal()
                 if time.monotonic() >= deadline:
                     raise TimeoutError(f"{self.role}: no message from the {ROLE_NAMES[src]} within "
-                                       f"{self.timeout:g} s (peer stalled?)")
+                                       f"{wait:g} s (peer stalled?)")
                 gone = [lk for lk in {id(v): v for v in self._links.values()}.values() if lk.lost]
                 if gone:  # any lost peer ends the protocol, not only the one awaited
                     lost_at = lost_at or time.monotonic()
@@ -441,8 +442,8 @@ class NetworkChannel(Channel):
                                             f"stopped responding, or sent a message over the "
                                             f"{limit}-byte limit)")
                     self._pump(min(deadline, time.monotonic() + 0.05))
-                else:
-                    self._pump(deadline)
+                else:  # in slices, so that an unbounded wait still notices a lost peer
+                    self._pump(min(deadline, time.monotonic() + HEARTBEAT_TIMEOUT_S))
         finally:
             self.wait_s += time.monotonic() - start
         self._raise_refusal()

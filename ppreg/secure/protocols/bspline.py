@@ -303,12 +303,16 @@ def _clear_r(a, values):
 @handler("spline_level", "dealer")
 def _level_dealer(role, cmd):
     role.dealer.product_mask(cmd["label"], int(cmd["n"]))
-    role.levels[cmd["label"]] = _spline_config(cmd)
+    role.levels[cmd["label"]] = spline_config(cmd)
 
 
-@handler("spline_level", "party2")
-def _level_fixed(role, cmd):
-    """Party2 smooths its (scaled) image for the level and sends it masked once."""
+def level_values(role, cmd) -> np.ndarray:
+    """Party2's values of a B-spline level (``spline_level``, ``ckks_spline_level``): its (scaled) image,
+    provided or its own, smoothed with ``cmd["sigma"]``; float32 ``(n,)``.
+
+    Raises:
+        ProtocolError: no image or scale, or a shape other than ``cmd["shape"]``.
+    """
     provided = role.take_provided(cmd["label"])
     if provided is not None:
         image = jnp.asarray(provided[0], jnp.float32)
@@ -318,13 +322,19 @@ def _level_fixed(role, cmd):
         raise ProtocolError(f"party2 cannot build level {cmd['label']!r}: no image or scale")
     if list(image.shape) != list(cmd["shape"]):
         raise ProtocolError(f"party2's image has shape {list(image.shape)}, party1 expects {cmd['shape']}")
-    values = np.asarray(gaussian_blur(image, float(cmd["sigma"]))).reshape(-1)
+    return np.asarray(gaussian_blur(image, float(cmd["sigma"]))).reshape(-1)
+
+
+@handler("spline_level", "party2")
+def _level_fixed(role, cmd):
+    """Party2 smooths its (scaled) image for the level and sends it masked once."""
+    values = level_values(role, cmd)
     role.party2.send_mask(cmd["label"], values)
-    role.levels[cmd["label"]] = dict(_spline_config(cmd), values=values,
+    role.levels[cmd["label"]] = dict(spline_config(cmd), values=values,
                                      pmap=spline_map(tuple(cmd["shape"]), int(cmd["spacing"])))
 
 
-def _spline_config(cmd):
+def spline_config(cmd):
     cfg = {k: cmd.get(k) for k in ("n", "k", "method", "shape", "spacing")}
     cfg["key"] = None if cmd.get("key") is None else key_from_json(cmd["key"])
     return cfg
