@@ -326,25 +326,35 @@ def _pcg(matvec, b, inv_diag, maxiter: int, tol: float):
 
 
 def _pcg_unrolled(matvec, b, inv_diag, iterations: int):
-    """The same PCG for a fixed number of iterations (lax.scan), differentiable by plain autodiff."""
-    dot = lambda x, y: jnp.sum(x * y)  # noqa: E731
+    """The same PCG for a fixed number of iterations (lax.scan), differentiable by plain autodiff.
 
-    def safe_div(num, den):
-        ok = den > 0
+    Once ``r^T M^-1 r`` falls to ``eps^2`` of its initial value (``eps`` the dtype's machine epsilon)
+    the iterate is frozen, so that the tiny denominators of a converged CG do not turn the unrolled
+    derivative into ``0 * inf = nan``.
+    """
+    dot = lambda x, y: jnp.sum(x * y)  # noqa: E731
+    z0 = inv_diag * b
+    rz0 = dot(b, z0)
+    floor = jnp.finfo(b.dtype).eps ** 2 * rz0
+
+    def safe_div(num, den, ok):
         return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
     def body(state, _):
         x, r, p, rz = state
+        active = rz > floor
         ap = matvec(p)
-        alpha = safe_div(rz, dot(p, ap))
-        x = x + alpha * p
-        r = r - alpha * ap
-        z = inv_diag * r
-        rz_new = dot(r, z)
-        return (x, r, z + safe_div(rz_new, rz) * p, rz_new), None
+        pap = dot(p, ap)
+        alpha = safe_div(rz, pap, active & (pap > 0))
+        x_new = x + alpha * p
+        r_new = r - alpha * ap
+        z = inv_diag * r_new
+        rz_new = dot(r_new, z)
+        p_new = z + safe_div(rz_new, rz, active) * p
+        keep = lambda new, old: jnp.where(active, new, old)  # noqa: E731
+        return (keep(x_new, x), keep(r_new, r), keep(p_new, p), keep(rz_new, rz)), None
 
-    z0 = inv_diag * b
-    return jax.lax.scan(body, (jnp.zeros_like(b), b, z0, dot(b, z0)), None, length=iterations)[0][0]
+    return jax.lax.scan(body, (jnp.zeros_like(b), b, z0, rz0), None, length=iterations)[0][0]
 
 
 def gn_step(feat_fix: jnp.ndarray, feat_mov: jnp.ndarray, u: jnp.ndarray, *, lam, maxiter: int = 200,
