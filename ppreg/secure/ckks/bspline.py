@@ -87,8 +87,8 @@ from ..protocols.bspline import SplineMap, party1_terms, spline_map, standard_no
 from ..net.channel import Channel, ProtocolError
 from ..policy import Policy, check_spline_functionals
 from .packed import (DEFAULT_MAX_QUERIES, STATISTICAL_SECURITY_BITS, VALUE_BOUND, CkksParameters, _Seal, addmod,
-                   dd_add, dd_div_scalar, dd_neg, dd_pieces, fingerprint, n_chunks, pack_ciphertexts,
-                   require_tenseal, uniform_integers, unpack_ciphertexts)
+                     dd_add, dd_div_scalar, dd_neg, dd_pieces, fingerprint, n_chunks, pack_ciphertexts,
+                     receive_query, require_tenseal, uniform_integers)
 from .session import _SESSIONS, CkksSession, _public_urs
 
 SPLINE = CkksParameters(8192, (60, 30, 40, 60), 40, 40)
@@ -350,12 +350,7 @@ def respond(party2: SplineParty2, label: str, pmap: SplineMap, count: int, rows:
     check_spline_functionals("party2", party2.policy, total, math.prod(pmap.shape), f"CKKS B-spline query {label!r}")
     party2.queries, party2.functionals = party2.queries + 1, total
     pairs = -(-d // 2)
-    fp = party2.channel.recv("party2", "party1", label + "/key")
-    sizes = party2.channel.recv("party2", "party1", label + "/sizes")
-    blob = party2.channel.recv("party2", "party1", label)
-    if not np.array_equal(fp, party2.fingerprint):
-        raise ProtocolError("CKKS query was encrypted under another key pair (wrong context); refusing to decrypt")
-    blobs = unpack_ciphertexts(sizes, blob, (count, pairs), f"CKKS query {label}")
+    blobs = receive_query(party2.channel, label, party2.fingerprint, (count, pairs), f"CKKS query {label}")
     x, bound = mask_bound(party2.params)
     values = (np.zeros((count * slots, 2 * pairs)), np.zeros((count * slots, 2 * pairs)))  # double-double
     for c in range(count):

@@ -659,6 +659,21 @@ def unpack_ciphertexts(sizes, blob, shape: tuple[int, ...], what: str) -> list[b
     return out
 
 
+def receive_query(channel, label: str, fingerprint, shape: tuple[int, ...], what: str) -> list[bytes]:
+    """Party2's receipt of one query: the key fingerprint, the sizes and the ciphertexts of ``label``,
+    exactly ``prod(shape)`` of them, encrypted under the expected key.
+
+    Raises:
+        ProtocolError: another key (a wrong context), count or layout (:func:`unpack_ciphertexts`).
+    """
+    fp = channel.recv("party2", "party1", label + "/key")
+    sizes = channel.recv("party2", "party1", label + "/sizes")
+    blob = channel.recv("party2", "party1", label)
+    if not np.array_equal(fp, fingerprint):
+        raise ProtocolError(f"{what} was encrypted under another key pair (wrong context); refusing it")
+    return unpack_ciphertexts(sizes, blob, shape, what)
+
+
 class PackedParty1:
     """Party1 (moving image, the only key holder) of the packed protocol.
 
@@ -863,12 +878,7 @@ class PackedParty2:
         self.queries += 1
         _, count, _ = self._images[image]
         pairs = -(-int(columns) // 2)
-        fp = self.channel.recv("party2", "party1", label + "/key")
-        sizes = self.channel.recv("party2", "party1", label + "/sizes")
-        blob = self.channel.recv("party2", "party1", label)
-        if not np.array_equal(fp, self.fingerprint):
-            raise ProtocolError("CKKS query was encrypted under another key pair (wrong context); refusing it")
-        blobs = unpack_ciphertexts(sizes, blob, (pairs, count), f"CKKS query {label}")
+        blobs = receive_query(self.channel, label, self.fingerprint, (pairs, count), f"CKKS query {label}")
         q0 = seal.q0
         scale = 2.0 ** (self.params.scale_bits + self.params.image_scale_bits)
         out = np.zeros((pairs, seal.n + 2), np.uint64)
