@@ -5,7 +5,7 @@ Cases (bundled real data):
   * 3D: a centred ``size``^3 crop of Colin27 T1 at 2 mm (fixed) vs the same crop warped by a
     known smooth displacement (a sum of two sine modes per axis, up to ~1.6 voxels).
 
-Both solutions run the same coarse-to-fine loop (:func:`ppreg.register._fit_svf`'s: levels
+Both solutions run the same coarse-to-fine loop (:func:`ppreg.methods.fit_svf`'s: levels
 (2, 1), the velocity carried in full-resolution voxels and upsampled between levels) on the
 same loss, :func:`ppreg.secure.protocols.lcc.guarded_lncc` (window 5, floor 0.1): CLEAR with
 :func:`ppreg.optim.run_svf_level` (jitted), MPC with :func:`ppreg.secure.protocols.lcc.run_svf_level`
@@ -81,7 +81,7 @@ def paper_case(upsample: int = 1):
 
 
 def fit(fixed, moving, schedule, session=None):
-    """The coarse-to-fine loop of ``register._fit_svf`` for both solutions over ``schedule``
+    """The coarse-to-fine loop of ``ppreg.methods.fit_svf`` for both solutions over ``schedule``
     (``(shrink factor, iterations)`` per level, coarsest first); returns ``(displacement,
     iterations, seconds per party, party1 bytes per voxel per iteration at the finest level)``."""
     velocity, seconds, its, per_voxel = None, {"party1": 0.0, "party2": 0.0}, 0, None

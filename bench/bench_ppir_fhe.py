@@ -22,8 +22,15 @@ sample with TenSEAL's diagonal-method product, about ``D`` rotations each, so on
 full resolution takes minutes: its row is timed on two iterations of the coarsest level
 (factor 8, 864 voxels, 7 partitions) only, without accuracy columns.
 
+``--only processes`` (not in the default set): v1 and v2 (and packed for reference) in one process
+vs over three ``ppreg party`` processes on the loopback interface (ppreg.party_cli.register_processes,
+the fixed party's policy opting in to ``ckks_variants``), on the 2D affine case at pyramid level 8
+only (864 voxels; v1: 2 iterations, v2 and packed: 10), each run once (compilation and, over
+processes, three Python starts included): wall time, each party's own compute and the online bytes
+each party sent, as each setting counts them; the fixed-point difference of the two results.
+
 Usage: python bench/bench_ppir_fhe.py [--out bench/results/bench_ppir_fhe.json] [--quick]
-       [--only affine,bspline,points]
+       [--only affine,bspline,points,processes]
 """
 
 from __future__ import annotations
@@ -136,6 +143,40 @@ def v1_row(fixed, moving, case, keys, factor=8, iterations=2):
     }
 
 
+def process_rows(variants=("packed", "v1", "v2")):
+    """Each CKKS variant in one process and over three processes (module docstring); prints a table."""
+    from ppreg.party_cli import register_processes
+
+    fixed, moving = load_sample("BrainProtonDensitySliceBorder20"), load_sample("BrainProtonDensitySliceR10X13Y17")
+    rows = []
+    print("| variant | setting | iter | wall s | p1 compute s | p2 compute s | p1 online MB | p2 online MB | "
+          "max param diff |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for variant in variants:
+        opts = dict(transform="affine", levels=(8,), max_iterations=2 if variant == "v1" else 10)
+        start = time.perf_counter()
+        local = register(fixed.data, moving.data, secure="ckks", ckks_variant=variant, **opts)
+        local_wall = time.perf_counter() - start
+        reports: dict = {}
+        start = time.perf_counter()
+        remote = register_processes(fixed, moving, secure="ckks", timeout=600.0, reports=reports,
+                                    policy={"ckks_variants": ["packed", "v1", "v2"]},
+                                    **({} if variant == "packed" else {"ckks_variant": variant}), **opts)
+        remote_wall = time.perf_counter() - start
+        diff = float(np.max(np.abs(np.asarray(remote.params) - np.asarray(local.params))))
+        for setting, r, wall in (("1 process", local, local_wall), ("3 processes", remote, remote_wall)):
+            row = {"variant": variant, "setting": setting, "iterations": r.iterations, "wall_s": wall,
+                   "compute_s": dict(r.time_s), "online_mb": {q: r.bytes[q]["online"] / 1e6 for q in r.bytes},
+                   "bytes": r.bytes, "params": np.asarray(r.params).tolist(), "max_param_diff": diff}
+            if setting == "3 processes":
+                row["reports"] = reports
+            rows.append(row)
+            print(f"| {variant} | {setting} | {r.iterations} | {wall:.2f} | {r.time_s['party1']:.3f} | "
+                  f"{r.time_s['party2']:.3f} | {row['online_mb']['party1']:.3f} | {row['online_mb']['party2']:.4f} | "
+                  f"{diff:.1e} |", flush=True)
+    return rows
+
+
 def bspline_rows(quick, header=False):
     """Table 3 shape: CLEAR and PPIR(FHE)-packed, full sampling and URS (and GMS without --quick)."""
     fixed = load_sample("BrainProtonDensitySliceBorder20").data
@@ -199,7 +240,9 @@ def main():
     cases = set(args.only.split(","))
     rows = ((affine_rows(args.quick) if "affine" in cases else []) + (bspline_rows(args.quick, header="affine" not in cases) if "bspline" in cases
             else []) + (point_rows() if "points" in cases else []))
-    write_results(args.out, {"rows": rows}, channel="in-process", ckks="TenSEAL " + __import__("tenseal").__version__)
+    extra = {"process_rows": process_rows()} if "processes" in cases else {}
+    write_results(args.out, {"rows": rows, **extra}, channel="in-process",
+                  ckks="TenSEAL " + __import__("tenseal").__version__)
 
 
 if __name__ == "__main__":

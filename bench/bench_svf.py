@@ -51,23 +51,44 @@ from peers import PEERS, available
 SPACING_MM = 2.0
 
 
-def make_case(seed: int, max_mm: float = 6.0):
-    """(fixed, moving, fixed_labels, moving_labels, u_true, brain mask) for one seed."""
-    moving = jnp.asarray(load_sample("colin27_t1_2mm").data)
-    labels = jnp.asarray(load_sample("colin27_aal_2mm").data).astype(jnp.int32)
-    shape = moving.shape
+def bspline_velocity(key, shape, spacing: int = 8):
+    """Cubic B-spline velocity ``(*shape, 3)`` in voxels: standard normal coefficients every ``spacing`` voxels."""
+    return displacement(jax.random.normal(key, control_grid_shape(shape, spacing) + (3,)), shape, spacing)
+
+
+def deformed_case(image, labels, v, max_mm: float, clean: str = "moving"):
+    """A known-answer pair from a clean image and labels and a velocity ``v`` (voxels, rescaled here).
+
+    ``v`` is scaled so that the largest displacement of ``exp(v)`` inside the brain (``labels > 0``)
+    is ``max_mm``. ``clean="moving"``: the fixed image is the clean one warped by ``exp(v)``, so the
+    true displacement is ``u_true = exp(v)``. ``clean="fixed"``: the moving image is the warped one,
+    so ``u_true = exp(-v)``, the inverse map. Deformed labels are warped by nearest neighbour.
+
+    Returns:
+        (fixed, moving, fixed_labels, moving_labels, u_true, brain): numpy arrays; ``brain`` is the
+        clean image's brain mask, on the fixed grid when ``clean="fixed"``.
+    """
+    if clean not in ("moving", "fixed"):
+        raise ValueError(f"clean must be 'moving' or 'fixed', got {clean!r}")
+    shape = image.shape
     brain = np.asarray(labels) > 0
-    coeffs = jax.random.normal(jax.random.key(seed), control_grid_shape(shape, 8) + (3,))
-    v = displacement(coeffs, shape, 8)
     for _ in range(3):  # rescale until the largest displacement inside the brain is max_mm
         u_true = svf_exp(v, steps=6)
         v = v * (max_mm / SPACING_MM) / float(np.max(np.linalg.norm(np.asarray(u_true)[brain], axis=-1)))
     u_true = svf_exp(v, steps=6)
     pts = identity_grid(shape) + u_true
-    fixed = warp(moving, pts)
-    fixed_labels = interpolate_nearest(labels, pts)
-    return (np.asarray(fixed), np.asarray(moving), np.asarray(fixed_labels), np.asarray(labels), np.asarray(u_true),
-            brain)
+    deformed, deformed_labels = np.asarray(warp(image, pts)), np.asarray(interpolate_nearest(labels, pts))
+    image, labels = np.asarray(image), np.asarray(labels)
+    if clean == "moving":
+        return deformed, image, deformed_labels, labels, np.asarray(u_true), brain
+    return image, deformed, labels, deformed_labels, np.asarray(svf_exp(-v, steps=6)), brain
+
+
+def make_case(seed: int, max_mm: float = 6.0):
+    """(fixed, moving, fixed_labels, moving_labels, u_true, brain mask) for one seed."""
+    moving = jnp.asarray(load_sample("colin27_t1_2mm").data)
+    labels = jnp.asarray(load_sample("colin27_aal_2mm").data).astype(jnp.int32)
+    return deformed_case(moving, labels, bspline_velocity(jax.random.key(seed), moving.shape), max_mm)
 
 
 def score(case, u) -> dict:

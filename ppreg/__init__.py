@@ -1,5 +1,6 @@
 """ppreg: privacy-preserving medical image registration in JAX."""
 
+from ppreg.batch import register_batch
 from ppreg.data import load_sample, sample_path
 from ppreg.image import Image, load, load_field, save, save_field
 from ppreg.losses import lncc, mind, mind_ssc, mutual_information, ncc, ssd
@@ -32,6 +33,7 @@ __all__ = [
     "mutual_information",
     "ncc",
     "register",
+    "register_batch",
     "sample_path",
     "save",
     "save_field",

@@ -22,7 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import __version__, party_cli, train_cli
+from . import __version__, batch_cli, party_cli, train_cli
 from ._atomic import atomic_write_text
 from .grid import identity_grid
 from .image import Image, load, load_field, save, save_field
@@ -111,8 +111,9 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
                    help="svf: smoothing of each update, voxels (3.0 for lncc/mind, else 2.0); dense: of each "
                         "gradient (2.0)")
     p.add_argument("--diffusion-sigma", type=float, default=0.5, help="svf: smoothing of the velocity, voxels (0.5)")
-    p.add_argument("--symmetric", action="store_true",
-                   help="svf: ANTs-style half-way (symmetric) update; with --secure mpc, two half velocities, one per party")
+    p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="svf: ANTs-style half-way (symmetric) update (default: on for clear lncc, else off; "
+                        "--no-symmetric: one-sided); with --secure mpc, two half velocities, one per party")
     p.add_argument("--lncc-open", choices=("smoothed", "force"), default="smoothed",
                    help="--secure mpc svf: what each iteration opens to a party: its force smoothed by --fluid-sigma on "
                         "the shares (default) or the raw per-voxel force")
@@ -127,11 +128,15 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--band-size", type=int, default=None, help="flash: odd Fourier band size per axis (default 15)")
     p.add_argument("--alpha", type=float, default=None, help="flash: smoothness weight of L (default 100)")
     p.add_argument("--sigma", type=float, default=None, help="flash: noise sigma, fraction of max intensity (0.03)")
-    p.add_argument("--estimate-alpha", nargs="?", const="laplace", choices=("laplace", "joint"), default=None,
-                   help="flash: estimate alpha: laplace (default: marginal MAP, ppreg.spectral.evidence) or joint "
-                        "(004 Algorithm 1 as published)")
+    p.add_argument("--estimate-alpha", nargs="?", const="laplace", choices=("laplace", "joint", "network"),
+                   default=None,
+                   help="flash: estimate alpha: laplace (default: marginal MAP, ppreg.spectral.evidence), joint "
+                        "(004 Algorithm 1 as published) or network (predicted by the alpha CNN of 004 Sec. 3.2: "
+                        "--model, default the shipped 2D model for 100x100, band 15, sigma 0.03)")
     p.add_argument("--model", type=Path, default=None,
-                   help="vxm-diff: trained model folder (default: the model shipped for 2D or 3D)")
+                   help="vxm-diff: trained model folder (default: the model shipped for 2D or 3D); suits: a "
+                        "trained FeatCNN folder (default: the shipped 2D model); flash --estimate-alpha network: "
+                        "a trained AlphaCNN folder (default: the shipped 2D model)")
     p.add_argument("--samples", type=int, default=None,
                    help="vxm-diff: posterior samples for uncertainty.nii.gz (default 16; 0: none)")
 
@@ -164,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="run the MPC rows as three local processes (dealer, fixed, moving) on loopback")
     party_cli.add_parsers(sub, levels_type=_levels, fraction_type=_fraction, iterations_type=_iterations)
     train_cli.add_parsers(sub)
+    batch_cli.add_parser(sub, _add_registration_options, INITS)
     return parser
 
 
@@ -468,6 +474,8 @@ def main(argv=None) -> int:
             return party_cli.run_party(args, CLIError, _load, write_outputs)
         if args.command == "train":
             return train_cli.run_train(args, CLIError)
+        if args.command == "batch":
+            return batch_cli.run_batch(args, CLIError, _load, write_outputs)
         return _run_demo(args)
     except CLIError as exc:
         print(f"ppreg: error: {exc}", file=sys.stderr)

@@ -18,12 +18,16 @@ from .transforms import KINDS, check_kind
 
 DEFORMABLE = ("bspline", "svf", "dense")
 PIPELINES = tuple(f"{lin}+{deform}" for lin in ("rigid", "affine") for deform in DEFORMABLE)
-LEARNED = ("vxm-diff",)  # ppreg.learned: trained networks
+LEARNED = ("vxm-diff", "suits")  # ppreg.learned: trained networks (suits: learned multi-modal features)
 TRANSFORMS = KINDS + DEFORMABLE + PIPELINES + ("flash",) + LEARNED  # flash: ppreg.spectral (FLASH geodesic shooting)
 LOSSES = ("ssd", "mi", "ncc", "lncc", "mind")
 FLUID_SIGMA = {"lncc": 3.0, "mind": 3.0}  # svf update smoothing (voxels) per loss; 2.0 for the others
 LINEAR_STAGE_LOSS = {"lncc": "ncc", "mind": "mi"}  # pipelines: local losses run their global kin on the linear stage
 SVF_STEPS = 6  # squarings in exp(v)
+# clear svf: losses whose default is the half-way (symmetric) update, chosen on the tuning part of
+# bench/bench_validation.py (DESIGN.md item 33); secure runs stay one-sided unless asked (the fixed party
+# would reveal its half velocity)
+SVF_SYMMETRIC = ("lncc",)
 SECURE = (None, "mpc", "ckks")
 # dense defaults, tuned on the Colin27 case of bench/bench_svf.py (lncc, seed 0)
 DENSE_LEARNING_RATE = 0.1  # Adam step (level voxels)
@@ -73,6 +77,11 @@ def unit_range(image):
     """Scale an image into [0, 1] by its own minimum and maximum (for mi and ncc)."""
     lo, hi = jnp.min(image), jnp.max(image)
     return (image - lo) / jnp.maximum(hi - lo, 1e-12)
+
+
+def default_symmetric(transform: str, loss: str, secure) -> bool:
+    """Default of ``symmetric``: True for clear svf with a loss of :data:`SVF_SYMMETRIC`, else False."""
+    return transform.split("+")[-1] == "svf" and loss in SVF_SYMMETRIC and secure is None
 
 
 def default_iterations(transform: str, levels, family: dict):

@@ -10,8 +10,10 @@
         --peer moving.pub --dealer-key dealer.pub [--policy FILE] [--report FILE]
 
 ``--secure ckks`` (moving party: the packed CKKS protocol, ssd with a linear transform, or points;
-with ``--transform bspline`` the CKKS B-spline term, party2's own key pair; the dealer process still
-runs: it binds the session), ``--transform flash`` (FLASH under MPC) and
+with ``--transform bspline`` the CKKS B-spline term, party2's own key pair; with ``--ckks-variant v1|v2``
+the paper's protocols, ssd with a linear transform, which the fixed party runs only if its policy lists
+them in ``ckks_variants``; the dealer process still runs: it binds the session), ``--transform flash``
+(FLASH under MPC) and
 ``--points FILE`` (both parties, instead of ``--image``: paired ``(n, d)`` points, CSV or ``.npy``;
 the moving party adds ``--extent``) run over the same three processes; the fixed party and the
 dealer need no option for them (their policy decides).
@@ -73,9 +75,11 @@ def add_parsers(sub, *, levels_type, fraction_type, iterations_type) -> None:
     p.add_argument("--secure", choices=("mpc", "ckks"), default="mpc",
                    help="moving: mpc (secret sharing with the dealer, default) or ckks (packed CKKS: ssd with a "
                         "linear transform or bspline, or --points; needs ppreg[fhe] in the moving and fixed processes)")
-    p.add_argument("--ckks-variant", choices=("packed",), default="packed",
-                   help="moving, --secure ckks: packed (the paper's v1/v2 run in one process: ppreg register "
-                        "--secure ckks --ckks-variant v1|v2)")
+    p.add_argument("--ckks-variant", choices=("packed", "v1", "v2"), default="packed",
+                   help="moving, --secure ckks: packed (default; party2 holds no key), or the paper's v1/v2 (ssd, "
+                        "linear transforms; party2 decrypts what party1 sends, so it runs them only if its --policy "
+                        "lists them in ckks_variants: safe against a semi-honest moving party only; v1 sends a "
+                        "~34 MB key and is slow, ~128 rotations per 128 voxels per iteration)")
     p.add_argument("--listen", help="dealer, moving: HOST:PORT to listen on")
     p.add_argument("--connect", help="fixed: HOST:PORT of the moving party")
     p.add_argument("--dealer", help="moving, fixed: HOST:PORT of the dealer")
@@ -274,7 +278,15 @@ def _own_data(args, error, load_image):
 
 
 def _moving_options(args, error) -> dict:
-    """The moving party's registration options from the command line."""
+    """The moving party's registration options from the command line (``ckks_variant`` unless packed:
+    :func:`ppreg.secure.parties.check_scheme` refuses it outside ``--secure ckks`` ssd with a linear transform)."""
+    options = _scheme_options(args, error)
+    if args.ckks_variant != "packed":
+        options["ckks_variant"] = args.ckks_variant
+    return options
+
+
+def _scheme_options(args, error) -> dict:
     if args.points is not None:
         if args.extent is None:
             raise error("moving: --points needs --extent (the public bound on the points' spread)")

@@ -140,7 +140,13 @@ def exp(velocity: jnp.ndarray, *, steps: int = 7) -> jnp.ndarray:
     steps = _check_steps(steps)
     check_field(velocity, "velocity")
     u = velocity * jnp.asarray(0.5**steps, velocity.dtype)
-    return jax.lax.fori_loop(0, steps, lambda _, w: compose(w, w), u)
+    return jax.lax.fori_loop(0, steps, _square, u)
+
+
+def _square(_, u):
+    """One squaring of :func:`exp` (module level, so that an eager ``fori_loop`` finds its compiled loop
+    in JAX's cache instead of compiling it again on every call)."""
+    return compose(u, u)
 
 
 def inverse(velocity: jnp.ndarray, *, steps: int = 7) -> jnp.ndarray:

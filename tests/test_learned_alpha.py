@@ -157,3 +157,67 @@ def test_alpha_map_labels_per_pair_and_vmapped_agree():
     np.testing.assert_allclose(many, data["alpha_map"], rtol=1e-3)
     with pytest.raises(ValueError, match="one"):
         label_alpha_map(data["source"], data["target"][:, :8], band_size=5)
+
+
+def _network_folder(tmp_path, shape=(32, 32), band_size=7, noise=0.03):
+    """A tiny AlphaCNN saved with the data description network_alpha checks."""
+    kwargs = {"ndim": 2, **TINY, "log_alpha_init": float(np.log(4.0))}
+    model = AlphaCNN(**kwargs, key=jax.random.key(7))
+    path = tmp_path / "alpha_net"
+    save(path, model, architecture="AlphaCNN", kwargs=kwargs,
+         training={"data": {"shape": list(shape), "band_size": band_size, "noise": noise}})
+    return path, model
+
+
+def test_cli_flash_with_the_network_alpha(tmp_path):
+    """``--estimate-alpha network --model DIR``: FLASH runs at the alpha the network predicts from the
+    scaled pair (both images over their common max), and registers."""
+    from cli_helpers import register_and_apply
+
+    path, model = _network_folder(tmp_path)
+    data = synthesize_alpha_pairs(1, 1, shape=(32, 32), band_size=7)
+    moving, fixed = data["source"][0] * 100.0, data["target"][0] * 100.0
+    peak = max(np.abs(moving).max(), np.abs(fixed).max())
+    expected = float(predict_alpha(model, moving / peak, fixed / peak))
+    doc = register_and_apply(tmp_path, fixed, moving, "--transform", "flash", "--band-size", "7",
+                             "--max-iterations", "30", "--estimate-alpha", "network", "--model", str(path))
+    assert doc["alpha"] == pytest.approx(expected, rel=1e-4)
+    import json
+    report = json.loads((doc["_outdir"] / "report.json").read_text())
+    assert report["final_loss"] < 0.5 * float(np.mean((fixed - moving) ** 2))
+
+
+def test_network_alpha_refuses_what_it_was_not_trained_for(tmp_path):
+    from ppreg import register
+    from ppreg.learned.alpha_cnn import network_alpha
+
+    path, _ = _network_folder(tmp_path)
+    img = np.asarray(random_bullseye(jax.random.key(0), (32, 32)))
+    with pytest.raises(ValueError, match="trained for shape"):
+        network_alpha(path, np.zeros((48, 48)), np.zeros((48, 48)), band_size=7, sigma=0.03)
+    with pytest.raises(ValueError, match="trained for band_size"):
+        network_alpha(path, img, img, band_size=9, sigma=0.03)
+    with pytest.raises(ValueError, match="trained for sigma"):
+        network_alpha(path, img, img, band_size=7, sigma=0.05)
+    with pytest.raises(ValueError, match="no shipped alpha network for 3D"):
+        register(np.ones((16, 16, 16)), np.ones((16, 16, 16)), transform="flash",
+                 flash_options={"band_size": 5, "estimate_alpha": "network"})
+    with pytest.raises(ValueError, match="2D images, got 3D"):
+        register(np.ones((16, 16, 16)), np.ones((16, 16, 16)), transform="flash", model=path,
+                 flash_options={"band_size": 5, "estimate_alpha": "network"})
+    with pytest.raises(ValueError, match="alpha_model"):
+        register(img, img, transform="flash", model=path, flash_options={"band_size": 7})
+
+
+def test_shipped_alpha_model():
+    """The shipped 2D network loads by default, predicts a positive alpha within the trained range's
+    reach for a 100 x 100 pair, and refuses another grid."""
+    from ppreg.learned.alpha_cnn import network_alpha, resolve_alpha_model
+
+    ckpt = resolve_alpha_model(None, 2)
+    assert ckpt.config["training"]["data"]["shape"] == [100, 100]
+    data = synthesize_alpha_pairs(5, 1)
+    alpha = network_alpha(None, data["source"][0], data["target"][0], band_size=15, sigma=0.03)
+    assert 0.5 < alpha < 60.0
+    with pytest.raises(ValueError, match="trained for shape"):
+        network_alpha(None, data["source"][0][:64, :64], data["target"][0][:64, :64], band_size=15, sigma=0.03)

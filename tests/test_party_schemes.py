@@ -30,14 +30,19 @@ REFUSED = {  # case: (its options, the fixed party's policy, the rule named)
     # the CKKS B-spline at the default policy: party2 refuses its first level (what R reveals rebuilds J)
     "bspline_ckks_refused": ("bspline_ckks", None, "max_spline_functionals_per_voxel"),
 }
+# the paper's v1/v2 on a 16 x 16 crop (v1: 2 sub-arrays of 128 values, ~128 rotations each per iteration)
+PAPER = {"ckks_v1": dict(transform="translation", levels=(1,), max_iterations=2, key=3),
+         "ckks_v2": dict(transform="translation", levels=(1,), max_iterations=3, sampling="urs", fraction=0.5, key=3)}
+PAPER_OPT_IN = {"ckks_variants": ["packed", "v1", "v2"]}
 SPLINE = dict(transform="bspline", spacing=8, levels=(1,), max_iterations=3, key=3)
 SPLINE_URS = dict(SPLINE, sampling="urs", fraction=0.5)
 OPT_IN = {"max_spline_functionals_per_voxel": None}  # the fixed party's opt-in policy for the B-spline cases
 
 
-def _image(name, step):
+def _image(name, step, crop=None):
     img = load_sample(name)
-    return Image(np.asarray(img.data)[::step, ::step], img.affine)
+    data = np.asarray(img.data)[::step, ::step]
+    return Image(data if crop is None else data[crop, crop], img.affine)
 
 
 def _rotation(deg):
@@ -58,6 +63,10 @@ def _args(case):
     if case == "ckks":
         return ["--secure", "ckks", "--transform", "translation", "--levels", "1", "--sampling", "urs",
                 "--fraction", "0.2", "--max-iterations", "3", "--seed", "3"]
+    if case in PAPER:
+        urs = ["--sampling", "urs", "--fraction", "0.5"] if case == "ckks_v2" else []
+        return ["--secure", "ckks", "--ckks-variant", case[-2:], "--transform", "translation", "--levels", "1",
+                "--max-iterations", str(PAPER[case]["max_iterations"]), "--seed", "3"] + urs
     if case.startswith("bspline_ckks"):
         urs = ["--sampling", "urs", "--fraction", "0.5"] if case == "bspline_ckks_urs" else []
         return ["--secure", "ckks", "--transform", "bspline", "--spacing", "8", "--levels", "1",
@@ -71,9 +80,10 @@ def _args(case):
 def _commands(work, case, policy=None):
     """The three command lines; point cases pass --points (CSV for the fixed party, .npy for the moving one)."""
     base = REFUSED[case][0] if case in REFUSED else case
-    # the dealer hears nothing between setup and end of a CKKS session: its idle timeout spans the session
+    # the dealer hears nothing between setup and end of a CKKS session: its idle timeout spans the session;
+    # flash: party1's first evaluations (compilation) took over 60 s with all cases running on 2 loaded cores
     commands = party_commands(work, work / "fixed.nii.gz", work / "moving.nii.gz", work / "out", _args(base),
-                              timeout=180 if base.startswith("bspline") else 60)
+                              timeout=180 if base.startswith(("bspline", "flash")) or base in PAPER else 60)
     if base.startswith("points"):
         for name, path in (("fixed", work / "fixed.csv"), ("moving", work / "moving.npy")):
             cmd = commands[name]
@@ -171,6 +181,51 @@ def test_flash_over_three_processes_equals_in_process(sessions):
     assert evals >= ref.iterations and reports["dealer"]["ops"]["flash_eval"]["calls"] == evals
     # party2 counted 2 T^d d + 1 numbers per evaluation and one final error
     assert reports["fixed"]["policy"]["revealed"] == evals * (2 * 7**2 * 2 + 1) + 1
+
+
+@pytest.fixture(scope="module")
+def paper_sessions(tmp_path_factory):
+    """The v1 and v2 sessions (their own six processes, started after the tests above are done with
+    ``sessions``), while their in-process references run."""
+    fixed, moving = (_image("BrainProtonDensitySliceBorder20", 4, slice(18, 34)),
+                     _image("BrainProtonDensitySliceShifted13x17y", 4, slice(18, 34)))
+    runs, procs = {}, {}
+    for case in PAPER:
+        work = tmp_path_factory.mktemp(case)
+        save(fixed, work / "fixed.nii.gz")
+        save(moving, work / "moving.nii.gz")
+        runs[case] = {"work": work}
+        procs[case] = start_processes(_commands(work, case, PAPER_OPT_IN))
+    for case, opts in PAPER.items():
+        runs[case]["ref"] = register(fixed, moving, secure="ckks", ckks_variant=case[-2:], **opts)
+    for case in PAPER:
+        runs[case]["done"] = wait_processes(procs[case], timeout=400)
+    return runs
+
+
+@pytest.mark.parametrize("case", sorted(PAPER))
+def test_ckks_paper_variants_over_three_processes_equal_in_process(paper_sessions, case):
+    """``--secure ckks --ckks-variant v1|v2`` with the fixed party's opt-in policy (``ckks_variants``): party2's
+    halves of the paper's protocols (its own fresh key pair; v1: its level encrypted once and sent with its
+    Galois keys; v2: ``replicate_P(J_1)`` of each URS sample and of the final error's level) run in the fixed
+    process; the result equals ``register(secure="ckks", ckks_variant=...)``'s within 1e-4 px (both carry
+    CKKS noise of about 1e-7 relative) and party2 counted exactly ``P`` numbers per query and one final error."""
+    run = paper_sessions[case]
+    rep, doc, reports = _outputs(run)
+    ref = run["ref"]
+    its = PAPER[case]["max_iterations"]
+    assert rep["secure"] == "ckks" and rep["iterations"] == ref.iterations == its
+    np.testing.assert_allclose(np.asarray(doc["matrix"]), ref.matrix, atol=1e-4)
+    assert np.max(np.abs(ref.matrix[:2, 2])) > 0.1  # it moved
+    assert rep["final_loss"] == pytest.approx(ref.final_loss, rel=1e-4)
+    fixed = reports["fixed"]
+    assert fixed["ops"]["ckks_query"]["calls"] == its and fixed["policy"]["revealed"] == its * 2 + 1
+    assert set(reports["dealer"]["ops"]) == {"setup"}
+    if case == "ckks_v2":  # one replicate_P(J_1) per URS sample, one (P = 1) for the final error
+        assert fixed["ops"]["ckks_sample"]["calls"] == its + 1 and "ckks_key" in fixed["ops"]
+    else:  # v1: party1 sends no key; per iteration one ciphertext of P values, a (2, P) reply back
+        assert "ckks_sample" not in fixed["ops"] and "ckks_key" not in fixed["ops"]
+        assert rep["bytes_per_iteration"]["party2"] < 200
 
 
 @pytest.mark.parametrize("case", ["bspline_ckks", "bspline_ckks_urs"])

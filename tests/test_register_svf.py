@@ -157,3 +157,21 @@ def test_cli_dense_round_trip(pair, tmp_path):
     doc = register_and_apply(tmp_path, fixed, moving, "--transform", "dense", "--loss", "lncc", "--levels", "2,1",
                              "--max-iterations", "10", "--optimizer", "lbfgs")
     assert doc["type"] == "dense" and (doc["_outdir"] / doc["displacement"]).exists()
+
+
+def test_symmetric_default_per_loss_and_mode(pair):
+    """Clear svf with lncc is half-way by default, ssd one-sided, secure one-sided (DESIGN.md item 33)."""
+    from ppreg.cli import _parser
+    from ppreg.options import default_symmetric
+
+    assert default_symmetric("svf", "lncc", None) and default_symmetric("affine+svf", "lncc", None)
+    assert not any(default_symmetric(t, lo, s) for t, lo, s in [("svf", "lncc", "mpc"), ("svf", "ssd", None),
+                                                                 ("dense", "lncc", None), ("bspline", "ssd", None)])
+    opts = dict(transform="svf", loss="lncc", levels=LEVELS, max_iterations=40)  # compiled by the tests above
+    default, half_way = register(pair[0], pair[1], **opts), register(pair[0], pair[1], symmetric=True, **opts)
+    np.testing.assert_array_equal(default.params, half_way.params)
+    one_sided = register(pair[0], pair[1], symmetric=False, **opts)
+    assert np.max(np.abs(one_sided.params - default.params)) > 1e-2
+    args = ["register", "f.nii.gz", "m.nii.gz", "-o", "out"]
+    assert [_parser().parse_args(args + extra).symmetric for extra in ([], ["--symmetric"], ["--no-symmetric"])] == \
+        [None, True, False]

@@ -88,6 +88,22 @@ def test_pooled_laplace_estimate_recovers_alpha(pairs):
     assert np.all(np.isfinite(np.asarray(fs)[0, : int(its[0])]))
 
 
+def test_early_stop_reaches_the_same_alpha(pairs):
+    """``tol`` stops the rounds once ln alpha settles: fewer rounds (NaN after), the alpha of the full rounds
+    (the history up to the stop is the full run's own)."""
+    source, ((target, _), *_) = pairs
+    zeros = jnp.zeros(B2.coeff_shape, jnp.complex64)
+    kw = dict(band=B2, sigma=SIGMA, iterations=60, rounds=8)
+    _, full, _, _, full_hist = estimate_alpha(zeros, 1.0, source, target, **kw)
+    _, fast, _, _, hist = estimate_alpha(zeros, 1.0, source, target, tol=1e-2, **kw)
+    ran = int(np.sum(np.isfinite(np.asarray(hist))))
+    assert 1 <= ran < 8 and np.all(np.isnan(np.asarray(hist)[ran:])) and np.all(np.isfinite(np.asarray(full_hist)))
+    np.testing.assert_allclose(np.asarray(hist)[:ran], np.asarray(full_hist)[:ran], rtol=1e-5)
+    assert abs(float(fast) / float(full) - 1.0) < 0.03
+    with pytest.raises(ValueError, match="tol"):
+        estimate_alpha(zeros, 1.0, source, target, band=B2, tol=-1.0)
+
+
 def test_estimate_alpha_rejects_bad_input():
     big = Band((64, 64, 64), 15)
     with pytest.raises(ValueError, match="4096"):

@@ -9,7 +9,9 @@
   ``ppreg.register(..., transform="vxm-diff")`` and ``ppreg register --transform vxm-diff``;
 - :class:`FeatCNN` and :mod:`ppreg.learned.suits`: SUITS (Blendowski et al. 2020), the Y-shaped
   feature network, its MIND-SSC replicator pre-training, the differentiable Gauss-Newton step
-  (:func:`gn_step`) and the training loss of Algorithm 1 (:func:`suits_loss`);
+  (:func:`gn_step`) and the training loss of Algorithm 1 (:func:`suits_loss`); :func:`train_suits`
+  (:mod:`ppreg.learned.suits_recipe`: multi-modal pairs synthesised from real brains, both stages) and
+  :func:`register_suits` (``ppreg.register(..., transform="suits")``, the shipped 2D model);
 - :class:`AlphaCNN` (:mod:`ppreg.learned.alpha_cnn`, :mod:`ppreg.learned.alpha_data`): the network that
   predicts FLASH's regularisation weight alpha from a pair (Wang & Zhang, 004 Sec. 3.2).
 """
@@ -21,6 +23,8 @@ from .featcnn import FeatCNN
 from .recipes import train_vxm_diff
 from .register import register_vxm, shipped_model_path
 from .suits import SuitsConfig, gn_step, mind_replicator_loss, register_features, suits_loss
+from .suits_recipe import train_suits
+from .suits_register import register_suits
 from .train import TrainResult, train
 from .vxm import LossConfig, VxmDiff, predict
 from .vxm import loss as vxm_loss
@@ -42,12 +46,14 @@ __all__ = [
     "predict",
     "predict_alpha",
     "register_features",
+    "register_suits",
     "register_vxm",
     "save",
     "shipped_model_path",
     "split_indices",
     "suits_loss",
     "train",
+    "train_suits",
     "train_vxm_diff",
     "vxm_loss",
 ]

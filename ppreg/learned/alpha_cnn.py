@@ -45,6 +45,8 @@ weight decay 1e-4).
 from __future__ import annotations
 
 import math
+from importlib import resources
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -52,12 +54,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import checkpoint
 from .checkpoint import register_architecture
 
-__all__ = ["AlphaCNN", "BatchNorm", "alpha_loss", "fit_alpha_cnn", "init_optimizer", "make_optimizer", "predict_alpha",
-           "train_step", "trainable_filter"]
+__all__ = ["AlphaCNN", "BatchNorm", "alpha_loss", "fit_alpha_cnn", "init_optimizer", "make_optimizer", "network_alpha",
+           "predict_alpha", "resolve_alpha_model", "shipped_alpha_path", "train_step", "trainable_filter"]
 
 POOLS = 4  # max-pool blocks per stream (Sec. 3.2)
+SHIPPED_ALPHA = {2: "alpha_cnn_2d"}  # folders in ppreg/learned/models
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 
@@ -391,3 +395,63 @@ def fit_alpha_cnn(model: AlphaCNN, source, target, alpha, *, epochs: int, batch_
             model, opt_state, loss = train_step(model, opt_state, optimizer, source[idx], target[idx], alpha[idx])
             losses.append(float(loss))
     return model, opt_state, np.asarray(losses, np.float32)
+
+
+def shipped_alpha_path(ndim: int) -> Path:
+    """Folder of the AlphaCNN shipped for ``ndim``-D images (2D only: 100 x 100 bull's-eyes, band 15,
+    sigma 0.03; ``scripts/train_alpha_cnn.py``).
+
+    Raises:
+        ValueError: no shipped model for that dimensionality (3D: pass a trained model).
+    """
+    if ndim not in SHIPPED_ALPHA:
+        raise ValueError(f"no shipped alpha network for {ndim}D images (2D only): pass a trained AlphaCNN "
+                         "with --model / alpha_model")
+    return Path(str(resources.files("ppreg.learned") / "models" / SHIPPED_ALPHA[ndim]))
+
+
+def resolve_alpha_model(model, ndim: int) -> checkpoint.Checkpoint:
+    """An AlphaCNN checkpoint from ``None`` (the shipped model for ``ndim``), a folder or a checkpoint.
+
+    Raises:
+        ValueError: no shipped model for ``ndim``; not an AlphaCNN; built for another dimensionality.
+        ppreg.learned.checkpoint.CheckpointError: unreadable or corrupt checkpoint.
+    """
+    from .register import resolve_model  # lazily: ppreg.learned.register imports the VoxelMorph stack
+
+    return resolve_model(model, ndim, cls=AlphaCNN, shipped=shipped_alpha_path)
+
+
+def network_alpha(model, source, target, *, band_size: int, sigma: float) -> float:
+    """FLASH's alpha predicted by an AlphaCNN for one pair (004 Sec. 3.2), in place of the Laplace
+    ``alpha_MAP`` (:func:`ppreg.spectral.evidence.estimate_alpha`).
+
+    alpha_MAP depends on the image grid, the band and the likelihood's sigma, so a network answers
+    only for the ones it was trained with (``training["data"]`` of its ``config.json``: shape,
+    band_size, noise); the images must be scaled as in training (both over their common maximum
+    |intensity|, as :func:`ppreg.spectral.register.register_flash` does).
+
+    Args:
+        model: ``None`` (the shipped model for the images' dimensionality), a checkpoint folder or a
+            loaded :class:`~ppreg.learned.checkpoint.Checkpoint`.
+        source, target: float32 ``(*spatial)`` (S moving, T fixed), one shape.
+        band_size, sigma: the FLASH model the alpha is for.
+
+    Returns:
+        alpha (float > 0, dimensionless).
+
+    Raises:
+        ValueError: as :func:`resolve_alpha_model`; a shape, band or sigma the network was not trained
+            for; as :meth:`AlphaCNN.check_pair`.
+    """
+    ndim = len(np.shape(source))
+    ckpt = resolve_alpha_model(model, ndim)
+    data = (ckpt.config.get("training") or {}).get("data") or {}
+    trained = {"shape": tuple(int(n) for n in data.get("shape", ())), "band_size": data.get("band_size"),
+               "sigma": data.get("noise")}
+    asked = {"shape": tuple(np.shape(source)), "band_size": int(band_size), "sigma": float(sigma)}
+    for name in ("shape", "band_size", "sigma"):
+        if trained[name] != asked[name]:
+            raise ValueError(f"alpha network {ckpt.path} was trained for {name} {trained[name]}, got {asked[name]} "
+                             "(train one for this setting: scripts/train_alpha_cnn.py)")
+    return float(predict_alpha(ckpt.model, source, target))

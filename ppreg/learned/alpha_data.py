@@ -15,7 +15,10 @@
 
 Cost: one Laplace estimate on a 100 x 100 pair (band 15, 150 L-BFGS iterations x 5 rounds + the
 final fit) took 28-29 s of CPU (40-45 s wall on 2 shared cores, the first including compilation)
-on 2026-12-04; see DESIGN.md. Synthesis itself is milliseconds per pair.
+on 2026-12-04; see DESIGN.md. Synthesis itself is milliseconds per pair. The shipped network's labels
+(``scripts/train_alpha_cnn.py``) start at alpha 5 and stop the rounds once ln alpha moves by less
+than 1e-3 (``tol``); DESIGN.md item 31 gives their cost and how far they are from the 5-round
+estimate started at 1.
 
 Alphas: the default ``(3, 6, 11)`` are those of the paper's Fig. 3 and of ppreg's validated
 bull's-eye bench (``bench/README.md``: the Laplace estimate is within 0.8-1.2x of the truth there);
@@ -148,7 +151,8 @@ def synthesize_alpha_pairs(seed: int, n: int, *, shape: tuple[int, ...] = (100, 
 
 
 def label_alpha_map(source, target, *, band_size: int = 15, sigma: float = NOISE, iterations: int = 150,
-                    rounds: int = 5, alpha_start: float = 1.0, chunk: int = 1) -> tuple[np.ndarray, float]:
+                    rounds: int = 5, alpha_start: float = 1.0, tol: float = 0.0,
+                    chunk: int = 1) -> tuple[np.ndarray, float]:
     """``alpha_MAP`` of every pair by the marginal-posterior (Laplace) estimate.
 
     Each pair gets its own estimate (:func:`ppreg.spectral.evidence.estimate_alpha` from ``v0 = 0``
@@ -161,6 +165,8 @@ def label_alpha_map(source, target, *, band_size: int = 15, sigma: float = NOISE
         band_size, sigma, iterations, rounds: the model and the estimate (defaults as ppreg's bench:
             band 15, sigma 0.03, 150 L-BFGS iterations per round, 5 rounds).
         alpha_start: starting alpha (> 0).
+        tol: stop a pair's rounds once ``ln alpha`` moves by less than ``tol`` (0: all ``rounds``;
+            see :func:`ppreg.spectral.evidence.estimate_alpha`).
         chunk: pairs per call.
 
     Returns:
@@ -180,7 +186,7 @@ def label_alpha_map(source, target, *, band_size: int = 15, sigma: float = NOISE
     if int(chunk) < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     band = Band(source.shape[1:], band_size)
-    opts = dict(band=band, sigma=sigma, iterations=iterations, rounds=rounds)
+    opts = dict(band=band, sigma=sigma, iterations=iterations, rounds=rounds, tol=tol)
     zeros = jnp.zeros(band.coeff_shape, jnp.complex64)
 
     def one(s, t):

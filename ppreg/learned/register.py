@@ -76,19 +76,21 @@ def _load_cached(path: str):
     return checkpoint.load(path)
 
 
-def resolve_model(model, ndim: int) -> checkpoint.Checkpoint:
+def resolve_model(model, ndim: int, *, cls: type = VxmDiff, shipped=None) -> checkpoint.Checkpoint:
     """A :class:`~ppreg.learned.checkpoint.Checkpoint` from ``None`` (the shipped model), a path or a
-    checkpoint; checked to be a ``VxmDiff`` for ``ndim``-D images.
+    checkpoint; checked to be a ``cls`` (default ``VxmDiff``) for ``ndim``-D images.
+
+    ``shipped(ndim)`` gives the folder used for ``None`` (default :func:`shipped_model_path`).
 
     Raises:
-        ValueError: not a VxmDiff checkpoint, or built for another dimensionality.
+        ValueError: not a ``cls`` checkpoint, or built for another dimensionality.
         ppreg.learned.checkpoint.CheckpointError: unreadable or corrupt checkpoint.
     """
     if model is None:
-        model = shipped_model_path(ndim)
+        model = (shipped or shipped_model_path)(ndim)
     ckpt = model if isinstance(model, checkpoint.Checkpoint) else _load_cached(str(Path(model).resolve()))
-    if not isinstance(ckpt.model, VxmDiff):
-        raise ValueError(f"model {ckpt.path} is a {ckpt.config.get('architecture')}, not a VxmDiff")
+    if not isinstance(ckpt.model, cls):
+        raise ValueError(f"model {ckpt.path} is a {ckpt.config.get('architecture')}, not a {cls.__name__}")
     if ckpt.model.ndim != ndim:
         raise ValueError(f"model {ckpt.path} registers {ckpt.model.ndim}D images, got {ndim}D images")
     return ckpt

@@ -49,6 +49,7 @@ from ..warp import interpolate
 from .featcnn import FACTOR, FeatCNN
 
 __all__ = [
+    "MindFeatures",
     "SuitsConfig",
     "block_mean",
     "cross_entropy",
@@ -291,6 +292,33 @@ def mind_replicator_loss(model: FeatCNN, fixed: jnp.ndarray, moving: jnp.ndarray
         target = jax.lax.stop_gradient(mind_target(image, radius=radius, dilation=dilation))
         losses.append(jnp.mean(jnp.abs(model(image, stream) - target)))
     return 0.5 * (losses[0] + losses[1])
+
+
+class MindFeatures(eqx.Module):
+    """Hand-made MIND-SSC features with the FeatCNN's call signature: ``self(image, stream)``.
+
+    The baseline that the FeatCNN is pre-trained to replicate (Sec. 4.2): :func:`mind_target` of
+    the image for either stream, so :func:`register_features` with this module is the same
+    Gauss-Newton iteration on classical MIND-SSC descriptors (Heinrich et al. 2013).
+
+    Attributes:
+        ndim: 2 or 3 (static).
+        radius, dilation: of :func:`ppreg.losses.mind_ssc` (static).
+        out_channels: 4 (2D) or 12 (3D).
+    """
+
+    ndim: int = eqx.field(static=True)
+    radius: int = eqx.field(static=True, default=1)
+    dilation: int = eqx.field(static=True, default=2)
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.ndim * (self.ndim - 1)
+
+    def __call__(self, image: jnp.ndarray, stream: int) -> jnp.ndarray:
+        """float32 ``(*spatial // 4, C)`` MIND-SSC of ``image`` (``stream`` is ignored: one descriptor)."""
+        del stream
+        return mind_target(image, radius=self.radius, dilation=self.dilation)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import jax
@@ -53,7 +53,7 @@ from .net.channel import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError
 from .net.keys import KeyPair
 from .net.transport import DEFAULT_TIMEOUT, SMALL_FRAME_BYTES, NetworkChannel
 from .policy import DEFAULT as DEFAULT_POLICY
-from .policy import Policy, dealer_frame_limit, frame_limit
+from .policy import CKKS_VARIANTS, Policy, dealer_frame_limit, frame_limit
 from .audit import AuditLog, attach
 from .roles import DealerRole, FixedRole, RemotePeers, decode_json, op_summary
 from .session import SecureSession
@@ -147,9 +147,11 @@ def run_fixed(fixed: Image | np.ndarray, keypair: KeyPair, *, connect: str, deal
                     **_audit_totals(audit, "party2"))
 
 
-def fixed_frame_limit(announced: dict, *, cap: int = DEFAULT_MAX_MESSAGE_BYTES, bins: int | None = None) -> int:
+def fixed_frame_limit(announced: dict, *, cap: int = DEFAULT_MAX_MESSAGE_BYTES, bins: int | None = None,
+                      ckks_variant: str = "packed") -> int:
     """Party1's bound on frames from party2: :func:`~ppreg.secure.policy.frame_limit` of the grid party2
-    announced through the dealer (``announced["party2"]``: ``{"voxels", "ndim", "shape"}``), at most ``cap``.
+    announced through the dealer (``announced["party2"]``: ``{"voxels", "ndim", "shape"}``), at most ``cap``
+    (with the frames of the CKKS ``ckks_variant`` party1 runs).
 
     Raises:
         ProtocolError: party2 announced no grid, or a malformed one.
@@ -165,6 +167,8 @@ def fixed_frame_limit(announced: dict, *, cap: int = DEFAULT_MAX_MESSAGE_BYTES, 
     if not ok:
         raise ProtocolError(f"party1: the fixed party announced no usable grid through the dealer: {str(doc)[:120]}")
     policy = DEFAULT_POLICY if bins is None or bins <= DEFAULT_POLICY.max_bins else Policy(max_bins=int(bins))
+    if ckks_variant != "packed":
+        policy = replace(policy, ckks_variants=("packed", ckks_variant))
     return min(int(cap), frame_limit(voxels, ndim, policy, shape=shape))
 
 
@@ -184,6 +188,8 @@ def run_moving(moving: Image | np.ndarray, keypair: KeyPair, *, listen: str, dea
             go into the report (``"audit"``).
         secure: ``"mpc"`` or ``"ckks"`` (:class:`~ppreg.secure.ckks.remote.RemoteCkksSession`: ssd with a
             linear transform or bspline, or points).
+        ckks_variant (in ``options``): ``"packed"`` (default), or the paper's ``"v1"`` / ``"v2"`` (ssd with a
+            linear transform; the fixed party's policy must allow it, ``ckks_variants``).
         options: ``loss`` (``"ssd"``, default; ``"mi"``: :func:`ppreg.secure.protocols.mi.register_moving_mi`;
             ``"lncc"``: :func:`ppreg.secure.protocols.lcc.register_moving_lcc`, svf; ``"points"``:
             :func:`register_moving_points`, with ``extent``), ``transform="flash"`` (ssd:
@@ -204,10 +210,12 @@ def run_moving(moving: Image | np.ndarray, keypair: KeyPair, *, listen: str, dea
     """
     start = time.perf_counter()
     loss = options.pop("loss", "ssd")
-    check_scheme(secure, loss, options.get("transform", "rigid"))
+    variant = options.pop("ckks_variant", "packed")
+    check_scheme(secure, loss, options.get("transform", "rigid"), variant)
     bins = options.get("bins") if loss == "mi" else None
     limits = {"dealer": SMALL_FRAME_BYTES,
-              "party2": lambda announced: fixed_frame_limit(announced, cap=max_message_bytes, bins=bins)}
+              "party2": lambda announced: fixed_frame_limit(announced, cap=max_message_bytes, bins=bins,
+                                                            ckks_variant=variant)}
     with NetworkChannel("party1", keypair, listen=listen, accept={"party2": peer_key},
                         connect={"dealer": (dealer, dealer_key)}, timeout=timeout,
                         max_message_bytes=max_message_bytes, receive_limits=limits) as channel:
@@ -216,7 +224,7 @@ def run_moving(moving: Image | np.ndarray, keypair: KeyPair, *, listen: str, dea
         attach(channel, "party1", audit)
         session = SecureSession(options.pop("frac_bits", 16), channel=channel, peers=RemotePeers(channel))
         if secure == "ckks":
-            session = ckks_remote.RemoteCkksSession(session)
+            session = ckks_remote.RemoteCkksSession(session, variant)
         driver = {"mi": mi.register_moving_mi, "lncc": lcc.register_moving_lcc,
                   "points": register_moving_points}.get(loss, register_moving)
         if options.get("transform") == "flash":
@@ -234,11 +242,17 @@ def _audit_totals(audit: AuditLog | None, party: str) -> dict:
     return {} if audit is None else {"audit": audit.summary(party)}
 
 
-def check_scheme(secure: str, loss: str, transform: str) -> None:
+def check_scheme(secure: str, loss: str, transform: str, ckks_variant: str = "packed") -> None:
     """ValueError unless ``ppreg party`` runs ``loss`` with ``transform`` under ``secure``: mpc runs
-    every loss (flash with ssd), ckks ssd with a linear transform or bspline, and points (packed variant)."""
+    every loss (flash with ssd), ckks ssd with a linear transform or bspline, and points (packed variant);
+    the paper's v1 and v2 run ssd with a linear transform."""
     if secure not in ("mpc", "ckks"):
         raise ValueError(f"secure must be 'mpc' or 'ckks', got {secure!r}")
+    if ckks_variant not in CKKS_VARIANTS:
+        raise ValueError(f"ckks_variant must be one of {CKKS_VARIANTS}, got {ckks_variant!r}")
+    if ckks_variant != "packed" and (secure != "ckks" or loss != "ssd" or transform not in KINDS):
+        raise ValueError(f"ckks_variant={ckks_variant!r} runs secure='ckks' with the ssd loss and a linear transform "
+                         f"{KINDS}, got secure={secure!r}, loss={loss!r}, transform={transform!r}")
     if transform == "flash" and (loss != "ssd" or secure != "mpc"):
         raise ValueError(f"the flash transform runs the ssd loss under mpc, got loss={loss!r}, secure={secure!r}")
     if secure == "ckks" and not (loss == "points" or (loss == "ssd" and transform in TRANSFORMS)):

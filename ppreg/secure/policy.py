@@ -20,7 +20,7 @@ a refusal names it:
   (``mask``, ``query``, ``ssd``, ``spline_level``, ``spline_query``, ``mi_level``, ``mi_joint``,
   ``mi_grad``, ``lcc_level``, ``lcc_round``, ``lcc_halves``, ``points``; FLASH: ``flash_level``,
   ``flash_eval``; CKKS: ``ckks_setup``, ``ckks_key``, ``ckks_level``, ``ckks_query``, ``ckks_ssd``,
-  ``ckks_points``, ``ckks_spline_setup``, ``ckks_spline_level``, ``ckks_spline_sample``,
+  ``ckks_points``, ``ckks_sample``, ``ckks_spline_setup``, ``ckks_spline_level``, ``ckks_spline_sample``,
   ``ckks_spline_query``, :mod:`ppreg.secure.ckks.remote`).
 - ``max_iterations`` (200): iteration attempts per level (lncc retries count).
 - ``max_levels`` (8): levels (masked images of party2) per session.
@@ -56,13 +56,21 @@ a refusal names it:
   to its share of every B-spline ``R`` (and to its reply in the CKKS protocol), relative to the
   largest ``|R|`` party1's encoding admits (ring units ``2^61``). Accuracy cost and the
   reconstruction error it buys: :mod:`ppreg.secure.protocols.bspline`.
+- ``ckks_variants`` (``["packed"]``): the CKKS protocols party2 runs (``ckks_setup``'s variant;
+  :mod:`ppreg.secure.ckks.remote`). ``packed`` gives party2 no key, so a deviating party1 learns
+  only the numbers counted here. In the paper's ``v1`` and ``v2`` (:mod:`ppreg.secure.ckks.paper`)
+  party2 decrypts what party1 sends: a deviating party1 that crafts its ciphertext reads linear
+  functionals of party2's fresh key from the reply (the key-recovery attack of finding 2, bounded
+  but not prevented by the per-query count, level and size checks and the query cap), and with the
+  key decrypts ``J`` (v1 sends it encrypted). Safe only against a semi-honest party1: opt in
+  with ``["packed", "v1", "v2"]``.
 
 "Revealed numbers" are the outputs party1 decodes, per operation: ``P`` parameters per
 Gauss-Newton query, ``d`` per control point per B-spline query, ``bins^2 + P`` per MI iteration,
 ``d`` per voxel (plus the loss) per lncc iteration, ``d`` per voxel for the symmetric half
 velocity, ``d^2 + d`` for point clouds, ``2 T^d d + 1`` per FLASH energy evaluation (band ``T``,
-each counted as an iteration), one per final error; under CKKS (:mod:`ppreg.secure.ckks.remote`)
-``P`` and ``d^2`` round up to even and the final error counts two. The default admits every
+each counted as an iteration), one per final error; under packed CKKS (:mod:`ppreg.secure.ckks.remote`)
+``P`` and ``d^2`` round up to even and the final error counts two (v1, v2: ``P`` and one). The default admits every
 documented command (``ppreg demo --processes``, ``ppreg party`` with the defaults of each loss,
 which reach 150 revealed numbers per voxel with lncc in 3D) except the B-spline protocol, which
 party2 refuses naming ``max_spline_functionals_per_voxel`` (what it reveals rebuilds the image;
@@ -100,6 +108,7 @@ OPERATIONS = {  # protocol operation -> loss family (None: the final error, unde
     "lcc_level": "lncc", "lcc_round": "lncc", "lcc_halves": "lncc",
     "points": "points",
 }
+CKKS_VARIANTS = ("packed", "v1", "v2")  # ckks_variants: ppreg.secure.ckks (packed) and its paper variants
 MAX_SPLINE_NOISE = 2.0**-6  # spline_noise: noise * 2^61 * 9 sigma stays inside the signed ring
 CHECKS: dict[str, object] = {}  # checks of operations registered by other modules (register_operation)
 FRAME_BOUNDS: list = []  # frame bounds of protocols registered by other modules (register_frame_bound)
@@ -161,6 +170,7 @@ class Policy:
     max_voxels: int = 2**25
     max_spline_functionals_per_voxel: float | None = 0.0
     spline_noise: float = 0.0
+    ckks_variants: tuple[str, ...] = ("packed",)
 
     @classmethod
     def from_mapping(cls, doc: dict, source: str = "policy") -> Policy:
@@ -183,7 +193,7 @@ class Policy:
     def to_dict(self) -> dict:
         """JSON-ready (``null`` for no limit)."""
         out = asdict(self)
-        for key in ("losses", "transforms", "operations", "frac_bits"):
+        for key in ("losses", "transforms", "operations", "frac_bits", "ckks_variants"):
             out[key] = None if out[key] is None else list(out[key])
         return out
 
@@ -212,6 +222,8 @@ def _parse_value(key, value, where):
         return names(TRANSFORMS)
     if key == "operations":
         return None if value is None else names(tuple(OPERATIONS))
+    if key == "ckks_variants":
+        return names(CKKS_VARIANTS)
     if key == "lncc_open":
         if value not in ("smoothed", "force"):
             raise ValueError(f"{where} must be \"smoothed\" or \"force\", got {value!r}")

@@ -24,7 +24,8 @@ from .products import to_image
 from .symbols import Band, metric
 
 OPTIMIZERS = ("lbfgs", "flash", "adam")
-ESTIMATORS = {False: "none", None: "none", True: "laplace", "laplace": "laplace", "joint": "joint"}
+ESTIMATORS = {False: "none", None: "none", True: "laplace", "laplace": "laplace", "joint": "joint",
+              "network": "network"}
 LAPLACE_ROUNDS = 5
 DEFAULTS = {  # register(transform="flash") defaults; alpha and sigma chosen on the ITK 2D pair (module docstring)
     "band_size": 15, "alpha": 100.0, "gamma": 1.0, "power": 3, "sigma": 0.03, "steps": 10, "optimizer": "lbfgs",
@@ -43,7 +44,7 @@ def flash_displacement(v0, band: Band, *, alpha: float, gamma: float = 1.0, powe
 def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, gamma: float = 1.0, power: int = 3,
                    sigma: float = 0.03, steps: int = 10, iterations: int = 150, step_size: float = 0.2,
                    optimizer: str = "lbfgs", estimate_alpha: bool = False, intensity_scale: float | None = None,
-                   session=None):
+                   session=None, alpha_model=None):
     """Register ``moving`` (source S) to ``fixed`` (target T) by FLASH geodesic shooting.
 
     Args:
@@ -59,7 +60,11 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
         estimate_alpha: ``False`` (alpha fixed), ``"laplace"`` (or ``True``: the marginal MAP of
             :mod:`ppreg.spectral.evidence`, lbfgs optimizer, bands of at most 4096 unknowns;
             ``iterations`` per round, 5 rounds) or ``"joint"`` (004 Algorithm 1 as published:
-            biased high where the images leave motion unobserved; flash or lbfgs optimizer).
+            biased high where the images leave motion unobserved; flash or lbfgs optimizer) or
+            ``"network"`` (alpha predicted from the scaled pair by an AlphaCNN, 004 Sec. 3.2:
+            :func:`ppreg.learned.alpha_cnn.network_alpha`; then a fit at that alpha; clear only).
+        alpha_model: ``estimate_alpha="network"``: an AlphaCNN checkpoint folder (``None``: the
+            shipped 2D model, trained on 100 x 100 bull's-eyes, band 15, sigma 0.03).
         intensity_scale: divide both images by this (default: their common maximum |intensity|).
         session: a :class:`~ppreg.secure.mpc.shares.TwoPartySession`: party2 holds ``fixed`` and the
             target terms of every energy evaluation run under MPC
@@ -76,14 +81,21 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
     Raises:
         ValueError: unknown optimizer, shapes differ, bad band size (:class:`Band`),
             estimate_alpha with adam (or laplace with another optimizer than lbfgs), an unknown
-            estimate_alpha, an all-zero pair.
+            estimate_alpha, an all-zero pair; alpha_model without estimate_alpha="network";
+            "network" with a session, or as :func:`ppreg.learned.alpha_cnn.network_alpha` (no model
+            for 3D, a shape, band or sigma the network was not trained for).
     """
     start = time.perf_counter()
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown FLASH optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
     estimator = ESTIMATORS.get(estimate_alpha)
     if estimator is None:
-        raise ValueError(f"unknown estimate_alpha {estimate_alpha!r}; expected False, True, 'laplace' or 'joint'")
+        raise ValueError(f"unknown estimate_alpha {estimate_alpha!r}; expected False, True, 'laplace', 'joint' or "
+                         "'network'")
+    if alpha_model is not None and estimator != "network":
+        raise ValueError("alpha_model is the network of estimate_alpha='network'")
+    if estimator == "network" and session is not None:
+        raise ValueError("estimate_alpha='network' reads both images: clear registration only")
     if estimator == "joint" and optimizer == "adam":
         raise ValueError("estimate_alpha='joint' needs the flash or lbfgs optimizer (004 Algorithm 1)")
     if estimator == "laplace" and optimizer != "lbfgs":
@@ -103,6 +115,10 @@ def register_flash(fixed, moving, *, band_size: int = 15, alpha: float = 100.0, 
         raise ValueError("both images are all zero: nothing to register")
     scale = peak if intensity_scale is None else float(intensity_scale)
     source, target = moving / scale, fixed / scale
+    if estimator == "network":
+        from ..learned.alpha_cnn import network_alpha
+
+        alpha = network_alpha(alpha_model, source, target, band_size=band_size, sigma=sigma)
     v0 = jnp.zeros(band.coeff_shape, jnp.complex64)
     opts = dict(band=band, gamma=float(gamma), power=int(power), sigma=float(sigma), steps=int(steps),
                 iterations=int(iterations))

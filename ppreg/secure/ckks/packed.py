@@ -633,6 +633,16 @@ def n_chunks(m: int, params: CkksParameters = PACKED) -> int:
     return max(1, -(-int(m) // params.slots))
 
 
+def ciphertext_bytes(params: CkksParameters = PACKED, limbs: int | None = None) -> int:
+    """An upper bound on one serialized ciphertext of a query: two polynomials of ``N`` words per
+    data-level modulus (the special prime excluded; or ``limbs`` moduli, e.g. all of them for a
+    public key), SEAL's 16-byte header and member fields, and zstd's worst-case expansion
+    (``1/128`` plus a frame header)."""
+    limbs = len(params.coeff_mod_bit_sizes) - 1 if limbs is None else int(limbs)
+    raw = 2 * params.poly_modulus_degree * 8 * limbs + 256
+    return 16 + raw + raw // 128 + 512
+
+
 def pack_ciphertexts(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """``(sizes uint64 (k,), bytes uint8)``: serialized ciphertexts in one message."""
     return (np.asarray([len(b) for b in blobs], np.uint64),

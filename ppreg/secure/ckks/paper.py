@@ -32,11 +32,46 @@ times the values; in double precision this would cost 40 bits), and returns its 
 double-double pairs; the masking party subtracts the decoded mask exactly. Precision is the
 CKKS noise (no measurable cost of the mask).
 
+Parties. :class:`PaperParty1` and :class:`PaperParty2` hold one party's state each (its own key,
+its own plaintext: party2's ``J`` and secret key never enter party1's object and vice versa);
+:class:`PaperProtocol` runs both in one process, in protocol order, and
+:mod:`ppreg.secure.ckks.remote` runs party2's half in the fixed process (``ppreg party --secure
+ckks --ckks-variant v1|v2``), with the same methods. Every received ciphertext is loaded from
+bytes only (TenSEAL's protobuf, never pickle) after a size bound (:func:`vector_bytes`,
+:func:`context_bytes`, from ``N`` and the moduli) and a check of its count, size and data level
+(:meth:`_Raw.parse`); anything else is a :class:`~ppreg.secure.net.channel.ProtocolError`.
+
+What each party receives (``n`` voxels or samples, ``P`` parameters, ``slots = 4096``):
+
+* v1, party1: once per session party2's public context (public key and 24 Galois keys, about 34 MB)
+  and once per level ``ceil(n / 128)`` ciphertexts of ``J`` under party2's key (semantically
+  secure: nothing); per iteration ``P`` numbers, ``R`` (its output: ``P`` linear functionals of
+  ``J`` with coefficients ``S`` party1 computed). Party2: per iteration one ciphertext of ``P``
+  values under its own key, which it decrypts: ``R / alpha`` plus party1's mask, 2^40 times wider
+  (statistical distance ``2^-40``): nothing of ``S`` or ``R``.
+* v2, party1: once per level (URS: per iteration) ``ceil(ceil(n/2) / (slots / P))`` ciphertexts of
+  ``replicate_P(J_1)`` under party2's key (nothing); per iteration one ciphertext under its own key
+  which it decrypts, ``S_2 ⊙ J_2`` per slot plus party2's mask (``2^-40``: nothing), and party2's
+  share, ``P`` double-doubles that complete ``R``: ``P`` numbers. Party2: per iteration ``e``
+  (one integer, ``ceil log2 max |S|``), ``ceil(floor(n/2) / (slots / P))`` ciphertexts of ``S_2``
+  under party1's key (nothing), and one ciphertext under its own key which it decrypts,
+  ``S_1 ⊙ J_1`` per slot plus party1's mask (``2^-40``: nothing).
+
+Can iterations be combined to solve for the other's image? Party2: no; it sees only masked values
+and (v2) one exponent per iteration. Party1: it receives ``P`` exact linear functionals of ``J``
+per iteration, as in the packed variant and MPC (with an honest ``S``, ``P x iterations`` of them
+against ``n`` unknowns: no unique solution at any documented setting; a deviating party1 that
+chooses ``S`` needs ``n / P`` iterations, bounded by party2's ``max_revealed_per_voxel``,
+``max_iterations`` and ``max_levels``, counted by its :class:`~ppreg.secure.policy.Guard`).
+
 Threat model: semi-honest, as the paper. The decrypting party decrypts what the other sends, so
-a deviating peer can send crafted ciphertexts and read linear functionals of the key; v1/v2 take
-exactly the expected ciphertexts (count, level, size) per query and at most ``max_queries``
-queries per session, which bounds but does not prevent this. Against a deviating party1 use the
-packed variant (:mod:`ppreg.secure.ckks.packed`: no key at party2).
+a deviating peer can send crafted ciphertexts and read linear functionals of the key from the
+reply, and with the key decrypt ``J`` (v1, v2) or ``S_2`` (v2, party2 against party1); each party
+takes exactly the expected ciphertexts (count, level, size) per query, checks that every decrypted
+coefficient lies in the masked range, and answers at most ``max_queries`` queries per session
+(a fresh key per session), which bounds but does not prevent this. Party2 therefore runs v1/v2
+only if its policy lists them (``ckks_variants``, default ``["packed"]``); against a deviating
+party1 use the packed variant (:mod:`ppreg.secure.ckks.packed`: no key at party2).
 
 Source: Taiello et al. 2024 (MedIA 94, 103129), Section 5.4.2, Fig. 1b, A4; Benaissa et
 al. 2021 (TenSEAL), vector-matrix product.
@@ -50,7 +85,8 @@ import numpy as np
 
 from ..net.channel import Channel, ProtocolError
 from .packed import (DEFAULT_MAX_QUERIES, STATISTICAL_SECURITY_BITS, VALUE_BOUND, CkksParameters, _Seal, addmod,
-                   dd_add, dd_neg, dd_sum, mulmod, power_of_two, require_tenseal, uniform_integers)
+                     ciphertext_bytes, dd_add, dd_neg, dd_sum, mulmod, power_of_two, require_tenseal,
+                     uniform_integers)
 
 POLY_MODULUS_DEGREE = 8192
 # v1 adds this public constant to every entry of S / alpha (party2 subtracts V1_OFFSET sum(J) from each
@@ -61,6 +97,10 @@ COEFF_MOD_BIT_SIZES = (60, 40, 40, 60)
 SCALE_BITS = 40
 PAPER = CkksParameters(POLY_MODULUS_DEGREE, COEFF_MOD_BIT_SIZES, SCALE_BITS, SCALE_BITS)
 V1_MAX_ROWS = 2**16  # v1's mask (2^40 times a bound growing with the rows) must fit q0 q1 ~ 2^100
+VARIANTS = ("v1", "v2")
+DEFAULT_PARTITION = 128  # v1's sub-array length D (the paper's); over processes always this one
+# Galois keys of SEAL's default set (rotations by +-2^i, i < log2(N/2)): TenSEAL's generate_galois_keys()
+GALOIS_KEYS = 2 * (POLY_MODULUS_DEGREE.bit_length() - 2)
 
 
 def mask_bound(count: int = 1) -> tuple[int, int]:
@@ -292,13 +332,424 @@ class _Partitions(list):
         self.label = label
 
 
+class _Replicated(list):
+    """v2: party1's copy of party2's encrypted ``replicate_P(J_1)`` chunks of an ``m``-value image, ``P`` columns."""
+
+    def __init__(self, m: int, p: int, items):
+        super().__init__(items)
+        self.m, self.p = m, p
+
+
 def _column_sums(slots, p: int, rows: int):
     """Exact (double-double) sums of the ``rows x p`` leading slots per column (row-major)."""
     return dd_sum((slots[0][: rows * p].reshape(rows, p), slots[1][: rows * p].reshape(rows, p)), axis=0)
 
 
+def _check_variant(variant: str, partition: int) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown paper variant {variant!r}; expected one of {VARIANTS}")
+    if not 1 <= int(partition) <= POLY_MODULUS_DEGREE // 2:
+        raise ValueError(f"partition must be in [1, {POLY_MODULUS_DEGREE // 2}], got {partition}")
+
+
+def _tenseal():
+    require_tenseal()
+    import tenseal
+
+    return tenseal
+
+
+def v1_partitions(n: int, partition: int = DEFAULT_PARTITION) -> int:
+    """v1: the ciphertexts (sub-arrays of ``partition`` values) of an ``n``-value image (public)."""
+    return -(-int(n) // int(partition))
+
+
+def v2_layout(m: int, p: int) -> tuple[int, int, int, int]:
+    """v2 over ``m`` rows and ``P = p`` columns: ``(half, rows, chunks of S_1 / J_1, chunks of S_2 / J_2)``
+    with ``half = ceil(m / 2)`` rows in the first half and ``rows = slots // P`` rows per ciphertext."""
+    half = -(-int(m) // 2)
+    rows = POLY_MODULUS_DEGREE // 2 // int(p)
+    return half, rows, -(-half // rows), -(-(int(m) - half) // rows)
+
+
+def context_bytes(galois: bool) -> int:
+    """An upper bound on a serialized public context (bytes): the public key (two polynomials over every
+    modulus) and, with ``galois``, SEAL's default Galois keys (:data:`GALOIS_KEYS`, each ``len(data moduli)``
+    key-switching ciphertexts over every modulus), each with zstd's worst-case expansion."""
+    limbs = len(COEFF_MOD_BIT_SIZES)
+    keys = 1 + (GALOIS_KEYS * (limbs - 1) if galois else 0)
+    return 4096 + keys * ciphertext_bytes(PAPER, limbs)
+
+
+def vector_bytes() -> int:
+    """An upper bound on one serialized CKKS vector (one fresh ciphertext over the data moduli, plus TenSEAL's
+    protobuf fields)."""
+    return ciphertext_bytes(PAPER) + 256
+
+
+def _context_from_wire(ts, data, *, galois: bool, what: str):
+    """A peer's public context from its bytes: size bounded by :func:`context_bytes`, no secret key, a
+    public key (and Galois keys for v1), and :data:`PAPER`'s parameters (checked on an encryption of zero).
+
+    Raises:
+        ProtocolError: anything else.
+    """
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 1 or not 0 < data.size <= context_bytes(galois):
+        raise ProtocolError(f"{what}: {data.dtype} {data.shape}, expected at most {context_bytes(galois)} bytes")
+    try:
+        ctx = ts.context_from(data.tobytes())
+    except Exception as exc:  # TenSEAL raises bare exceptions for malformed data
+        raise ProtocolError(f"{what}: cannot load a CKKS context ({str(exc)[:200]})") from None
+    if ctx.is_private() or not ctx.has_public_key() or (galois and not ctx.has_galois_keys()):
+        raise ProtocolError(f"{what}: expected a public context with a public key"
+                            f"{' and Galois keys' if galois else ''}, without a secret key")
+    _Raw().parse(ts.ckks_vector(ctx, [0.0]).serialize(), size=1, level=0, what=f"{what} (parameters)")
+    ctx.global_scale = 2.0**SCALE_BITS
+    return ctx
+
+
+def _vector_bytes(data, what: str) -> bytes:
+    """The bytes of one serialized CKKS vector from the wire: uint8, at most :func:`vector_bytes`."""
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 1 or data.size > vector_bytes():
+        raise ProtocolError(f"{what}: {data.dtype} {data.shape}, expected one ciphertext of at most "
+                            f"{vector_bytes()} bytes")
+    return data.tobytes()
+
+
+def _vector_from_wire(ts, ctx, raw: "_Raw", data, *, size: int, level: int, what: str):
+    """A peer's CKKS vector: at most :func:`vector_bytes`, one two-part ciphertext of ``size`` values at
+    data level ``level`` (checked on the raw bytes first), then loaded by TenSEAL (never pickled)."""
+    raw.parse(_vector_bytes(data, what), size=size, level=level, what=what)
+    return _from_wire(ts, ctx, data)
+
+
+class _Party:
+    """What both halves hold: the variant, the channel, the v1 partition, a query cap, the scale ratio."""
+
+    def __init__(self, variant: str, channel: Channel, partition: int, max_queries: int):
+        _check_variant(variant, partition)
+        self.ts = _tenseal()
+        self.variant, self.channel, self.partition = variant, channel, int(partition)
+        self.max_queries, self.queries = int(max_queries), 0
+        self.ratio = _scale_ratio()
+
+    def _count(self, what: str) -> None:
+        """Count one decryption (ProtocolError past ``max_queries``)."""
+        if self.queries >= self.max_queries:
+            raise ProtocolError(f"{what} at most {self.max_queries} CKKS queries per session")
+        self.queries += 1
+
+
+class PaperParty2(_Party):
+    """Party2 (fixed image ``J``) of v1 or v2: its own fresh CKKS key pair, decrypts masked values only.
+
+    Args:
+        variant: ``"v1"`` or ``"v2"``.
+        channel: the measured channel.
+        partition: v1 sub-array length ``D``.
+        max_queries: queries it answers (decryptions) per session at most.
+
+    Per query party2 receives (v1) one ciphertext of ``P`` values at data level 1 under its own key, or
+    (v2) ``e`` (one int32), ``ceil((m - ceil(m/2)) / (slots / P))`` ciphertexts under party1's key at level 0
+    and one of ``slots`` values under its own at level 1; anything else is a :class:`ProtocolError`.
+
+    Raises:
+        ImportError: TenSEAL missing. ValueError: unknown variant or partition.
+    """
+
+    def __init__(self, variant: str, channel: Channel, *, partition: int = DEFAULT_PARTITION,
+                 max_queries: int = DEFAULT_MAX_QUERIES):
+        super().__init__(variant, channel, partition, max_queries)
+        self.ctx = self.raw = self.peer = None
+        self._values: dict[str, tuple[np.ndarray, str]] = {}  # label -> (J, phase)
+        self._partitions: dict[str, int] = {}  # v1: label -> ciphertexts sent
+        self._replicated: dict[tuple[str, int], int] = {}  # v2: (label, P) -> chunks of replicate_P(J_1) sent
+
+    def send_context(self) -> None:
+        """Offline: draw this session's key pair and send the public context (v1: with Galois keys)."""
+        if self.ctx is not None:
+            raise ProtocolError("party2 already drew its CKKS key for this session")
+        self.ctx = _new_context(self.ts, galois=self.variant == "v1")
+        self.raw = _Raw(self.ctx)
+        self.channel.send("party2", "party1", "ckks/context", _public_bytes(self.ctx), phase="offline")
+
+    def receive_context(self) -> None:
+        """v2, offline: party1's public context (:func:`_context_from_wire`).
+
+        Raises:
+            ProtocolError: v1, a second context, or a malformed one.
+        """
+        if self.variant != "v2" or self.peer is not None:
+            raise ProtocolError(f"party2: party1 sends one public context in v2 only ({self.variant})")
+        self.peer = _context_from_wire(self.ts, self.channel.recv("party2", "party1", "ckks/context"), galois=False,
+                                       what="party1's CKKS context")
+
+    def prepare_image(self, label: str, values, phase: str = "offline") -> int:
+        """Keep ``J`` (float ``(m,)``, ``|J| <= 1``) for queries under ``label``; v1 also encrypts it in
+        sub-arrays of ``partition`` values and sends them (``label/i``, ``phase``). Returns the v1 sub-array
+        count, or ``m`` (v2).
+
+        Raises:
+            ValueError: non-finite values or ``|J| > 1`` (the public intensity bound).
+        """
+        values = np.asarray(values, np.float64).ravel()
+        if not np.all(np.isfinite(values)) or (values.size and np.max(np.abs(values)) > VALUE_BOUND):
+            raise ValueError("party2's image must be finite and scaled into [-1, 1] before the protocol")
+        self._values[label] = (values, phase)
+        if self.variant == "v2":
+            return values.size
+        d, count = self.partition, v1_partitions(values.size, self.partition)
+        for i in range(count):
+            vec = self.ts.ckks_vector(self.ctx, values[i * d:(i + 1) * d].tolist())
+            self.channel.send("party2", "party1", f"{label}/{i}", _to_wire(vec), phase=phase)
+        self._partitions[label] = count
+        return count
+
+    def send_replicated(self, label: str, image: str, p: int) -> int:
+        """v2: encrypt ``replicate_P(J_1)`` of ``image`` under party2's key and send it (``label/J1/c``, in the
+        phase the image was prepared in). Returns the chunk count."""
+        values, phase = self._image(image)
+        half, rows, chunks, _ = v2_layout(values.size, p)
+        rep = np.repeat(values[:half], p)
+        for c in range(chunks):
+            vec = self.ts.ckks_vector(self.ctx, _padded(rep, c, rows * p))
+            self.channel.send("party2", "party1", f"{label}/J1/{c}", _to_wire(vec), phase=phase)
+        self._replicated[(image, int(p))] = chunks
+        return chunks
+
+    def forget(self, label: str) -> None:
+        """Drop the image ``label`` (a per-iteration sample)."""
+        self._values.pop(label, None)
+        self._partitions.pop(label, None)
+        for key in [k for k in self._replicated if k[0] == label]:
+            del self._replicated[key]
+
+    def _image(self, label: str):
+        try:
+            return self._values[label]
+        except KeyError:
+            raise ProtocolError(f"party2 holds no CKKS image {label!r}") from None
+
+    def respond(self, label: str, image: str, p: int, *, offset: float | None = None,
+                weight_bound: float | None = None) -> None:
+        """Answer one query on ``image`` for ``p`` columns (public): decrypt party1's masked ciphertext(s) and
+        return party2's double-double share ``(2, P)``; ``offset`` (party2's, private) is added to column 0,
+        normalised by the public ``weight_bound`` (v1) or party1's ``e`` (v2).
+
+        Raises:
+            ProtocolError: the query cap is reached, an unknown image, a ciphertext of the wrong count, size,
+                level or encoding, or a decryption outside the masked range.
+        """
+        if self.ctx is None or (self.variant == "v2" and self.peer is None):
+            raise ProtocolError("party2: a CKKS query before the contexts were exchanged")
+        values, _ = self._image(image)
+        if offset is not None and weight_bound is None:
+            raise ValueError("a query with an offset needs the public bound of its weights")
+        self._count("party2 answers")
+        if self.variant == "v1":
+            self._respond_v1(label, image, values, int(p), offset, weight_bound)
+        else:
+            self._respond_v2(label, image, values, int(p), offset)
+
+    def _respond_v1(self, label, image, values, p, offset, weight_bound):
+        if image not in self._partitions:
+            raise ProtocolError(f"party2: image {image!r} was not encrypted for v1")
+        rows = self._partitions[image] * self.partition
+        x, bound = mask_bound(rows)
+        data = _vector_bytes(self.channel.recv("party2", "party1", label), f"CKKS query {label}")
+        ct, scale, _ = self.raw.parse(data, size=p, level=1, what=f"CKKS query {label}")
+        slots = self.raw.decrypt(ct, 1, scale, bound + 2 * x, f"CKKS query {label}")
+        masked = _dd_slots(slots[0], p)
+        own = -V1_OFFSET * float(np.sum(values)) * self.ratio  # its own J: see V1_OFFSET
+        masked = dd_add(masked, (np.full(p, own), np.zeros(p)))
+        if offset is not None:
+            extra = np.zeros(p)
+            extra[0] = offset / power_of_two(weight_bound) * self.ratio
+            masked = dd_add(masked, (extra, np.zeros(p)))
+        self.channel.send("party2", "party1", label, _dd_to_wire(masked))
+
+    def _respond_v2(self, label, image, values, p, offset):
+        ts, m = self.ts, values.size
+        half, rows, chunks1, chunks2 = v2_layout(m, p)
+        if self._replicated.get((image, p)) != chunks1:
+            raise ProtocolError(f"party2: replicate_P(J_1) of {image!r} for {p} columns was not sent")
+        exponent = np.asarray(self.channel.recv("party2", "party1", f"{label}/exponent"))
+        if exponent.dtype != np.int32 or exponent.shape != (1,) or not -200 <= int(exponent[0]) <= 200:
+            raise ProtocolError(f"CKKS query {label}: malformed exponent {exponent.dtype} {exponent.shape}")
+        exponent = int(exponent[0])
+        j2 = np.repeat(values[half:], p)
+        acc2 = None
+        for c in range(chunks2):
+            what = f"CKKS query {label}/S2/{c}"
+            vec = _vector_from_wire(ts, self.peer, self.raw, self.channel.recv("party2", "party1", f"{label}/S2/{c}"),
+                                    size=rows * p, level=0, what=what)
+            prod = vec * _padded(j2, c, rows * p)
+            acc2 = prod if acc2 is None else acc2 + prod
+        acc2 = _rerandomised(ts, self.peer, acc2, rows * p)
+        _, bound2 = mask_bound(max(chunks2, 1))
+        level2 = 1 if chunks2 else 0  # no S_2 rows: acc2 is the fresh zero, unmultiplied
+        wire2, mask2 = self.raw.masked(acc2, size=rows * p, level=level2, bound=bound2)
+        self.channel.send("party2", "party1", f"{label}/R2", wire2)
+        x1, bound1 = mask_bound(chunks1)
+        data = _vector_bytes(self.channel.recv("party2", "party1", f"{label}/R1"), f"CKKS query {label}/R1")
+        values1, scale1, _ = self.raw.parse(data, size=rows * p, level=1, what=f"CKKS query {label}/R1")
+        r1 = _column_sums(self.raw.decrypt(values1, 1, scale1, bound1 + x1, f"CKKS query {label}/R1")[0], p, rows)
+        reply = dd_add(r1, dd_neg(_column_sums(mask2[0], p, rows)))
+        if offset is not None:
+            extra = np.zeros(p)
+            extra[0] = offset / 2.0**exponent * self.ratio
+            reply = dd_add(reply, (extra, np.zeros(p)))
+        self.channel.send("party2", "party1", label, _dd_to_wire(reply))
+
+
+class PaperParty1(_Party):
+    """Party1 (moving image, the weights ``S``) of v1 or v2.
+
+    Args:
+        variant: ``"v1"`` or ``"v2"``.
+        channel: the measured channel.
+        partition: v1 sub-array length ``D``.
+        max_queries: v2: replies it decrypts per session at most.
+
+    Raises:
+        ImportError: TenSEAL missing. ValueError: unknown variant or partition.
+    """
+
+    def __init__(self, variant: str, channel: Channel, *, partition: int = DEFAULT_PARTITION,
+                 max_queries: int = DEFAULT_MAX_QUERIES):
+        super().__init__(variant, channel, partition, max_queries)
+        self.ctx, self.raw, self.peer = None, _Raw(), None
+        self._pending: dict[str, tuple] = {}
+
+    def receive_context(self) -> None:
+        """Offline: party2's public context (v1: with Galois keys; :func:`_context_from_wire`)."""
+        if self.peer is not None:
+            raise ProtocolError("party1: a second CKKS context from party2")
+        self.peer = _context_from_wire(self.ts, self.channel.recv("party1", "party2", "ckks/context"),
+                                       galois=self.variant == "v1", what="party2's CKKS context")
+
+    def send_context(self) -> None:
+        """v2, offline: draw this session's key pair and send the public context."""
+        if self.variant != "v2" or self.ctx is not None:
+            raise ValueError("party1 sends one public context, in v2 only")
+        self.ctx = _new_context(self.ts, galois=False)
+        self.raw = _Raw(self.ctx)
+        self.channel.send("party1", "party2", "ckks/context", _public_bytes(self.ctx), phase="offline")
+
+    def receive_image(self, label: str, n: int) -> _Partitions:
+        """v1: party2's ``ceil(n / D)`` encrypted sub-arrays of an ``n``-value image (each checked)."""
+        d, count = self.partition, v1_partitions(n, self.partition)
+        items = [_vector_from_wire(self.ts, self.peer, self.raw, self.channel.recv("party1", "party2", f"{label}/{i}"),
+                                   size=min(d, int(n) - i * d), level=0, what=f"CKKS image {label}/{i}")
+                 for i in range(count)]
+        return _Partitions(label, items)
+
+    def receive_replicated(self, label: str, m: int, p: int) -> _Replicated:
+        """v2: party2's encrypted ``replicate_P(J_1)`` of an ``m``-value image for ``p`` columns (each checked)."""
+        _, rows, chunks, _ = v2_layout(m, p)
+        items = [_vector_from_wire(self.ts, self.peer, self.raw,
+                                   self.channel.recv("party1", "party2", f"{label}/J1/{c}"), size=rows * p, level=0,
+                                   what=f"CKKS image {label}/J1/{c}")
+                 for c in range(chunks)]
+        return _Replicated(int(m), int(p), items)
+
+    def query(self, label: str, image, weights, *, weight_bound: float | None = None) -> None:
+        """Send the query for ``R = weights^T J`` (``weights`` float ``(m, P)``) against ``image``
+        (:meth:`receive_image` or :meth:`receive_replicated`); ``weight_bound``: the public bound of
+        ``|weights|`` of a query whose reply carries party2's offset (v1 normalises by it).
+
+        Raises:
+            ValueError: non-finite weights, weights above ``weight_bound``, or a shape that does not fit the image.
+        """
+        weights = np.asarray(weights, np.float64)
+        if weights.ndim != 2 or not np.all(np.isfinite(weights)):
+            raise ValueError("weights must be a finite (m, P) array")
+        top = float(np.max(np.abs(weights), initial=0.0))
+        if weight_bound is not None and top > weight_bound:
+            raise ValueError(f"weights up to {top} exceed the public bound {weight_bound}")
+        if self.variant == "v1":
+            self._query_v1(label, image, weights, top if weight_bound is None else weight_bound)
+        else:
+            self._query_v2(label, image, weights, top)
+
+    def _query_v1(self, label, image, weights, bound):
+        ts, d = self.ts, self.partition
+        m, p = weights.shape
+        if m > len(image) * d:
+            raise ValueError(f"{m} weight rows but {len(image) * d} encrypted values")
+        if len(image) * d > V1_MAX_ROWS:
+            raise ValueError(f"v1 masks at most {V1_MAX_ROWS} rows (the mask range must fit the modulus)")
+        alpha = power_of_two(bound)  # entries of S / alpha of modulus <= 1 (public for an offset query)
+        acc = None
+        for i, enc in enumerate(image):
+            block = weights[i * d:(i + 1) * d] / alpha
+            rows = enc.size()
+            padded = np.full((rows, p), V1_OFFSET)  # every diagonal non-zero: see V1_OFFSET
+            padded[: block.shape[0]] += block
+            # DotProduct (Benaissa et al. 2021): the vector-matrix product, or a dot product for one column
+            prod = enc.dot(padded[:, 0].tolist()) if p == 1 else enc.matmul(padded.tolist())
+            acc = prod if acc is None else acc + prod
+        acc = _rerandomised(ts, self.peer, acc, p)
+        _, mask_range = mask_bound(len(image) * d)  # each slot: at most one entry of S / alpha per row
+        wire, mask = self.raw.masked(acc, size=p, level=1, bound=mask_range)
+        self._pending[label] = (weights, p, alpha, mask, None)
+        self.channel.send("party1", "party2", label, wire)
+
+    def _query_v2(self, label, image, weights, top):
+        ts = self.ts
+        m, p = weights.shape
+        if (m, p) != (image.m, image.p):
+            raise ValueError(f"a ({m}, {p}) query on replicate_P(J_1) of ({image.m}, {image.p})")
+        half, rows, _, chunks2 = v2_layout(m, p)
+        exponent = math.ceil(math.log2(max(top, 2.0**-30)))
+        scaled = weights / 2.0**exponent  # entries of modulus <= 1
+        flat1, flat2 = scaled[:half].ravel(), scaled[half:].ravel()
+        self.channel.send("party1", "party2", f"{label}/exponent", np.asarray([exponent], np.int32))
+        for c in range(chunks2):  # party1 encrypts flatten(S_2) under its own key
+            vec = ts.ckks_vector(self.ctx, _padded(flat2, c, rows * p))
+            self.channel.send("party1", "party2", f"{label}/S2/{c}", _to_wire(vec))
+        acc1 = None
+        for c, enc in enumerate(image):
+            prod = enc * _padded(flat1, c, rows * p)
+            acc1 = prod if acc1 is None else acc1 + prod
+        acc1 = _rerandomised(ts, self.peer, acc1, rows * p)
+        _, bound1 = mask_bound(len(image))
+        wire1, mask1 = self.raw.masked(acc1, size=rows * p, level=1, bound=bound1)
+        self._pending[label] = (weights, p, 2.0**exponent, _column_sums(mask1[0], p, rows), (rows, chunks2))
+        self.channel.send("party1", "party2", f"{label}/R1", wire1)
+
+    def finish(self, label: str, *, offset_bound: float = 0.0) -> np.ndarray:
+        """Receive party2's reply (v2: and decrypt its masked ``R_2``) and reveal ``R`` (float64 ``(P,)``).
+
+        Raises:
+            ProtocolError: a malformed reply or ciphertext, the query cap, or a decryption out of range.
+            ValueError: a result out of range (keys of different contexts).
+        """
+        weights, p, alpha, mask, v2 = self._pending.pop(label)
+        if v2 is None:
+            reply = _dd_from_wire(self.channel.recv("party1", "party2", label), p, f"CKKS reply {label}")
+            diff = dd_add(reply, dd_neg(_dd_slots(mask[0], p)))
+        else:
+            self._count("party1 decrypts the replies of")
+            rows, chunks2 = v2
+            x2, bound2 = mask_bound(max(chunks2, 1))
+            level2 = 1 if chunks2 else 0
+            data = _vector_bytes(self.channel.recv("party1", "party2", f"{label}/R2"), f"CKKS reply {label}/R2")
+            values2, scale2, _ = self.raw.parse(data, size=rows * p, level=level2, what=f"CKKS reply {label}/R2")
+            r2 = _column_sums(self.raw.decrypt(values2, level2, scale2, bound2 + x2, f"CKKS reply {label}/R2")[0],
+                              p, rows)
+            reply = _dd_from_wire(self.channel.recv("party1", "party2", label), p, f"CKKS reply {label}")
+            diff = dd_add(dd_add(r2, reply), dd_neg(mask))
+        r = (diff[0] + diff[1]) / self.ratio * alpha
+        return _checked(r, weights, offset_bound)
+
+
 class PaperProtocol:
-    """v1 or v2 for one session: both parties' state and steps (see module docstring).
+    """v1 or v2 with both parties in this process (``register(secure="ckks", ckks_variant="v1"|"v2")``):
+    :class:`PaperParty1` and :class:`PaperParty2` in protocol order over the measured channel, each step
+    timed for its party (over processes: :mod:`ppreg.secure.ckks.remote`).
 
     Args:
         variant: ``"v1"`` or ``"v2"``.
@@ -307,203 +758,57 @@ class PaperProtocol:
         max_queries: queries each decrypting party answers per session at most.
     """
 
-    def __init__(self, variant: str, channel: Channel, *, partition: int = 128,
+    def __init__(self, variant: str, channel: Channel, *, partition: int = DEFAULT_PARTITION,
                  max_queries: int = DEFAULT_MAX_QUERIES):
-        if variant not in ("v1", "v2"):
-            raise ValueError(f"unknown paper variant {variant!r}")
-        if not 1 <= int(partition) <= POLY_MODULUS_DEGREE // 2:
-            raise ValueError(f"partition must be in [1, {POLY_MODULUS_DEGREE // 2}], got {partition}")
-        require_tenseal()
-        import tenseal
+        self.variant = variant
+        self.party2 = PaperParty2(variant, channel, partition=partition, max_queries=max_queries)
+        self.party1 = PaperParty1(variant, channel, partition=partition, max_queries=max_queries)
+        self._replicated: dict[tuple[str, int], _Replicated] = {}
 
-        self.ts = tenseal
-        self.variant, self.channel = variant, channel
-        self.partition = int(partition)
-        self.max_queries, self.queries = int(max_queries), {"party1": 0, "party2": 0}
-        self.slots = POLY_MODULUS_DEGREE // 2
-        self.ratio = _scale_ratio()
-        self._p2_values: dict[str, np.ndarray] = {}
-        self._p2_encrypted: dict[tuple, list] = {}
-
-    def _count(self, party: str) -> None:
-        if self.queries[party] >= self.max_queries:
-            raise ProtocolError(f"{party} answers at most {self.max_queries} CKKS queries per session")
-        self.queries[party] += 1
-
-    # --- offline: contexts ---
     def setup(self, session):
-        ts = self.ts
         with session.timed("party2"):
-            self.ctx2 = _new_context(ts, galois=self.variant == "v1")
-            self.raw2 = _Raw(self.ctx2)
-            self.channel.send("party2", "party1", "ckks/context", _public_bytes(self.ctx2), phase="offline")
+            self.party2.send_context()
         with session.timed("party1"):
-            self.pub2 = ts.context_from(self.channel.recv("party1", "party2", "ckks/context").tobytes())
-            self.raw1 = _Raw()
+            self.party1.receive_context()
         if self.variant == "v2":
             with session.timed("party1"):
-                self.ctx1 = _new_context(ts, galois=False)
-                self.raw1 = _Raw(self.ctx1)
-                self.channel.send("party1", "party2", "ckks/context", _public_bytes(self.ctx1), phase="offline")
+                self.party1.send_context()
             with session.timed("party2"):
-                self.pub1 = ts.context_from(self.channel.recv("party2", "party1", "ckks/context").tobytes())
+                self.party2.receive_context()
 
     def encrypt_image(self, session, label, values, phase):
         """v1: party2 encrypts and sends the sub-arrays; v2: party2 keeps ``J`` (encrypted at first use)."""
-        values = np.asarray(values, np.float64).ravel()
         with session.timed("party2"):
-            if not np.all(np.isfinite(values)) or (values.size and np.max(np.abs(values)) > VALUE_BOUND):
-                raise ValueError("party2's image must be finite and scaled into [-1, 1] before the protocol")
-            self._p2_values[label] = values
-            if self.variant == "v2":
-                return label
-            d = self.partition
-            count = -(-values.size // d)
-            for i in range(count):
-                vec = self.ts.ckks_vector(self.ctx2, values[i * d:(i + 1) * d].tolist())
-                self.channel.send("party2", "party1", f"{label}/{i}", _to_wire(vec), phase=phase)
+            self.party2.prepare_image(label, values, phase)
+        if self.variant == "v2":
+            return label
         with session.timed("party1"):
-            received = [self.channel.recv("party1", "party2", f"{label}/{i}") for i in range(count)]
-            return _Partitions(label, [_from_wire(self.ts, self.pub2, data) for data in received])
+            return self.party1.receive_image(label, np.size(values))
 
     def release(self, label):
         """Forget the per-iteration image ``label`` (both parties' copies)."""
-        self._p2_values.pop(label, None)
-        for key in [k for k in self._p2_encrypted if k[0] == label]:
-            del self._p2_encrypted[key]
+        self.party2.forget(label)
+        for key in [k for k in self._replicated if k[0] == label]:
+            del self._replicated[key]
 
     def product(self, session, label, image, weights, offset=None, offset_bound=0.0, weight_bound=None):
         weights = np.asarray(weights, np.float64)
         if offset is not None and weight_bound is None:
             raise ValueError("a query with an offset needs the public bound of its weights")
-        if self.variant == "v1":
-            return self._v1(session, label, image, weights, offset, offset_bound, weight_bound)
-        return self._v2(session, label, image, weights, offset, offset_bound)
-
-    # --- v1 ---
-    def _v1(self, session, label, image, weights, offset, offset_bound, weight_bound):
-        ts, d = self.ts, self.partition
         m, p = weights.shape
+        if self.variant == "v2":
+            key = (image, p)
+            if key not in self._replicated:  # replicate_P(J_1), once per level (URS: once per iteration)
+                with session.timed("party2"):
+                    self.party2.send_replicated(label, image, p)
+                with session.timed("party1"):
+                    self._replicated[key] = self.party1.receive_replicated(label, m, p)
+            handle, own = self._replicated[key], image
+        else:
+            handle, own = image, image.label
         with session.timed("party1"):
-            if m > len(image) * d:
-                raise ValueError(f"{m} weight rows but {len(image) * d} encrypted values")
-            if len(image) * d > V1_MAX_ROWS:
-                raise ValueError(f"v1 masks at most {V1_MAX_ROWS} rows (the mask range must fit the modulus)")
-            # entries of S / alpha of modulus <= 1; public for an offset query (party2 scales its offset by it)
-            alpha = power_of_two(float(np.max(np.abs(weights), initial=0.0)) if offset is None else weight_bound)
-            acc = None
-            for i, enc in enumerate(image):
-                block = weights[i * d:(i + 1) * d] / alpha
-                rows = enc.size()
-                padded = np.full((rows, p), V1_OFFSET)  # every diagonal non-zero: see V1_OFFSET
-                padded[: block.shape[0]] += block
-                # DotProduct (Benaissa et al. 2021): the vector-matrix product, or a dot product for one column
-                prod = enc.dot(padded[:, 0].tolist()) if p == 1 else enc.matmul(padded.tolist())
-                acc = prod if acc is None else acc + prod
-            acc = _rerandomised(ts, self.pub2, acc, p)
-            _, bound = mask_bound(len(image) * d)  # each slot: at most one entry of S / alpha per row
-            wire, mask = self.raw1.masked(acc, size=p, level=1, bound=bound)
-            self.channel.send("party1", "party2", label, wire)
+            self.party1.query(label, handle, weights, weight_bound=weight_bound)
         with session.timed("party2"):
-            self._count("party2")
-            values, scale, _ = self.raw2.parse(self.channel.recv("party2", "party1", label), size=p, level=1,
-                                               what=f"CKKS query {label}")
-            x, bound = mask_bound(len(image) * d)
-            slots = self.raw2.decrypt(values, 1, scale, bound + 2 * x, f"CKKS query {label}")
-            masked = _dd_slots(slots[0], p)
-            own = -V1_OFFSET * float(np.sum(self._p2_values[image.label])) * self.ratio  # its own J
-            masked = dd_add(masked, (np.full(p, own), np.zeros(p)))
-            if offset is not None:
-                extra = np.zeros(p)
-                extra[0] = offset / alpha * self.ratio
-                masked = dd_add(masked, (extra, np.zeros(p)))
-            self.channel.send("party2", "party1", label, _dd_to_wire(masked))
+            self.party2.respond(label, own, p, offset=offset, weight_bound=weight_bound)
         with session.timed("party1"):
-            reply = _dd_from_wire(self.channel.recv("party1", "party2", label), p, f"CKKS reply {label}")
-            diff = dd_add(reply, dd_neg(_dd_slots(mask[0], p)))
-            r = (diff[0] + diff[1]) / self.ratio * alpha
-            return _checked(r, weights, offset_bound)
-
-    # --- v2 ---
-    def _v2(self, session, label, image, weights, offset, offset_bound):
-        ts = self.ts
-        m, p = weights.shape
-        rows = self.slots // p  # rows of S per ciphertext (flattened row-major: slot = row * P + column)
-        half = -(-m // 2)
-        chunks = lambda n_rows: range(-(-n_rows // rows))  # noqa: E731
-        key = (image, p)
-        with session.timed("party2"):
-            values = self._p2_values[image]
-            if values.size < m:
-                raise ValueError(f"{m} weight rows but {values.size} image values")
-            if key not in self._p2_encrypted:  # replicate_P(J_1), once per level (URS: once per iteration)
-                rep = np.repeat(values[:half], p)
-                for c in chunks(half):
-                    vec = ts.ckks_vector(self.ctx2, _padded(rep, c, rows * p))
-                    self.channel.send("party2", "party1", f"{label}/J1/{c}", _to_wire(vec))
-                self._p2_encrypted[key] = [None]
-                fresh = True
-            else:
-                fresh = False
-        with session.timed("party1"):
-            if fresh:
-                self._p2_encrypted[key] = [_from_wire(ts, self.pub2, self.channel.recv("party1", "party2",
-                                                                                        f"{label}/J1/{c}"))
-                                           for c in chunks(half)]
-            enc_j1 = self._p2_encrypted[key]
-            exponent = math.ceil(math.log2(max(float(np.max(np.abs(weights), initial=0.0)), 2.0**-30)))
-            scaled = weights / 2.0**exponent  # entries of modulus <= 1
-            flat1, flat2 = scaled[:half].ravel(), scaled[half:].ravel()
-            self.channel.send("party1", "party2", f"{label}/exponent", np.asarray([exponent], np.int32))
-            for c in chunks(m - half):  # party1 encrypts flatten(S_2) under its own key
-                vec = ts.ckks_vector(self.ctx1, _padded(flat2, c, rows * p))
-                self.channel.send("party1", "party2", f"{label}/S2/{c}", _to_wire(vec))
-            acc1 = None
-            for c, enc in enumerate(enc_j1):
-                prod = enc * _padded(flat1, c, rows * p)
-                acc1 = prod if acc1 is None else acc1 + prod
-            acc1 = _rerandomised(ts, self.pub2, acc1, rows * p)
-            _, bound1 = mask_bound(len(enc_j1))
-            wire1, mask1 = self.raw1.masked(acc1, size=rows * p, level=1, bound=bound1)
-            self.channel.send("party1", "party2", f"{label}/R1", wire1)
-        with session.timed("party2"):
-            self._count("party2")
-            exponent = int(self.channel.recv("party2", "party1", f"{label}/exponent")[0])
-            if not -200 <= exponent <= 200:
-                raise ProtocolError(f"CKKS query {label}: implausible exponent {exponent}")
-            j2 = np.repeat(values[half:m], p)
-            acc2 = None
-            for c in chunks(m - half):
-                data = self.channel.recv("party2", "party1", f"{label}/S2/{c}")
-                self.raw2.parse(data, size=rows * p, level=0, what=f"CKKS query {label}/S2/{c}")
-                prod = _from_wire(ts, self.pub1, data) * _padded(j2, c, rows * p)
-                acc2 = prod if acc2 is None else acc2 + prod
-            count2 = max(len(chunks(m - half)), 1)
-            acc2 = _rerandomised(ts, self.pub1, acc2, rows * p)
-            _, bound2 = mask_bound(count2)
-            level2 = 1 if m > half else 0  # no S_2 rows: acc2 is the fresh zero, unmultiplied
-            wire2, mask2 = self.raw2.masked(acc2, size=rows * p, level=level2, bound=bound2)
-            self.channel.send("party2", "party1", f"{label}/R2", wire2)
-            x1, bound1 = mask_bound(len(enc_j1))
-            values1, scale1, _ = self.raw2.parse(self.channel.recv("party2", "party1", f"{label}/R1"),
-                                                 size=rows * p, level=1, what=f"CKKS query {label}/R1")
-            r1 = _column_sums(self.raw2.decrypt(values1, 1, scale1, bound1 + x1, f"CKKS query {label}/R1")[0],
-                              p, rows)
-            reply = dd_add(r1, dd_neg(_column_sums(mask2[0], p, rows)))
-            if offset is not None:
-                extra = np.zeros(p)
-                extra[0] = offset / 2.0**exponent * self.ratio
-                reply = dd_add(reply, (extra, np.zeros(p)))
-            self.channel.send("party2", "party1", label, _dd_to_wire(reply))
-        with session.timed("party1"):
-            self._count("party1")
-            x2, bound2 = mask_bound(count2)
-            level2 = 1 if m > half else 0
-            values2, scale2, _ = self.raw1.parse(self.channel.recv("party1", "party2", f"{label}/R2"),
-                                                 size=rows * p, level=level2, what=f"CKKS reply {label}/R2")
-            r2 = _column_sums(self.raw1.decrypt(values2, level2, scale2, bound2 + x2, f"CKKS reply {label}/R2")[0],
-                              p, rows)
-            reply = _dd_from_wire(self.channel.recv("party1", "party2", label), p, f"CKKS reply {label}")
-            total = dd_add(dd_add(r2, reply), dd_neg(_column_sums(mask1[0], p, rows)))
-            r = (total[0] + total[1]) / self.ratio * 2.0**exponent
-            return _checked(r, weights, offset_bound)
+            return self.party1.finish(label, offset_bound=offset_bound)

@@ -1,5 +1,5 @@
-"""PPIR(FHE) over three processes (``ppreg party --secure ckks``): the packed protocol and the B-spline
-term with party2 in its own process.
+"""PPIR(FHE) over three processes (``ppreg party --secure ckks``): the packed protocol, the paper's v1 and
+v2, and the B-spline term with party2 in its own process.
 
 Party2's steps of the packed protocol (:mod:`ppreg.secure.ckks.packed`) are operation handlers
 of :mod:`ppreg.secure.roles`, announced by party1 through its
@@ -29,6 +29,24 @@ Operations (party2; the dealer takes part in none):
 - ``ckks_points`` (the fields of ``points``): party2's centred points stacked as its image
   (:mod:`ppreg.secure.ckks.points`), the product with party1's block weights, and ``q_bar``.
 
+The paper's v1 and v2 (:mod:`ppreg.secure.ckks.paper`, ``--ckks-variant v1|v2``; ssd with a linear
+transform; party2 holds its own fresh key, :class:`~ppreg.secure.ckks.paper.PaperParty2`). Party2 runs
+them only if its policy lists the variant (``ckks_variants``, default ``["packed"]``: ``ckks_setup``
+is refused naming the rule), because it decrypts what party1 sends (see the paper module):
+
+- ``ckks_setup`` (``variant``): party2 draws its key pair and sends its public context (v1: with
+  Galois keys); ``ckks_key`` (v2 only): party2 receives party1's public context.
+- ``ckks_level``: v1 encrypts the level (every level, URS too: party1 zeroes unsampled rows) and
+  sends ``ceil(n / 128)`` ciphertexts (offline); v2 keeps ``J`` and, for a whole level with a
+  transform, sends ``replicate_P(J_1)`` (offline).
+- ``ckks_sample`` (v2; ``label``, ``mask``, ``columns``, ``it`` optional): party2 sends
+  ``replicate_P(J_1)`` of iteration ``it``'s URS sample (drawn by party2 itself), or of the whole
+  level with ``columns`` 1 for the final error. Reveals nothing (party2's key).
+- ``ckks_query``: party2 decrypts party1's masked ciphertext(s) (exactly the expected count, size
+  and level; at most :data:`~ppreg.secure.ckks.packed.DEFAULT_MAX_QUERIES` per session) and returns
+  its share of ``R``: ``P`` numbers revealed (no pair rounding). ``ckks_ssd``: the same with
+  ``sum J^2`` added (public weight bound :data:`SSD_WEIGHT_BOUND`): one number.
+
 The B-spline term (:mod:`ppreg.secure.ckks.bspline`, ``--transform bspline``; party2 holds the key):
 
 - ``ckks_spline_setup`` (offline, once): party2 draws its own key pair (:class:`SplineParty2`, with its
@@ -54,7 +72,8 @@ chunks`` ciphertexts under its own key whose decryptions are statistically maske
 coefficient) and, with GMS, nothing of the sample indices (party1 sends zero rows).
 
 Frame limits (:func:`frame_bound`, added to :func:`ppreg.secure.policy.frame_limit` when the
-policy allows any CKKS operation): the largest CKKS frame is party1's query, at most
+policy allows any CKKS operation): v1/v2 (when the policy lists them) add :func:`paper_frame_bound`, a
+public context or one ciphertext; otherwise the largest CKKS frame is party1's query, at most
 ``ceil(12 / 2) x ceil(d voxels / slots)`` ciphertexts of at most :func:`ciphertext_bytes` each,
 or party1's public key, or party2's reply (``6 (N + 2)`` words), all from :data:`PACKED`, or a
 B-spline frame (:func:`spline_frame_bound`, from :data:`~ppreg.secure.ckks.bspline.SPLINE`).
@@ -69,30 +88,24 @@ import numpy as np
 from ...pointcloud import rigid_from_cross_covariance
 from ...transforms import n_params
 from ..net.channel import MAX_HEADER_BYTES, ProtocolError
-from ..policy import allows_any, register_frame_bound, register_operation
+from ..policy import CKKS_VARIANTS, DEFAULT, allows_any, register_frame_bound, register_operation
 from ..protocols.bspline import level_values, spline_config
 from ..protocols.points import centred_points
 from ..roles import _level_config, handler, key_to_json, urs_indices
 from ..session import final_mse
 from .bspline import SPLINE, SplineParty1, SplineParty2, finish, query_rows, respond, send_query, spline_map
-from .packed import DEFAULT_MAX_QUERIES, PACKED, CkksParameters, PackedParty1, PackedParty2, n_chunks
+from .paper import PaperParty1, PaperParty2, context_bytes, vector_bytes
+from .packed import (DEFAULT_MAX_QUERIES, PACKED, CkksParameters, PackedParty1, PackedParty2, ciphertext_bytes,
+                     n_chunks)
 from .points import block_weights
 from .session import CkksSession, offset_normaliser
 
 SPLINE_OPERATIONS = ("ckks_spline_setup", "ckks_spline_level", "ckks_spline_sample", "ckks_spline_query")
-OPERATIONS = ("ckks_setup", "ckks_key", "ckks_level", "ckks_query", "ckks_ssd", "ckks_points") + SPLINE_OPERATIONS
+OPERATIONS = ("ckks_setup", "ckks_key", "ckks_level", "ckks_query", "ckks_ssd", "ckks_points",
+              "ckks_sample") + SPLINE_OPERATIONS
 MAX_PAIRS = 6  # column pairs of a query: P <= 12 (3D affine); points: d^2 <= 9
 _ONCE = {"ckks_setup": "ckks/setup", "ckks_key": "ckks/key", "ckks_spline_setup": "ckks/spline_setup"}
-
-
-def ciphertext_bytes(params: CkksParameters = PACKED, limbs: int | None = None) -> int:
-    """An upper bound on one serialized ciphertext of a query: two polynomials of ``N`` words per
-    data-level modulus (the special prime excluded; or ``limbs`` moduli, e.g. all of them for a
-    public key), SEAL's 16-byte header and member fields, and zstd's worst-case expansion
-    (``1/128`` plus a frame header)."""
-    limbs = len(params.coeff_mod_bit_sizes) - 1 if limbs is None else int(limbs)
-    raw = 2 * params.poly_modulus_degree * 8 * limbs + 256
-    return 16 + raw + raw // 128 + 512
+SSD_WEIGHT_BOUND = 2.0  # the final error's public weight bound: |-2 I_w| <= 2
 
 
 def frame_bound(voxels: int, ndim: int, policy=None, params: CkksParameters = PACKED) -> int:
@@ -104,7 +117,20 @@ def frame_bound(voxels: int, ndim: int, policy=None, params: CkksParameters = PA
     query = MAX_PAIRS * n_chunks(int(ndim) * int(voxels), params) * ciphertext_bytes(params)
     key = len(params.coeff_mod_bit_sizes) * n * 8
     reply = MAX_PAIRS * (n + 2) * 8
-    return MAX_HEADER_BYTES + max(query, key, reply, spline_frame_bound(voxels, ndim, policy))
+    return MAX_HEADER_BYTES + max(query, key, reply, spline_frame_bound(voxels, ndim, policy),
+                                  paper_frame_bound(policy))
+
+
+def paper_frame_bound(policy=None) -> int:
+    """The largest frame (bytes, header excluded) of the paper's v1/v2 (:mod:`ppreg.secure.ckks.paper`), either
+    way; 0 unless ``policy`` allows one of them (``ckks_variants``). A public context (v1: with SEAL's Galois
+    keys, :func:`~ppreg.secure.ckks.paper.context_bytes`, about 38.6 MB at ``N = 8192``; v2: about 0.5 MB) or one
+    CKKS vector (:func:`~ppreg.secure.ckks.paper.vector_bytes`); replies are ``2 P`` float64. Independent of
+    the image size (every ciphertext is its own frame)."""
+    variants = (DEFAULT if policy is None else policy).ckks_variants
+    if not allows_any(policy, OPERATIONS) or not set(variants) & {"v1", "v2"}:
+        return 0
+    return max(context_bytes(galois="v1" in variants), vector_bytes())
 
 
 def spline_frame_bound(voxels: int, ndim: int, policy=None, params: CkksParameters = SPLINE) -> int:
@@ -134,11 +160,43 @@ def _check_once(guard, cmd):
     label = guard.new_label(cmd)
     if label != _ONCE[cmd["op"]]:
         guard.bad(cmd["op"], f"label {label[:40]!r} (expected {_ONCE[cmd['op']]!r})")
-    if cmd["op"] == "ckks_setup" and cmd.get("variant") != "packed":
-        guard.bad("ckks_setup", f"CKKS variant {str(cmd.get('variant'))[:20]!r} (over processes: 'packed')")
+    if cmd["op"] == "ckks_setup":  # party2's own choice of scheme: the variant its policy allows
+        variant = cmd.get("variant")
+        if variant not in CKKS_VARIANTS:
+            guard.bad("ckks_setup", f"CKKS variant {str(variant)[:20]!r} (expected one of {list(CKKS_VARIANTS)})")
+        if guard.policy is not None and variant not in guard.policy.ckks_variants:
+            guard.refuse("ckks_variants", f"CKKS variant {variant!r} is not allowed (allowed: "
+                                          f"{list(guard.policy.ckks_variants)}; in v1 and v2 party2 decrypts what "
+                                          "party1 sends)")
+        guard.ckks_variant = variant
+    if cmd["op"] == "ckks_key" and _variant(guard) == "v1":
+        guard.bad("ckks_key", "v1: party1 sends no key or context")
     if cmd["op"] == "ckks_spline_setup":  # refused early (no key pair) outside the policy's losses and transforms
         guard.require_loss("ssd")
         guard.require_transform("bspline")
+
+
+def _variant(guard) -> str:
+    """The CKKS variant of this session's ``ckks_setup`` (ProtocolError before it)."""
+    variant = getattr(guard, "ckks_variant", None)
+    if variant is None:
+        raise ProtocolError(f"{guard.role}: a CKKS operation before 'ckks_setup'")
+    return variant
+
+
+def _check_sample(guard, cmd):
+    """v2: party2 encrypts ``replicate_P(J_1)`` of a level (``it`` absent; ``columns`` 1 for the final error)
+    or of iteration ``it``'s URS sample under its own key (party1 cannot read it): nothing revealed; the
+    iteration is counted by the ``ckks_query`` that uses it."""
+    guard.new_label(cmd)
+    if _variant(guard) != "v2":
+        guard.bad("ckks_sample", f"the {_variant(guard)} variant takes no 'ckks_sample'")
+    level = guard.level_of(cmd, "mask", "mask")
+    columns = guard.count(cmd, "columns", 1, 12)
+    if columns not in (1, level.get("params")):
+        guard.bad("ckks_sample", f"{columns} columns on level {cmd['mask']!r}")
+    if cmd.get("it") is not None:
+        guard.count(cmd, "it", 0)
 
 
 def _check_spline_sample(guard, cmd):
@@ -152,16 +210,19 @@ def _check_spline_sample(guard, cmd):
 def _check_query(guard, cmd):
     guard._op_query(cmd)
     params = guard.levels[cmd["mask"]]["params"]
-    if params % 2:  # a pair's second column is answered too
+    if params % 2 and _variant(guard) == "packed":  # a pair's second column is answered too
         guard.reveal(1, f"CKKS query {cmd['label']!r} (odd column)")
 
 
 def _check_ssd(guard, cmd):
     guard._op_ssd(cmd)
-    guard.reveal(1, "the final error (second number of its pair)")
+    if _variant(guard) == "packed":
+        guard.reveal(1, "the final error (second number of its pair)")
 
 
 def _check_points(guard, cmd):
+    if _variant(guard) != "packed":
+        guard.bad("ckks_points", f"point clouds run the packed variant, not {_variant(guard)}")
     guard._op_points(cmd)
     d = int(cmd["d"])
     if d % 2:
@@ -174,43 +235,98 @@ register_operation("ckks_level", "ssd", lambda guard, cmd: guard._op_mask(cmd))
 register_operation("ckks_query", "ssd", _check_query)
 register_operation("ckks_ssd", None, _check_ssd)
 register_operation("ckks_points", "points", _check_points)
+register_operation("ckks_sample", "ssd", _check_sample)
 register_operation("ckks_spline_setup", "ssd", _check_once)
 register_operation("ckks_spline_level", "ssd", lambda guard, cmd: guard._op_spline_level(cmd))
 register_operation("ckks_spline_sample", "ssd", _check_spline_sample)
 register_operation("ckks_spline_query", "ssd", lambda guard, cmd: guard._op_spline_query(cmd))
 
 
-def _party2(role) -> PackedParty2:
+def _party2(role, paper: bool | None = None) -> PackedParty2 | PaperParty2:
+    """Party2's CKKS instance (``paper``: True/False requires the paper's or the packed variant)."""
     ckks = getattr(role, "ckks", None)
     if ckks is None:
         raise ProtocolError("party2: a CKKS operation before 'ckks_setup'")
+    if paper is not None and paper != isinstance(ckks, PaperParty2):
+        raise ProtocolError(f"party2: this operation is not part of the {getattr(ckks, 'variant', 'packed')} "
+                            "variant")
     return ckks
+
+
+def _columns(cfg) -> int:
+    """The query columns ``P`` of a level (1: the final error's level, which has no transform)."""
+    return 1 if cfg["kind"] is None else n_params(cfg["kind"], cfg["ndim"])
 
 
 @handler("ckks_setup", "party2")
 def _setup_fixed(role, cmd):
+    """Party2's fresh instance of the variant its policy allowed: packed (no key at party2; it sends the
+    parameters and seed) or v1/v2 (its own key pair; it sends its public context)."""
     try:
-        role.ckks = PackedParty2(role.channel, max_queries=DEFAULT_MAX_QUERIES)
+        if cmd["variant"] == "packed":
+            role.ckks = PackedParty2(role.channel, max_queries=DEFAULT_MAX_QUERIES)
+        else:
+            role.ckks = PaperParty2(cmd["variant"], role.channel, max_queries=DEFAULT_MAX_QUERIES)
     except ImportError as exc:  # told to the other processes, not a traceback here
         raise ProtocolError(f"party2: CKKS is not available in the fixed process ({exc})") from None
-    role.ckks.send_setup()
+    if cmd["variant"] == "packed":
+        role.ckks.send_setup()
+    else:
+        role.ckks.send_context()
 
 
 @handler("ckks_key", "party2")
 def _key_fixed(role, cmd):
-    _party2(role).receive_key()
+    """Packed: party1's ``b``; v2: party1's public context."""
+    ckks = _party2(role)
+    if isinstance(ckks, PaperParty2):
+        ckks.receive_context()
+    else:
+        ckks.receive_key()
 
 
 @handler("ckks_level", "party2")
 def _level_fixed(role, cmd):
-    """Party2 builds the level from its image; whole levels become plaintexts now."""
+    """Party2 builds the level from its image. Packed: whole levels become plaintexts now. v1: the level is
+    encrypted and sent now (every level, URS too: party1 zeroes unsampled rows). v2: a whole level's
+    ``replicate_P(J_1)`` is encrypted and sent now (URS: per iteration, ``ckks_sample``)."""
     ckks = _party2(role)
     values, _, _ = role.level_data(cmd)
     values = np.asarray(values, np.float64)
-    per_iteration = cmd.get("method") == "urs"
-    if not per_iteration:
-        ckks.prepare_image(cmd["label"], values)
-    role.levels[cmd["label"]] = dict(_level_config(cmd), values=values, prepared=not per_iteration)
+    label = cmd["label"]
+    paper = isinstance(ckks, PaperParty2)
+    per_iteration = cmd.get("method") == "urs" and not (paper and ckks.variant == "v1")
+    cfg = dict(_level_config(cmd), values=values, prepared=not per_iteration)
+    role.levels[label] = cfg
+    if per_iteration:
+        return
+    if not paper:
+        ckks.prepare_image(label, values)
+        return
+    ckks.prepare_image(label, values, "offline")
+    if ckks.variant == "v2" and cfg["kind"] is not None:
+        ckks.send_replicated(label, label, _columns(cfg))
+
+
+@handler("ckks_sample", "party2")
+def _sample_fixed(role, cmd):
+    """v2: party2 encrypts ``replicate_P(J_1)`` under its key and sends it: of iteration ``it``'s URS sample
+    (drawn by party2 itself), or of the whole level (``it`` absent: the final error's ``P = 1``)."""
+    ckks, cfg = _party2(role, paper=True), role.level(cmd["mask"])
+    columns = int(cmd["columns"])
+    if cmd.get("it") is None:
+        if not cfg["prepared"]:
+            ckks.prepare_image(cmd["mask"], cfg["values"], "offline")
+            cfg["prepared"] = True
+        ckks.send_replicated(cmd["label"], cmd["mask"], columns)
+        return
+    if cfg["prepared"]:
+        raise ProtocolError(f"party2: level {cmd['mask']!r} does not sample per iteration (URS)")
+    it = int(cmd["it"])
+    idx = np.asarray(urs_indices(cfg["key"], it, n=cfg["n"], k=cfg["k"]))
+    ckks.prepare_image(cmd["label"], cfg["values"][idx], "online")
+    ckks.send_replicated(cmd["label"], cmd["label"], columns)
+    cfg["sample"] = (it, cmd["label"])
 
 
 @handler("ckks_query", "party2")
@@ -219,6 +335,15 @@ def _query_fixed(role, cmd):
     columns = n_params(cfg["kind"], cfg["ndim"])
     if cfg["prepared"]:
         ckks.respond(cmd["label"], cmd["mask"], columns)
+        return
+    if isinstance(ckks, PaperParty2):  # v2 with URS: the sample of this iteration, sent by ckks_sample
+        it, image = cfg.pop("sample", (None, None))
+        if it != int(cmd["it"]):
+            raise ProtocolError(f"party2: CKKS query {cmd['label']!r} without its iteration's sample")
+        try:
+            ckks.respond(cmd["label"], image, columns)
+        finally:
+            ckks.forget(image)
         return
     idx = np.asarray(urs_indices(cfg["key"], int(cmd["it"]), n=cfg["n"], k=cfg["k"]))
     image = cmd["label"] + "/J"
@@ -236,17 +361,20 @@ def _ssd_fixed(role, cmd):
     values = cfg["values"]
     if values.shape != (int(cmd["n"]),):
         raise ProtocolError(f"party2: the SSD over {cmd['n']} voxels does not match level {cmd['mask']!r}")
+    if isinstance(ckks, PaperParty2):  # v1: the level's sub-arrays; v2: its replicate_1(J_1) (ckks_sample)
+        ckks.respond(cmd["label"], cmd["mask"], 1, offset=float(np.sum(values**2)), weight_bound=SSD_WEIGHT_BOUND)
+        return
     if not cfg["prepared"]:
         ckks.prepare_image(cmd["mask"], values)
         cfg["prepared"] = True
     n = values.size
     ckks.respond(cmd["label"], cmd["mask"], 1, offset=float(np.sum(values**2)),
-                 offset_alpha=offset_normaliser(n, 2.0, n))
+                 offset_alpha=offset_normaliser(n, SSD_WEIGHT_BOUND, n))
 
 
 @handler("ckks_points", "party2")
 def _points_fixed(role, cmd):
-    ckks = _party2(role)
+    ckks = _party2(role, paper=False)
     if role.points is None:
         raise ProtocolError("party2 holds no points")
     extent, label = float(cmd["extent"]), cmd["label"]
@@ -378,22 +506,32 @@ class RemoteSpline:
 
 
 class _Leader:
-    """Party1's packed instance; :meth:`setup` announces party2's setup steps."""
+    """Party1's instance of ``variant`` (packed, or :class:`~ppreg.secure.ckks.paper.PaperParty1`);
+    :meth:`setup` announces party2's setup steps."""
 
-    def __init__(self, leader):
-        self.leader, self.party1 = leader, PackedParty1(leader.channel)
+    def __init__(self, leader, variant: str = "packed"):
+        self.leader, self.variant = leader, variant
+        self.party1 = PackedParty1(leader.channel) if variant == "packed" else PaperParty1(variant, leader.channel)
 
     def setup(self, session):
-        self.leader.step({"op": "ckks_setup", "label": _ONCE["ckks_setup"], "variant": "packed"})
-        self.leader.step({"op": "ckks_key", "label": _ONCE["ckks_key"]}, before=self.party1.receive_setup)
+        setup = {"op": "ckks_setup", "label": _ONCE["ckks_setup"], "variant": self.variant}
+        if self.variant == "packed":
+            self.leader.step(setup)
+            self.leader.step({"op": "ckks_key", "label": _ONCE["ckks_key"]}, before=self.party1.receive_setup)
+            return
+        self.leader.step(setup, after=lambda _: self.party1.receive_context())
+        if self.variant == "v2":
+            self.leader.step({"op": "ckks_key", "label": _ONCE["ckks_key"]}, before=self.party1.send_context)
 
 
 class RemoteCkksSession(CkksSession):
-    """Party1 of a packed CKKS registration whose party2 is another process (module docstring).
+    """Party1 of a CKKS registration whose party2 is another process (module docstring).
 
     Args:
         leader: party1's :class:`~ppreg.secure.session.SecureSession` with remote peers (its
             ``setup`` done; it carries the operations, their timing and the followers' reports).
+        variant: ``"packed"`` (default), ``"v1"`` or ``"v2"`` (the paper's: ssd with a linear transform
+            only; party2 must allow it, policy key ``ckks_variants``).
 
     It has the interface :func:`ppreg.secure.parties.register_moving` uses (``step``,
     ``channel``, ``run_level``, ``final_mse``, ``end``, ``time``, ``bytes_report``,
@@ -406,9 +544,10 @@ class RemoteCkksSession(CkksSession):
 
     scheme = "ckks"
 
-    def __init__(self, leader):
+    def __init__(self, leader, variant: str = "packed"):
         self.leader = leader
-        super().__init__("packed", channel=leader.channel, protocol=_Leader(leader))
+        self._replicated: dict[tuple[str, int], object] = {}  # v2: party2's encrypted replicate_P(J_1) per level
+        super().__init__(variant, channel=leader.channel, protocol=_Leader(leader, variant))
         self.party1 = self.protocol.party1
 
     def step(self, cmd, **parts):
@@ -416,6 +555,8 @@ class RemoteCkksSession(CkksSession):
 
     def make_spline(self, policy=None) -> RemoteSpline:
         """The B-spline term with the remote party2 (its own key pair and policy)."""
+        if self.variant != "packed":
+            raise ValueError(f"secure='ckks' with bspline uses the packed variant, got {self.variant!r}")
         if policy is not None:
             raise ValueError("party2 is another process: it applies its own policy (ppreg party --policy)")
         return RemoteSpline(self.leader)
@@ -434,9 +575,35 @@ class RemoteCkksSession(CkksSession):
         """Party2 builds (and, unless it samples per query, prepares) its level ``factor`` of ``n`` voxels."""
         if fixed_flat is not None:
             raise ValueError("party2 is another process: it builds its levels from its own image")
-        self.leader.step({"op": "ckks_level", "label": mask_label, "n": int(n), "factor": int(factor),
-                          **(query or {})})
+        cmd = {"op": "ckks_level", "label": mask_label, "n": int(n), "factor": int(factor), **(query or {})}
         self._images[mask_label] = int(n)
+        if self.variant == "packed":
+            self.leader.step(cmd)
+            return
+        query = query or {}
+        if self.variant == "v1":  # party2 sends every level encrypted, sampled or not
+            self._images[mask_label] = self.leader.step(cmd, after=lambda _: self.party1.receive_image(mask_label, n))
+        elif query.get("kind") is not None and query.get("method") != "urs":  # v2: a whole level's replicate_P(J_1)
+            p = n_params(query["kind"], query["ndim"])
+            self._replicated[(mask_label, p)] = self.leader.step(
+                cmd, after=lambda _: self.party1.receive_replicated(mask_label, n, p))
+        else:
+            self.leader.step(cmd)
+
+    def _replicated_of(self, mask_label: str, m: int, p: int, *, label: str | None = None,
+                       iteration: int | None = None):
+        """v2: party2's encrypted ``replicate_P(J_1)`` of level ``mask_label`` (``m`` values), asked for with
+        ``ckks_sample`` unless already sent (a URS sample, ``iteration``, is asked for every time)."""
+        key = (mask_label, p)
+        if iteration is None and key in self._replicated:
+            return self._replicated[key]
+        cmd = {"op": "ckks_sample", "label": label, "mask": mask_label, "columns": int(p)}
+        if iteration is not None:
+            cmd["it"] = int(iteration)
+        got = self.leader.step(cmd, after=lambda _: self.party1.receive_replicated(label, m, p))
+        if iteration is None:
+            self._replicated[key] = got
+        return got
 
     def run_level(self, mat, level, fixed_flat, key, *, level_index, kind, factor, method, k, max_iterations, tol,
                   damping):
@@ -449,9 +616,17 @@ class RemoteCkksSession(CkksSession):
     def _query(self, level_index: int, iteration: int, weights: np.ndarray) -> np.ndarray:
         lv = self._levels[level_index]
         label = f"L{level_index}/it{iteration}"
-        chunks = n_chunks(lv["k"] if lv["per_iteration"] else lv["n"])
         cmd = {"op": "ckks_query", "label": label, "mask": lv["mask_label"], "it": int(iteration)}
-        return self.leader.step(cmd, before=lambda: self.party1.query(label, chunks, weights),
+        if self.variant == "packed":
+            chunks = n_chunks(lv["k"] if lv["per_iteration"] else lv["n"])
+            image = chunks
+        elif self.variant == "v1":
+            image = self._images[lv["mask_label"]]
+        else:
+            m, p = weights.shape
+            image = self._replicated_of(lv["mask_label"], m, p, label=label + "/J",
+                                        iteration=iteration if lv["per_iteration"] else None)
+        return self.leader.step(cmd, before=lambda: self.party1.query(label, image, weights),
                                 after=lambda _: self.party1.finish(label))
 
     def sum_squared_difference(self, mask_label: str, warped_flat, fixed_flat=None) -> float:
@@ -460,14 +635,21 @@ class RemoteCkksSession(CkksSession):
         if warped.size and not np.max(np.abs(warped)) <= 1.0:
             raise ValueError("the warped image must be scaled into [-1, 1] before the protocol")
         n, label = warped.size, "final/ssd"
-        alpha = offset_normaliser(n, 2.0, n)
+        cmd = {"op": "ckks_ssd", "label": label, "mask": mask_label, "n": n}
+        if self.variant != "packed":
+            image = (self._images[mask_label] if self.variant == "v1"
+                     else self._replicated_of(mask_label, n, 1, label=label + "/J"))
+            return self.leader.step(
+                cmd, before=lambda: self.party1.query(label, image, -2.0 * warped[:, None],
+                                                      weight_bound=SSD_WEIGHT_BOUND),
+                after=lambda _: float(np.sum(warped**2)) + float(self.party1.finish(label, offset_bound=float(n))[0]))
+        alpha = offset_normaliser(n, SSD_WEIGHT_BOUND, n)
 
         def finish(_):
             return float(np.sum(warped**2)) + float(self.party1.finish(label, offset_bound=float(n))[0])
 
-        return self.leader.step({"op": "ckks_ssd", "label": label, "mask": mask_label, "n": n},
-                                before=lambda: self.party1.query(label, n_chunks(n), -2.0 * warped[:, None],
-                                                                 alpha=alpha),
+        return self.leader.step(cmd, before=lambda: self.party1.query(label, n_chunks(n), -2.0 * warped[:, None],
+                                                                      alpha=alpha),
                                 after=finish)
 
     def final_mse(self, warped, scale: float, mask_label: str = "final/mask", *, open_mask: bool = True) -> float:

@@ -1,0 +1,74 @@
+"""Train the SUITS FeatCNN that ppreg ships (ppreg/learned/models/suits_2d, and its MIND stage suits_2d_mind).
+
+Data: the bundled real brains only (``ppreg.learned.data.slice_bank('train')``: the train split of the
+1 mm axial slice stacks of Colin27 and MNI152, 17 planes each; validation and test planes are never
+seen; the ITK T1/PD example slices are never used). Multi-modal pairs are synthesised on the fly
+(:func:`ppreg.learned.suits_recipe.sample_multimodal_pair`): the fixed image is the real T1 slice, the
+moving one a random-intensity-per-tissue-class contrast of the (other or same) brain's labels, both
+deformed by independent random diffeomorphisms and intensity-augmented. Stage 1: MIND-SSC replicator
+(L1); stage 2: SUITS Algorithm 1 (cross entropy of the warped tissue labels). Everything is seeded.
+
+Training writes resumable checkpoint folders (``--out`` and ``--out``-pretrain: weights, Adam state,
+log); ``--export`` then writes the shipped forms (weights, config and log, no optimiser state) to
+``EXPORT`` (stage 2) and ``EXPORT``_mind (stage 1).
+
+Usage (from the repository root; the shipped model)::
+
+    nice -n 10 python scripts/train_suits.py --pretrain-steps 1200 --steps 3000 --out runs/suits2d \\
+        --export ppreg/learned/models/suits_2d
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ppreg.learned import checkpoint
+from ppreg.learned.data import slice_bank
+from ppreg.learned.suits_recipe import TRAIN_CONFIG, pretrain_path, train_suits
+
+PAIRS = {"p_inter": 0.5, "p_synth": 0.8}
+
+
+def export(src: Path, dst: Path) -> None:
+    """Write the shipped form of checkpoint ``src`` (no optimiser state, rounded loss log) to ``dst``."""
+    saved = checkpoint.load(src)
+    log = json.loads((src / checkpoint.LOG_FILE).read_text())
+    checkpoint.save(dst, saved.model, architecture=saved.config["architecture"], kwargs=saved.config["kwargs"],
+                    training=saved.config["training"],
+                    log={"step": log["step"], "loss": [round(v, 5) for v in log["loss"]],
+                         "time_s": [round(v, 2) for v in log["time_s"]]})
+
+
+def main(argv=None) -> None:
+    """Parse the arguments and train."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pretrain-steps", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=3)
+    p.add_argument("--pretrain-rate", type=float, default=1e-3)
+    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--export", type=Path, default=None, help="also write the shipped forms here (and here_mind)")
+    args = p.parse_args(argv)
+    data = "ppreg.learned.data.slice_bank('train'): Colin27 + MNI152 1 mm slices, tissue labels"
+    start = time.perf_counter()
+    pre, result = train_suits(slice_bank("train"), pretrain_steps=args.pretrain_steps, steps=args.steps,
+                              batch_size=args.batch_size, seed=args.seed, out=args.out, config=TRAIN_CONFIG,
+                              pretrain_rate=args.pretrain_rate, learning_rate=args.learning_rate,
+                              pair_options=PAIRS, checkpoint_every=args.checkpoint_every, data=data)
+    if args.export is not None:
+        export(args.out, args.export)
+        if pre is not None:
+            export(pretrain_path(args.out), args.export.with_name(args.export.name + "_mind"))
+    pre_text = "" if pre is None else f"MIND L1 {pre.losses[:20].mean():.4f} -> {pre.losses[-20:].mean():.4f}; "
+    print(f"trained in {time.perf_counter() - start:.0f} s; {pre_text}SUITS CE {result.losses[:20].mean():.4f} -> "
+          f"{result.losses[-20:].mean():.4f}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
