@@ -233,19 +233,19 @@ def test_v1_masked_value_party2_decrypts_is_uniform_and_results_match(monkeypatc
     fixed, weights = rng.uniform(-1, 1, 48), rng.normal(0, 5, (48, 2))
     image = proto.encrypt_image(session, "L0", fixed, "offline")
     seen = []
-    decrypt = proto.raw2.decrypt
+    decrypt = proto.party2.raw.decrypt
 
     def spy(values, level, scale, bound, what):
-        parms = proto.raw2.levels[level]
-        plain = np.stack([ckks.addmod(values[0, i], ckks.mulmod(values[1, i], proto.raw2._key[i], q), q)
-                          for i, q in enumerate(proto.raw2.seal.moduli(parms))])
-        seen.append(np.asarray(proto.raw2.seal.centered(proto.raw2.seal.from_ntt(plain, parms), parms), np.float64))
+        parms = proto.party2.raw.levels[level]
+        plain = np.stack([ckks.addmod(values[0, i], ckks.mulmod(values[1, i], proto.party2.raw._key[i], q), q)
+                          for i, q in enumerate(proto.party2.raw.seal.moduli(parms))])
+        seen.append(np.asarray(proto.party2.raw.seal.centered(proto.party2.raw.seal.from_ntt(plain, parms), parms), np.float64))
         return decrypt(values, level, scale, bound, what)
 
     def refuse(*args, **kwargs):
         raise AssertionError("numpy.random used for a mask")
 
-    monkeypatch.setattr(proto.raw2, "decrypt", spy)
+    monkeypatch.setattr(proto.party2.raw, "decrypt", spy)
     for name in ("default_rng", "random", "uniform", "randint", "integers"):
         if hasattr(np.random, name):
             monkeypatch.setattr(np.random, name, refuse)
