@@ -37,7 +37,7 @@ its own plaintext: party2's ``J`` and secret key never enter party1's object and
 :class:`PaperProtocol` runs both in one process, in protocol order, and
 :mod:`ppreg.secure.ckks.remote` runs party2's half in the fixed process (``ppreg party --secure
 ckks --ckks-variant v1|v2``), with the same methods. Every received ciphertext is loaded from
-bytes only (TenSEAL's protobuf, never pickle) after a size bound (:func:`vector_bytes`,
+bytes only (TenSEAL's own protobuf serialisation) after a size bound (:func:`vector_bytes`,
 :func:`context_bytes`, from ``N`` and the moduli) and a check of its count, size and data level
 (:meth:`_Raw.parse`); anything else is a :class:`~ppreg.secure.net.channel.ProtocolError`.
 
@@ -420,7 +420,7 @@ def _vector_bytes(data, what: str) -> bytes:
 
 def _vector_from_wire(ts, ctx, raw: "_Raw", data, *, size: int, level: int, what: str):
     """A peer's CKKS vector: at most :func:`vector_bytes`, one two-part ciphertext of ``size`` values at
-    data level ``level`` (checked on the raw bytes first), then loaded by TenSEAL (never pickled)."""
+    data level ``level`` (checked on the raw bytes first), then loaded by TenSEAL's protobuf deserialiser."""
     raw.parse(_vector_bytes(data, what), size=size, level=level, what=what)
     return _from_wire(ts, ctx, data)
 
