@@ -186,7 +186,7 @@ def _finish(folder: Path, pid: str, images: dict, result, write_outputs) -> dict
         dice = None
         if "fixed_labels" in images and "moving_labels" in images:
             dice = _label_dice(result, images["fixed_labels"], images["moving_labels"])
-        write_outputs(folder, result, images["fixed"].affine)
+        write_outputs(folder, result, images["fixed"].affine, moving_shape=images["moving"].data.shape)
         row = _row(pid, "ok", result=result, dice=dice)
         atomic_write_text(folder / DONE, json.dumps(row, indent=2) + "\n")
         return row

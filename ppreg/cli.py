@@ -208,17 +208,19 @@ def _run_register(args) -> int:
     except (ValueError, ArithmeticError, ImportError) as exc:  # ArithmeticError: OverflowError, FloatingPointError,
         # and a secure lncc iteration whose truncations wrapped in every retry (TruncationFailure)
         raise CLIError(str(exc)) from None
-    write_outputs(args.output, result, fixed.affine, plot_fixed=fixed.data if args.plot else None)
+    write_outputs(args.output, result, fixed.affine, plot_fixed=fixed.data if args.plot else None,
+                  moving_shape=moving.data.shape)
     print(f"{result.transform} registration ({args.secure}): {result.iterations} iterations, "
           f"final mean squared error {result.final_loss:.4f}; wrote {args.output}")
     return 0
 
 
-def write_outputs(outdir: Path, result, affine, *, plot_fixed=None) -> None:
+def write_outputs(outdir: Path, result, affine, *, plot_fixed=None, moving_shape=None) -> None:
     """Write warped.nii.gz, displacement.nii.gz, transform.json, report.json (and velocity.nii.gz
     for svf; registration.png when ``plot_fixed``, the fixed image, is given) into ``outdir``
     (staged, then moved), and the ITK files of :func:`ppreg.itk.write_itk` (``itk_linear.mat``,
-    ``itk_linear.txt``, ``itk_warp.nii.gz`` for a deformable result). A result without affines
+    ``itk_linear.txt``, ``itk_warp.nii.gz`` for a deformable result; with ``moving_shape``, the moving
+    image's voxel counts, also ``fsl_linear.mat`` and ``linear.lta``). A result without affines
     (``fixed_affine`` None) is taken to be on the fixed grid ``affine`` (4x4) for both images."""
     outdir = Path(outdir)
     parent = outdir.resolve().parent
@@ -238,7 +240,7 @@ def write_outputs(outdir: Path, result, affine, *, plot_fixed=None) -> None:
             w = reduce_affine(affine, np.ndim(result.warped), "fixed")
             result = dataclasses.replace(result, fixed_affine=w, moving_affine=w)
         if hasattr(result, "world_transform"):
-            names += write_itk(stage, result)
+            names += write_itk(stage, result, fixed_shape=np.shape(result.warped), moving_shape=moving_shape)
         atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
         atomic_write_text(stage / "report.json", json.dumps(result.report_json(), indent=2) + "\n")
         if plot_fixed is not None:

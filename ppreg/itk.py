@@ -1,4 +1,4 @@
-"""ITK/ANTs interoperability: ppreg's transforms as ITK files, through nitransforms.
+"""ITK/ANTs/FSL/FreeSurfer interoperability: ppreg's transforms as their files, through nitransforms.
 
 ``ppreg register`` writes, beside ``transform.json``:
 
@@ -17,8 +17,13 @@ applies (ANTs applies the last ``-t`` first), and SimpleITK's ``CompositeTransfo
 The files are written and read by nitransforms (``nitransforms.io.itk``), not by hand; its ITK
 formats are 3D, so a 2D registration is written as its 3D embedding (z the identity, the 2D world the
 first two world axes, as ITK reads a 2D NIfTI): apply it to the 2D images stored as one-slice 3D
-volumes. FSL/LTA are not written (they need both images' headers; nitransforms converts an ITK file
-to them: ``nitransforms.linear.load(..., fmt="itk")``).
+volumes.
+
+When the moving image's grid is known (``ppreg register`` and ``ppreg batch``), the linear part is also
+written for FSL and FreeSurfer users, again by nitransforms: ``fsl_linear.mat`` (FLIRT's matrix, moving ->
+fixed in FSL's scaled-voxel coordinates, for ``flirt -in MOVING -ref FIXED -applyxfm -init fsl_linear.mat``)
+and ``linear.lta`` (FreeSurfer LTA, RAS-to-RAS, with both volumes' geometry). Those formats depend on both
+images' headers, which ITK's do not.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from .image import _READ_ERRORS, _write_nifti
 LINEAR_MAT = "itk_linear.mat"
 LINEAR_TXT = "itk_linear.txt"
 WARP_FILE = "itk_warp.nii.gz"
+FSL_MAT = "fsl_linear.mat"
+LTA_FILE = "linear.lta"
 LINEAR_SUFFIXES = (".mat", ".txt", ".tfm")
 
 
@@ -56,15 +63,44 @@ def embed3(mat: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_itk(directory: str | os.PathLike, result) -> list[str]:
-    """Write a result's ITK files into ``directory`` (a staging folder: each file written whole).
+def _grid_image(shape, affine) -> nib.Nifti1Image:
+    """A header-only stand-in (no pixel memory) for an image of ``shape`` on ``affine``, as 3D."""
+    shape = tuple(int(n) for n in shape) + (1,) * (3 - len(shape))
+    return nib.Nifti1Image(np.broadcast_to(np.uint8(0), shape), embed3(affine))
+
+
+def write_fsl_lta(directory: str | os.PathLike, ras: np.ndarray, fixed_grid, moving_grid) -> list[str]:
+    """Write the linear part as FSL FLIRT ``fsl_linear.mat`` and FreeSurfer ``linear.lta`` (nitransforms).
+
+    Args:
+        directory: existing folder (a staging folder: each file written whole).
+        ras: float64 ``(d+1, d+1)`` fixed world -> moving world (RAS+ mm; :meth:`Result.world_transform`).
+        fixed_grid, moving_grid: ``(shape, affine)`` of each image (voxel counts; ``(d+1, d+1)`` voxel -> RAS mm).
+
+    Returns:
+        ``[FSL_MAT, LTA_FILE]``.
+    """
+    from nitransforms.io import fsl, lta
+
+    fixed, moving = _grid_image(*fixed_grid), _grid_image(*moving_grid)
+    ras = embed3(ras)
+    fsl.FSLLinearTransform.from_ras(ras, moving=moving, reference=fixed).to_filename(str(Path(directory) / FSL_MAT))
+    lta.FSLinearTransform.from_ras(ras, moving=moving, reference=fixed).to_filename(str(Path(directory) / LTA_FILE))
+    return [FSL_MAT, LTA_FILE]
+
+
+def write_itk(directory: str | os.PathLike, result, *, fixed_shape=None, moving_shape=None) -> list[str]:
+    """Write a result's ITK files into ``directory`` (a staging folder: each file written whole), and
+    with both images' shapes also FSL/LTA (:func:`write_fsl_lta`).
 
     Args:
         directory: existing folder.
         result: :class:`ppreg.result.Result` with ``fixed_affine``/``moving_affine`` (or ``None``: identity).
+        fixed_shape, moving_shape: the images' voxel counts, or ``None`` (then no FSL/LTA file).
 
     Returns:
-        The names written: ``[LINEAR_MAT, LINEAR_TXT]`` and :data:`WARP_FILE` for a deformable result.
+        The names written: ``[LINEAR_MAT, LINEAR_TXT]``, :data:`WARP_FILE` for a deformable result,
+        ``[FSL_MAT, LTA_FILE]`` with the shapes.
     """
     itk = _itk()
     directory = Path(directory)
@@ -82,6 +118,9 @@ def write_itk(directory: str | os.PathLike, result) -> list[str]:
         stored = nib.Nifti1Image(np.asarray(out.dataobj, np.float32), out.affine, out.header)
         _write_nifti(stored, directory / WARP_FILE)
         names.append(WARP_FILE)
+    if fixed_shape is not None and moving_shape is not None:
+        w_f, w_m = result.world_affines()
+        names += write_fsl_lta(directory, result.world_transform(), (fixed_shape, w_f), (moving_shape, w_m))
     return names
 
 

@@ -94,7 +94,9 @@ class Result:
         grid = identity_grid(shape)
         return np.asarray(apply_matrix(jnp.asarray(self.matrix, jnp.float32), grid + u) - grid)
 
-    def _affines(self) -> tuple[np.ndarray, np.ndarray]:
+    def world_affines(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(W_f, W_m)``: float64 ``(d+1, d+1)`` voxel -> world (RAS+ mm) of the fixed and moving images
+        (the identity where unknown; the moving one defaults to the fixed one)."""
         eye = np.eye(self.warped.ndim + 1)
         w_f = eye if self.fixed_affine is None else np.asarray(self.fixed_affine, np.float64)
         return w_f, (w_f if self.moving_affine is None else np.asarray(self.moving_affine, np.float64))
@@ -103,7 +105,7 @@ class Result:
         """The linear part in world space: float64 ``(d+1, d+1)``, fixed mm -> moving mm (pull-back,
         ITK's convention, in nibabel's RAS+ axes): ``W_m M W_f^-1`` (``M = matrix``, identity when
         ``None``). The whole map is ``y -> T(y + world_deformation(y))``."""
-        w_f, w_m = self._affines()
+        w_f, w_m = self.world_affines()
         mat = np.eye(w_f.shape[0]) if self.matrix is None else self.matrix
         return w_m @ np.asarray(mat, np.float64) @ np.linalg.inv(w_f)
 
@@ -127,7 +129,7 @@ class Result:
         u = self.deformation()
         if u is None:
             return None
-        w_f, _ = self._affines()
+        w_f, _ = self.world_affines()
         d = u.shape[-1]
         return (u.astype(np.float64) @ w_f[:d, :d].T).astype(np.float32)
 

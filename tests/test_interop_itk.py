@@ -10,7 +10,7 @@ from world_helpers import grid_of, resample_world, rigid, rotation, small_2d, sm
 
 from ppreg.cli import main
 from ppreg.image import save
-from ppreg.itk import LINEAR_MAT, LINEAR_TXT, WARP_FILE, read_itk
+from ppreg.itk import FSL_MAT, LINEAR_MAT, LINEAR_TXT, LTA_FILE, WARP_FILE, read_itk
 from ppreg.space import world_affine
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -72,6 +72,36 @@ def test_simpleitk_applying_ppreg_output_gives_ppreg_warped(case3d):
         assert inside.mean() > 0.5
         err = np.abs(peer - ours)[inside].max()
         assert err < 2e-5 * np.ptp(ours)
+
+
+def _fsl_coordinates(img) -> np.ndarray:
+    """FSL's voxel -> "scaled voxel" matrix of an image, written out from FSL's definition (FLIRT FAQ): voxel
+    index times voxel size, with the first axis reversed when the voxel -> world matrix has a positive
+    determinant (neurological storage)."""
+    zooms = np.linalg.norm(img.affine[:3, :3], axis=0)
+    flip = np.eye(4)
+    if np.linalg.det(img.affine[:3, :3]) > 0:
+        flip[0, 0], flip[0, 3] = -1.0, img.shape[0] - 1
+    return np.diag([*zooms, 1.0]) @ flip
+
+
+def test_fsl_and_lta_linear_files(case3d):
+    """fsl_linear.mat is FLIRT's moving -> fixed matrix in scaled-voxel coordinates, computed here from FSL's
+    definition and the world matrix (the moving grid has permuted, flipped axes); linear.lta reads back as
+    the same RAS-to-RAS matrix, with both volumes' geometry."""
+    from nitransforms.io import lta
+
+    tmp, out, _ = case3d
+    fixed, moving = nib.load(tmp / "fixed.nii.gz"), nib.load(tmp / "moving.nii.gz")
+    world = np.asarray(json.loads((out / "transform.json").read_text())["world_matrix"])
+    fixed_to_moving = (_fsl_coordinates(moving) @ np.linalg.inv(moving.affine) @ world @ fixed.affine
+                       @ np.linalg.inv(_fsl_coordinates(fixed)))
+    np.testing.assert_allclose(np.loadtxt(out / FSL_MAT), np.linalg.inv(fixed_to_moving), atol=1e-4)
+    read = lta.FSLinearTransform.from_filename(str(out / LTA_FILE))
+    np.testing.assert_allclose(read.to_ras(), world, atol=1e-4)
+    text = (out / LTA_FILE).read_text()
+    src, dst = text.split("src volume info")[1].split("dst volume info")
+    assert "volume = {} {} {}".format(*fixed.shape) in src and "volume = {} {} {}".format(*moving.shape) in dst
 
 
 def _inside(out, tmp, margin):
