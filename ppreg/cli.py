@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -227,20 +228,28 @@ def write_outputs(outdir: Path, result, affine, *, plot_fixed=None, moving_shape
     parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=parent))
     try:
-        save(Image(result.warped, affine), stage / "warped.nii.gz")
-        save_field(result.displacement(), stage / "displacement.nii.gz", affine=affine)
-        names = ["warped.nii.gz", "displacement.nii.gz", "transform.json", "report.json"]
-        for name, field in result.output_fields().items():
-            save_field(np.asarray(field), stage / name, affine=affine)
-            names.append(name)
-        for name, image in result.output_images().items():
-            save(Image(np.asarray(image, np.float32), affine), stage / name)
-            names.append(name)
-        if getattr(result, "fixed_affine", "absent") is None:
-            w = reduce_affine(affine, np.ndim(result.warped), "fixed")
-            result = dataclasses.replace(result, fixed_affine=w, moving_affine=w)
-        if hasattr(result, "world_transform"):
-            names += write_itk(stage, result, fixed_shape=np.shape(result.warped), moving_shape=moving_shape)
+        # the files are independent: written by a thread pool (gzip and NIfTI serialisation release the GIL)
+        with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+            jobs = [pool.submit(save, Image(result.warped, affine), stage / "warped.nii.gz"),
+                    pool.submit(save_field, result.displacement(), stage / "displacement.nii.gz", affine=affine)]
+            names = ["warped.nii.gz", "displacement.nii.gz", "transform.json", "report.json"]
+            for name, field in result.output_fields().items():
+                jobs.append(pool.submit(save_field, np.asarray(field), stage / name, affine=affine))
+                names.append(name)
+            for name, image in result.output_images().items():
+                jobs.append(pool.submit(save, Image(np.asarray(image, np.float32), affine), stage / name))
+                names.append(name)
+            if getattr(result, "fixed_affine", "absent") is None:
+                w = reduce_affine(affine, np.ndim(result.warped), "fixed")
+                result = dataclasses.replace(result, fixed_affine=w, moving_affine=w)
+            itk = None
+            if hasattr(result, "world_transform"):
+                itk = pool.submit(write_itk, stage, result, fixed_shape=np.shape(result.warped),
+                                  moving_shape=moving_shape)
+            for job in jobs:
+                job.result()
+            if itk is not None:
+                names += itk.result()
         atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
         atomic_write_text(stage / "report.json", json.dumps(result.report_json(), indent=2) + "\n")
         if plot_fixed is not None:
