@@ -56,11 +56,11 @@ def bspline_velocity(key, shape, spacing: int = 8):
     return displacement(jax.random.normal(key, control_grid_shape(shape, spacing) + (3,)), shape, spacing)
 
 
-def deformed_case(image, labels, v, max_mm: float, clean: str = "moving"):
+def deformed_case(image, labels, v, max_mm: float, clean: str = "moving", spacing_mm: float = SPACING_MM):
     """A known-answer pair from a clean image and labels and a velocity ``v`` (voxels, rescaled here).
 
     ``v`` is scaled so that the largest displacement of ``exp(v)`` inside the brain (``labels > 0``)
-    is ``max_mm``. ``clean="moving"``: the fixed image is the clean one warped by ``exp(v)``, so the
+    is ``max_mm`` (voxels of ``spacing_mm``). ``clean="moving"``: the fixed image is the clean one warped by ``exp(v)``, so the
     true displacement is ``u_true = exp(v)``. ``clean="fixed"``: the moving image is the warped one,
     so ``u_true = exp(-v)``, the inverse map. Deformed labels are warped by nearest neighbour.
 
@@ -74,7 +74,7 @@ def deformed_case(image, labels, v, max_mm: float, clean: str = "moving"):
     brain = np.asarray(labels) > 0
     for _ in range(3):  # rescale until the largest displacement inside the brain is max_mm
         u_true = svf_exp(v, steps=6)
-        v = v * (max_mm / SPACING_MM) / float(np.max(np.linalg.norm(np.asarray(u_true)[brain], axis=-1)))
+        v = v * (max_mm / spacing_mm) / float(np.max(np.linalg.norm(np.asarray(u_true)[brain], axis=-1)))
     u_true = svf_exp(v, steps=6)
     pts = identity_grid(shape) + u_true
     deformed, deformed_labels = np.asarray(warp(image, pts)), np.asarray(interpolate_nearest(labels, pts))
@@ -91,11 +91,11 @@ def make_case(seed: int, max_mm: float = 6.0):
     return deformed_case(moving, labels, bspline_velocity(jax.random.key(seed), moving.shape), max_mm)
 
 
-def score(case, u) -> dict:
-    """Dice, RMSE against the true field and folding of a displacement ``u`` on ``case``."""
+def score(case, u, spacing_mm: float = SPACING_MM) -> dict:
+    """Dice, RMSE against the true field (voxels of ``spacing_mm``) and folding of a displacement ``u`` on ``case``."""
     fixed, moving, fixed_labels, labels, u_true, brain = case
     warped_labels = np.asarray(interpolate_nearest(jnp.asarray(labels), identity_grid(labels.shape) + u))
-    spacing = [SPACING_MM] * 3
+    spacing = [spacing_mm] * 3
     return {
         "dice_before": mean_dice(fixed_labels, labels), "dice_after": mean_dice(fixed_labels, warped_labels),
         "rmse_before_mm": field_rmse(np.zeros_like(u_true), u_true, spacing=spacing, mask=brain)["mm"],

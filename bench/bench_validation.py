@@ -31,6 +31,12 @@ tissue labels (``mni152_tissue_2mm``, from the template's GM/WM probability maps
 tissue classes (:func:`tissue_classes`: 3-class intensity k-means inside the brain) warped by
 nearest neighbour, and the local NCC (ANTs CC, window 5, higher is better).
 
+``--resolution 1`` makes the same families at 1 mm from the originals of ``../shared/data/colin27``
+(``ch2bet``, ``aal``; 181x217x181, cropped to the brain's bounding box plus 6 voxels; not bundled, so
+the option needs the repository's shared data): the generators' smoothness is doubled in voxels so that
+it is the same in mm, the largest displacement is the same in mm, and the family names end in
+``(1 mm)``. No default was tuned at 1 mm: every 1 mm case is held out.
+
 ``--cold`` times the whole ``ppreg register`` command of each ppreg method on the first held-out
 case of the first family, with an empty JAX compilation cache (``PPREG_CACHE_DIR`` set to a new
 folder): process start, imports, compilation, registration and writing the outputs, as wall and CPU
@@ -41,7 +47,7 @@ already there, so a partial run is not lost. ``--summary`` prints mean and worst
 split and method from that file and writes them into it.
 
 Usage:
-    python bench/bench_validation.py [--quick] [--split held-out|tuning] [--methods NAME ...]
+    python bench/bench_validation.py [--quick] [--split held-out|tuning] [--resolution 2|1] [--methods NAME ...]
         [--variant NAME=JSON ...] [--peers [NAME ...]] [--real] [--cold]
         [--out bench/results/bench_validation.json]
     python bench/bench_validation.py --summary [--merge OTHER.json ...]
@@ -100,22 +106,46 @@ ALL = "all synthetic families"  # summary rows over every case of a split
 TISSUES = {"GM": 2, "WM": 3}  # labels of mni152_tissue_2mm (1: CSF / other brain)
 
 
-def velocity(setting: str, seed: int, shape) -> jnp.ndarray:
-    """The un-scaled velocity ``(*shape, 3)`` of a setting and seed (voxels)."""
+SHARED_COLIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "colin27")
+ONE_MM = " (1 mm)"  # family-name suffix of the 1 mm cases
+
+
+def velocity(setting: str, seed: int, shape, spacing_mm: float = SPACING_MM) -> jnp.ndarray:
+    """The un-scaled velocity ``(*shape, 3)`` of a setting and seed (voxels; the smoothness is set for
+    2 mm voxels and scaled to ``spacing_mm`` so that it is the same in mm)."""
     kind, smooth, _ = SETTINGS[setting]
     key = jax.random.fold_in(jax.random.key(seed), list(SETTINGS).index(setting))
+    smooth = smooth * SPACING_MM / spacing_mm
     if kind == "noise":
         return random_velocity(key, shape, sigma=float(smooth), max_norm=1.0)
-    return bspline_velocity(key, shape, smooth)
+    return bspline_velocity(key, shape, int(round(smooth)))
 
 
-def make_case(family: str, seed: int):
-    """(fixed, moving, fixed_labels, moving_labels, u_true, brain) of one family and seed."""
+def colin27(resolution: int):
+    """Colin27's skull-stripped T1 and AAL labels at ``resolution`` mm: the bundled 2 mm samples, or the
+    1 mm originals of ``../shared/data/colin27`` (``ch2bet``, ``aal``) cropped to the brain's bounding box
+    plus 6 voxels (FileNotFoundError when that folder is absent: 1 mm data is not bundled)."""
+    if resolution == 2:
+        return (jnp.asarray(load_sample("colin27_t1_2mm").data),
+                jnp.asarray(load_sample("colin27_aal_2mm").data).astype(jnp.int32))
+    import nibabel as nib
+
+    paths = [os.path.join(SHARED_COLIN, n) for n in ("ch2bet.nii.gz", "aal.nii.gz")]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"the 1 mm cases need {missing} (../shared/data of the repository)")
+    image, labels = (np.asarray(nib.load(p).get_fdata(), np.float32) for p in paths)
+    nz = np.nonzero(image > 0)
+    box = tuple(slice(max(int(a.min()) - 6, 0), int(a.max()) + 7) for a in nz)
+    return jnp.asarray(image[box]), jnp.asarray(labels[box]).astype(jnp.int32)
+
+
+def make_case(family: str, seed: int, resolution: int = 2):
+    """(fixed, moving, fixed_labels, moving_labels, u_true, brain) of one family and seed at ``resolution`` mm."""
     setting, clean = family.split(" / ")
-    image = jnp.asarray(load_sample("colin27_t1_2mm").data)
-    labels = jnp.asarray(load_sample("colin27_aal_2mm").data).astype(jnp.int32)
-    return deformed_case(image, labels, velocity(setting, seed, image.shape), SETTINGS[setting][2],
-                         clean=clean.split()[0])
+    image, labels = colin27(resolution)
+    return deformed_case(image, labels, velocity(setting, seed, image.shape, resolution), SETTINGS[setting][2],
+                         clean=clean.split()[0], spacing_mm=float(resolution))
 
 
 def tissue_classes(image: np.ndarray, *, iterations: int = 20) -> np.ndarray:
@@ -182,9 +212,9 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def run_method(case, kwargs: dict) -> dict:
+def run_method(case, kwargs: dict, spacing_mm: float = SPACING_MM) -> dict:
     r, seconds = _timed(lambda: register(case[0], case[1], **kwargs))
-    return {**score(case, r.displacement()), "time_s": seconds}
+    return {**score(case, r.displacement(), spacing_mm), "time_s": seconds}
 
 
 def run_real(pair, kwargs: dict) -> dict:
@@ -224,8 +254,9 @@ def summarise(rows) -> list[dict]:
     for row in rows:
         if row.get("kind") in ("case", "real"):
             groups.setdefault((row["family"], row["split"], row["method"]), []).append(row)
-        if row.get("kind") == "case":  # every synthetic case of the split together
-            groups.setdefault((ALL, row["split"], row["method"]), []).append(row)
+        if row.get("kind") == "case":  # every synthetic case of the split (and resolution) together
+            suffix = ONE_MM if row["family"].endswith(ONE_MM) else ""
+            groups.setdefault((ALL + suffix, row["split"], row["method"]), []).append(row)
     out = []
     for (family, split, method), rs in groups.items():
         d = [r["dice_after"] for r in rs]
@@ -278,6 +309,8 @@ def main():
     ap.add_argument("--peers", nargs="*", default=None, choices=list(PEERS),
                     help="also run these installed peers (no names: ANTs SyN (CC) and dipy SyN (CC))")
     ap.add_argument("--quick", action="store_true", help="one seed per family")
+    ap.add_argument("--resolution", type=int, choices=(2, 1), default=2,
+                    help="mm: 2 (bundled Colin27) or 1 (the originals in ../shared/data; families named '... (1 mm)')")
     ap.add_argument("--real", action="store_true", help="also the Colin27 -> MNI152 pair (ppreg methods)")
     ap.add_argument("--cold", action="store_true", help="time the whole cold ppreg command of each method")
     ap.add_argument("--summary", action="store_true", help="only print and store the summary of --out")
@@ -304,18 +337,19 @@ def main():
         split = "tuning" if all(s in TUNING_SEEDS for s in seeds) else "held-out"
         print_header(("kind", "family", "seed", "method", "Dice before", "Dice after", "RMSE mm", "folding", "time s"))
         for seed in seeds:
-            for family in args.families:
+            for generator in args.families:
+                family = generator + (ONE_MM if args.resolution == 1 else "")
                 todo = [m for m in list(methods) + list(peers) if ("case", family, seed, m) not in done]
                 if not todo:
                     continue
-                case = make_case(family, seed)
+                case = make_case(generator, seed, args.resolution)
                 for m in todo:
-                    result = run_method(case, methods[m]) if m in methods else None
+                    result = run_method(case, methods[m], args.resolution) if m in methods else None
                     if result is None:
                         u, seconds = peers[m](case[0], case[1])
-                        result = {**score(case, u), "time_s": seconds}
+                        result = {**score(case, u, args.resolution), "time_s": seconds}
                     add({"kind": "case", "family": family, "split": split, "seed": seed, "method": m,
-                         "kwargs": methods.get(m), **result})
+                         "resolution_mm": args.resolution, "kwargs": methods.get(m), **result})
                     print(" | ".join(["case", family, str(seed), m, f"{result['dice_before']:.3f}",
                                       f"{result['dice_after']:.3f}", f"{result['rmse_after_mm']:.2f}",
                                       str(result["folding_voxels"]), f"{result['time_s']:.1f}"]), flush=True)

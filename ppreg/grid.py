@@ -28,6 +28,12 @@ def identity_grid(shape: tuple[int, ...]) -> jnp.ndarray:
     Returns:
         float32 array ``(*shape, ndim)``; ``grid[i, j, ..., k]`` is the index along axis k.
     """
+    return _identity_grid(tuple(int(n) for n in shape))
+
+
+@partial(jax.jit, static_argnums=0)
+def _identity_grid(shape: tuple[int, ...]) -> jnp.ndarray:
+    # one compiled kernel per shape: eagerly, arange/meshgrid/stack would each compile their own
     axes = [jnp.arange(n, dtype=jnp.float32) for n in shape]
     return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), axis=-1)
 

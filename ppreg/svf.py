@@ -23,6 +23,8 @@ al. 2006; folding voxels ``|J_phi| <= 0``, Sec. 4.1.2.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -116,6 +118,7 @@ def _check_steps(steps) -> int:
     return steps
 
 
+@partial(jax.jit, static_argnames="steps")  # one compiled kernel per shape when called eagerly
 def exp(velocity: jnp.ndarray, *, steps: int = 7) -> jnp.ndarray:
     """Group exponential of a stationary velocity field by scaling and squaring.
 
@@ -144,8 +147,7 @@ def exp(velocity: jnp.ndarray, *, steps: int = 7) -> jnp.ndarray:
 
 
 def _square(_, u):
-    """One squaring of :func:`exp` (module level, so that an eager ``fori_loop`` finds its compiled loop
-    in JAX's cache instead of compiling it again on every call)."""
+    """One squaring of :func:`exp`."""
     return compose(u, u)
 
 
