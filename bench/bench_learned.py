@@ -121,14 +121,16 @@ def synthetic_case(family, name, key, image, labels, brain_labels, spacing=1.0):
                  moving_labels=pair["moving_labels"], u_true=pair["displacement"], mask=brain, spacing=spacing)
 
 
-def test_slice_cases():
-    """Test slices of both subjects (interleaved: slice 3 Colin27, slice 3 MNI152, ...)."""
-    bank = slice_bank("test")
+def test_slice_cases(split: str = "test"):
+    """Test slices of both subjects (interleaved: slice 3 Colin27, slice 3 MNI152, ...); ``split="validation"``:
+    the validation slices the same way (family ``validation slices``, for choosing training options)."""
+    bank = slice_bank(split)
+    family = "test slices" if split == "test" else f"{split} slices"
     for i, s in enumerate(np.asarray(bank["slices"]).tolist()):
         for subject, name in enumerate(("colin27", "mni152")):
             labels = bank["aal"][i] if subject == 0 else bank["labels"][1, i]
             key = jax.random.key(SEEDS["test slices"] + 100 * subject + s)
-            yield synthetic_case("test slices", f"{name} slice {s}", key, bank["images"][subject, i], labels,
+            yield synthetic_case(family, f"{name} slice {s}", key, bank["images"][subject, i], labels,
                                  bank["labels"][subject, i])
 
 

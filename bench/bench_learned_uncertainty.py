@@ -23,7 +23,11 @@ Case families (2 pairs each, the first pairs of ``bench_learned.py``'s families)
 ``test slices, training family`` (the same held-out planes deformed by the *training* family,
 ``make_test_pair(family="svf")``, seeds of the test slices): in distribution for the deformation.
 
-Usage: python bench/bench_learned_uncertainty.py [--model PATH] [--pairs 2] [--ref-samples 2048] [--out PATH]
+``--split validation`` runs the validation slices instead (family ``validation slices``), to choose training options
+without looking at the test part.
+
+Usage: python bench/bench_learned_uncertainty.py [--model PATH] [--pairs 2] [--ref-samples 2048] [--split test|validation]
+    [--out PATH]
 """
 
 from __future__ import annotations
@@ -111,7 +115,8 @@ def diagnose(model, case, ref_samples: int) -> dict:
             "r_std16_err": _r(std(out16["variance"]), err), "r_stdref_err": _r(ref, err),
             "r_stdref_grad": _r(ref, grad), "r_utrue_err": _r(truth, err),
             "u_pred_over_true": float(np.linalg.norm(u, axis=-1)[mask].mean() / truth.mean()),
-            "err_mean": float(err.mean())}
+            "err_mean": float(err.mean()),
+            "dice": bl.score(case, u, None)["dice"]}
 
 
 COLUMNS = (("log_sigma_mean", "log sigma mean", ".2f"), ("log_sigma_std", "log sigma std", ".3f"),
@@ -119,7 +124,7 @@ COLUMNS = (("log_sigma_mean", "log sigma mean", ".2f"), ("log_sigma_std", "log s
            ("r_std128_ref", "r(std128, ref)", ".2f"), ("r_std16_err", "r(std16, err)", ".2f"),
            ("r_stdref_err", "r(ref, err)", ".2f"), ("r_stdref_grad", "r(ref, |grad f|)", ".2f"),
            ("r_utrue_err", "r(|u_true|, err)", ".2f"), ("u_pred_over_true", "|u_pred|/|u_true|", ".2f"),
-           ("err_mean", "err mean px", ".2f"))
+           ("err_mean", "err mean px", ".2f"), ("dice", "Dice", ".3f"))
 
 
 def main(argv=None):
@@ -127,14 +132,17 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="2D checkpoint folder (default: the shipped 2D model)")
     ap.add_argument("--pairs", type=int, default=2, help="pairs per case family")
     ap.add_argument("--ref-samples", type=int, default=2048, help="posterior samples of the reference map")
+    ap.add_argument("--split", choices=("test", "validation"), default="test",
+                    help="validation: only the validation slices (for choosing training options; never the test part)")
     ap.add_argument("--out", default="bench/results/bench_learned_uncertainty.json")
     args = ap.parse_args(argv)
+    families = FAMILIES if args.split == "test" else (lambda: bl.test_slice_cases("validation"),)
     ckpt = resolve_model(args.model or str(shipped_model_path(2)), 2)
     lam = (ckpt.config.get("training") or {}).get("loss", {}).get("lam")
     prior_log_sigma = None if lam is None else -0.5 * math.log(lam * 2 * ckpt.model.ndim)
     print(f"model {ckpt.path}; KL-only interior optimum of log sigma: {fmt(prior_log_sigma, '.3f')}", flush=True)
     rows, summary = [], []
-    for family_cases in FAMILIES:
+    for family_cases in families:
         group = []
         for n, case in enumerate(family_cases()):
             if n >= args.pairs:
@@ -144,7 +152,8 @@ def main(argv=None):
                   flush=True)
         rows += group
         summary.append({"family": group[0]["family"], "pairs": len(group),
-                        **{k: float(np.mean([g[k] for g in group])) for k, _, _ in COLUMNS}})
+                        **{k: None if group[0][k] is None else float(np.mean([g[k] for g in group]))
+                           for k, _, _ in COLUMNS}})
     print(f"\nmeans per family (reference map: {rows[0]['ref_samples']} samples)")
     print_header(("family", "pairs") + tuple(title for _, title, _ in COLUMNS))
     for s in summary:
