@@ -84,8 +84,16 @@ class Result:
     def displacement(self) -> np.ndarray:
         """Dense displacement ``u(x) = W(x) - x`` on the fixed grid: float32 ``(*fixed.shape, d)``, voxels.
 
-        A pipeline ``linear+deformable`` maps ``x`` to ``A (x + u_d(x))``.
+        A pipeline ``linear+deformable`` maps ``x`` to ``A (x + u_d(x))``. Computed once per result (an svf
+        result integrates ``exp(v)``; the output writers ask several times); each call returns a fresh copy.
         """
+        cached = self.__dict__.get("_displacement")
+        if cached is None:
+            cached = self._compute_displacement()
+            object.__setattr__(self, "_displacement", cached)  # a cache beside the frozen fields
+        return cached.copy()
+
+    def _compute_displacement(self) -> np.ndarray:
         shape = self.warped.shape
         kind = self.transform.split("+")[-1]
         u = deformable_displacement(kind, self.params, shape, self.spacing) if kind in DEFORMABLE else 0.0
