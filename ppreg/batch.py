@@ -40,6 +40,9 @@ BATCHED = KINDS + DEFORMABLE + PIPELINES  # the transforms register_batch runs (
 _DEFAULTS = {"sampling": None, "fraction": 0.1, "spacing": 4, "cg_iterations": 10, "bins": 32, "fluid_sigma": None,
              "diffusion_sigma": 0.5, "symmetric": None, "optimizer": "adam", "key": 0}
 _OPTIONS = set(_DEFAULTS) | {"max_iterations", "tol", "damping", "step_size", "regularization"}
+# register's options that have no batched form: register_batch refuses them when they are set
+_UNBATCHED = frozenset({"secure", "flash_options", "model", "samples", "audit", "seeds", "frac_bits", "ckks_variant",
+                        "lncc_open"})
 _COMPILED: dict = {}  # (method, static options, argument counts) -> jitted vmapped fit
 
 
@@ -69,7 +72,9 @@ def _shard(stacked, mesh: Mesh, spec=PartitionSpec("batch")):
     the device count), or replicated with ``spec=PartitionSpec()``."""
     sharding = NamedSharding(mesh, spec)
     if isinstance(stacked, jax.Array) and jax.dtypes.issubdtype(stacked.dtype, jax.dtypes.prng_key):
-        return jax.device_put(stacked, sharding)  # the shared PRNG key (replicated)
+        # device_put refuses a sharding over other hosts' devices: place the key's raw words, then rewrap
+        return jax.random.wrap_key_data(_shard(jax.random.key_data(stacked), mesh, spec),
+                                        impl=jax.random.key_impl(stacked))
     host = np.asarray(stacked)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -143,14 +148,12 @@ def register_batch(fixed_list, moving_list, *, transform: str = "rigid", loss: s
         raise ValueError(f"unknown mixed={mixed!r}; expected one of {MIXED}")
     if errors not in ("raise", "return"):
         raise ValueError(f"unknown errors={errors!r}; expected 'raise' or 'return'")
-    unbatched = {"secure", "flash_options", "model", "samples", "audit", "seeds", "frac_bits", "ckks_variant",
-                 "lncc_open"} & {k for k, v in options.items() if v is not None}
+    unbatched = _UNBATCHED & {k for k, v in options.items() if v is not None}
     if unbatched or transform in ("flash", "vxm-diff", "suits"):
         raise ValueError(f"register_batch runs clear registration (not {sorted(unbatched) or transform}); "
                          "run ppreg.register per pair")
     check_init(init)
-    unknown = set(options) - _OPTIONS - {"secure", "flash_options", "model", "samples", "audit", "seeds", "frac_bits",
-                                         "ckks_variant", "lncc_open"}
+    unknown = set(options) - _OPTIONS - _UNBATCHED
     if unknown:
         raise TypeError(f"register_batch got unknown options {sorted(unknown)}")
     if transform not in BATCHED or loss not in LOSSES:
@@ -197,9 +200,13 @@ def register_batch(fixed_list, moving_list, *, transform: str = "rigid", loss: s
                     "registration diverged: the transform is not finite; try more damping or coarser levels"), errors)
                 continue
             stats_j = jax.tree_util.tree_map(lambda x, j=j: x[j], stats)
-            fitted = METHODS[name].finish(pair, out[j], stats_j, o)
-            elapsed = prep_time[i] + seconds / len(members) + time.perf_counter() - start
-            results[i] = make_result(pair, transform, fitted, levels=levels, spacing=o["spacing"], elapsed=elapsed)
+            try:  # host-side, per pair: a failure here is this pair's (errors="return"), not the batch's
+                fitted = METHODS[name].finish(pair, out[j], stats_j, o)
+                elapsed = prep_time[i] + seconds / len(members) + time.perf_counter() - start
+                results[i] = make_result(pair, transform, fitted, levels=levels, spacing=o["spacing"],
+                                         elapsed=elapsed)
+            except (ValueError, TypeError, ArithmeticError) as exc:
+                _fail(results, i, exc, errors)
     return results
 
 
@@ -224,6 +231,8 @@ def _register_batch_pipeline(fixed_list, moving_list, *, transform, loss, levels
     first = register_batch(fixed_list, moving_list, transform=lin, loss=LINEAR_STAGE_LOSS.get(loss, loss),
                            levels=levels, init=init, key=kw.get("key", 0), bins=kw.get("bins", 32), **common)
     ok = [i for i, r in enumerate(first) if isinstance(r, Result)]
+    if not ok:  # errors="return" and every pair failed the linear stage: nothing left for the second
+        return first
     deform_kw = {k: v for k, v in kw.items() if k not in common}
     second = register_batch([fixed_list[i] for i in ok], [aligned_moving(fixed_list[i], first[i]) for i in ok],
                             transform=deform, loss=loss, levels=levels, **common, **deform_kw)

@@ -2,12 +2,15 @@
 
 ``PAIRS.csv`` has a header with the columns ``fixed`` and ``moving`` (NIfTI paths, relative to the CSV's
 folder unless absolute), and optionally ``fixed_labels`` / ``moving_labels`` (integer label maps on the
-fixed / moving grid: the pair's Dice) and ``id`` (the pair's folder name; default the row number
-``0001``, ...). Each pair gets ``OUTDIR/ID/`` with the files ``ppreg register`` writes
-(:func:`ppreg.cli.write_outputs`) plus ``done.json`` (its summary row), written atomically last: a rerun
-skips the rows whose ``done.json`` exists (resumable) and registers the others. Pairs of one shape run
-as one vmapped computation, ``--batch-size`` pairs at a time (a tqdm progress bar counts pairs on stderr).
-A bad row (missing file, unreadable image, 2D vs 3D, non-finite voxels, a diverged registration) is
+fixed / moving grid: the pair's Dice) and ``id`` (the pair's folder name, unique even ignoring case, not
+``summary.csv`` / ``summary.json``; default the row number ``0001``, ...). Each pair gets ``OUTDIR/ID/``
+with the files ``ppreg register`` writes (:func:`ppreg.cli.write_outputs`) plus ``done.json`` (its summary
+row, the pair's absolute paths and the registration options), written atomically last: a rerun skips the
+rows whose ``done.json`` records the same paths and options (resumable; a row whose paths or options
+changed, e.g. a default id that names another pair after an edit of the CSV, is registered again) and
+registers the others. Pairs of one shape run as one vmapped computation, ``--batch-size`` pairs at a time
+(a tqdm progress bar counts pairs on stderr). A bad row (missing file, unreadable image, 2D vs 3D,
+non-finite voxels, a label map that is empty or not on its image's grid, a diverged registration) is
 reported in the summary (status ``error`` and the message) and the others go on; its folder gets no
 ``done.json``, so a rerun retries it. ``OUTDIR/summary.csv`` and ``summary.json`` (written atomically
 at the end) hold one row per CSV row: ``id``, ``status``, ``dice`` (mean over the labels present, with
@@ -23,6 +26,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -36,6 +40,8 @@ from .warp import interpolate_nearest
 COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "id")
 SUMMARY = ("id", "status", "dice", "folding", "time_s", "final_loss", "iterations", "error")
 DONE = "done.json"
+RESERVED = ("summary.csv", "summary.json")  # OUTDIR's own files: no pair folder may take their names
+LABELS = ("fixed_labels", "moving_labels")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -69,17 +75,18 @@ def read_pairs(path: Path, error) -> list[dict]:
             malformed row, a duplicated or unsafe id.
     """
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8-sig")  # utf-8-sig: a spreadsheet's byte-order mark
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"cannot read the pairs file {path}: {exc}") from None
     reader = csv.DictReader(io.StringIO(text))
     header = [c.strip() for c in (reader.fieldnames or [])]
     missing = [c for c in ("fixed", "moving") if c not in header]
     unknown = [c for c in header if c not in COLUMNS]
-    if missing or unknown:
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if missing or unknown or repeated:  # a repeated column: csv keeps its last value, silently
         raise error(f"{path}: the header must have the columns fixed, moving (optional fixed_labels, moving_labels, "
-                    f"id); missing {missing}, unknown {unknown}")
-    rows, seen = [], set()
+                    f"id), each once; missing {missing}, unknown {unknown}, repeated {repeated}")
+    path, rows, seen = Path(path), [], set()
     for n, raw in enumerate(reader, start=1):
         row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
         if None in raw:
@@ -87,9 +94,11 @@ def read_pairs(path: Path, error) -> list[dict]:
         if not row.get("fixed") or not row.get("moving"):
             raise error(f"{path}: row {n} has no fixed or moving path")
         pid = row.get("id") or f"{n:04d}"
-        if not _SAFE_ID.match(pid) or pid in seen:
-            raise error(f"{path}: row {n}: id {pid!r} is {'repeated' if pid in seen else 'not a safe folder name'}")
-        seen.add(pid)
+        folded = pid.casefold()  # one folder on a case-insensitive file system
+        if not _SAFE_ID.match(pid) or folded in RESERVED or folded in seen:
+            why = "repeated (ignoring case)" if folded in seen else "not a safe folder name"
+            raise error(f"{path}: row {n}: id {pid!r} is {why}")
+        seen.add(folded)
         resolve = (lambda p: None if not p else p if Path(p).is_absolute() else path.parent / p)  # noqa: E731
         rows.append({"id": pid, **{c: resolve(row.get(c)) for c in ("fixed", "moving", "fixed_labels",
                                                                     "moving_labels")}})
@@ -141,20 +150,25 @@ def run_batch(args, error, load, write_outputs) -> int:
     summary: dict[str, dict] = {}
     todo = []
     for row in rows:
+        row["done"] = {"pair": _pair_paths(row), "options": json.loads(json.dumps(options))}
         done = out / row["id"] / DONE
         if done.is_file():
             try:
-                summary[row["id"]] = dict(json.loads(done.read_text()), status="ok")
-                continue
+                doc = json.loads(done.read_text())
             except (OSError, ValueError):
-                pass  # an unreadable marker: register the pair again
+                doc = None  # an unreadable marker: register the pair again
+            if isinstance(doc, dict) and all(doc.get(k) == v for k, v in row["done"].items()):
+                summary[row["id"]] = dict({k: doc.get(k) for k in SUMMARY}, id=row["id"], status="ok")
+                continue
+            done.unlink(missing_ok=True)  # another pair's or other options' marker: not this row's
         todo.append(row)
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), unit="pair", disable=args.no_progress)
     for start in range(0, len(todo), args.batch_size):
         chunk, loaded = todo[start:start + args.batch_size], []
         for row in chunk:
             try:
-                images = {c: load(row[c]) for c in ("fixed", "moving", "fixed_labels", "moving_labels") if row[c]}
+                images = {c: load(row[c]) for c in ("fixed", "moving", *LABELS) if row[c]}
+                _check_labels(row, images, error)
             except error as exc:
                 summary[row["id"]] = _row(row["id"], "error", error=str(exc))
                 bar.update(1)
@@ -167,7 +181,7 @@ def run_batch(args, error, load, write_outputs) -> int:
             except (ValueError, TypeError) as exc:  # an option every pair shares: nothing can run
                 raise error(str(exc)) from None
             for (row, images), result in zip(loaded, results):
-                summary[row["id"]] = _finish(out / row["id"], row["id"], images, result, write_outputs)
+                summary[row["id"]] = _finish(out / row["id"], row, images, result, write_outputs)
                 bar.update(1)
     bar.close()
     table = [summary[row["id"]] for row in rows]
@@ -178,8 +192,25 @@ def run_batch(args, error, load, write_outputs) -> int:
     return 1 if failed else 0
 
 
-def _finish(folder: Path, pid: str, images: dict, result, write_outputs) -> dict:
+def _pair_paths(row) -> dict:
+    """The row's image paths, absolute (the pair's identity in ``done.json``)."""
+    return {c: None if not row[c] else os.path.abspath(row[c]) for c in ("fixed", "moving", *LABELS)}
+
+
+def _check_labels(row, images, error) -> None:
+    """Each label map on its image's grid and not empty (else ``error``, naming the file)."""
+    for c in (c for c in LABELS if c in images):
+        side = c.split("_")[0]  # fixed or moving: the grid the label map must be on
+        labels, shape = np.asarray(images[c].data), np.shape(images[side].data)
+        if labels.shape != shape:
+            raise error(f"{c} {row[c]} has shape {labels.shape} but the {side} image {row[side]} has shape {shape}")
+        if not np.any(np.rint(labels)):
+            raise error(f"{c} {row[c]} is empty (every voxel is background 0): no label to score")
+
+
+def _finish(folder: Path, row: dict, images: dict, result, write_outputs) -> dict:
     """Write one pair's folder (``done.json`` last) and return its summary row; an error becomes the row."""
+    pid = row["id"]
     if isinstance(result, Exception):  # register_batch's "pair i: " names a place in the chunk, not the row
         return _row(pid, "error", error=re.sub(r"^pair \d+: ", "", str(result)))
     try:
@@ -187,9 +218,9 @@ def _finish(folder: Path, pid: str, images: dict, result, write_outputs) -> dict
         if "fixed_labels" in images and "moving_labels" in images:
             dice = _label_dice(result, images["fixed_labels"], images["moving_labels"])
         write_outputs(folder, result, images["fixed"].affine, moving_shape=images["moving"].data.shape)
-        row = _row(pid, "ok", result=result, dice=dice)
-        atomic_write_text(folder / DONE, json.dumps(row, indent=2) + "\n")
-        return row
+        summary_row = _row(pid, "ok", result=result, dice=dice)
+        atomic_write_text(folder / DONE, json.dumps({**summary_row, **row["done"]}, indent=2) + "\n")
+        return summary_row
     except (ValueError, OSError) as exc:  # labels of another shape, a full disk: this row only
         return _row(pid, "error", error=str(exc))
 

@@ -111,7 +111,7 @@ def setup_pair(fixed, moving, fixed_a, moving_a, *, transform: str, secure: str 
     Raises:
         ValueError: an all-zero image, a singular affine, an unknown ``init``.
     """
-    scale = 2.0 ** max(scale_exponent(fixed_a), scale_exponent(moving_a))
+    scale = 2.0 ** max(scale_exponent(fixed_a, "fixed image"), scale_exponent(moving_a, "moving image"))
     w_fixed, w_moving = world_affine(fixed, fixed_a.ndim, "fixed"), world_affine(moving, moving_a.ndim, "moving")
     m0 = np.eye(fixed_a.ndim + 1)
     if secure is None:

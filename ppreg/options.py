@@ -56,23 +56,25 @@ def as_array(x, name):
     data = x.data if isinstance(x, Image) else np.asarray(x)
     if data.ndim not in (2, 3):
         raise ValueError(f"{name} image must be 2D or 3D, got shape {data.shape}")
-    if not np.issubdtype(data.dtype, np.number):
-        raise TypeError(f"{name} image must be numeric, got dtype {data.dtype}")
+    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+        raise TypeError(f"{name} image must be real-valued numeric, got dtype {data.dtype}")
+    if data.size == 0:
+        raise ValueError(f"{name} image is empty, shape {data.shape}")
     bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     if bad:
         raise ValueError(f"{name} image has {bad} non-finite voxels")
     return jnp.asarray(data, jnp.float32)
 
 
-def scale_exponent(image) -> int:
+def scale_exponent(image, name: str = "image") -> int:
     """``ceil(log2 max|image|)``: the only intensity information a party discloses.
 
     Raises:
-        ValueError: for an all-zero image.
+        ValueError: for an all-zero image (the message names it by ``name``).
     """
     peak = float(jnp.max(jnp.abs(image)))
     if peak == 0.0:
-        raise ValueError("image is all zero: nothing to register")
+        raise ValueError(f"{name} is all zero: nothing to register")
     return math.ceil(math.log2(peak))
 
 

@@ -31,6 +31,7 @@ one ``ppreg: error: ROLE: ...`` line; nothing is written).
 from __future__ import annotations
 
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -153,9 +154,10 @@ def _keys(args, error, *public_args):
 def run_party(args, error, load_image, write_outputs) -> int:
     """``ppreg party``: validate, run the role, write its outputs; errors as described in the module docstring."""
     max_mb = 1024.0 if args.max_message_mb is None else args.max_message_mb
+    # finite too: "nan" and "inf" parse as floats, and every receive needs a deadline
+    if not (0 < args.timeout < math.inf and 0 < max_mb < math.inf):
+        raise error("--timeout and --max-message-mb must be positive and finite")
     limits = dict(timeout=args.timeout, max_message_bytes=int(max_mb * 2**20))
-    if args.timeout <= 0 or max_mb <= 0:
-        raise error("--timeout and --max-message-mb must be positive")
     policy = _policy(args, error)
     log = _audit(args, error)
     try:

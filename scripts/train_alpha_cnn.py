@@ -9,7 +9,8 @@ initial velocities drawn from FLASH's prior at alpha in {3, 6, 11}
 Pair ``i`` is a deterministic function of ``(seed, i)``, so only the labels are stored: one JSON
 shard per labelling worker under ``bench/alpha_labels/`` (``{"config", "labels": {i:
 {"alpha_map", "alpha_true", "seconds"}}}``), rewritten atomically after every pair; a run that is
-stopped resumes where it stopped (labels already present are skipped). Training regenerates the
+stopped resumes where it stopped (labels already present are skipped); test pairs are labelled first, then
+validation, then train pairs, so a stopped run still has whole held-out splits. Training regenerates the
 images from the seed.
 
 Subcommands (from the repository root)::
@@ -82,8 +83,14 @@ def cmd_label(args) -> None:
     doc = json.loads(shard.read_text()) if shard.exists() else {"config": CONFIG, "labels": {}}
     if doc["config"] != CONFIG:
         raise SystemExit(f"{shard} holds labels of another configuration; move it away first")
+    from ppreg.learned.alpha_data import split_indices
+
     data = pairs(args.pairs)
-    todo = [i for i in range(args.pairs) if i % args.workers == args.worker and str(i) not in doc["labels"]]
+    # test, then validation, then train pairs: a run stopped early can still be evaluated on whole held-out splits
+    split = split_indices(PAIRS, SEED)
+    rank = {int(i): r for r, name in enumerate(("test", "val", "train")) for i in split[name]}
+    todo = sorted((i for i in range(args.pairs) if i % args.workers == args.worker and str(i) not in doc["labels"]),
+                  key=lambda i: (rank.get(i, 3), i))
     print(f"worker {args.worker}/{args.workers}: {len(todo)} pairs to label", flush=True)
     for i in todo:
         alpha, sec = label_one(data["source"][i], data["target"][i])
@@ -136,7 +143,8 @@ def scaled(source, target):
 
 def dataset(config: dict = CONFIG) -> dict:
     """The labelled pairs with their split (of all :data:`PAIRS`): ``{"source", "target", "alpha_map",
-    "alpha_true", "index", "split"}``; images scaled by :func:`scaled`."""
+    "alpha_true", "v0", "index", "split"}``; images scaled by :func:`scaled`; ``v0`` the drawn initial
+    velocities (complex64 band coefficients)."""
     from ppreg.learned.alpha_data import split_indices
 
     labels = read_labels(config=config)
@@ -147,7 +155,7 @@ def dataset(config: dict = CONFIG) -> dict:
     source, target = scaled(data["source"][index], data["target"][index])
     split = split_indices(PAIRS, config["seed"])
     where = {name: np.flatnonzero(np.isin(index, idx)) for name, idx in split.items()}
-    return {"source": source, "target": target, "index": index, "split": where,
+    return {"source": source, "target": target, "index": index, "split": where, "v0": data["v0"][index],
             "alpha_map": np.asarray([labels[i]["alpha_map"] for i in index], np.float32),
             "alpha_true": np.asarray([labels[i]["alpha_true"] for i in index], np.float32)}
 

@@ -131,3 +131,34 @@ def test_two_devices_equal_one():
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_pipeline_every_pair_failing_the_linear_stage_is_returned(pairs):
+    """errors="return" with no pair left for the deformable stage: the errors, not a ValueError about an empty
+    batch (``ppreg batch`` turned that into an abort of every row)."""
+    fixed, _ = pairs
+    out = register_batch(fixed[:1], [np.zeros_like(fixed[0])], transform="affine+svf", levels=(1,),
+                         max_iterations=2, errors="return")
+    assert len(out) == 1 and isinstance(out[0], ValueError)
+    assert str(out[0]) == "pair 0: moving image is all zero: nothing to register"
+
+
+def test_a_pair_failing_after_the_fit_is_returned(pairs, monkeypatch):
+    """errors="return" also covers the host-side finish of one pair (it raised out of the whole batch)."""
+    import ppreg.batch as batch_module
+    from ppreg.methods import METHODS, Method
+
+    method = METHODS["linear"]
+    calls = []
+
+    def finish(pair, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("singular matrix")
+        return method.finish(pair, *args)
+
+    monkeypatch.setitem(batch_module.METHODS, "linear", Method(method.plan, method.fit, finish))
+    fixed, moving = pairs
+    out = register_batch(fixed, moving, errors="return", **CASES["affine"])
+    assert str(out[1]) == "pair 1: singular matrix" and isinstance(out[1], ValueError)
+    assert_same(out[0], register(fixed[0], moving[0], **CASES["affine"]), float(np.max(fixed[0])))

@@ -76,7 +76,10 @@ def test_batch_writes_pairs_summary_and_resumes(case):
 
 @pytest.mark.parametrize("text, message", [("fixed,image\nf.nii.gz,m.nii.gz\n", "missing ['moving']"),
                                            ("fixed,moving,id\nf.nii.gz,m.nii.gz,../x\n", "not a safe folder name"),
-                                           ("fixed,moving\n", "no pairs")])
+                                           ("fixed,moving\n", "no pairs"),
+                                           ("fixed,moving,id\nf.nii.gz,m.nii.gz,summary.csv\n", "not a safe folder"),
+                                           ("fixed,moving,id\nf,m,A\nf,m,a\n", "'a' is repeated (ignoring case)"),
+                                           ("fixed,moving,moving\nf,m,m2\n", "repeated ['moving']")])
 def test_bad_csv_exits_2(tmp_path, capsys, text, message):
     (tmp_path / "pairs.csv").write_text(text)
     assert main(["batch", str(tmp_path / "pairs.csv"), "-o", str(tmp_path / "out"), *OPTIONS]) == 2
@@ -87,3 +90,43 @@ def test_secure_refused(tmp_path, capsys):
     (tmp_path / "pairs.csv").write_text("fixed,moving\nf.nii.gz,m.nii.gz\n")
     assert main(["batch", str(tmp_path / "pairs.csv"), "-o", str(tmp_path / "out"), "--secure", "mpc"]) == 2
     assert "clear registration" in capsys.readouterr().err
+
+
+def test_resume_registers_a_row_again_when_its_pair_or_options_changed(case):
+    """done.json names its pair and options: a default id that now names another pair (the CSV edited) or other
+    options are not "finished"; the stale marker goes, so a failing new pair leaves none."""
+    tmp = case[0]
+    out = tmp / "out"
+    csv_path = tmp / "edited.csv"
+    csv_path.write_text("fixed,moving\nf.nii.gz,m.nii.gz\n")
+    assert main(["batch", str(csv_path), "-o", str(out), *OPTIONS]) == 0
+    assert json.loads((out / "0001" / "done.json").read_text())["pair"]["moving"] == str(tmp / "m.nii.gz")
+    csv_path.write_text("fixed,moving\nf.nii.gz,absent.nii.gz\n")  # row 0001 is now another pair
+    assert main(["batch", str(csv_path), "-o", str(out), *OPTIONS]) == 1
+    row = json.loads((out / "summary.json").read_text())[0]
+    assert row["status"] == "error" and "no such file" in row["error"]
+    assert not (out / "0001" / "done.json").exists()
+    csv_path.write_text("fixed,moving\nm.nii.gz,f.nii.gz\n")
+    assert main(["batch", str(csv_path), "-o", str(out), *OPTIONS]) == 0
+    done = json.loads((out / "0001" / "done.json").read_text())
+    assert done["pair"]["fixed"] == str(tmp / "m.nii.gz") and done["options"]["transform"] == "affine"
+    stamp = (out / "0001" / "warped.nii.gz").stat().st_mtime_ns
+    assert main(["batch", str(csv_path), "-o", str(out), *OPTIONS, "--transform", "rigid"]) == 0  # other options
+    assert (out / "0001" / "warped.nii.gz").stat().st_mtime_ns != stamp
+    assert json.loads((out / "0001" / "done.json").read_text())["options"]["transform"] == "rigid"
+
+
+def test_bad_label_maps_and_byte_order_mark(case):
+    """A label map off its image's grid or empty is a bad row named in the summary (not a wrong Dice, not an
+    error after the registration); a spreadsheet's UTF-8 byte-order mark before the header is accepted."""
+    tmp, _, moving, labels = case
+    _save(tmp / "ml_small.nii.gz", labels(moving)[:30, :30])
+    _save(tmp / "empty.nii.gz", np.zeros_like(labels(moving)))
+    (tmp / "bom.csv").write_text("\ufefffixed,moving,fixed_labels,moving_labels\n"
+                                 "f.nii.gz,m.nii.gz,fl.nii.gz,ml_small.nii.gz\nf.nii.gz,m.nii.gz,empty.nii.gz,ml.nii.gz\n",
+                                 encoding="utf-8")
+    assert main(["batch", str(tmp / "bom.csv"), "-o", str(tmp / "out"), *OPTIONS]) == 1
+    rows = json.loads((tmp / "out" / "summary.json").read_text())
+    assert [r["status"] for r in rows] == ["error", "error"]
+    assert "moving_labels" in rows[0]["error"] and "has shape (30, 30) but the moving image" in rows[0]["error"]
+    assert "fixed_labels" in rows[1]["error"] and "empty" in rows[1]["error"]

@@ -137,6 +137,8 @@ def test_paper_frame_bound_is_derived_from_the_parameters():
     assert ctx.galois_keys().data.size() == paper.GALOIS_KEYS
     context, vector = paper._public_bytes(ctx).size, paper._to_wire(ts.ckks_vector(ctx, [0.1] * 4096)).size
     assert vector <= paper.vector_bytes() and context <= paper.context_bytes(True) < 1.2 * context
+    # decompressed too (what SEAL allocates), an honest context stays within the bound
+    paper._check_inflated(paper._public_bytes(ctx).tobytes(), paper.context_bytes(True), "v1 context")
     v1 = Policy(ckks_variants=("packed", "v1"))
     v2 = Policy(ckks_variants=("packed", "v2"))
     assert remote.paper_frame_bound(DEFAULT) == 0 and remote.paper_frame_bound(v2) == paper.context_bytes(False)
@@ -147,7 +149,8 @@ def test_paper_frame_bound_is_derived_from_the_parameters():
 def test_guard_admits_paper_variants_by_policy(tmp_path):
     """``ckks_variants`` (default ``["packed"]``) decides which CKKS variant party2 runs; v2's
     ``ckks_sample`` is refused under another variant; the odd column and the final error's second number
-    are counted for packed only (v1/v2 reveal exactly ``P`` and one)."""
+    are counted for packed only; a v2 query also counts ``ceil(k / 2)``, the half ``J_2`` of its ``k`` values
+    that a deviating party1 reads by inflating ``S_2``."""
     from ppreg.secure.roles import key_to_json
     import jax
 
@@ -158,7 +161,7 @@ def test_guard_admits_paper_variants_by_policy(tmp_path):
         load_policy(tmp_path / "bad.json")
     level = {"op": "ckks_level", "label": "L0/mask", "n": 64, "factor": 1, "kind": "rigid", "method": "urs",
              "k": 32, "ndim": 2, "key": key_to_json(jax.random.key(0))}
-    for variant, policy, revealed in (("v1", DEFAULT, None), ("v2", load_policy(tmp_path / "p.json"), 3 + 1),
+    for variant, policy, revealed in (("v1", DEFAULT, None), ("v2", load_policy(tmp_path / "p.json"), 3 + 16 + 1),
                                       ("packed", DEFAULT, 4 + 2)):
         guard = Guard("party2", policy, voxels=64)
         guard.check({"op": "setup", "frac_bits": 16})
@@ -193,3 +196,80 @@ def test_moving_party_runs_paper_variants_for_linear_ssd_only():
             check_scheme(secure, loss, transform, "v2")
     with pytest.raises(ValueError, match="ckks_variant must be one of"):
         check_scheme("ckks", "ssd", "affine", "v3")
+
+
+def _zero_key_context():
+    """A v2-sized public context (with its public key) whose Galois keys are two entries of three all-zero
+    keys: 40 kB on the wire, 3 MB once decompressed (a zero key compresses about 30000 to 1)."""
+    import struct
+
+    import tenseal as ts
+    import zstandard
+
+    data = paper._public_bytes(paper._new_context(ts, galois=False)).tobytes()
+    fields = paper._proto_fields(data)
+    public = paper._proto_fields(next(v for f, w, v in fields if f == 2))
+    pk = next(v for f, w, v in public if f == 1)
+    key = bytearray(pk[:16] + zstandard.ZstdDecompressor().stream_reader(pk[16:]).read())
+    key[5], key[113:] = 0, bytes(len(key) - 113)  # uncompressed, every data word zero (still a valid key)
+    struct.pack_into("<Q", key, 8, len(key))
+    members = bytearray(key[16:48]) + struct.pack("<Q", 8)  # the keys' parms_id, 8 Galois elements
+    for i in range(8):
+        members += struct.pack("<Q", 3) + bytes(key) * 3 if i in (1, 3) else struct.pack("<Q", 0)
+    body = zstandard.ZstdCompressor(level=19).compress(bytes(members))
+    header = bytearray(pk[:16])
+    struct.pack_into("<Q", header, 8, 16 + len(body))
+    galois = bytes(header) + body
+    public = [(f, w, v) for f, w, v in public if f != 5] + [(5, 2, galois)]
+    return np.frombuffer(paper._proto_bytes([(f, w, paper._proto_bytes(public) if f == 2 else v)
+                                             for f, w, v in fields]), np.uint8), len(members)
+
+
+def test_context_that_decompresses_past_its_bound_is_refused_before_loading():
+    """TenSEAL hands a context's keys to SEAL, which inflates them and allocates every key they declare before
+    any check (measured: a 72 kB context of zero Galois keys, under v2's 0.53 MB bound, allocated 1.5 GB; the
+    bound allows ~10 GB). The receiver counts what the context's SEAL objects decompress to first, without
+    keeping it, and refuses past :func:`~ppreg.secure.ckks.paper.context_bytes`."""
+    import tenseal as ts
+
+    bomb, inflated = _zero_key_context()
+    assert bomb.size <= paper.context_bytes(False) < inflated
+    with pytest.raises(ProtocolError, match="decompress to more than"):
+        paper._context_from_wire(ts, bomb, galois=False, what="party1's CKKS context")
+    garbage = np.frombuffer(b"\x0a\x04\x5e\xa1\x10\x04" + bytes(10), np.uint8)  # a SEAL header cut short
+    with pytest.raises(ProtocolError, match="cannot load"):
+        paper._context_from_wire(ts, garbage, galois=False, what="ctx")
+
+
+def test_v1_query_weights_fit_the_encrypted_values():
+    """Party1's v1 query refuses more weight rows than the image has values (the last sub-array is shorter
+    than the partition: 40 values in 16 + 16 + 8), naming both counts, not a NumPy broadcasting error."""
+    channel, one, two = _pair("v1")
+    _, fixed = _data()
+    image = _image(one, two, "v1", fixed)
+    with pytest.raises(ValueError, match="48 weight rows but 40 encrypted values"):
+        one.query("q", image, np.ones((48, P)))
+
+
+def test_party2_keeps_one_pending_v2_sample_per_level(v2_pair):
+    """A ``ckks_sample`` that no query consumed is dropped when the next one arrives: a deviating party1
+    cannot make party2 hold one image per command."""
+    import jax
+
+    channel, one, two = v2_pair
+    _, fixed = _data()
+
+    class Role:
+        ckks, levels = two, {"L9/mask": {"prepared": False, "values": fixed, "key": jax.random.key(0), "n": M,
+                                         "k": 20}}
+
+        def level(self, label):
+            return self.levels[label]
+
+    for it in range(3):
+        remote._sample_fixed(Role(), {"op": "ckks_sample", "label": f"L9/it{it}/J", "mask": "L9/mask", "columns": P,
+                                      "it": it})
+    assert [k for k in two._values if k.startswith("L9/")] == ["L9/it2/J"]
+    assert [k for k in two._replicated if k[0].startswith("L9/")] == [("L9/it2/J", P)]
+    assert Role.levels["L9/mask"]["sample"] == (2, "L9/it2/J")
+    channel._queues.clear()

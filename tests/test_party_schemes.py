@@ -7,6 +7,7 @@ three more sessions check that the fixed party refuses, by its ``--policy``, an 
 kind. Shapes are tiny (64x64 slices, a few iterations, 20 points).
 """
 
+import contextlib
 import json
 
 import numpy as np
@@ -17,6 +18,7 @@ from ppreg.data import load_sample
 from ppreg.image import Image, save
 from ppreg.party_cli import party_commands, start_processes, wait_processes
 from ppreg.register import register
+from ppreg.sampling import n_samples
 
 pytest.importorskip("tenseal")
 
@@ -126,9 +128,25 @@ def sessions(tmp_path_factory):
         policy = REFUSED[case][1] if case in REFUSED else (OPT_IN if case.startswith("bspline") else None)
         runs[case] = {"work": work, "ref": refs.get(case), "points": (p, q)}
         procs[case] = start_processes(_commands(work, case, policy))
-    for case in runs:
-        runs[case]["done"] = wait_processes(procs[case], timeout=300)
+    with _killed_on_error(procs):
+        for case in runs:
+            runs[case]["done"] = wait_processes(procs[case], timeout=300)
     return runs
+
+
+@contextlib.contextmanager
+def _killed_on_error(procs):
+    """Kill every process of every case still running when the block fails (a timeout in one case's
+    wait, a failing reference), instead of leaving the other cases' processes behind."""
+    try:
+        yield
+    except BaseException:
+        for group in procs.values():
+            for proc in group.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        raise
 
 
 def _outputs(run):
@@ -139,7 +157,9 @@ def _outputs(run):
     doc = json.loads((work / "out" / "transform.json").read_text())
     reports = {name: json.loads((work / f"{name}_report.json").read_text()) for name in ("moving", "fixed", "dealer")}
     # traffic as each process counted it from the frames it sent: party2's own report is the moving party's record
-    assert rep["bytes"]["party2"] == {"online": reports["fixed"]["online"], "offline": reports["fixed"]["offline"]}
+    # (offline: the dealer's material party2 received under MPC; the keys and encrypted images it sent under CKKS)
+    offline = reports["fixed"]["offline_sent" if rep["secure"] == "ckks" else "offline"]
+    assert rep["bytes"]["party2"] == {"online": reports["fixed"]["online"], "offline": offline}
     assert rep["bytes"]["party1"]["online"] > 0 and rep["bytes"]["party2"]["online"] > 0
     return rep, doc, reports
 
@@ -196,10 +216,11 @@ def paper_sessions(tmp_path_factory):
         save(moving, work / "moving.nii.gz")
         runs[case] = {"work": work}
         procs[case] = start_processes(_commands(work, case, PAPER_OPT_IN))
-    for case, opts in PAPER.items():
-        runs[case]["ref"] = register(fixed, moving, secure="ckks", ckks_variant=case[-2:], **opts)
-    for case in PAPER:
-        runs[case]["done"] = wait_processes(procs[case], timeout=400)
+    with _killed_on_error(procs):
+        for case, opts in PAPER.items():
+            runs[case]["ref"] = register(fixed, moving, secure="ckks", ckks_variant=case[-2:], **opts)
+        for case in PAPER:
+            runs[case]["done"] = wait_processes(procs[case], timeout=400)
     return runs
 
 
@@ -209,7 +230,9 @@ def test_ckks_paper_variants_over_three_processes_equal_in_process(paper_session
     halves of the paper's protocols (its own fresh key pair; v1: its level encrypted once and sent with its
     Galois keys; v2: ``replicate_P(J_1)`` of each URS sample and of the final error's level) run in the fixed
     process; the result equals ``register(secure="ckks", ckks_variant=...)``'s within 1e-4 px (both carry
-    CKKS noise of about 1e-7 relative) and party2 counted exactly ``P`` numbers per query and one final error."""
+    CKKS noise of about 1e-7 relative) and party2 counted exactly ``P`` numbers per query and one final error,
+    plus for v2 ``ceil(k / 2)`` per query (``J_2``, readable by a party1 that inflates ``S_2``), and reports the
+    bytes it sent offline (v1: its Galois keys and encrypted level)."""
     run = paper_sessions[case]
     rep, doc, reports = _outputs(run)
     ref = run["ref"]
@@ -219,13 +242,15 @@ def test_ckks_paper_variants_over_three_processes_equal_in_process(paper_session
     assert np.max(np.abs(ref.matrix[:2, 2])) > 0.1  # it moved
     assert rep["final_loss"] == pytest.approx(ref.final_loss, rel=1e-4)
     fixed = reports["fixed"]
-    assert fixed["ops"]["ckks_query"]["calls"] == its and fixed["policy"]["revealed"] == its * 2 + 1
+    half = (n_samples(16 * 16, PAPER[case]["fraction"]) + 1) // 2 if case == "ckks_v2" else 0
+    assert fixed["ops"]["ckks_query"]["calls"] == its and fixed["policy"]["revealed"] == its * (2 + half) + 1
     assert set(reports["dealer"]["ops"]) == {"setup"}
     if case == "ckks_v2":  # one replicate_P(J_1) per URS sample, one (P = 1) for the final error
         assert fixed["ops"]["ckks_sample"]["calls"] == its + 1 and "ckks_key" in fixed["ops"]
     else:  # v1: party1 sends no key; per iteration one ciphertext of P values, a (2, P) reply back
         assert "ckks_sample" not in fixed["ops"] and "ckks_key" not in fixed["ops"]
         assert rep["bytes_per_iteration"]["party2"] < 200
+        assert rep["bytes"]["party2"]["offline"] > 1e6  # the public context with SEAL's Galois keys (~34 MB)
 
 
 @pytest.mark.parametrize("case", ["bspline_ckks", "bspline_ckks_urs"])
@@ -410,3 +435,63 @@ def test_ckks_bspline_frames_fit_the_derived_bound():
     frames += [channel.recv("party1", "party2", "q")]
     assert max(np.asarray(f).nbytes for f in frames) <= bound < 1 << 21
     assert remote.spline_frame_bound(n, 2, policy.Policy(operations=("mask", "query", "ssd"))) == 0
+
+
+def test_moving_party_checks_party2s_ckks_parameters():
+    """Party2 chooses the packed protocol's public parameters; party1 refuses malformed ones, ones SEAL
+    refuses and ones below 128-bit security with a ProtocolError naming them (a session failure, exit
+    status 1), never a bare ValueError from SEAL ("bit_sizes is invalid")."""
+    from ppreg.secure.ckks.packed import PackedParty1
+    from ppreg.secure.net.channel import InProcessChannel, ProtocolError
+
+    bad = {"not uint64": np.asarray([8192.0, 42, 27, np.nan, 60]),
+           "a 70-bit modulus": np.asarray([8192, 42, 27, 60, 70], np.uint64),
+           "a 1-bit modulus": np.asarray([8192, 42, 27, 60, 1], np.uint64),
+           "240 bits at N = 8192": np.asarray([8192, 42, 27, 60, 60, 60, 60], np.uint64),
+           "no such ring": np.asarray([2**63, 42, 27, 60, 60], np.uint64),
+           "a product scale above q0": np.asarray([8192, 42, 27, 30, 30], np.uint64),
+           "too few": np.asarray([8192, 42, 27, 60], np.uint64)}
+    for name, params in bad.items():
+        channel = InProcessChannel()
+        channel.send("party2", "party1", "ckks/params", params)
+        channel.send("party2", "party1", "ckks/seed", np.zeros(32, np.uint8))
+        with pytest.raises(ProtocolError, match="CKKS parameters"):
+            PackedParty1(channel).receive_setup()
+
+
+def test_fixed_party_runs_one_point_cloud_product_per_session():
+    """Each point-cloud product reveals ``d^2`` linear functionals of party2's points with weights party1
+    chooses (its own ``Q``), so ``ceil(n / d)`` of them solve for the points, well inside the default
+    ``max_revealed_per_voxel``; party2 runs one per session, under any label and either scheme."""
+    from ppreg.secure.ckks import remote  # noqa: F401 - registers the CKKS operations
+    from ppreg.secure.net.channel import ProtocolError
+    from ppreg.secure.policy import DEFAULT, Guard
+
+    points = {"op": "ckks_points", "label": "points", "n": 20, "d": 2, "extent": 64.0}
+    for second in (dict(points, label="points2"), dict(points, op="points", label="points3")):
+        guard = Guard("party2", DEFAULT, voxels=20)
+        guard.check({"op": "setup", "frac_bits": 16})
+        guard.check({"op": "ckks_setup", "label": "ckks/setup", "variant": "packed"})
+        guard.check(points)
+        assert guard.revealed == 2 * 2 + 2
+        with pytest.raises(ProtocolError, match="second point-cloud product"):
+            guard.check(second)
+        assert guard.revealed == 2 * 2 + 2
+
+
+@pytest.mark.parametrize("option", ["timeout", "max_message_mb"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0])
+def test_party_needs_a_finite_timeout_and_message_cap(option, value):
+    """``--timeout`` and ``--max-message-mb`` must be positive and finite (``nan`` and ``inf`` parse as floats:
+    a receive without a deadline, or a traceback converting them): bad input, before anything runs."""
+    import argparse
+
+    from ppreg.party_cli import run_party
+
+    class BadInput(Exception):
+        pass
+
+    args = argparse.Namespace(role="dealer", timeout=120.0, max_message_mb=None, policy=None, audit=None)
+    setattr(args, option, value)
+    with pytest.raises(BadInput, match="positive and finite"):
+        run_party(args, BadInput, None, None)

@@ -159,10 +159,14 @@ def test_bad_images(images):
     bad[3, 4] = np.nan
     with pytest.raises(ValueError, match="1 non-finite"):
         register(fixed, bad)
-    with pytest.raises(ValueError, match="all zero"):
+    with pytest.raises(ValueError, match="moving image is all zero"):
         register(fixed, np.zeros_like(fixed))
     with pytest.raises(ValueError, match="2D or 3D"):
         register(np.ones(10, np.float32), np.ones(10, np.float32))
+    with pytest.raises(ValueError, match="fixed image is empty"):  # not numpy's "zero-size array to reduction"
+        register(np.zeros((0, 8), np.float32), fixed)
+    with pytest.raises(TypeError, match="real-valued"):  # not a silent cast dropping the imaginary part
+        register(fixed.astype(np.complex64), fixed)
 
 
 def test_divergence_is_reported(images, monkeypatch):

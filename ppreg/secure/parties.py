@@ -116,8 +116,9 @@ def run_fixed(fixed: Image | np.ndarray, keypair: KeyPair, *, connect: str, deal
     passes it on to party1 (the same public facts as ``describe``).
 
     Returns:
-        party2's report ``{"time_s", "wall_s", "online", "offline", "ops", "policy"}`` (bytes it sent /
-        received; ``policy``: its own record of what it revealed, :meth:`~ppreg.secure.policy.Guard.summary`).
+        party2's report ``{"time_s", "wall_s", "online", "offline", "offline_sent", "ops", "policy"}`` (bytes it
+        sent online / received offline / sent offline; ``policy``: its own record of what it revealed,
+        :meth:`~ppreg.secure.policy.Guard.summary`).
 
     Raises:
         ValueError: a bad image. TimeoutError, ConnectionError, ProtocolError: see

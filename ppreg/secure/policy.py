@@ -62,8 +62,11 @@ a refusal names it:
   party2 decrypts what party1 sends: a deviating party1 that crafts its ciphertext reads linear
   functionals of party2's fresh key from the reply (the key-recovery attack of finding 2, bounded
   but not prevented by the per-query count, level and size checks and the query cap), and with the
-  key decrypts ``J`` (v1 sends it encrypted). Safe only against a semi-honest party1: opt in
-  with ``["packed", "v1", "v2"]``.
+  key decrypts ``J`` (v1 sends it encrypted). In ``v2`` it needs no key: party1's ``S_2`` is
+  encrypted under its own key, so party2 cannot bound it, and with entries of ``2^57`` instead of
+  at most 1 party1 reads ``J_2`` (half of the level or sample) to about 10 bits per voxel above
+  party2's mask from one query, while this policy counts ``P`` numbers. Safe only against a
+  semi-honest party1: opt in with ``["packed", "v1", "v2"]``.
 
 "Revealed numbers" are the outputs party1 decodes, per operation: ``P`` parameters per
 Gauss-Newton query, ``d`` per control point per B-spline query, ``bins^2 + P`` per MI iteration,
@@ -78,9 +81,11 @@ see there); a hospital narrows the policy, or raises that key to run B-spline re
 
 Independent of the policy, each follower refuses (:class:`~ppreg.secure.net.channel.ProtocolError`) a
 command that is malformed (a missing field, a wrong type, a value out of its range), that comes
-before ``setup`` or repeats it, that names a level it did not open, or that reuses a label: party2
-keeps its own record of every label, so a deviating party1 cannot make it mask twice with one
-stream (the dealer's own refusal is not enough: party1 can leave the dealer out of an operation).
+before ``setup`` or repeats it, that names a level it did not open, that is a second point-cloud
+product (``points``, ``ckks_points``: with ``ceil(n / d)`` of them party1 solves for party2's points), or
+that reuses a label: party2 keeps its own record of every label, so a deviating party1 cannot make it
+mask twice with one stream (the dealer's own refusal is not enough: party1 can leave the dealer out of
+an operation).
 
 The policy also sets the frame limits (:func:`frame_limit`): the largest frame party2 accepts is
 derived from its own image size and the protocols the policy allows, instead of a fixed 1 GiB.
@@ -368,6 +373,7 @@ class Guard:
         self.spline_functionals = 0
         self.started = False
         self.halves = False
+        self.point_clouds = False
         self._largest = 0
 
     # --- helpers -------------------------------------------------------------------------------
@@ -720,6 +726,11 @@ class Guard:
         label = self.new_label(cmd)
         self.require_loss("points")
         self.require_transform("rigid")
+        if self.point_clouds:  # a registration needs one; each is d^2 functionals of party2's points that party1
+            # weights as it likes, so ceil(n / d) of them (well inside max_revealed_per_voxel) solve for the points
+            raise ProtocolError(f"{self.role}: a second point-cloud product {label!r} in one session; one is allowed "
+                                "(with more, party1 can solve for party2's points)")
+        self.point_clouds = True
         n = self.count(cmd, "n")
         d = self.count(cmd, "d", 2, 3)
         self.check_voxels("points", n)

@@ -206,11 +206,12 @@ class Role:
                 self.channel.send_error(self.name, peer, reason)
 
     def report(self) -> dict:
-        """This role's own time (s), traffic (bytes it sent online, received offline) and time per operation
-        (:func:`op_summary`)."""
+        """This role's own time (s), traffic (bytes it sent online, received offline: the dealer's correlated
+        randomness; and sent offline: CKKS keys and encrypted images) and time per operation (:func:`op_summary`)."""
         snap = self.channel.traffic.snapshot()
         return {"time_s": self.clock, "online": int(snap["sent"][self.name]["online"]),
-                "offline": int(snap["received"][self.name]["offline"]), "ops": op_summary(self.op_s)}
+                "offline": int(snap["received"][self.name]["offline"]),
+                "offline_sent": int(snap["sent"][self.name]["offline"]), "ops": op_summary(self.op_s)}
 
     def level(self, mask_label: str) -> dict:
         try:
@@ -382,7 +383,7 @@ def _end(role: Role, cmd):
 
 
 def receive_reports(channel: Channel) -> dict:
-    """Party1, after ``end``: each follower's own report ``{"time_s", "online", "offline"}``.
+    """Party1, after ``end``: each follower's own report ``{"time_s", "online", "offline", "offline_sent"}``.
 
     Raises:
         ProtocolError: a malformed report.
@@ -391,7 +392,7 @@ def receive_reports(channel: Channel) -> dict:
     for name in FOLLOWERS:
         rep = decode_json(channel.recv("party1", name, "report"), "report")
         if not all(isinstance(rep.get(f), (int, float)) and math.isfinite(rep[f]) and rep[f] >= 0
-                   for f in ("time_s", "online", "offline")):
+                   for f in ("time_s", "online", "offline", "offline_sent")):
             raise ProtocolError(f"malformed report from {name}: {str(rep)[:80]}")
         reports[name] = rep
     return reports

@@ -125,10 +125,23 @@ class CkksParameters:
 
     @classmethod
     def from_array(cls, values) -> CkksParameters:
-        v = [int(x) for x in np.asarray(values).ravel()]
-        if len(v) < 5 or len(v) > 12:
-            raise ProtocolError(f"malformed CKKS parameters {v}")
-        return cls(v[0], tuple(v[3:]), v[1], v[2])
+        """The parameters a peer sent (:meth:`as_array`), checked as :meth:`check` and by SEAL.
+
+        Raises:
+            ProtocolError: not 5 to 12 uint64, or parameters SEAL refuses or below 128-bit security.
+        """
+        arr = np.asarray(values)
+        if arr.dtype != np.uint64 or arr.ndim != 1 or not 5 <= arr.size <= 12:
+            raise ProtocolError(f"malformed CKKS parameters: {arr.dtype} {arr.shape}, expected 5 to 12 uint64")
+        v = [int(x) for x in arr]
+        params = cls(v[0], tuple(v[3:]), v[1], v[2])
+        sealapi = require_tenseal()[0]
+        try:
+            params.check(sealapi)
+            sealapi.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_mod_bit_sizes))
+        except (ValueError, RuntimeError, TypeError) as exc:  # SEAL: "bit_sizes is invalid", no such primes
+            raise ProtocolError(f"CKKS parameters {v} refused: {str(exc)[:200]}") from None
+        return params
 
     def check(self, sealapi) -> None:
         """Raise ValueError unless the parameters give 128-bit security (HE standard)."""
@@ -697,7 +710,10 @@ class PackedParty1:
     def receive_setup(self) -> None:
         """Offline: party2's parameters and seed; generate the key, send ``b = -a s + e``."""
         params = CkksParameters.from_array(self.channel.recv("party1", "party2", "ckks/params"))
-        packed_scale_check(params)
+        try:
+            packed_scale_check(params)
+        except ValueError as exc:
+            raise ProtocolError(f"party2's CKKS parameters: {exc}") from None
         seed = self.channel.recv("party1", "party2", "ckks/seed")
         if seed.dtype != np.uint8 or seed.shape != (32,):
             raise ProtocolError("party2's CKKS seed must be 32 bytes")

@@ -66,10 +66,13 @@ chooses ``S`` needs ``n / P`` iterations, bounded by party2's ``max_revealed_per
 
 Threat model: semi-honest, as the paper. The decrypting party decrypts what the other sends, so
 a deviating peer can send crafted ciphertexts and read linear functionals of the key from the
-reply, and with the key decrypt ``J`` (v1, v2) or ``S_2`` (v2, party2 against party1); each party
-takes exactly the expected ciphertexts (count, level, size) per query, checks that every decrypted
-coefficient lies in the masked range, and answers at most ``max_queries`` queries per session
-(a fresh key per session), which bounds but does not prevent this. Party2 therefore runs v1/v2
+reply, and with the key decrypt ``J`` (v1, v2) or ``S_2`` (v2, party2 against party1). In v2 a deviating
+party1 needs no key: the mask of ``R_2 = S_2 ⊙ J_2`` is sized for ``|S_2| <= 1``, which party2 cannot check
+(``S_2`` is under party1's key); with entries of ``2^57`` party1 decrypts ``J_2`` (half of the level or
+sample) to about ``1e-3`` per voxel from one query. Each party takes exactly the expected ciphertexts
+(count, level, size) per query, checks that every decrypted coefficient lies in the masked range, and
+answers at most ``max_queries`` queries per session (a fresh key per session), which bounds the key
+attack but does not prevent it, nor the v2 one. Party2 therefore runs v1/v2
 only if its policy lists them (``ckks_variants``, default ``["packed"]``); against a deviating
 party1 use the packed variant (:mod:`ppreg.secure.ckks.packed`: no key at party2).
 
@@ -387,9 +390,74 @@ def vector_bytes() -> int:
     return ciphertext_bytes(PAPER) + 256
 
 
+_SEAL_MAGIC = b"\x5e\xa1"  # SEAL's serialization header: magic 0xA15E (little-endian), 16 bytes in all
+
+
+def _inflated_bytes(blob: bytes, limit: int, what: str) -> int:
+    """The bytes SEAL would read from one serialized object (its 16-byte header and its members after zstd or
+    zlib), counted without keeping them and without reading past ``limit``.
+
+    Raises:
+        ProtocolError: more than ``limit`` bytes, data that does not decompress, or another compression mode.
+    """
+    import io
+    import zlib
+
+    import zstandard
+
+    mode, body = (blob[5] if len(blob) >= 16 else -1), blob[16:]
+    if mode == 0:
+        return len(blob)
+    if mode not in (1, 2):
+        raise ProtocolError(f"{what}: cannot load a CKKS context (a SEAL object with compression mode {mode})")
+    total = 16
+    try:
+        if mode == 2:
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body), read_across_frames=True)
+            while total <= limit:
+                chunk = reader.read(1 << 20)
+                if not chunk:
+                    return total
+                total += len(chunk)
+        else:
+            inflater, rest = zlib.decompressobj(), body
+            while total <= limit:
+                chunk = inflater.decompress(rest, 1 << 20)
+                rest = inflater.unconsumed_tail
+                if not chunk:
+                    return total
+                total += len(chunk)
+    except (zstandard.ZstdError, zlib.error) as exc:
+        raise ProtocolError(f"{what}: cannot load a CKKS context (a SEAL object that does not decompress: "
+                            f"{str(exc)[:120]})") from None
+    raise ProtocolError(f"{what}: its SEAL objects decompress to more than {limit} bytes (SEAL would allocate "
+                        "every key they declare before any check)")
+
+
+def _check_inflated(data: bytes, limit: int, what: str) -> None:
+    """Refuse a serialized TenSEAL context whose SEAL objects (its parameters and keys: top-level fields, or
+    fields of a nested message) decompress to more than ``limit`` bytes in all. TenSEAL hands each to SEAL,
+    which inflates it and allocates every key it declares before checking any (a 72 kB context of zero
+    Galois keys allocated 1.5 GB); an honest context decompresses to less than :func:`context_bytes`.
+
+    Raises:
+        ProtocolError: more, or not a protobuf message.
+    """
+    total = 0
+    try:
+        fields = _proto_fields(data)
+        nested = [_proto_fields(v) for _, w, v in fields if w == 2 and v[:2] != _SEAL_MAGIC]
+    except ProtocolError:
+        raise ProtocolError(f"{what}: cannot load a CKKS context (not a protobuf message)") from None
+    for _, wire, value in [f for group in [fields, *nested] for f in group]:
+        if wire == 2 and value[:2] == _SEAL_MAGIC:
+            total += _inflated_bytes(value, limit - total, what)
+
+
 def _context_from_wire(ts, data, *, galois: bool, what: str):
-    """A peer's public context from its bytes: size bounded by :func:`context_bytes`, no secret key, a
-    public key (and Galois keys for v1), and :data:`PAPER`'s parameters (checked on an encryption of zero).
+    """A peer's public context from its bytes: size bounded by :func:`context_bytes` (also once decompressed),
+    no secret key, a public key (and Galois keys for v1), and :data:`PAPER`'s parameters (checked on an
+    encryption of zero).
 
     Raises:
         ProtocolError: anything else.
@@ -397,6 +465,7 @@ def _context_from_wire(ts, data, *, galois: bool, what: str):
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 1 or not 0 < data.size <= context_bytes(galois):
         raise ProtocolError(f"{what}: {data.dtype} {data.shape}, expected at most {context_bytes(galois)} bytes")
+    _check_inflated(data.tobytes(), context_bytes(galois), what)
     try:
         ctx = ts.context_from(data.tobytes())
     except Exception as exc:  # TenSEAL raises bare exceptions for malformed data
@@ -677,8 +746,9 @@ class PaperParty1(_Party):
     def _query_v1(self, label, image, weights, bound):
         ts, d = self.ts, self.partition
         m, p = weights.shape
-        if m > len(image) * d:
-            raise ValueError(f"{m} weight rows but {len(image) * d} encrypted values")
+        values = sum(enc.size() for enc in image)  # the last sub-array may be shorter than d
+        if m > values:
+            raise ValueError(f"{m} weight rows but {values} encrypted values")
         if len(image) * d > V1_MAX_ROWS:
             raise ValueError(f"v1 masks at most {V1_MAX_ROWS} rows (the mask range must fit the modulus)")
         alpha = power_of_two(bound)  # entries of S / alpha of modulus <= 1 (public for an offset query)

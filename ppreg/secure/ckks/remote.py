@@ -209,9 +209,12 @@ def _check_spline_sample(guard, cmd):
 
 def _check_query(guard, cmd):
     guard._op_query(cmd)
-    params = guard.levels[cmd["mask"]]["params"]
-    if params % 2 and _variant(guard) == "packed":  # a pair's second column is answered too
+    level = guard.levels[cmd["mask"]]
+    if level["params"] % 2 and _variant(guard) == "packed":  # a pair's second column is answered too
         guard.reveal(1, f"CKKS query {cmd['label']!r} (odd column)")
+    if _variant(guard) == "v2":  # party2 cannot bound party1's S_2: a deviating party1 reads J_2 from R_2 (paper.py)
+        guard.reveal((level["k"] + 1) // 2, f"v2 query {cmd['label']!r} (J_2, half the query's values, is readable "
+                                            "by a party1 that inflates S_2)")
 
 
 def _check_ssd(guard, cmd):
@@ -324,6 +327,9 @@ def _sample_fixed(role, cmd):
         raise ProtocolError(f"party2: level {cmd['mask']!r} does not sample per iteration (URS)")
     it = int(cmd["it"])
     idx = np.asarray(urs_indices(cfg["key"], it, n=cfg["n"], k=cfg["k"]))
+    stale = cfg.pop("sample", None)  # a sample no query used: party2 keeps one per level, not one per command
+    if stale is not None:
+        ckks.forget(stale[1])
     ckks.prepare_image(cmd["label"], cfg["values"][idx], "online")
     ckks.send_replicated(cmd["label"], cmd["label"], columns)
     cfg["sample"] = (it, cmd["label"])
@@ -662,7 +668,14 @@ class RemoteCkksSession(CkksSession):
         self.time = {"party1": self.time["party1"] + self.leader.clock, "party2": self.leader.time["party2"]}
 
     def bytes_report(self) -> dict:
-        return self.leader.bytes_report()
+        """``{party: {"online": sent bytes, "offline": sent offline bytes (keys, encrypted images)}}``, as
+        :meth:`ppreg.secure.ckks.session.CkksSession.bytes_report` (CKKS has no dealer traffic to count);
+        party2's from its own report."""
+        snap = self.leader.channel.traffic.snapshot()
+        party2 = self.leader.peers.reports()["party2"]
+        return {"party1": {"online": int(snap["sent"]["party1"]["online"]),
+                           "offline": int(snap["sent"]["party1"]["offline"])},
+                "party2": {"online": int(party2["online"]), "offline": int(party2["offline_sent"])}}
 
 
 def register_points_remote(p, session, *, extent: float, label: str = "points") -> tuple[np.ndarray, np.ndarray]:
