@@ -221,3 +221,28 @@ def test_shipped_alpha_model():
     assert 0.5 < alpha < 60.0
     with pytest.raises(ValueError, match="trained for shape"):
         network_alpha(None, data["source"][0][:64, :64], data["target"][0][:64, :64], band_size=15, sigma=0.03)
+
+
+def test_shipped_alpha_model_matches_held_out_labels():
+    """On the first six test-split pairs (never trained on) the shipped network's alpha is within 25 % of
+    the stored Laplace alpha_MAP at the median (bench_alpha.py: 17 % over all 135) and closer than one
+    constant alpha (the labels' geometric mean)."""
+    import json
+    from pathlib import Path
+
+    from ppreg.learned.alpha_cnn import network_alpha
+
+    shards = sorted((Path(__file__).resolve().parents[1] / "bench" / "alpha_labels").glob("labels_w*.json"))
+    docs = [json.loads(p.read_text()) for p in shards]
+    labels = {int(i): v["alpha_map"] for d in docs for i, v in d["labels"].items()}
+    cfg = docs[0]["config"]
+    test = [int(i) for i in split_indices(900, cfg["seed"])["test"][:6]]
+    data = synthesize_alpha_pairs(cfg["seed"], max(test) + 1, alphas=cfg["alphas"], noise=cfg["noise"],
+                                  band_size=cfg["band_size"])
+    label = np.asarray([labels[i] for i in test])
+    pred = np.asarray([network_alpha(None, data["source"][i], data["target"][i], band_size=cfg["band_size"],
+                                     sigma=cfg["noise"]) for i in test])
+    const = np.exp(np.mean(np.log(list(labels.values()))))
+    rel = np.abs(pred - label) / label
+    assert np.median(rel) < 0.25, (pred, label)
+    assert np.median(rel) < np.median(np.abs(const - label) / label)
