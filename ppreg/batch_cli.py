@@ -10,7 +10,8 @@ rows whose ``done.json`` records the same paths and options (resumable; a row wh
 changed, e.g. a default id that names another pair after an edit of the CSV, is registered again) and
 registers the others. Pairs of one shape run as one vmapped computation, ``--batch-size`` pairs at a time
 (a tqdm progress bar counts pairs on stderr). A bad row (missing file, unreadable image, 2D vs 3D,
-non-finite voxels, a label map that is empty or not on its image's grid, a diverged registration) is
+non-finite voxels, one label map without the other, a label map that is empty or not on its image's grid, a
+diverged registration, a batch that fails as a whole, e.g. out of memory) is
 reported in the summary (status ``error`` and the message) and the others go on; its folder gets no
 ``done.json``, so a rerun retries it. ``OUTDIR/summary.csv`` and ``summary.json`` (written atomically
 at the end) hold one row per CSV row: ``id``, ``status``, ``dice`` (mean over the labels present, with
@@ -180,6 +181,9 @@ def run_batch(args, error, load, write_outputs) -> int:
                                          errors="return", **options)
             except (ValueError, TypeError) as exc:  # an option every pair shares: nothing can run
                 raise error(str(exc)) from None
+            except Exception as exc:  # noqa: BLE001 -- e.g. XLA out of memory: this chunk's pairs fail, not the run
+                results = [RuntimeError(f"the batch of {len(loaded)} pairs failed ({type(exc).__name__}: {exc}); "
+                                        "try a smaller --batch-size")] * len(loaded)
             for (row, images), result in zip(loaded, results):
                 summary[row["id"]] = _finish(out / row["id"], row, images, result, write_outputs)
                 bar.update(1)
@@ -198,7 +202,11 @@ def _pair_paths(row) -> dict:
 
 
 def _check_labels(row, images, error) -> None:
-    """Each label map on its image's grid and not empty (else ``error``, naming the file)."""
+    """Both label maps or neither, each on its image's grid and not empty (else ``error``, naming the file)."""
+    given = [c for c in LABELS if c in images]
+    if len(given) == 1:
+        other = next(c for c in LABELS if c not in images)
+        raise error(f"the row has {given[0]} but no {other}: Dice needs both label maps (leave both empty for none)")
     for c in (c for c in LABELS if c in images):
         side = c.split("_")[0]  # fixed or moving: the grid the label map must be on
         labels, shape = np.asarray(images[c].data), np.shape(images[side].data)

@@ -219,7 +219,9 @@ def _run_register(args) -> int:
 def write_outputs(outdir: Path, result, affine, *, plot_fixed=None, moving_shape=None) -> None:
     """Write warped.nii.gz, displacement.nii.gz, transform.json, report.json (and velocity.nii.gz
     for svf; registration.png when ``plot_fixed``, the fixed image, is given) into ``outdir``
-    (staged, then moved), and the ITK files of :func:`ppreg.itk.write_itk` (``itk_linear.mat``,
+    (staged, then moved; ``report.json`` lists the files under ``"files"``, and the files an earlier
+    run listed there that this one does not write are removed, so no stale transform of another run
+    stays beside the new one), and the ITK files of :func:`ppreg.itk.write_itk` (``itk_linear.mat``,
     ``itk_linear.txt``, ``itk_warp.nii.gz`` for a deformable result; with ``moving_shape``, the moving
     image's voxel counts, also ``fsl_linear.mat`` and ``linear.lta``). A result without affines
     (``fixed_affine`` None) is taken to be on the fixed grid ``affine`` (4x4) for both images."""
@@ -250,17 +252,33 @@ def write_outputs(outdir: Path, result, affine, *, plot_fixed=None, moving_shape
                 job.result()
             if itk is not None:
                 names += itk.result()
-        atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
-        atomic_write_text(stage / "report.json", json.dumps(result.report_json(), indent=2) + "\n")
         if plot_fixed is not None:
             save_registration_figure(stage / "registration.png", plot_fixed, result.warped, result.displacement(),
                                      title=f"ppreg {result.transform} ({result.secure or 'clear'})")
             names.append("registration.png")
+        atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
+        report = {**result.report_json(), "files": sorted(names)}
+        atomic_write_text(stage / "report.json", json.dumps(report, indent=2) + "\n")
         outdir.mkdir(parents=True, exist_ok=True)
+        stale = set(_previous_files(outdir)) - set(names)
         for name in names:
             os.replace(stage / name, outdir / name)
+        for name in stale:  # e.g. an svf run's itk_warp.nii.gz beside a later rigid run's itk_linear.mat
+            (outdir / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _previous_files(outdir: Path) -> list[str]:
+    """The file names an earlier :func:`write_outputs` into ``outdir`` listed in its ``report.json``
+    (plain names only; none when there is no readable report)."""
+    try:
+        files = json.loads((outdir / "report.json").read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(files, list):
+        return []
+    return [f for f in files if isinstance(f, str) and f not in ("", ".", "..") and Path(f).name == f]
 
 
 def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:

@@ -130,3 +130,25 @@ def test_bad_label_maps_and_byte_order_mark(case):
     assert [r["status"] for r in rows] == ["error", "error"]
     assert "moving_labels" in rows[0]["error"] and "has shape (30, 30) but the moving image" in rows[0]["error"]
     assert "fixed_labels" in rows[1]["error"] and "empty" in rows[1]["error"]
+
+
+def test_one_label_map_and_a_failing_batch_are_row_errors(case, monkeypatch):
+    """A row with one label map is a bad row (no silent Dice of None); a batch that fails as a whole (an XLA
+    runtime error such as out of memory) fails its own pairs, and the summary is still written."""
+    tmp, *_ = case
+    (tmp / "one.csv").write_text("fixed,moving,fixed_labels,moving_labels\nf.nii.gz,m.nii.gz,fl.nii.gz,\n")
+    assert main(["batch", str(tmp / "one.csv"), "-o", str(tmp / "o1"), *OPTIONS]) == 1
+    (row,) = json.loads((tmp / "o1" / "summary.json").read_text())
+    assert row["status"] == "error" and "fixed_labels but no moving_labels" in row["error"]
+
+    import ppreg.batch
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+
+    monkeypatch.setattr(ppreg.batch, "register_batch", out_of_memory)
+    (tmp / "two.csv").write_text("fixed,moving\nf.nii.gz,m.nii.gz\nm.nii.gz,f.nii.gz\n")
+    assert main(["batch", str(tmp / "two.csv"), "-o", str(tmp / "o2"), *OPTIONS]) == 1
+    rows = json.loads((tmp / "o2" / "summary.json").read_text())
+    assert [r["status"] for r in rows] == ["error", "error"]
+    assert all("out of memory" in r["error"] and "--batch-size" in r["error"] for r in rows)

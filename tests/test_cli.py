@@ -96,6 +96,24 @@ def test_bad_arguments_exit_nonzero(argv, capsys):
     assert len(err) == 1 and err[0].startswith("ppreg: error:")
 
 
+def test_rerun_removes_stale_outputs_of_an_earlier_run_only(tmp_path):
+    """A rigid rerun into an svf run's folder must not leave the svf warp beside the new linear transform
+    (a user applying both would get the old deformation); files the earlier run did not list stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("velocity.nii.gz", "itk_warp.nii.gz", "notes.txt"):
+        (out / name).write_text("earlier")
+    (tmp_path / "outside.txt").write_text("keep")
+    (out / "report.json").write_text(json.dumps({"files": ["velocity.nii.gz", "itk_warp.nii.gz", "warped.nii.gz",
+                                                           "../outside.txt", "/etc/hostname", 3]}))
+    assert _register(tmp_path) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "velocity.nii.gz" not in names and "itk_warp.nii.gz" not in names
+    assert "notes.txt" in names and (tmp_path / "outside.txt").read_text() == "keep"
+    listed = json.loads((out / "report.json").read_text())["files"]
+    assert "itk_linear.mat" in listed and set(listed) == names - {"notes.txt"}
+
+
 def test_failure_keeps_existing_outputs(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
