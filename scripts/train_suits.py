@@ -12,15 +12,18 @@ Training writes resumable checkpoint folders (``--out`` and ``--out``-pretrain: 
 log); ``--export`` then writes the shipped forms (weights, config and log, no optimiser state) to
 ``EXPORT`` (stage 2) and ``EXPORT``_mind (stage 1).
 
-Usage (from the repository root; the shipped model)::
+Usage (from the repository root; the shipped model: the stage-1 run of 700 steps, then Algorithm 1 with
+the defaults, lambda 1 and the feature warm-up of ``TRAIN_CONFIG``, for the steps recorded in its
+``config.json``)::
 
-    nice -n 10 python scripts/train_suits.py --pretrain-steps 1200 --steps 3000 --out runs/suits2d \\
+    nice -n 10 python scripts/train_suits.py --pretrain-steps 700 --steps 14000 --out runs/suits2d \\
         --export ppreg/learned/models/suits_2d
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -51,14 +54,20 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=3)
     p.add_argument("--pretrain-rate", type=float, default=1e-3)
-    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--learning-rate", type=float, default=3e-4)
+    p.add_argument("--lam", type=float, default=TRAIN_CONFIG.lam, help="diffusion weight of Algorithm 1's steps")
+    p.add_argument("--iterations", type=int, default=TRAIN_CONFIG.iterations, help="k_back is drawn from 1..this")
+    p.add_argument("--warmup", choices=("labels", "features"), default=TRAIN_CONFIG.warmup,
+                   help="what drives Algorithm 1's untracked steps (labels: as printed)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--export", type=Path, default=None, help="also write the shipped forms here (and here_mind)")
     args = p.parse_args(argv)
     data = "ppreg.learned.data.slice_bank('train'): Colin27 + MNI152 1 mm slices, tissue labels"
+    config = dataclasses.replace(TRAIN_CONFIG, lam=args.lam, iterations=args.iterations,
+                                 warmup=args.warmup)
     start = time.perf_counter()
     pre, result = train_suits(slice_bank("train"), pretrain_steps=args.pretrain_steps, steps=args.steps,
-                              batch_size=args.batch_size, seed=args.seed, out=args.out, config=TRAIN_CONFIG,
+                              batch_size=args.batch_size, seed=args.seed, out=args.out, config=config,
                               pretrain_rate=args.pretrain_rate, learning_rate=args.learning_rate,
                               pair_options=PAIRS, checkpoint_every=args.checkpoint_every, data=data)
     if args.export is not None:

@@ -12,6 +12,7 @@ from ppreg.learned import checkpoint
 from ppreg.learned.featcnn import FeatCNN, count_parameters, parameter_count
 from ppreg.learned.suits import (
     SuitsConfig,
+    cross_entropy,
     gn_step,
     laplacian,
     make_train_step,
@@ -267,6 +268,29 @@ def test_suits_loss_terms_and_k_back_range():
         assert np.isfinite(float(loss))
         ks.append(int(terms["k_back"]))
     assert set(ks) <= {1, 2, 3} and len(set(ks)) > 1
+
+
+def test_feature_warmup_starts_the_tracked_step_where_test_time_registration_is():
+    """warmup="features": the k_back - 1 untracked steps are register_features' own steps, so the loss is the
+    cross entropy after k_back test-time steps; the gradient still reaches the network (through the last one)."""
+    batch = _pair(jax.random.key(23))
+    model = FeatCNN(2, **TINY, key=jax.random.key(24))
+    config = SuitsConfig(iterations=3, lam=1.0, cg_maxiter=40, cg_tol=1e-4, warmup="features")
+    key = next(jax.random.key(s) for s in range(20)
+               if int(jax.random.randint(jax.random.key(s), (), 1, 4)) == 3)  # k_back = 3: two untracked steps
+    (loss, terms), grads = eqx.filter_jit(eqx.filter_value_and_grad(
+        lambda m: suits_loss(m, key, batch, config=config), has_aux=True))(model)
+    assert int(terms["k_back"]) == 3
+    u = register_features(model, batch["fixed"], batch["moving"], iterations=3, lam=1.0, cg_maxiter=40, cg_tol=1e-4)
+    expected = cross_entropy(warp_clamped(batch["moving_labels"], u), batch["fixed_labels"])
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5)
+    labels_loss, _ = suits_loss(model, key, batch, config=SuitsConfig(iterations=3, lam=1.0, cg_maxiter=40,
+                                                                     cg_tol=1e-4))
+    assert abs(float(labels_loss) - float(loss)) > 1e-4  # the label warm-up reaches another state
+    norm = sum(float(jnp.sum(g ** 2)) for g in jax.tree_util.tree_leaves(eqx.filter(grads, eqx.is_array)))
+    assert np.isfinite(norm) and norm > 0
+    with pytest.raises(ValueError, match="warmup"):
+        SuitsConfig(warmup="oracle")
 
 
 def test_register_features_shapes():

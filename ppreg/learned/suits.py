@@ -449,6 +449,9 @@ def gn_step(feat_fix: jnp.ndarray, feat_mov: jnp.ndarray, u: jnp.ndarray, *, lam
 # Algorithm 1 and test-time iteration
 
 
+WARMUPS = ("labels", "features")
+
+
 @dataclass(frozen=True)
 class SuitsConfig:
     """Hyper-parameters of the SUITS iteration and training (static; the paper's values by default).
@@ -460,6 +463,9 @@ class SuitsConfig:
         cg_maxiter, cg_tol: CG cap and relative tolerance.
         smooth: 5-voxel averaging after upsampling (Sec. 4.2).
         matrix_gradient: see :func:`gn_step`.
+        warmup: what drives the ``k_back - 1`` untracked steps: ``"labels"`` (Algorithm 1: the
+            block-averaged label maps) or ``"features"`` (the network's own features, without gradient:
+            the state the tracked step starts from is then the one test-time registration reaches).
     """
 
     iterations: int = 15
@@ -469,10 +475,13 @@ class SuitsConfig:
     cg_tol: float = 1e-5
     smooth: bool = True
     matrix_gradient: bool = True
+    warmup: str = "labels"
 
     def __post_init__(self):
         if int(self.iterations) < 1 or not self.lam > 0 or not self.gamma > 0 or int(self.cg_maxiter) < 1:
             raise ValueError(f"need iterations >= 1, lam > 0, gamma > 0, cg_maxiter >= 1, got {self}")
+        if self.warmup not in WARMUPS:
+            raise ValueError(f"warmup must be one of {WARMUPS}, got {self.warmup!r}")
 
 
 def _check_batch(model: FeatCNN, batch: dict) -> None:
@@ -491,7 +500,8 @@ def suits_loss(model: FeatCNN, key, batch: dict, *, config: SuitsConfig = SuitsC
 
     1. ``k_back`` uniform in ``1 .. config.iterations`` (from ``key``).
     2. ``k_back - 1`` untracked steps (:func:`gn_step` then Eq. 2) with the label maps, block-averaged
-       to the feature grid, as representations: the moving one warped by the current ``u``.
+       to the feature grid, as representations: the moving one warped by the current ``u``
+       (``config.warmup == "features"``: with the network's features, without gradient).
     3. The tracked step: the moving *image* warped at full resolution by ``u^{k_back - 1}``, both
        images through the FeatCNN (stream 0 fixed, stream 1 moving), one :func:`gn_step`,
        ``u^{k_back} = u + gamma Delta u``.
@@ -529,15 +539,24 @@ def suits_loss(model: FeatCNN, key, batch: dict, *, config: SuitsConfig = SuitsC
     rep_mov = block_mean(s_mov, FACTOR, ndim=ndim)
     step = dict(lam=config.lam, maxiter=config.cg_maxiter, tol=config.cg_tol)
 
+    feat_fix = model(fixed, 0)
+    params, static = eqx.partition(model, eqx.is_array)
+    frozen = eqx.combine(jax.lax.stop_gradient(params), static)
+    feat_fix_frozen = jax.lax.stop_gradient(feat_fix)
+
     def label_step(_, u):
         z = gn_step(rep_fix, warp_clamped(rep_mov, u), u, **step)
         return u + config.gamma * z
 
+    def feature_step(_, u):
+        feat_mov = frozen(warp_clamped(moving, upsample_displacement(u, full, smooth=config.smooth)), 1)
+        return u + config.gamma * gn_step(feat_fix_frozen, feat_mov, u, **step)
+
     u0 = jnp.zeros((*coarse, ndim), fixed.dtype)
-    u = jax.lax.stop_gradient(jax.lax.fori_loop(0, k_back - 1, label_step, u0))
+    warm = label_step if config.warmup == "labels" else feature_step
+    u = jax.lax.stop_gradient(jax.lax.fori_loop(0, k_back - 1, warm, u0))
 
     u_full = upsample_displacement(u, full, smooth=config.smooth)
-    feat_fix = model(fixed, 0)
     feat_mov = model(warp_clamped(moving, u_full), 1)
     z = gn_step(feat_fix, feat_mov, u, matrix_gradient=config.matrix_gradient, **step)
     u_new = u + config.gamma * z
