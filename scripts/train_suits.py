@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ppreg.learned import checkpoint
 from ppreg.learned.data import slice_bank
+from ppreg.learned.suits import WARMUPS
 from ppreg.learned.suits_recipe import TRAIN_CONFIG, pretrain_path, train_suits
 
 PAIRS = {"p_inter": 0.5, "p_synth": 0.8}
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--lam", type=float, default=TRAIN_CONFIG.lam, help="diffusion weight of Algorithm 1's steps")
     p.add_argument("--iterations", type=int, default=TRAIN_CONFIG.iterations, help="k_back is drawn from 1..this")
-    p.add_argument("--warmup", choices=("labels", "features"), default=TRAIN_CONFIG.warmup,
+    p.add_argument("--warmup", choices=WARMUPS, default=TRAIN_CONFIG.warmup,
                    help="what drives Algorithm 1's untracked steps (labels: as printed)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--export", type=Path, default=None, help="also write the shipped forms here (and here_mind)")
