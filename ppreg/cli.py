@@ -14,9 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from . import __version__, batch_cli, party_cli, train_cli
-from ._atomic import atomic_write_text
+from ._atomic import atomic_write_text, publish_folder, staged_folder
 from .grid import identity_grid
 from .image import Image, load, load_field, save, save_field
 from .itk import embed3, is_itk_transform, read_itk, write_itk
@@ -225,11 +223,7 @@ def write_outputs(outdir: Path, result, affine, *, plot_fixed=None, moving_shape
     ``itk_linear.txt``, ``itk_warp.nii.gz`` for a deformable result; with ``moving_shape``, the moving
     image's voxel counts, also ``fsl_linear.mat`` and ``linear.lta``). A result without affines
     (``fixed_affine`` None) is taken to be on the fixed grid ``affine`` (4x4) for both images."""
-    outdir = Path(outdir)
-    parent = outdir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=parent))
-    try:
+    with staged_folder(outdir) as stage:
         # the files are independent: written by a thread pool (gzip and NIfTI serialisation release the GIL)
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
             jobs = [pool.submit(save, Image(result.warped, affine), stage / "warped.nii.gz"),
@@ -259,26 +253,7 @@ def write_outputs(outdir: Path, result, affine, *, plot_fixed=None, moving_shape
         atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
         report = {**result.report_json(), "files": sorted(names)}
         atomic_write_text(stage / "report.json", json.dumps(report, indent=2) + "\n")
-        outdir.mkdir(parents=True, exist_ok=True)
-        stale = set(_previous_files(outdir)) - set(names)
-        for name in names:
-            os.replace(stage / name, outdir / name)
-        for name in stale:  # e.g. an svf run's itk_warp.nii.gz beside a later rigid run's itk_linear.mat
-            (outdir / name).unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def _previous_files(outdir: Path) -> list[str]:
-    """The file names an earlier :func:`write_outputs` into ``outdir`` listed in its ``report.json``
-    (plain names only; none when there is no readable report)."""
-    try:
-        files = json.loads((outdir / "report.json").read_text()).get("files", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    if not isinstance(files, list):
-        return []
-    return [f for f in files if isinstance(f, str) and f not in ("", ".", "..") and Path(f).name == f]
+        publish_folder(stage, outdir, names)
 
 
 def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:

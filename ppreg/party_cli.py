@@ -42,7 +42,7 @@ from pathlib import Path
 
 import zmq
 
-from ._atomic import atomic_write_text
+from ._atomic import atomic_write_text, publish_folder, staged_folder
 from .result import Result
 from .sampling import METHODS
 from .secure.net import keys
@@ -308,10 +308,13 @@ def _scheme_options(args, error) -> dict:
 
 
 def _write_points(outdir: Path, result) -> None:
-    """A point-cloud registration's ``transform.json`` and ``report.json`` in ``outdir``."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(outdir / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
-    atomic_write_text(outdir / "report.json", json.dumps(result.report_json(), indent=2) + "\n")
+    """A point-cloud registration's ``transform.json`` and ``report.json`` in ``outdir`` (staged, then
+    moved in; an earlier image registration's files there, listed by its ``report.json``, are removed)."""
+    names = ["report.json", "transform.json"]
+    with staged_folder(outdir) as stage:
+        atomic_write_text(stage / "transform.json", json.dumps(result.transform_json(), indent=2) + "\n")
+        atomic_write_text(stage / "report.json", json.dumps({**result.report_json(), "files": names}, indent=2) + "\n")
+        publish_folder(stage, outdir, names)
 
 
 def _sampling_options(args, error) -> dict:

@@ -114,6 +114,25 @@ def test_rerun_removes_stale_outputs_of_an_earlier_run_only(tmp_path):
     assert "itk_linear.mat" in listed and set(listed) == names - {"notes.txt"}
 
 
+def test_point_cloud_outputs_replace_an_earlier_image_run(tmp_path):
+    """``ppreg party moving --points`` writes into the same kind of folder: an earlier image run's listed
+    files (its warp) go, the new report lists the point run's two files, the user's own files stay."""
+    from types import SimpleNamespace
+
+    from ppreg.party_cli import _write_points
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("warped.nii.gz", "itk_linear.mat", "notes.txt"):
+        (out / name).write_text("earlier")
+    (out / "report.json").write_text(json.dumps({"files": ["warped.nii.gz", "itk_linear.mat", "report.json"]}))
+    result = SimpleNamespace(transform_json=lambda: {"type": "rigid"}, report_json=lambda: {"rmse": 0.5})
+    _write_points(out, result)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "report.json", "transform.json"]
+    assert json.loads((out / "report.json").read_text()) == {"rmse": 0.5, "files": ["report.json", "transform.json"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
+
+
 def test_failure_keeps_existing_outputs(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -401,6 +401,28 @@ def test_fixed_party_guard_counts_ckks_bspline_functionals():
             guard.check({"op": "ckks_spline_query", "label": "L0/it1", "mask": "L0/mask", "it": 1})
 
 
+def test_fixed_party_guard_bounds_encrypted_samples_per_level():
+    """Each ``ckks_spline_sample`` makes party2 encrypt part of its image: a party1 that asks again and
+    again without querying is refused past ``max_iterations + 2`` samples on a level (naming the rule);
+    a fresh level starts its own count."""
+    from ppreg.secure.ckks import remote  # noqa: F401 - registers the CKKS operations
+    from ppreg.secure.policy import Guard, Policy, PolicyError
+    from ppreg.secure.roles import key_to_json
+    import jax
+
+    policy = Policy(max_spline_functionals_per_voxel=1.0, max_iterations=2)
+    guard = Guard("party2", policy, voxels=32 * 32)
+    guard.check({"op": "setup", "frac_bits": 16})
+    guard.check({"op": "ckks_spline_setup", "label": "ckks/spline_setup"})
+    for lv in range(2):
+        guard.check({"op": "ckks_spline_level", "label": f"L{lv}/mask", "n": 32 * 32, "k": 256, "method": "urs",
+                     "shape": [32, 32], "spacing": 8, "sigma": 0.0, "key": key_to_json(jax.random.key(lv))})
+        for it in range(4):
+            guard.check({"op": "ckks_spline_sample", "label": f"L{lv}/it{it}/J", "mask": f"L{lv}/mask", "it": it})
+        with pytest.raises(PolicyError, match="max_iterations"):
+            guard.check({"op": "ckks_spline_sample", "label": f"L{lv}/it4/J", "mask": f"L{lv}/mask", "it": 4})
+
+
 def test_ckks_bspline_frames_fit_the_derived_bound():
     """Every frame of the CKKS B-spline term (party2's public key, an image ciphertext, party1's query,
     party2's reply) fits :func:`~ppreg.secure.ckks.remote.spline_frame_bound` of the grid, which is 0

@@ -22,7 +22,8 @@ a refusal names it:
   ``flash_eval``; CKKS: ``ckks_setup``, ``ckks_key``, ``ckks_level``, ``ckks_query``, ``ckks_ssd``,
   ``ckks_points``, ``ckks_sample``, ``ckks_spline_setup``, ``ckks_spline_level``, ``ckks_spline_sample``,
   ``ckks_spline_query``, :mod:`ppreg.secure.ckks.remote`).
-- ``max_iterations`` (200): iteration attempts per level (lncc retries count).
+- ``max_iterations`` (200): iteration attempts per level (lncc retries count); it also bounds the
+  encrypted samples of its image party2 sends on a level (CKKS URS / v2: ``max_iterations + 2``).
 - ``max_levels`` (8): levels (masked images of party2) per session.
 - ``max_revealed`` (``null``, no limit; TOML: leave it out or ``inf``): numbers revealed to party1
   in the whole session.
@@ -478,6 +479,16 @@ class Guard:
                                            f"allows {p.max_iterations} per level")
         level["iterations"] += 1
         self.iterations += 1
+
+    def sample(self, level, label):
+        """Count an encrypted sample of party2's image sent on ``level`` (CKKS URS/v2): it reveals nothing,
+        but each costs party2 an encryption, so a level gets at most ``max_iterations + 2`` (one per
+        iteration, the level's own and the final error's); past that the policy refuses."""
+        p, n = self.policy, level.get("samples", 0) + 1
+        if p is not None and n > p.max_iterations + 2:
+            self.refuse("max_iterations", f"encrypted sample {n} of level {label!r}; the policy allows "
+                                           f"{p.max_iterations + 2} per level (max_iterations + 2)")
+        level["samples"] = n
 
     def reveal(self, count, what):
         p, total = self.policy, self.revealed + int(count)

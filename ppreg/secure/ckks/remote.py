@@ -187,8 +187,8 @@ def _variant(guard) -> str:
 def _check_sample(guard, cmd):
     """v2: party2 encrypts ``replicate_P(J_1)`` of a level (``it`` absent; ``columns`` 1 for the final error)
     or of iteration ``it``'s URS sample under its own key (party1 cannot read it): nothing revealed; the
-    iteration is counted by the ``ckks_query`` that uses it."""
-    guard.new_label(cmd)
+    iteration is counted by the ``ckks_query`` that uses it, the samples by :meth:`Guard.sample`."""
+    label = guard.new_label(cmd)
     if _variant(guard) != "v2":
         guard.bad("ckks_sample", f"the {_variant(guard)} variant takes no 'ckks_sample'")
     level = guard.level_of(cmd, "mask", "mask")
@@ -197,14 +197,16 @@ def _check_sample(guard, cmd):
         guard.bad("ckks_sample", f"{columns} columns on level {cmd['mask']!r}")
     if cmd.get("it") is not None:
         guard.count(cmd, "it", 0)
+    guard.sample(level, label)
 
 
 def _check_spline_sample(guard, cmd):
     """A URS sample of ``J`` encrypted under party2's key (party1 cannot read it): nothing revealed;
-    the iteration is counted by the ``ckks_spline_query`` that uses it."""
-    guard.new_label(cmd)
-    guard.level_of(cmd, "mask", "spline_level")
+    the iteration is counted by the ``ckks_spline_query`` that uses it, the samples by :meth:`Guard.sample`."""
+    label = guard.new_label(cmd)
+    level = guard.level_of(cmd, "mask", "spline_level")
     guard.count(cmd, "it", 0)
+    guard.sample(level, label)
 
 
 def _check_query(guard, cmd):
