@@ -11,7 +11,6 @@ clear and under MPC and prints a table in the shape of Taiello et al. 2024, Tabl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -202,8 +201,8 @@ def _run_register(args) -> int:
             model=args.model, samples=args.samples, lncc_open=args.lncc_open, init=args.init, audit=args.audit,
         )
         if result.fixed_affine is None:  # drivers that register on one grid: world through the images' headers
-            result = dataclasses.replace(result, fixed_affine=world_affine(fixed, fixed.ndim, "fixed"),
-                                         moving_affine=world_affine(moving, moving.ndim, "moving"))
+            result = result.replace(fixed_affine=world_affine(fixed, fixed.ndim, "fixed"),
+                                    moving_affine=world_affine(moving, moving.ndim, "moving"))
     except (ValueError, ArithmeticError, ImportError) as exc:  # ArithmeticError: OverflowError, FloatingPointError,
         # and a secure lncc iteration whose truncations wrapped in every retry (TruncationFailure)
         raise CLIError(str(exc)) from None
@@ -237,7 +236,7 @@ def write_outputs(outdir: Path, result, affine, *, plot_fixed=None, moving_shape
                 names.append(name)
             if getattr(result, "fixed_affine", "absent") is None:
                 w = reduce_affine(affine, np.ndim(result.warped), "fixed")
-                result = dataclasses.replace(result, fixed_affine=w, moving_affine=w)
+                result = result.replace(fixed_affine=w, moving_affine=w)
             itk = None
             if hasattr(result, "world_transform"):
                 itk = pool.submit(write_itk, stage, result, fixed_shape=np.shape(result.warped),

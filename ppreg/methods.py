@@ -92,13 +92,15 @@ class Pair(NamedTuple):
 
 class Fitted(NamedTuple):
     """What a method hands to :class:`~ppreg.result.Result`: parameters, matrix, centre, warped
-    image (float32, fixed grid) and per-level reports."""
+    image (float32, fixed grid), per-level reports and, for a deformable transform, its displacement
+    ``u (*shape, d)`` (voxels, before ``matrix``) that the warped image was made with."""
 
     params: np.ndarray
     matrix: np.ndarray | None
     center: np.ndarray | None
     warped: jnp.ndarray
     reports: list
+    deformable: jnp.ndarray | None = None
 
 
 def setup_pair(fixed, moving, fixed_a, moving_a, *, transform: str, secure: str | None, init: str) -> Pair:
@@ -213,7 +215,7 @@ def fit_svf(fixed_u, moving_u, *, loss, levels, iterations, step, fluid_sigma, d
 def _finish_svf(pair, velocity, losses, o):
     u = svf_exp(velocity, steps=SVF_STEPS)
     reports = level_reports(pair.fixed.shape, o["levels"], o["max_iterations"], losses)
-    return Fitted(np.asarray(velocity), pair.header_mat, None, warp_deformed(pair, u), reports)
+    return Fitted(np.asarray(velocity), pair.header_mat, None, warp_deformed(pair, u), reports, u)
 
 
 # --- dense ---
@@ -248,7 +250,7 @@ def fit_dense(fixed_u, moving_u, *, loss, levels, iterations, optimizer, learnin
 
 def _finish_dense(pair, u, losses, o):
     reports = level_reports(pair.fixed.shape, o["levels"], o["max_iterations"], losses)
-    return Fitted(np.asarray(u), pair.header_mat, None, warp_deformed(pair, u), reports)
+    return Fitted(np.asarray(u), pair.header_mat, None, warp_deformed(pair, u), reports, u)
 
 
 # --- bspline (clear, every voxel) ---
@@ -300,7 +302,7 @@ def bspline_reports(shape, levels, stats) -> list[LevelReport]:
 def _finish_bspline(pair, coeffs, stats, o):
     u = displacement(coeffs, pair.fixed.shape, o["spacing"])
     reports = bspline_reports(pair.fixed.shape, o["levels"], stats)
-    return Fitted(np.asarray(coeffs), pair.header_mat, None, warp_deformed(pair, u), reports)
+    return Fitted(np.asarray(coeffs), pair.header_mat, None, warp_deformed(pair, u), reports, u)
 
 
 # --- linear (Gauss-Newton on SSD, or gradient descent on mi / ncc) ---
@@ -515,7 +517,7 @@ def make_result(pair: Pair, transform: str, fitted: Fitted, *, levels, spacing, 
         time_s = {"party1": session.time["party1"], "party2": session.time["party2"]}
         nbytes = session.bytes_report()
         per_iter = {p: session.iteration_traffic[p] / max(iterations, 1) for p in ("party1", "party2")}
-    return Result(
+    result = Result(
         transform=transform,
         params=fitted.params,
         matrix=fitted.matrix,
@@ -532,3 +534,4 @@ def make_result(pair: Pair, transform: str, fitted: Fitted, *, levels, spacing, 
         fixed_affine=pair.w_fixed,
         moving_affine=pair.w_moving,
     )
+    return result if fitted.deformable is None else result.with_deformable(fitted.deformable)

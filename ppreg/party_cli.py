@@ -37,7 +37,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import zmq
@@ -209,7 +208,7 @@ def _run_role(args, error, load_image, write_outputs, policy, log, limits) -> in
             except ArithmeticError as exc:  # OverflowError, FloatingPointError, lncc's TruncationFailure
                 raise SessionError(f"moving: {exc}") from None
             if log is not None and hasattr(result, "audit"):  # report.json gets the totals party1 received
-                result = replace(result, audit=report["audit"])
+                result = result.replace(audit=report["audit"])
             if args.points is not None:
                 _write_points(args.output, result)
             else:

@@ -15,7 +15,6 @@ keeps the secure values within ``[-1, 1]``. Losses are reported in the original 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +26,7 @@ from .image import Image
 from .methods import (Fitted, as_key, check_level, finish_linear, fit_linear, linear_frame, linear_start,
                       make_result, method_name, resolve_options, run_method, setup_pair, warp_deformed)
 from .options import LINEAR_STAGE_LOSS, PIPELINES, TRANSFORMS, as_array, check_options, scale_exponent
-from .result import LevelReport, Result, deformable_displacement, warp_linear
+from .result import LevelReport, Result, warp_linear
 from .space import check_init
 from .transforms import KINDS
 
@@ -264,7 +263,7 @@ def _register_bspline_loop(pair, o, secure, ckks_variant):
     shape = tuple(pair.fixed.shape)
     reports = [LevelReport(f, shape, it, k, np.full(it, np.nan)) for f, it, k in its]
     u = displacement(coeffs, shape, o["spacing"])
-    return Fitted(np.asarray(coeffs), pair.header_mat, None, warp_deformed(pair, u), reports), session
+    return Fitted(np.asarray(coeffs), pair.header_mat, None, warp_deformed(pair, u), reports, u), session
 
 
 def _register_linear_ckks(pair, o, ckks_variant):
@@ -324,7 +323,7 @@ def _register_mpc(fixed, fixed_a, moving_a, o, *, frac_bits, seeds, audit=None, 
     finally:
         if log is not None:
             log.close()
-    return result if log is None else replace(result, audit=log.summary("party1"))
+    return result if log is None else result.replace(audit=log.summary("party1"))
 
 
 def _register_pipeline(fixed, moving, *, transform, loss, secure, sampling, levels, key, init,
@@ -355,7 +354,7 @@ def pipeline_result(fixed, moving, transform: str, first: Result, second: Result
     deform = transform.split("+")[1]
     moving_a = as_array(moving, "moving")
     grid = identity_grid(second.warped.shape)
-    u = deformable_displacement(deform, second.params, second.warped.shape, second.spacing)
+    u = jnp.asarray(second.deformation())
     warped = warp_linear(moving_a, jnp.asarray(first.matrix, jnp.float32), grid + u)
     fixed_a = as_array(fixed, "fixed")
     return Result(
@@ -365,4 +364,4 @@ def pipeline_result(fixed, moving, transform: str, first: Result, second: Result
         time_s={p: first.time_s[p] + second.time_s[p] for p in first.time_s}, bytes=first.bytes,
         bytes_per_iteration=first.bytes_per_iteration, fixed_affine=first.fixed_affine,
         moving_affine=first.moving_affine,
-    )
+    ).with_deformable(u)

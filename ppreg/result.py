@@ -3,6 +3,7 @@ its per-level :class:`LevelReport`; the documents ``ppreg register`` writes besi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import jax
@@ -93,10 +94,28 @@ class Result:
             object.__setattr__(self, "_displacement", cached)  # a cache beside the frozen fields
         return cached.copy()
 
+    def replace(self, **changes) -> "Result":
+        """:func:`dataclasses.replace` that keeps the computed displacement when ``changes`` leave the
+        transform alone (affines, audit, times)."""
+        new = dataclasses.replace(self, **changes)
+        if not changes.keys() & {"transform", "params", "matrix", "spacing", "warped"}:
+            for name in ("_deformable", "_displacement"):
+                if name in self.__dict__:
+                    object.__setattr__(new, name, self.__dict__[name])
+        return new
+
+    def with_deformable(self, u) -> "Result":
+        """This result, told the deformable part ``u (*shape, d)`` (voxels, before ``matrix``) its
+        driver already computed, so :meth:`displacement` does not integrate ``exp(v)`` again."""
+        object.__setattr__(self, "_deformable", u)
+        return self
+
     def _compute_displacement(self) -> np.ndarray:
         shape = self.warped.shape
         kind = self.transform.split("+")[-1]
-        u = deformable_displacement(kind, self.params, shape, self.spacing) if kind in DEFORMABLE else 0.0
+        u = self.__dict__.get("_deformable")
+        if u is None:
+            u = deformable_displacement(kind, self.params, shape, self.spacing) if kind in DEFORMABLE else 0.0
         if self.matrix is None:
             return np.asarray(u)
         grid = identity_grid(shape)
@@ -123,6 +142,8 @@ class Result:
         :meth:`displacement` ``D`` as ``u(x) = M^-1 (x + D(x)) - x``, so it serves every driver."""
         if self.transform in KINDS:
             return None
+        if self.__dict__.get("_deformable") is not None:
+            return np.array(self.__dict__["_deformable"], np.float32)
         disp = self.displacement()
         if self.matrix is None:
             return disp

@@ -8,6 +8,7 @@ import pytest
 
 from ppreg.grid import identity_grid, level_shape, smooth_field, upsample_field
 from ppreg.metrics import field_rmse, folding
+from ppreg.options import SVF_STEPS
 from ppreg import optim
 from ppreg.register import register
 from ppreg.svf import compose, exp
@@ -50,6 +51,22 @@ def test_inverse_is_exp_of_minus_velocity(result):
     v = jnp.asarray(result.params)
     residual = np.asarray(compose(exp(v, steps=6), exp(-v, steps=6)))[6:-6, 6:-6]
     assert float(np.sqrt(np.mean(np.sum(residual**2, -1)))) < 0.05
+
+
+def test_outputs_reuse_the_fitted_exponential(result, tmp_path, monkeypatch):
+    """The displacement is exp(v) of the returned velocity, and writing every output (also after
+    ``Result.replace``) does not integrate exp(v) again."""
+    from ppreg import result as result_module
+    from ppreg.cli import write_outputs
+
+    expected = np.asarray(exp(jnp.asarray(result.params), steps=SVF_STEPS))
+    monkeypatch.setattr(result_module, "deformable_displacement",
+                        lambda *a, **k: pytest.fail("exp(v) integrated again"))
+    np.testing.assert_allclose(result.displacement(), expected, atol=1e-5)
+    moved = result.replace(audit={"note": "changed"})
+    np.testing.assert_allclose(moved.deformation(), expected, atol=1e-5)
+    write_outputs(tmp_path / "out", moved, np.eye(4))
+    assert (tmp_path / "out" / "displacement.nii.gz").exists()
 
 
 def test_identity_pair(pair):
