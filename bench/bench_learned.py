@@ -16,6 +16,8 @@ its warp by the true field ``u_true``, so ``moving(x + u_true(x)) = fixed(x)``.
   scaled into [0, 1], deformed by 3 fields. No labels; RMSE mask: fixed image > 0.05.
 - ``inter-subject``: real pairs at the 6 test planes, moving Colin27, fixed MNI152; tissue Dice
   (``"labels"``: the same intensity rule for both subjects).
+- ``--validation``: instead of those, the 12 validation slices of both subjects (24 pairs, the
+  same held-out B-spline family): for choosing a model or its training length, never the test cases.
 
 ``--ndim 3`` (the shipped 3D model, or ``--model PATH``), 2 mm voxels:
 
@@ -56,7 +58,7 @@ Inference time on CPU: vxm-diff's ``predict`` jitted at batch 1 and at batch 8 (
 median of 5 (``block_until_ready``); the peer's ``time_inference`` likewise.
 
 Usage: python bench/bench_learned.py [--ndim 2|3] [--model PATH] [--cases N] [--skip-svf]
-       [--peers | --no-peers] [--peer-variants 0,7] [--peer-steps N] [--out PATH]
+       [--peers | --no-peers] [--peer-variants 0,7] [--peer-steps N] [--validation] [--out PATH]
 """
 
 from __future__ import annotations
@@ -477,11 +479,15 @@ def parse_args(argv=None):
     ap.add_argument("--peer-reg-weight", type=float, default=None,
                     help="the peer's lambda (default: 1 with NCC, 0.01 with MSE)")
     ap.add_argument("--no-timing", action="store_true", help="skip the inference-time table")
+    ap.add_argument("--validation", action="store_true",
+                    help="2D: score only the validation slices (for choosing a model; never the test cases)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/bench_learned_{ndim}d.json)")
     args = ap.parse_args(argv)
     args.peers = (args.ndim == 2) if args.peers is None else args.peers
     args.peer_variants = [int(v) for v in args.peer_variants.split(",") if v.strip()]
-    args.out = args.out or f"bench/results/bench_learned_{args.ndim}d.json"
+    if args.validation and args.ndim != 2:
+        ap.error("--validation is 2D only (the 3D bank has no validation subject)")
+    args.out = args.out or f"bench/results/bench_learned_{args.ndim}d{'_validation' if args.validation else ''}.json"
     return args
 
 
@@ -508,7 +514,8 @@ def main(argv=None):
         print(f"NOTE: {note}", flush=True)
 
     rows = []
-    for family_cases in FAMILIES[args.ndim]:
+    families = (partial(test_slice_cases, "validation"),) if args.validation else FAMILIES[args.ndim]
+    for family_cases in families:
         for n, case in enumerate(family_cases()):
             if args.cases is not None and n >= args.cases:
                 break

@@ -534,4 +534,4 @@ def make_result(pair: Pair, transform: str, fitted: Fitted, *, levels, spacing, 
         fixed_affine=pair.w_fixed,
         moving_affine=pair.w_moving,
     )
-    return result if fitted.deformable is None else result.with_deformable(fitted.deformable)
+    return result if fitted.deformable is None else result.with_deformable(np.asarray(fitted.deformable))

@@ -354,8 +354,8 @@ def pipeline_result(fixed, moving, transform: str, first: Result, second: Result
     deform = transform.split("+")[1]
     moving_a = as_array(moving, "moving")
     grid = identity_grid(second.warped.shape)
-    u = jnp.asarray(second.deformation())
-    warped = warp_linear(moving_a, jnp.asarray(first.matrix, jnp.float32), grid + u)
+    u = second.deformation()
+    warped = warp_linear(moving_a, jnp.asarray(first.matrix, jnp.float32), grid + jnp.asarray(u))
     fixed_a = as_array(fixed, "fixed")
     return Result(
         transform=transform, params=second.params, matrix=first.matrix, center=first.center, spacing=second.spacing,

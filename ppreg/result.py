@@ -105,8 +105,9 @@ class Result:
         return new
 
     def with_deformable(self, u) -> "Result":
-        """This result, told the deformable part ``u (*shape, d)`` (voxels, before ``matrix``) its
-        driver already computed, so :meth:`displacement` does not integrate ``exp(v)`` again."""
+        """This result, told the deformable part ``u`` (float32 numpy ``(*shape, d)``, voxels, before
+        ``matrix``) its driver already computed, so :meth:`displacement` does not integrate ``exp(v)``
+        again (kept on the host: a batch of results holds no device memory for it)."""
         object.__setattr__(self, "_deformable", u)
         return self
 
