@@ -5,14 +5,15 @@ axial slice stacks of Colin27 and MNI152 (17 planes each; validation and test pl
 seen); 3D, Colin27 at 2 mm (MNI152 is the held-out subject). Pairs are synthesised on the fly
 (``ppreg.learned.synth.make_training_pair``: random diffeomorphisms of the training family,
 intensity augmentation, half of the 2D pairs inter-subject, a quarter label-synthesised).
-Everything is seeded: the same command gives the same weights on the same platform.
+Everything is seeded (data, pairs, initial weights); CPU float reductions are not bitwise repeatable,
+so a rerun follows the same loss curve, not the same bytes (ppreg/learned/models/README.md).
 
 Training writes a resumable checkpoint folder (``--out``: weights, Adam state, log); ``--export``
 then writes the shipped form (weights, config and log, no optimiser state).
 
 Usage (from the repository root; the shipped models)::
 
-    python scripts/train_vxm_diff.py --ndim 2 --steps 1500 --out runs/vxm2d --export ppreg/learned/models/vxm_diff_2d
+    python scripts/train_vxm_diff.py --ndim 2 --steps 9000 --out runs/vxm2d --export ppreg/learned/models/vxm_diff_2d
     python scripts/train_vxm_diff.py --ndim 3 --steps 1000 --checkpoint-every 50 --out runs/vxm3d --export ppreg/learned/models/vxm_diff_3d
 """
 
