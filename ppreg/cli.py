@@ -31,7 +31,8 @@ from .sampling import METHODS
 from .bspline import control_grid_shape, displacement
 from .data import load_sample
 from .optim import DENSE_OPTIMIZERS
-from .options import DEFORMABLE, LOSSES, TRANSFORMS
+from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_SIGMA, FLUID_SIGMA,
+                      FLUID_SIGMA_OTHER, LOSSES, SVF_FINEST_ITERATIONS, TRANSFORMS)
 from .register import register
 from .space import INITS, reduce_affine, world_affine
 from .svf import compose
@@ -98,16 +99,20 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fraction", type=_fraction, default=0.1, help="sampled fraction of voxels (default 0.1)")
     p.add_argument("--levels", type=_levels, default=(4, 2, 1), help="pyramid shrink factors (default 4,2,1)")
     p.add_argument("--max-iterations", type=_iterations, default=None,
-                   help="per level, or one count per level for svf and dense (default 100 linear, 15 bspline; "
-                        "svf, dense: 60, 40 at full resolution)")
+                   help=f"per level, or one count per level for svf and dense (default "
+                        f"{DEFAULTS['gauss-newton']['max_iterations']} linear, {DEFAULTS['bspline']['max_iterations']} "
+                        f"bspline; svf, dense: {DEFAULTS['svf']['max_iterations']}, {SVF_FINEST_ITERATIONS} at full "
+                        "resolution)")
     p.add_argument("--spacing", type=int, default=4, help="bspline control-point spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=None,
-                   help="bspline: bending-energy weight (default 0.01); dense: diffusion weight (default 0.1)")
+                   help=f"bspline: bending-energy weight (default {DEFAULT_REGULARIZATION['bspline']}); dense: "
+                        f"diffusion weight (default {DEFAULT_REGULARIZATION['dense']})")
     p.add_argument("--step-size", type=float, default=None,
-                   help="svf: largest velocity update, level voxels (0.5); dense: Adam learning rate (0.1)")
+                   help=f"svf: largest velocity update, level voxels ({DEFAULT_STEP['svf']}); dense: Adam learning "
+                        f"rate ({DEFAULT_STEP['dense']})")
     p.add_argument("--fluid-sigma", type=float, default=None,
-                   help="svf: smoothing of each update, voxels (3.0 for lncc/mind, else 2.0); dense: of each "
-                        "gradient (2.0)")
+                   help=f"svf: smoothing of each update, voxels ({FLUID_SIGMA['lncc']} for lncc/mind, else "
+                        f"{FLUID_SIGMA_OTHER}); dense: of each gradient ({DENSE_SIGMA})")
     p.add_argument("--diffusion-sigma", type=float, default=0.5, help="svf: smoothing of the velocity, voxels (0.5)")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="svf: ANTs-style half-way (symmetric) update (default: on for clear lncc, else off; "

@@ -32,8 +32,8 @@ from .bspline import control_grid_shape, displacement, refine
 from .grid import downsample, gaussian_blur, gradient, identity_grid, level_coordinates, level_shape
 from .losses import LNCC_FLAT_FLOOR, lncc, mind, mutual_information, ncc, ssd
 from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_SIGMA, FLUID_SIGMA,
-                      SVF_STEPS, check_finite, default_iterations, default_symmetric, scale_exponent,
-                      unit_range)
+                      FLUID_SIGMA_OTHER, SVF_STEPS, check_finite, default_iterations, default_symmetric,
+                      scale_exponent, unit_range)
 from .pyramid import coarse_to_fine_core, level_reports
 from .result import LevelReport, Result, warp_field, warp_linear
 from .sampling import n_samples
@@ -181,7 +181,7 @@ def as_key(key):
 def _plan_svf(pair, o):
     static = dict(loss=ImageLoss(o["loss"], o["bins"]), levels=o["levels"], iterations=o["max_iterations"],
                   step=float(o["step_size"]), symmetric=bool(o["symmetric"]),
-                  fluid_sigma=axis_sigmas(FLUID_SIGMA.get(o["loss"], 2.0) if o["fluid_sigma"] is None
+                  fluid_sigma=axis_sigmas(FLUID_SIGMA.get(o["loss"], FLUID_SIGMA_OTHER) if o["fluid_sigma"] is None
                                           else o["fluid_sigma"], pair.spacing),
                   diffusion_sigma=axis_sigmas(o["diffusion_sigma"], pair.spacing))
     return _prepare(pair, o["loss"]), (), static

@@ -22,7 +22,8 @@ PIPELINES = tuple(f"{lin}+{deform}" for lin in ("rigid", "affine") for deform in
 LEARNED = ("vxm-diff", "suits")  # ppreg.learned: trained networks (suits: learned multi-modal features)
 TRANSFORMS = KINDS + DEFORMABLE + PIPELINES + ("flash",) + LEARNED  # flash: ppreg.spectral (FLASH geodesic shooting)
 LOSSES = ("ssd", "mi", "ncc", "lncc", "mind")
-FLUID_SIGMA = {"lncc": 3.0, "mind": 3.0}  # svf update smoothing (voxels) per loss; 2.0 for the others
+FLUID_SIGMA = {"lncc": 3.0, "mind": 3.0}  # svf update smoothing (voxels) per loss
+FLUID_SIGMA_OTHER = 2.0  # svf update smoothing (voxels) for the other losses
 LINEAR_STAGE_LOSS = {"lncc": "ncc", "mind": "mi"}  # pipelines: local losses run their global kin on the linear stage
 SVF_STEPS = 6  # squarings in exp(v)
 # clear svf: losses whose default is the half-way (symmetric) update, chosen on the tuning part of

@@ -96,6 +96,25 @@ def test_bad_arguments_exit_nonzero(argv, capsys):
     assert len(err) == 1 and err[0].startswith("ppreg: error:")
 
 
+def test_register_help_states_the_defaults_register_uses(capsys):
+    """The numbers ``ppreg register --help`` quotes are the ones registration resolves (they once drifted:
+    the help said diffusion weight 0.1 after the dense default became 0.3)."""
+    from ppreg.methods import resolve_options
+
+    with pytest.raises(SystemExit):
+        main(["register", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    dense = resolve_options("dense", "lncc", (4, 2, 1), {})
+    bspline = resolve_options("bspline", "ssd", (4, 2, 1), {})
+    svf = resolve_options("svf", "lncc", (4, 2, 1), {})
+    rigid = resolve_options("rigid", "ssd", (4, 2, 1), {})
+    assert f"dense: diffusion weight (default {dense['regularization']})" in text
+    assert f"bending-energy weight (default {bspline['regularization']})" in text
+    assert f"level voxels ({svf['step_size']}); dense: Adam learning rate ({dense['step_size']})" in text
+    assert (f"(default {rigid['max_iterations']} linear, {bspline['max_iterations']} bspline; svf, dense: "
+            f"{svf['max_iterations'][0]}, {svf['max_iterations'][-1]} at full resolution)") in text
+
+
 def test_rerun_removes_stale_outputs_of_an_earlier_run_only(tmp_path):
     """A rigid rerun into an svf run's folder must not leave the svf warp beside the new linear transform
     (a user applying both would get the old deformation); files the earlier run did not list stay."""
