@@ -111,15 +111,19 @@ class Result:
         object.__setattr__(self, "_deformable", u)
         return self
 
-    def _compute_displacement(self) -> np.ndarray:
-        shape = self.warped.shape
+    def _deformable_part(self):
+        """The deformable displacement before ``matrix`` (float32 ``(*shape, d)``, voxels), 0.0 if linear."""
         kind = self.transform.split("+")[-1]
+        return deformable_displacement(kind, self.params, self.warped.shape, self.spacing) if kind in DEFORMABLE \
+            else 0.0
+
+    def _compute_displacement(self) -> np.ndarray:
         u = self.__dict__.get("_deformable")
         if u is None:
-            u = deformable_displacement(kind, self.params, shape, self.spacing) if kind in DEFORMABLE else 0.0
+            u = self._deformable_part()
         if self.matrix is None:
             return np.asarray(u)
-        grid = identity_grid(shape)
+        grid = identity_grid(self.warped.shape)
         return np.asarray(apply_matrix(jnp.asarray(self.matrix, jnp.float32), grid + u) - grid)
 
     def world_affines(self) -> tuple[np.ndarray, np.ndarray]:
@@ -171,10 +175,17 @@ class Result:
                     "convention": "warped(x) = moving(A (x + u(x))): the deformable part on the fixed grid, "
                                   "then the linear matrix", **self._world_doc()}
         doc = self._doc(self.transform)
-        if self.transform in DEFORMABLE and self.matrix is not None:  # different grids: the header start M0
-            doc["matrix"] = np.asarray(self.matrix).tolist()
-            doc["convention"] += "; with `matrix` (the start, fixed index -> moving index): moving(matrix (x + u(x)))"
+        if self.transform in DEFORMABLE:
+            doc = self._with_start(doc)
         return {**doc, **self._world_doc()}
+
+    def _with_start(self, doc: dict) -> dict:
+        """A deformable document plus ``matrix`` when the moving image was on another grid (the header
+        start ``M0``, fixed index -> moving index)."""
+        if self.matrix is None:
+            return doc
+        return {**doc, "matrix": np.asarray(self.matrix).tolist(), "convention": doc["convention"] +
+                "; with `matrix` (the start, fixed index -> moving index): moving(matrix (x + u(x)))"}
 
     def _world_doc(self) -> dict:
         if self.fixed_affine is None:

@@ -51,10 +51,34 @@ def test_register_api_outputs_and_no_recompilation(tiny_model):
     assert odd.displacement().shape == (30, 27, 2) and odd.uncertainty is None
 
 
+def test_moving_on_another_grid_is_resampled_through_the_headers(tiny_model):
+    """A moving image stored with flipped and swapped axes (same world position) gives the same warped image
+    and the same world map as the plain one; the network sees it on the fixed grid (index space alone would
+    hand it a transposed image)."""
+    from ppreg.image import Image
+
+    fixed, moving = _blobs(2, shape=(32, 28))
+    plain = ppreg.register(Image(fixed, np.eye(4)), Image(moving, np.eye(4)), transform="vxm-diff",
+                           model=tiny_model, samples=0)
+    stored = moving[::-1].T  # stored[a, b] = moving[31 - b, a]: the affine puts stored index (a, b) at (31 - b, a)
+    affine = np.eye(4)
+    affine[:2, :2] = [[0, -1], [1, 0]]
+    affine[0, 3] = 31
+    other = ppreg.register(Image(fixed, np.eye(4)), Image(stored, affine), transform="vxm-diff", model=tiny_model,
+                           samples=0)
+    np.testing.assert_allclose(other.params, plain.params, atol=1e-4)
+    np.testing.assert_allclose(other.warped, plain.warped, atol=1e-4)
+    np.testing.assert_allclose(other.world_transform(), plain.world_transform(), atol=1e-6)
+    assert other.matrix is not None and other.transform_json()["matrix"] == np.asarray(other.matrix).tolist()
+    index = np.asarray(other.displacement()) + np.stack(np.mgrid[:32, :28], -1)  # stored-grid indices
+    np.testing.assert_allclose(index[..., ::-1] * [-1, 1] + [31, 0],
+                               np.asarray(plain.displacement()) + np.stack(np.mgrid[:32, :28], -1), atol=1e-3)
+
+
 def test_register_refuses_bad_input(tiny_model, tmp_path):
     fixed, moving = _blobs(2)
-    with pytest.raises(ValueError, match="same grid"):
-        register_vxm(fixed, moving[:, :20], model=tiny_model)
+    with pytest.raises(ValueError, match="fixed is 2D but moving is 3D"):
+        register_vxm(fixed, np.ones((16, 16, 16)), model=tiny_model)
     with pytest.raises(ValueError, match="2D"):
         register_vxm(np.zeros((16, 16, 16)) + 1, np.ones((16, 16, 16)), model=tiny_model)
     with pytest.raises(ValueError, match="loss"):

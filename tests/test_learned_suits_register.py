@@ -133,8 +133,8 @@ def test_register_api_and_cli_outputs(tmp_path, tiny_model):
 
 def test_bad_input_is_refused(tmp_path, tiny_model):
     fixed, _ = _rings()
-    with pytest.raises(ValueError, match="same grid"):
-        register_suits(fixed, fixed[:, :20], model=tiny_model)
+    with pytest.raises(ValueError, match="fixed is 2D but moving is 3D"):
+        register_suits(fixed, np.ones((8, 8, 8)), model=tiny_model)
     with pytest.raises(ValueError, match="no shipped suits model"):
         register_suits(np.ones((8, 8, 8)), np.ones((8, 8, 8)))
     with pytest.raises(ValueError, match="no loss"):

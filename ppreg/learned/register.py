@@ -1,6 +1,7 @@
 """``register(fixed, moving, transform="vxm-diff")``: registration by a trained VoxelMorph-diff model.
 
-Both images are scaled into [0, 1] (:func:`ppreg.learned.data.normalize_intensity`), padded centrally
+A moving image on another grid is first resampled onto the fixed one through the headers
+(:func:`on_fixed_grid`, as the classical transforms start). Both images are scaled into [0, 1] (:func:`ppreg.learned.data.normalize_intensity`), padded centrally
 with zeros to a multiple of the network's size divisor, registered in one forward pass (the
 posterior mean ``exp(mu)``), and the displacement is cropped back to the fixed grid. ``K`` posterior
 samples give the voxelwise variance of the displacement (``uncertainty.nii.gz``).
@@ -19,10 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..grid import identity_grid
+from ..methods import Pair, setup_pair, warp_deformed
 from ..options import DENSE_FIELD_FILE, as_array
 from ..result import LevelReport, Result
-from ..warp import warp
 from . import checkpoint
 from .data import normalize_intensity, pad_to_multiple, unpad
 from .vxm import VxmDiff, predict
@@ -45,16 +45,15 @@ class LearnedResult(Result):
     uncertainty: np.ndarray | None = field(default=None, repr=False)
     model: dict = field(default_factory=dict)
 
-    def displacement(self) -> np.ndarray:
-        """The displacement ``(*fixed.shape, d)`` in voxels (float32)."""
+    def _deformable_part(self):
         return np.asarray(self.params, np.float32)
 
     def transform_json(self) -> dict:
         """A ``dense`` document (``ppreg apply`` reads it) naming the model that produced it."""
-        return {**self._doc("dense"), "method": self.transform, "model": self.model}
+        return {**self._with_start(self._doc("dense")), "method": self.transform, "model": self.model}
 
     def output_fields(self) -> dict:
-        return {DENSE_FIELD_FILE: self.displacement()}
+        return {DENSE_FIELD_FILE: self._deformable_part()}
 
     def output_images(self) -> dict:
         return {} if self.uncertainty is None else {UNCERTAINTY_FILE: self.uncertainty}
@@ -101,12 +100,31 @@ def _predict(model, fixed, moving, key, samples):
     return predict(model, fixed, moving, key=key, samples=samples)
 
 
+def on_fixed_grid(fixed, moving) -> Pair:
+    """Both images as arrays, the moving one resampled onto the fixed grid through the images' headers
+    (world coordinates; :func:`ppreg.methods.setup_pair` with ``init="header"``) unless the grids agree,
+    so that a network sees the pair the way the classical transforms start from it.
+
+    Returns:
+        :class:`ppreg.methods.Pair`: ``fixed``, ``moving_d`` (the moving image on the fixed grid),
+        ``header_mat`` (the start ``M0``, fixed index -> moving index, or ``None``), ``w_fixed``, ``w_moving``.
+
+    Raises:
+        ValueError: bad images (not 2D/3D, non-finite, all zero, different dimensionality, singular affine).
+    """
+    fixed_a, moving_a = as_array(fixed, "fixed"), as_array(moving, "moving")
+    if fixed_a.ndim != moving_a.ndim:
+        raise ValueError(f"fixed is {fixed_a.ndim}D but moving is {moving_a.ndim}D")
+    return setup_pair(fixed, moving, fixed_a, moving_a, transform="dense", secure=None, init="header")
+
+
 def register_vxm(fixed, moving, *, model=None, samples: int = DEFAULT_SAMPLES, key=0) -> LearnedResult:
     """Register ``moving`` to ``fixed`` with a trained VoxelMorph-diff network.
 
     Args:
-        fixed, moving: arrays or :class:`~ppreg.image.Image`, 2D or 3D, on the same grid (affinely
-            pre-aligned, as for VoxelMorph); any sizes (padded to the network's divisor).
+        fixed, moving: arrays or :class:`~ppreg.image.Image`, 2D or 3D, affinely pre-aligned (as for
+            VoxelMorph); a moving image on another grid is first resampled onto the fixed one through the
+            headers (:func:`on_fixed_grid`); any sizes (padded to the network's divisor).
         model: ``None`` (the shipped model for the dimensionality), a checkpoint folder or a
             loaded :class:`~ppreg.learned.checkpoint.Checkpoint`.
         samples: posterior samples ``K`` for the uncertainty map (0: none).
@@ -116,36 +134,34 @@ def register_vxm(fixed, moving, *, model=None, samples: int = DEFAULT_SAMPLES, k
         :class:`LearnedResult` (``transform="vxm-diff"``).
 
     Raises:
-        ValueError: shapes differ, bad images (non-finite, all zero), wrong model.
+        ValueError: bad images (non-finite, all zero, 2D against 3D), wrong model.
 
     Source: Dalca et al. 2019 (VoxelMorph-diff), Sec. 2.4.
     """
     start = time.perf_counter()
-    fixed_a, moving_a = as_array(fixed, "fixed"), as_array(moving, "moving")
-    if fixed_a.shape != moving_a.shape:
-        raise ValueError(f"vxm-diff needs fixed and moving on the same grid (affinely aligned), got {fixed_a.shape} "
-                         f"and {moving_a.shape}")
+    pair = on_fixed_grid(fixed, moving)
+    fixed_a = pair.fixed
     if int(samples) != samples or samples < 0:
         raise ValueError(f"samples must be a non-negative int, got {samples!r}")
     ckpt = resolve_model(model, fixed_a.ndim)
     f, pads = pad_to_multiple(normalize_intensity(np.asarray(fixed_a)), ckpt.model.multiple)
-    m, _ = pad_to_multiple(normalize_intensity(np.asarray(moving_a)), ckpt.model.multiple)
+    m, _ = pad_to_multiple(normalize_intensity(np.asarray(pair.moving_d)), ckpt.model.multiple)
     key = jax.random.key(key) if isinstance(key, int) else key
     out = _predict(ckpt.model, jnp.asarray(f), jnp.asarray(m), key, int(samples))
     u = np.asarray(unpad(out["displacement"], pads), np.float32)
     if not np.all(np.isfinite(u)):
         raise FloatingPointError("the network produced a non-finite displacement")
-    warped = np.asarray(warp(moving_a, identity_grid(fixed_a.shape) + u))
+    warped = np.asarray(warp_deformed(pair, jnp.asarray(u)))
     uncertainty = np.asarray(unpad(out["variance"], pads), np.float32) if samples else None
     shape = tuple(fixed_a.shape)
     zero = {"online": 0, "offline": 0}
     return LearnedResult(
-        transform="vxm-diff", params=u, matrix=None, center=None, spacing=None, warped=warped,
+        transform="vxm-diff", params=u, matrix=pair.header_mat, center=None, spacing=None, warped=warped,
         final_loss=float(np.mean((warped - np.asarray(fixed_a)) ** 2)), iterations=1,
         levels=(LevelReport(1, shape, 1, int(np.prod(shape)), np.zeros(0, np.float32)),), secure=None,
         time_s={"party1": time.perf_counter() - start, "party2": 0.0},
         bytes={"party1": dict(zero), "party2": dict(zero)}, bytes_per_iteration={"party1": 0.0, "party2": 0.0},
-        uncertainty=uncertainty,
+        fixed_affine=pair.w_fixed, moving_affine=pair.w_moving, uncertainty=uncertainty,
         model={"architecture": ckpt.config.get("architecture"), "path": str(ckpt.path),
                "weights_sha256": ckpt.config.get("weights_sha256"), "samples": int(samples)},
     )

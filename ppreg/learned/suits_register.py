@@ -21,15 +21,13 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ..grid import identity_grid
-from ..options import as_array
+from ..methods import warp_deformed
 from ..result import LevelReport
 from ..svf import jacobian_determinant
-from ..warp import warp
 from . import checkpoint
 from .data import normalize_intensity, pad_to_multiple, unpad
 from .featcnn import FACTOR, FeatCNN
-from .register import LearnedResult, resolve_model
+from .register import LearnedResult, on_fixed_grid, resolve_model
 from .suits import MindFeatures, register_features
 
 __all__ = ["JACOBIAN_FILE", "SHIPPED_SUITS", "SuitsResult", "register_suits", "resolve_suits_model",
@@ -47,7 +45,7 @@ class SuitsResult(LearnedResult):
     (``jacobian.nii.gz``, float32 ``(*fixed.shape)``, ``<= 0`` marks folding)."""
 
     def output_images(self) -> dict:
-        return {JACOBIAN_FILE: np.asarray(jacobian_determinant(jnp.asarray(self.displacement())), np.float32)}
+        return {JACOBIAN_FILE: np.asarray(jacobian_determinant(jnp.asarray(self._deformable_part())), np.float32)}
 
 
 def shipped_suits_path(ndim: int) -> Path:
@@ -82,9 +80,10 @@ def register_suits(fixed, moving, *, model=None, iterations: int = DEFAULT_ITERA
     """Register ``moving`` to ``fixed`` (two modalities, one grid) with a trained SUITS FeatCNN.
 
     Args:
-        fixed, moving: arrays or :class:`~ppreg.image.Image`, 2D (or 3D with a 3D model), on the
-            same grid (affinely pre-aligned), at least 8 voxels per axis; any sizes (padded to a
-            multiple of 4).
+        fixed, moving: arrays or :class:`~ppreg.image.Image`, 2D (or 3D with a 3D model), affinely
+            pre-aligned (a moving image on another grid is first resampled onto the fixed one through
+            the headers, :func:`ppreg.learned.register.on_fixed_grid`), at least 8 voxels per axis; any
+            sizes (padded to a multiple of 4).
         model: ``None`` (the shipped 2D model), a checkpoint folder, a loaded checkpoint, or a
             feature module called as ``model(image, stream)`` (a :class:`FeatCNN` or
             :class:`ppreg.learned.suits.MindFeatures`, the hand-made baseline).
@@ -97,16 +96,14 @@ def register_suits(fixed, moving, *, model=None, iterations: int = DEFAULT_ITERA
         ``(*fixed.shape, d)`` in voxels, ``warped`` the linearly warped moving image.
 
     Raises:
-        ValueError: shapes differ, bad images (non-finite, all zero), a wrong model, ``iterations < 1``
+        ValueError: bad images (non-finite, all zero, 2D against 3D), a wrong model, ``iterations < 1``
             or ``lam <= 0``. FloatingPointError: a non-finite displacement.
 
     Source: Blendowski et al. 2020, Sec. 3.2.1 (Eq. 2, 4-6) and Sec. 4.2 (test-time settings).
     """
     start = time.perf_counter()
-    fixed_a, moving_a = as_array(fixed, "fixed"), as_array(moving, "moving")
-    if fixed_a.shape != moving_a.shape:
-        raise ValueError(f"suits needs fixed and moving on the same grid (affinely aligned), got {fixed_a.shape} "
-                         f"and {moving_a.shape}")
+    pair = on_fixed_grid(fixed, moving)
+    fixed_a = pair.fixed
     if min(fixed_a.shape) < 2 * FACTOR:
         raise ValueError(f"suits needs at least {2 * FACTOR} voxels per axis, got {fixed_a.shape}")
     if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 1:
@@ -122,19 +119,20 @@ def register_suits(fixed, moving, *, model=None, iterations: int = DEFAULT_ITERA
         net, info = ckpt.model, {"architecture": ckpt.config.get("architecture"), "path": str(ckpt.path),
                                  "weights_sha256": ckpt.config.get("weights_sha256")}
     f, pads = pad_to_multiple(normalize_intensity(np.asarray(fixed_a)), FACTOR)
-    m, _ = pad_to_multiple(normalize_intensity(np.asarray(moving_a)), FACTOR)
+    m, _ = pad_to_multiple(normalize_intensity(np.asarray(pair.moving_d)), FACTOR)
     u = _register(net, jnp.asarray(f), jnp.asarray(m), int(iterations), float(lam))
     u = np.asarray(unpad(u, pads), np.float32)
     if not np.all(np.isfinite(u)):
         raise FloatingPointError("the SUITS iteration produced a non-finite displacement")
-    warped = np.asarray(warp(moving_a, identity_grid(fixed_a.shape) + u))
+    warped = np.asarray(warp_deformed(pair, jnp.asarray(u)))
     shape = tuple(fixed_a.shape)
     zero = {"online": 0, "offline": 0}
     return SuitsResult(
-        transform="suits", params=u, matrix=None, center=None, spacing=None, warped=warped,
+        transform="suits", params=u, matrix=pair.header_mat, center=None, spacing=None, warped=warped,
         final_loss=float(np.mean((warped - np.asarray(fixed_a)) ** 2)), iterations=int(iterations),
         levels=(LevelReport(FACTOR, shape, int(iterations), int(np.prod(shape)), np.zeros(0, np.float32)),),
         secure=None, time_s={"party1": time.perf_counter() - start, "party2": 0.0},
         bytes={"party1": dict(zero), "party2": dict(zero)}, bytes_per_iteration={"party1": 0.0, "party2": 0.0},
+        fixed_affine=pair.w_fixed, moving_affine=pair.w_moving,
         model={**info, "iterations": int(iterations), "lam": float(lam)},
     )
