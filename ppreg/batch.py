@@ -38,7 +38,7 @@ MIXED = ("group", "error")
 BATCHED = KINDS + DEFORMABLE + PIPELINES  # the transforms register_batch runs (module docstring)
 # register()'s defaults of the clear options a method reads (the others default to None: resolve_options)
 _DEFAULTS = {"sampling": None, "fraction": 0.1, "spacing": 4, "cg_iterations": 10, "bins": 32, "fluid_sigma": None,
-             "diffusion_sigma": 0.5, "symmetric": None, "optimizer": "adam", "key": 0}
+             "diffusion_sigma": 0.5, "symmetric": None, "optimizer": None, "key": 0}
 _OPTIONS = set(_DEFAULTS) | {"max_iterations", "tol", "damping", "step_size", "regularization"}
 # register's options that have no batched form: register_batch refuses them when they are set
 _UNBATCHED = frozenset({"secure", "flash_options", "model", "samples", "audit", "seeds", "frac_bits", "ckks_variant",

@@ -31,8 +31,8 @@ from .sampling import METHODS
 from .bspline import control_grid_shape, displacement
 from .data import load_sample
 from .optim import DENSE_OPTIMIZERS
-from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_SIGMA, FLUID_SIGMA,
-                      FLUID_SIGMA_OTHER, LOSSES, SVF_FINEST_ITERATIONS, TRANSFORMS)
+from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_ITERATIONS, DENSE_OPTIMIZER,
+                      DENSE_SIGMA, FLUID_SIGMA, FLUID_SIGMA_OTHER, LOSSES, SVF_FINEST_ITERATIONS, TRANSFORMS)
 from .register import register
 from .space import INITS, reduce_affine, world_affine
 from .svf import compose
@@ -63,6 +63,10 @@ def _levels(text: str) -> tuple[int, ...]:
     if not levels or min(levels) < 1:
         raise argparse.ArgumentTypeError(f"levels must be positive integers, got {text!r}")
     return levels
+
+
+def _dense_counts(optimizer: str) -> str:
+    return "{}, {} at full resolution".format(*DENSE_ITERATIONS[optimizer])
 
 
 def _iterations(text: str):
@@ -101,8 +105,8 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-iterations", type=_iterations, default=None,
                    help=f"per level, or one count per level for svf and dense (default "
                         f"{DEFAULTS['gauss-newton']['max_iterations']} linear, {DEFAULTS['bspline']['max_iterations']} "
-                        f"bspline; svf, dense: {DEFAULTS['svf']['max_iterations']}, {SVF_FINEST_ITERATIONS} at full "
-                        "resolution)")
+                        f"bspline; svf: {DEFAULTS['svf']['max_iterations']}, {SVF_FINEST_ITERATIONS} at full "
+                        f"resolution; dense: {_dense_counts('lbfgs')} lbfgs, {_dense_counts('adam')} adam)")
     p.add_argument("--spacing", type=int, default=4, help="bspline control-point spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=None,
                    help=f"bspline: bending-energy weight (default {DEFAULT_REGULARIZATION['bspline']}); dense: "
@@ -112,18 +116,21 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
                         f"rate ({DEFAULT_STEP['dense']})")
     p.add_argument("--fluid-sigma", type=float, default=None,
                    help=f"svf: smoothing of each update, voxels ({FLUID_SIGMA['lncc']} for lncc/mind, else "
-                        f"{FLUID_SIGMA_OTHER}); dense: of each gradient ({DENSE_SIGMA})")
+                        f"{FLUID_SIGMA_OTHER}); dense: of the lbfgs update variable ({DENSE_SIGMA['lbfgs']}) or of "
+                        f"each adam gradient ({DENSE_SIGMA['adam']})")
     p.add_argument("--diffusion-sigma", type=float, default=0.5, help="svf: smoothing of the velocity, voxels (0.5)")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="svf: ANTs-style half-way (symmetric) update (default: on for clear lncc, else off; "
-                        "--no-symmetric: one-sided); with --secure mpc, two half velocities, one per party")
+                        "--no-symmetric: one-sided); with --secure mpc, two half velocities, one per party; "
+                        "dense: fit a half-way field (default off)")
     p.add_argument("--lncc-open", choices=("smoothed", "force"), default="smoothed",
                    help="--secure mpc svf: what each iteration opens to a party: its force smoothed by --fluid-sigma on "
                         "the shares (default) or the raw per-voxel force")
     p.add_argument("--audit", type=Path, default=None,
                    help="--secure mpc: write the audit log (JSON lines: every quantity opened to each party, its shape "
                         "and the running count); its totals go into report.json")
-    p.add_argument("--optimizer", choices=DENSE_OPTIMIZERS, default="adam", help="dense: optax optimiser (adam)")
+    p.add_argument("--optimizer", choices=DENSE_OPTIMIZERS, default=None,
+                   help=f"dense: optax optimiser ({DENSE_OPTIMIZER})")
     p.add_argument("--plot", action="store_true",
                    help="also write registration.png (checkerboard, overlay, deformed grid; needs ppreg[plot])")
     p.add_argument("--seed", type=int, default=0, help="public sampling seed (default 0)")

@@ -31,7 +31,7 @@ from . import optim
 from .bspline import control_grid_shape, displacement, refine
 from .grid import downsample, gaussian_blur, gradient, identity_grid, level_coordinates, level_shape
 from .losses import LNCC_FLAT_FLOOR, lncc, mind, mutual_information, ncc, ssd
-from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_SIGMA, FLUID_SIGMA,
+from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_OPTIMIZER, DENSE_SIGMA, FLUID_SIGMA,
                       FLUID_SIGMA_OTHER, SVF_STEPS, check_finite, default_iterations, default_symmetric,
                       scale_exponent, unit_range)
 from .pyramid import coarse_to_fine_core, level_reports
@@ -131,11 +131,17 @@ def setup_pair(fixed, moving, fixed_a, moving_a, *, transform: str, secure: str 
 def resolve_options(transform: str, loss: str, levels, options: dict) -> dict:
     """The options a method reads, with ``None`` replaced by its default (:mod:`ppreg.options`):
     ``max_iterations``, ``tol``, ``damping``, ``step_size``, ``regularization``, ``symmetric`` (by
-    ``options["secure"]``, absent: clear)."""
+    ``options["secure"]``, absent: clear), ``optimizer`` (dense).
+
+    Raises:
+        ValueError: dense with an unknown ``optimizer``."""
     o = dict(options, transform=transform, loss=loss, levels=tuple(levels))
     family = DEFAULTS[transform if transform in DEFORMABLE else "gauss-newton" if loss == "ssd" else "descent"]
+    o["optimizer"] = DENSE_OPTIMIZER if o.get("optimizer") is None else o["optimizer"]
+    if transform == "dense" and o["optimizer"] not in optim.DENSE_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {o['optimizer']!r}; expected one of {optim.DENSE_OPTIMIZERS}")
     if o.get("max_iterations") is None:
-        o["max_iterations"] = default_iterations(transform, levels, family)
+        o["max_iterations"] = default_iterations(transform, levels, family, o["optimizer"])
     if isinstance(o["max_iterations"], list):
         o["max_iterations"] = tuple(o["max_iterations"])
     o["tol"] = family["tol"] if o.get("tol") is None else o["tol"]
@@ -221,18 +227,20 @@ def _finish_svf(pair, velocity, losses, o):
 # --- dense ---
 
 def _plan_dense(pair, o):
-    if o["optimizer"] not in optim.DENSE_OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {o['optimizer']!r}; expected one of {optim.DENSE_OPTIMIZERS}")
     static = dict(loss=ImageLoss(o["loss"], o["bins"]), levels=o["levels"], iterations=o["max_iterations"],
                   optimizer=o["optimizer"], learning_rate=float(o["step_size"]),
-                  regularization=float(o["regularization"]),
-                  sigma=axis_sigmas(DENSE_SIGMA if o["fluid_sigma"] is None else o["fluid_sigma"], pair.spacing))
+                  regularization=float(o["regularization"]), symmetric=bool(o["symmetric"]),
+                  sigma=axis_sigmas(DENSE_SIGMA[o["optimizer"]] if o["fluid_sigma"] is None else o["fluid_sigma"],
+                                    pair.spacing))
     return _prepare(pair, o["loss"]), (), static
 
 
 def fit_dense(fixed_u, moving_u, *, loss, levels, iterations, optimizer, learning_rate, regularization, sigma,
-              on_level=None):
+              symmetric=False, on_level=None):
     """Coarse-to-fine dense displacement by optax (:func:`ppreg.optim.run_dense_level` per level).
+
+    ``symmetric``: the levels fit the half-way field, and the result is its fixed -> moving
+    displacement (:func:`ppreg.optim.halfway_displacement`).
 
     Returns:
         ``(u (*shape, d) float32, full-resolution voxels, losses per level)``.
@@ -243,9 +251,11 @@ def fit_dense(fixed_u, moving_u, *, loss, levels, iterations, optimizer, learnin
 
     def run_level(li, u, moving, fixed, count):
         return optim.run_dense_level(u, moving, fixed, loss_fn=loss, iterations=count, optimizer=optimizer,
-                                     learning_rate=learning_rate, regularization=regularization, sigma=sigma)
+                                     learning_rate=learning_rate, regularization=regularization, sigma=sigma,
+                                     symmetric=symmetric)
 
-    return coarse_to_fine_core(fixed_u, moving_u, levels, iterations, run_level, on_level=on_level)
+    u, losses = coarse_to_fine_core(fixed_u, moving_u, levels, iterations, run_level, on_level=on_level)
+    return (optim.halfway_displacement(u) if symmetric else u), losses
 
 
 def _finish_dense(pair, u, losses, o):

@@ -19,7 +19,6 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from . import optim
 from .bspline import displacement
 from .grid import identity_grid
 from .image import Image
@@ -52,7 +51,7 @@ def register(
     fluid_sigma: float | None = None,
     diffusion_sigma: float = 0.5,
     symmetric: bool | None = None,
-    optimizer: str = "adam",
+    optimizer: str | None = None,
     key=0,
     frac_bits: int = 16,
     seeds=None,
@@ -92,7 +91,8 @@ def register(
             smoothing, at full resolution; factors must halve (e.g. 4,2,1).
         max_iterations: per level (default 100 Gauss-Newton, 200 descent, 15 bspline; svf runs
             exactly this many, default 60 per level and :data:`SVF_FINEST_ITERATIONS` (40) at the
-            last, or a sequence with one count per level).
+            last, or a sequence with one count per level; dense: :data:`DENSE_ITERATIONS` of the
+            optimiser, 30 and 20 at the last for lbfgs).
         tol: stop a level when the RMS displacement of a step is <= ``tol`` voxels
             (default 1e-3 linear, 1e-2 bspline); for descent, the minimum step length.
         damping: Levenberg-Marquardt weight (default 1e-3 linear, relative to diag H;
@@ -110,22 +110,26 @@ def register(
         fluid_sigma, diffusion_sigma: svf: Gaussian smoothing (level voxels) of each update
             and of the velocity field. ``fluid_sigma`` defaults to 3.0 for the local losses (lncc,
             mind: their forces are noisier; tuned on the Colin27 case of ``bench/bench_svf.py``)
-            and 2.0 otherwise; dense: ``fluid_sigma`` (default :data:`DENSE_SIGMA`) smooths each
-            Adam gradient, or is the L-BFGS change of variables ``u = u0 + G_sigma w``.
+            and 2.0 otherwise; dense: ``fluid_sigma`` (default :data:`DENSE_SIGMA` of the optimiser) is
+            the L-BFGS change of variables ``u = u0 + G_sigma w``, or smooths each Adam gradient.
         symmetric: svf: ANTs-style half-way update (both images warped to the middle,
             ``fixed o exp(-v/2)`` vs ``moving o exp(v/2)``); see :func:`ppreg.optim.run_svf_level`.
             Default (None): on for clear svf with lncc, off otherwise (:func:`ppreg.options.default_symmetric`;
             chosen on the tuning cases of ``bench/bench_validation.py``, DESIGN.md item 33).
             With ``secure="mpc"`` (lncc): SyN's two half velocities, one per party, each updated by
             its own force (:func:`ppreg.secure.protocols.lcc.run_svf_level`); ``params`` then stacks both.
+            dense: fit a half-way field ``u`` (``fixed o (x - u)`` vs ``moving o (x + u)``; ``params``
+            is still the fixed -> moving displacement, :func:`ppreg.optim.halfway_displacement`);
+            default off (DESIGN.md item 35).
         lncc_open: ``secure="mpc"`` svf: what each iteration opens to a party, ``"smoothed"`` (default:
             its force smoothed by ``fluid_sigma`` on the shares) or ``"force"`` (the raw per-voxel force);
             see :mod:`ppreg.secure.protocols.lcc`.
         audit: ``secure="mpc"``: a path for the audit log (JSON lines, :mod:`ppreg.secure.audit`) of
             every quantity opened to party1 and to party2 in this process; its totals go into
             ``Result.audit`` (ValueError, before anything runs, when the path cannot be written).
-        optimizer: dense: ``"adam"`` (default) or ``"lbfgs"`` (optax; see
-            :func:`ppreg.optim.run_dense_level`).
+        optimizer: dense: ``"lbfgs"`` (default, :data:`DENSE_OPTIMIZER`) or ``"adam"`` (optax; see
+            :func:`ppreg.optim.run_dense_level`); each has its own default iterations and sigma
+            (:data:`DENSE_ITERATIONS`, :data:`DENSE_SIGMA`; DESIGN.md item 35).
         key: int seed or PRNG key for sampling (public).
         frac_bits: fixed-point fractional bits for ``secure="mpc"``.
         seeds: dealer seeds for reproducible secure runs (tests); CSPRNG otherwise.
@@ -140,12 +144,13 @@ def register(
         model: ``transform="flash"`` with ``flash_options={"estimate_alpha": "network"}``: the
             AlphaCNN checkpoint that predicts alpha (:func:`ppreg.learned.alpha_cnn.network_alpha`;
             ``None``: the shipped 2D model). ``transform="vxm-diff"`` (VoxelMorph-diff, :func:`ppreg.learned.register.register_vxm`;
-            same grid, clear): a checkpoint folder or loaded checkpoint; ``None`` takes the model
+            clear; a moving image on another grid is resampled onto the fixed one through the headers):
+            a checkpoint folder or loaded checkpoint; ``None`` takes the model
             shipped for the images' dimensionality.
         samples: ``transform="vxm-diff"``: posterior samples for the uncertainty map (default 16;
             0: none).
-            ``transform="suits"`` (SUITS, :func:`ppreg.learned.suits_register.register_suits`; same
-            grid, clear, multi-modal): ``model`` is a FeatCNN checkpoint (``None``: the shipped 2D one);
+            ``transform="suits"`` (SUITS, :func:`ppreg.learned.suits_register.register_suits`; clear,
+            multi-modal, the moving image resampled onto the fixed grid like vxm-diff): ``model`` is a FeatCNN checkpoint (``None``: the shipped 2D one);
             ``max_iterations`` the Gauss-Newton step count (default 15).
         init: the starting world transform (fixed mm -> moving mm, :func:`ppreg.space.initial_transform`):
             ``"header"`` (default: the images' affines align them), ``"center"`` (centres of mass) or
@@ -218,8 +223,6 @@ def register(
         sampling=sampling, fraction=fraction, spacing=spacing, cg_iterations=cg_iterations, bins=bins,
         fluid_sigma=fluid_sigma, diffusion_sigma=diffusion_sigma, symmetric=symmetric, optimizer=optimizer, key=key,
         secure=secure))
-    if transform == "dense" and optimizer not in optim.DENSE_OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {optim.DENSE_OPTIMIZERS}")
     check_options(transform, loss, secure, sampling, levels, fixed_a.ndim, o["max_iterations"], o["tol"], o["damping"])
     if audit is not None and secure != "mpc":
         raise ValueError(f"an audit log records what a secure (mpc) run opens, got secure={secure!r}")

@@ -111,8 +111,12 @@ def test_register_help_states_the_defaults_register_uses(capsys):
     assert f"dense: diffusion weight (default {dense['regularization']})" in text
     assert f"bending-energy weight (default {bspline['regularization']})" in text
     assert f"level voxels ({svf['step_size']}); dense: Adam learning rate ({dense['step_size']})" in text
-    assert (f"(default {rigid['max_iterations']} linear, {bspline['max_iterations']} bspline; svf, dense: "
-            f"{svf['max_iterations'][0]}, {svf['max_iterations'][-1]} at full resolution)") in text
+    adam = resolve_options("dense", "lncc", (4, 2, 1), {"optimizer": "adam"})
+    assert (f"(default {rigid['max_iterations']} linear, {bspline['max_iterations']} bspline; svf: "
+            f"{svf['max_iterations'][0]}, {svf['max_iterations'][-1]} at full resolution; dense: "
+            f"{dense['max_iterations'][0]}, {dense['max_iterations'][-1]} at full resolution {dense['optimizer']}, "
+            f"{adam['max_iterations'][0]}, {adam['max_iterations'][-1]} at full resolution adam)") in text
+    assert f"dense: optax optimiser ({dense['optimizer']})" in text
 
 
 def test_rerun_removes_stale_outputs_of_an_earlier_run_only(tmp_path):

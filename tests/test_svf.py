@@ -176,6 +176,20 @@ def test_exp_is_differentiable():
     assert float(np.sum(g * d)) == pytest.approx(fd, rel=2e-2)
 
 
+def test_invert_gives_the_inverse_map():
+    """The fixed-point inverse of exp(v) is exp(-v) in the interior, and compose(u, invert(u)) ~ 0."""
+    shape = SHAPES[2]
+    v = _smooth_field(shape, 2.0)
+    u = svf.exp(v)
+    w = svf.invert(u)
+    inner = _interior(shape)
+    np.testing.assert_allclose(np.asarray(w)[inner], np.asarray(svf.inverse(v))[inner], atol=0.03)
+    assert float(np.abs(np.asarray(_compose(u, w))[inner]).max()) < 1e-3
+    assert float(np.abs(np.asarray(_compose(u, svf.invert(u, iterations=0)))[inner]).max()) > 0.1  # one step is not
+    with pytest.raises(ValueError, match="iterations must be a non-negative Python int"):
+        svf.invert(u, iterations=-1)
+
+
 def test_errors():
     u = np.zeros((6, 5, 2), np.float32)
     with pytest.raises(ValueError, match=r"u and v shapes differ: \(6, 5, 2\) vs \(5, 6, 2\)"):

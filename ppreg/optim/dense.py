@@ -10,6 +10,7 @@ import optax
 
 from ..grid import identity_grid, smooth_field
 from ..regularizers import diffusion
+from ..svf import compose, invert
 from ..warp import warp
 
 
@@ -23,14 +24,34 @@ from ..warp import warp
 DENSE_OPTIMIZERS = ("adam", "lbfgs")
 
 
-def dense_objective(u, moving, fixed, *, loss_fn, regularization):
-    """``loss_fn(fixed, moving o (x + u)) + regularization * diffusion(u)`` (mean over voxels)."""
-    warped = warp(moving, identity_grid(fixed.shape) + u)
-    return loss_fn(fixed, warped) + regularization * diffusion(u)
+def dense_objective(u, moving, fixed, *, loss_fn, regularization, symmetric=False):
+    """``loss_fn(fixed, moving o (x + u)) + regularization * diffusion(u)`` (mean over voxels).
+
+    ``symmetric``: ``u`` is the half-way field, ``loss_fn(fixed o (x - u), moving o (x + u)) +
+    regularization * diffusion(2 u)`` (the full map is about ``2 u``: :func:`halfway_displacement`)."""
+    grid = identity_grid(fixed.shape)
+    if symmetric:
+        return loss_fn(warp(fixed, grid - u), warp(moving, grid + u)) + 4.0 * regularization * diffusion(u)
+    return loss_fn(fixed, warp(moving, grid + u)) + regularization * diffusion(u)
 
 
-@partial(jax.jit, static_argnames=("loss_fn", "iterations", "optimizer", "sigma"))
-def run_dense_level(u, moving, fixed, *, loss_fn, iterations, optimizer, learning_rate, regularization, sigma):
+def halfway_displacement(u, *, iterations: int = 20):
+    """The fixed -> moving displacement of a half-way field ``u``: ``(x + u) o (x - u)^-1``.
+
+    Args:
+        u: float32 ``(*shape, d)`` half-way field, voxels (the fixed image is sampled at ``x - u``,
+            the moving one at ``x + u``).
+        iterations: fixed-point iterations of the inverse (:func:`ppreg.svf.invert`).
+
+    Returns:
+        float32 ``(*shape, d)`` displacement in voxels on the fixed grid.
+    """
+    return compose(u, invert(-u, iterations=iterations))
+
+
+@partial(jax.jit, static_argnames=("loss_fn", "iterations", "optimizer", "sigma", "symmetric"))
+def run_dense_level(u, moving, fixed, *, loss_fn, iterations, optimizer, learning_rate, regularization, sigma,
+                    symmetric=False):
     """Fixed-count optax loop on a dense displacement for one pyramid level (jitted ``lax.fori_loop``).
 
     ``optimizer="adam"``: Adam on the gradient smoothed by a Gaussian of ``sigma`` voxels (a
@@ -47,14 +68,18 @@ def run_dense_level(u, moving, fixed, *, loss_fn, iterations, optimizer, learnin
         loss_fn: ``loss_fn(fixed, warped) -> scalar`` (static, hashable).
         iterations: optimiser steps; optimizer: one of :data:`DENSE_OPTIMIZERS`.
         learning_rate: Adam step (voxels); regularization: diffusion weight; sigma: voxels.
+        symmetric: ``u`` is the half-way field (:func:`dense_objective`): both images move to the
+            middle, as in ANTs SyN, and swapping them negates ``u``.
 
     Returns:
         ``(u, losses (iterations,))``: the objective before each step.
 
     Source: Kingma & Ba 2015 (Adam); Nocedal & Wright 2006, Alg. 7.5 (L-BFGS), as in optax.
-    The diffusion term is Eq. 4 of Blendowski et al. 2020 (:func:`ppreg.regularizers.diffusion`).
+    The diffusion term is Eq. 4 of Blendowski et al. 2020 (:func:`ppreg.regularizers.diffusion`);
+    the half-way space of Avants et al. 2008 (SyN).
     """
-    objective = partial(dense_objective, moving=moving, fixed=fixed, loss_fn=loss_fn, regularization=regularization)
+    objective = partial(dense_objective, moving=moving, fixed=fixed, loss_fn=loss_fn, regularization=regularization,
+                        symmetric=symmetric)
     if optimizer == "adam":
         opt = optax.adam(learning_rate)
 
