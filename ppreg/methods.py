@@ -31,8 +31,8 @@ from . import optim
 from .bspline import control_grid_shape, displacement, refine
 from .grid import downsample, gaussian_blur, gradient, identity_grid, level_coordinates, level_shape
 from .losses import LNCC_FLAT_FLOOR, lncc, mind, mutual_information, ncc, ssd
-from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_OPTIMIZER, DENSE_SIGMA, FLUID_SIGMA,
-                      FLUID_SIGMA_OTHER, SVF_STEPS, check_finite, default_iterations, default_symmetric,
+from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_OPTIMIZER, DENSE_SIGMA,
+                      FLUID_SIGMA, FLUID_SIGMA_OTHER, SVF_STEPS, check_finite, default_iterations, default_symmetric,
                       scale_exponent, unit_range)
 from .pyramid import coarse_to_fine_core, level_reports
 from .result import LevelReport, Result, warp_field, warp_linear

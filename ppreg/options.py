@@ -40,7 +40,8 @@ DENSE_OPTIMIZER = "lbfgs"
 DENSE_ITERATIONS = {"lbfgs": (30, 20), "adam": (60, 40)}  # per level: every coarser level, the finest level
 DENSE_LEARNING_RATE = 0.1  # Adam step (level voxels)
 DENSE_DIFFUSION = 0.3  # diffusion weight (loss units per voxel^2 of gradient)
-DENSE_SIGMA = {"lbfgs": 3.0, "adam": 2.0}  # smoothing of the update variable (lbfgs) or of each gradient (adam), level voxels
+# smoothing of the update variable (lbfgs) or of each gradient (adam), level voxels
+DENSE_SIGMA = {"lbfgs": 3.0, "adam": 2.0}
 DENSE_FIELD_FILE = "dense_displacement.nii.gz"  # dense: the deformable part, beside transform.json
 FIXED_HALF_FILE = "fixed_velocity.nii.gz"  # two-party symmetric svf: party2's half velocity
 DEFAULTS = {  # per optimiser: max_iterations (per level), tol (voxels), damping

@@ -150,7 +150,8 @@ def register(
         samples: ``transform="vxm-diff"``: posterior samples for the uncertainty map (default 16;
             0: none).
             ``transform="suits"`` (SUITS, :func:`ppreg.learned.suits_register.register_suits`; clear,
-            multi-modal, the moving image resampled onto the fixed grid like vxm-diff): ``model`` is a FeatCNN checkpoint (``None``: the shipped 2D one);
+            multi-modal, the moving image resampled onto the fixed grid like vxm-diff): ``model`` is a
+            FeatCNN checkpoint (``None``: the shipped 2D one);
             ``max_iterations`` the Gauss-Newton step count (default 15).
         init: the starting world transform (fixed mm -> moving mm, :func:`ppreg.space.initial_transform`):
             ``"header"`` (default: the images' affines align them), ``"center"`` (centres of mass) or

@@ -1,10 +1,11 @@
 """``register(fixed, moving, transform="vxm-diff")``: registration by a trained VoxelMorph-diff model.
 
 A moving image on another grid is first resampled onto the fixed one through the headers
-(:func:`on_fixed_grid`, as the classical transforms start). Both images are scaled into [0, 1] (:func:`ppreg.learned.data.normalize_intensity`), padded centrally
-with zeros to a multiple of the network's size divisor, registered in one forward pass (the
-posterior mean ``exp(mu)``), and the displacement is cropped back to the fixed grid. ``K`` posterior
-samples give the voxelwise variance of the displacement (``uncertainty.nii.gz``).
+(:func:`on_fixed_grid`, as the classical transforms start). Both images are scaled into [0, 1]
+(:func:`ppreg.learned.data.normalize_intensity`), padded centrally with zeros to a multiple of the
+network's size divisor, registered in one forward pass (the posterior mean ``exp(mu)``), and the
+displacement is cropped back to the fixed grid. ``K`` posterior samples give the voxelwise variance
+of the displacement (``uncertainty.nii.gz``).
 """
 
 from __future__ import annotations

@@ -18,6 +18,6 @@ from .linear import (Level, Terms, fixed_level, local_terms, make_level, moving_
 from .svf import run_svf_level
 
 __all__ = ["DENSE_OPTIMIZERS", "Level", "Terms", "bspline_step", "dense_objective", "descent_points", "descent_step",
-           "fixed_level", "halfway_displacement", "level_values", "local_terms", "make_level", "moving_level", "parameter_scales",
-           "product_term", "run_bspline_level", "run_dense_level", "run_level", "run_level_descent", "run_svf_level",
-           "sample_indices", "steepest_descent_images", "update", "warp_terms"]
+           "fixed_level", "halfway_displacement", "level_values", "local_terms", "make_level", "moving_level",
+           "parameter_scales", "product_term", "run_bspline_level", "run_dense_level", "run_level",
+           "run_level_descent", "run_svf_level", "sample_indices", "steepest_descent_images", "update", "warp_terms"]
