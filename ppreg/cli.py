@@ -273,15 +273,12 @@ def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     if path.name.endswith(".json"):
         try:
             doc = json.loads(path.read_text())
-            if doc.get("type") == "flash":
-                from .spectral.register import displacement_from_document
-
-                return grid + displacement_from_document(doc, tuple(shape))
-            if doc.get("type") in DEFORMABLE and "matrix" not in doc:
-                return grid + _deformable_field(doc, shape, path)
             points = grid
-            if doc.get("type") in DEFORMABLE:  # images on different grids: the header start, x -> M0 (x + u(x))
+            if doc.get("type") in DEFORMABLE + ("flash",):
                 points = grid + _deformable_field(doc, shape, path)
+                if "matrix" not in doc:
+                    return points
+                # images on different grids: the header start, x -> M0 (x + u(x)), below
             if "deformable" in doc:  # pipeline: x -> A (x + u(x))
                 points = grid + _deformable_field(doc["deformable"], shape, path)
                 doc = doc["linear"]
@@ -305,6 +302,10 @@ def _transform_coords(path: Path, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _deformable_field(doc: dict, shape: tuple[int, ...], path: Path):
+    if doc["type"] == "flash":
+        from .spectral.register import displacement_from_document
+
+        return displacement_from_document(doc, tuple(shape))
     if doc["type"] == "svf":
         velocity = _sibling_field(path, doc["velocity"], shape, "velocity")
         if "fixed_velocity" in doc:  # two halves (two-party symmetric registration)

@@ -32,8 +32,8 @@ from .bspline import control_grid_shape, displacement, refine
 from .grid import downsample, gaussian_blur, gradient, identity_grid, level_coordinates, level_shape
 from .losses import LNCC_FLAT_FLOOR, lncc, mind, mutual_information, ncc, ssd
 from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_OPTIMIZER, DENSE_SIGMA,
-                      FLUID_SIGMA, FLUID_SIGMA_OTHER, SVF_STEPS, check_finite, default_iterations, default_symmetric,
-                      scale_exponent, unit_range)
+                      FLUID_SIGMA, FLUID_SIGMA_OTHER, SVF_STEPS, as_array, check_finite, default_iterations,
+                      default_symmetric, scale_exponent, unit_range)
 from .pyramid import coarse_to_fine_core, level_reports
 from .result import LevelReport, Result, warp_field, warp_linear
 from .sampling import n_samples
@@ -126,6 +126,24 @@ def setup_pair(fixed, moving, fixed_a, moving_a, *, transform: str, secure: str 
     else:
         moving_d = moving_a
     return Pair(fixed_a, moving_a, moving_d, scale, w_fixed, w_moving, axis_spacing(w_fixed), m0, header_mat)
+
+
+def on_fixed_grid(fixed, moving) -> Pair:
+    """Both images as arrays, the moving one resampled onto the fixed grid through the images' headers
+    (world coordinates; :func:`setup_pair` with ``init="header"``) unless the grids agree,
+    so that a learned or spectral method sees the pair the way the classical transforms start from it.
+
+    Returns:
+        :class:`Pair`: ``fixed``, ``moving_d`` (the moving image on the fixed grid),
+        ``header_mat`` (the start ``M0``, fixed index -> moving index, or ``None``), ``w_fixed``, ``w_moving``.
+
+    Raises:
+        ValueError: bad images (not 2D/3D, non-finite, all zero, different dimensionality, singular affine).
+    """
+    fixed_a, moving_a = as_array(fixed, "fixed"), as_array(moving, "moving")
+    if fixed_a.ndim != moving_a.ndim:
+        raise ValueError(f"fixed is {fixed_a.ndim}D but moving is {moving_a.ndim}D")
+    return setup_pair(fixed, moving, fixed_a, moving_a, transform="dense", secure=None, init="header")
 
 
 def resolve_options(transform: str, loss: str, levels, options: dict) -> dict:

@@ -138,7 +138,8 @@ def register(
             ``"v1"`` or ``"v2"`` (Taiello et al. 2024, Section 5.4.2); bspline: ``"packed"`` only
             (:mod:`ppreg.secure.ckks.bspline`). Needs the ``fhe`` extra.
         flash_options: ``transform="flash"`` (bandlimited EPDiff geodesic shooting, clear SSD,
-            same grid; :func:`ppreg.spectral.register.register_result`): keyword arguments of
+            the moving image resampled onto the fixed grid through the headers;
+            :func:`ppreg.spectral.register.register_result`): keyword arguments of
             :func:`ppreg.spectral.register.register_flash` (band_size, alpha, sigma, optimizer,
             estimate_alpha, ...); ``max_iterations`` is the descent iteration count (default 150).
         model: ``transform="flash"`` with ``flash_options={"estimate_alpha": "network"}``: the

@@ -175,7 +175,7 @@ class Result:
                     "convention": "warped(x) = moving(A (x + u(x))): the deformable part on the fixed grid, "
                                   "then the linear matrix", **self._world_doc()}
         doc = self._doc(self.transform)
-        if self.transform in DEFORMABLE:
+        if self.transform not in KINDS:  # a deformable transform's matrix is the header start
             doc = self._with_start(doc)
         return {**doc, **self._world_doc()}
 

@@ -1,11 +1,11 @@
 """``register(fixed, moving, transform="vxm-diff")``: registration by a trained VoxelMorph-diff model.
 
 A moving image on another grid is first resampled onto the fixed one through the headers
-(:func:`on_fixed_grid`, as the classical transforms start). Both images are scaled into [0, 1]
-(:func:`ppreg.learned.data.normalize_intensity`), padded centrally with zeros to a multiple of the
-network's size divisor, registered in one forward pass (the posterior mean ``exp(mu)``), and the
-displacement is cropped back to the fixed grid. ``K`` posterior samples give the voxelwise variance
-of the displacement (``uncertainty.nii.gz``).
+(:func:`ppreg.methods.on_fixed_grid`, as the classical transforms start). Both images are scaled
+into [0, 1] (:func:`ppreg.learned.data.normalize_intensity`), padded centrally with zeros to a
+multiple of the network's size divisor, registered in one forward pass (the posterior mean
+``exp(mu)``), and the displacement is cropped back to the fixed grid. ``K`` posterior samples give
+the voxelwise variance of the displacement (``uncertainty.nii.gz``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..methods import Pair, setup_pair, warp_deformed
-from ..options import DENSE_FIELD_FILE, as_array
+from ..methods import on_fixed_grid, warp_deformed
+from ..options import DENSE_FIELD_FILE
 from ..result import LevelReport, Result
 from . import checkpoint
 from .data import normalize_intensity, pad_to_multiple, unpad
@@ -101,31 +101,13 @@ def _predict(model, fixed, moving, key, samples):
     return predict(model, fixed, moving, key=key, samples=samples)
 
 
-def on_fixed_grid(fixed, moving) -> Pair:
-    """Both images as arrays, the moving one resampled onto the fixed grid through the images' headers
-    (world coordinates; :func:`ppreg.methods.setup_pair` with ``init="header"``) unless the grids agree,
-    so that a network sees the pair the way the classical transforms start from it.
-
-    Returns:
-        :class:`ppreg.methods.Pair`: ``fixed``, ``moving_d`` (the moving image on the fixed grid),
-        ``header_mat`` (the start ``M0``, fixed index -> moving index, or ``None``), ``w_fixed``, ``w_moving``.
-
-    Raises:
-        ValueError: bad images (not 2D/3D, non-finite, all zero, different dimensionality, singular affine).
-    """
-    fixed_a, moving_a = as_array(fixed, "fixed"), as_array(moving, "moving")
-    if fixed_a.ndim != moving_a.ndim:
-        raise ValueError(f"fixed is {fixed_a.ndim}D but moving is {moving_a.ndim}D")
-    return setup_pair(fixed, moving, fixed_a, moving_a, transform="dense", secure=None, init="header")
-
-
 def register_vxm(fixed, moving, *, model=None, samples: int = DEFAULT_SAMPLES, key=0) -> LearnedResult:
     """Register ``moving`` to ``fixed`` with a trained VoxelMorph-diff network.
 
     Args:
         fixed, moving: arrays or :class:`~ppreg.image.Image`, 2D or 3D, affinely pre-aligned (as for
             VoxelMorph); a moving image on another grid is first resampled onto the fixed one through the
-            headers (:func:`on_fixed_grid`); any sizes (padded to the network's divisor).
+            headers (:func:`ppreg.methods.on_fixed_grid`); any sizes (padded to the network's divisor).
         model: ``None`` (the shipped model for the dimensionality), a checkpoint folder or a
             loaded :class:`~ppreg.learned.checkpoint.Checkpoint`.
         samples: posterior samples ``K`` for the uncertainty map (0: none).

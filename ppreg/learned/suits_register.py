@@ -21,13 +21,13 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
-from ..methods import warp_deformed
 from ..result import LevelReport
 from ..svf import jacobian_determinant
 from . import checkpoint
 from .data import normalize_intensity, pad_to_multiple, unpad
 from .featcnn import FACTOR, FeatCNN
-from .register import LearnedResult, on_fixed_grid, resolve_model
+from ..methods import on_fixed_grid, warp_deformed
+from .register import LearnedResult, resolve_model
 from .suits import MindFeatures, register_features
 
 __all__ = ["JACOBIAN_FILE", "SHIPPED_SUITS", "SuitsResult", "register_suits", "resolve_suits_model",
@@ -82,7 +82,7 @@ def register_suits(fixed, moving, *, model=None, iterations: int = DEFAULT_ITERA
     Args:
         fixed, moving: arrays or :class:`~ppreg.image.Image`, 2D (or 3D with a 3D model), affinely
             pre-aligned (a moving image on another grid is first resampled onto the fixed one through
-            the headers, :func:`ppreg.learned.register.on_fixed_grid`), at least 8 voxels per axis; any
+            the headers, :func:`ppreg.methods.on_fixed_grid`), at least 8 voxels per axis; any
             sizes (padded to a multiple of 4).
         model: ``None`` (the shipped 2D model), a checkpoint folder, a loaded checkpoint, or a
             feature module called as ``model(image, stream)`` (a :class:`FeatCNN` or

@@ -179,8 +179,9 @@ def _result_class():
             sigma: float = 0.03
             objectives: np.ndarray = None
 
-            def displacement(self) -> np.ndarray:
-                """Dense displacement of ``phi_1^-1`` on the fixed grid: float32 ``(*shape, d)``, voxels."""
+            def _deformable_part(self):
+                """Dense displacement of ``phi_1^-1`` on the fixed grid: float32 ``(*shape, d)``, voxels (before
+                ``matrix``, the header start, when the moving image was on another grid)."""
                 return flash_displacement(self.params, Band(self.warped.shape, self.band_size), alpha=self.alpha,
                                           gamma=self.gamma, power=self.power, steps=self.steps)
 
@@ -242,7 +243,8 @@ def register_result(fixed, moving, *, loss="ssd", secure=None, sampling=None, ma
     """``ppreg.register(..., transform="flash")``: run :func:`register_flash` and wrap it in a Result.
 
     Args:
-        fixed, moving: arrays or :class:`~ppreg.image.Image` (same grid).
+        fixed, moving: arrays or :class:`~ppreg.image.Image`; a moving image on another grid is first
+            resampled onto the fixed one through the headers (:func:`ppreg.methods.on_fixed_grid`).
         loss, sampling: must be ``"ssd"`` and ``None``.
         secure: ``None`` (clear) or ``"mpc"``: party2 holds ``fixed``; the image energy and the
             band force of every evaluation run under MPC (:mod:`ppreg.secure.protocols.flash`), both
@@ -255,19 +257,16 @@ def register_result(fixed, moving, *, loss="ssd", secure=None, sampling=None, ma
         ``FlashResult`` (a :class:`ppreg.register.Result`).
 
     Raises:
-        ValueError: other loss / secure / sampling, different grids, bad options.
+        ValueError: other loss / secure / sampling, bad images, bad options.
     """
-    from ..grid import identity_grid
-    from ..options import as_array, scale_exponent
-    from ..warp import warp
+    from ..methods import on_fixed_grid, warp_deformed
 
     start = time.perf_counter()
     if loss != "ssd" or secure not in (None, "mpc") or sampling is not None:
         raise ValueError("the flash transform runs the ssd loss on every voxel, clear or secure='mpc', got "
                          f"loss={loss!r}, secure={secure!r}, sampling={sampling!r}")
-    fixed_a, moving_a = as_array(fixed, "fixed"), as_array(moving, "moving")
-    if fixed_a.shape != moving_a.shape:
-        raise ValueError(f"flash needs fixed and moving on the same grid, got {fixed_a.shape} and {moving_a.shape}")
+    pair = on_fixed_grid(fixed, moving)
+    fixed_a = pair.fixed
     options = {**DEFAULTS, **options}
     iterations = 150 if max_iterations is None else int(max_iterations)
     session = None
@@ -275,9 +274,10 @@ def register_result(fixed, moving, *, loss="ssd", secure=None, sampling=None, ma
         from ..secure.mpc.shares import TwoPartySession
 
         session = TwoPartySession()
-        options["intensity_scale"] = 2.0 ** max(scale_exponent(fixed_a), scale_exponent(moving_a))
-    v0, alpha, its, fs, u, _ = register_flash(fixed_a, moving_a, iterations=iterations, session=session, **options)
-    warped = np.asarray(warp(moving_a, identity_grid(fixed_a.shape) + u))
+        options["intensity_scale"] = pair.scale  # 2^max(e_fixed, e_moving), as setup_pair computes it
+    v0, alpha, its, fs, u, _ = register_flash(fixed_a, pair.moving_d, iterations=iterations, session=session,
+                                              **options)
+    warped = np.asarray(warp_deformed(pair, jnp.asarray(u)))
     if session is None:
         final = float(np.mean((warped - np.asarray(fixed_a)) ** 2))
         time_s = {"party1": time.perf_counter() - start, "party2": 0.0}
@@ -294,17 +294,20 @@ def register_result(fixed, moving, *, loss="ssd", secure=None, sampling=None, ma
                   for p in ("party1", "party2")}
         per_iteration = {p: nbytes[p]["online"] / max(its, 1) for p in nbytes}
     return flash_result(v0, alpha, its, fs, warped, final, options, secure=secure, time_s=time_s, nbytes=nbytes,
-                        per_iteration=per_iteration)
+                        per_iteration=per_iteration, pair=pair)
 
 
-def flash_result(v0, alpha, its, fs, warped, final, options, *, secure, time_s, nbytes, per_iteration):
+def flash_result(v0, alpha, its, fs, warped, final, options, *, secure, time_s, nbytes, per_iteration, pair=None):
     """The ``FlashResult`` of a registration (in one process, :func:`register_result`, or party1's of
-    three, :func:`ppreg.secure.protocols.flash.register_moving_flash`): ``options`` as :data:`DEFAULTS`."""
+    three, :func:`ppreg.secure.protocols.flash.register_moving_flash`): ``options`` as :data:`DEFAULTS`;
+    ``pair`` (:class:`ppreg.methods.Pair`, in one process) gives the header start and the affines."""
     from ..result import LevelReport
 
     shape = tuple(np.shape(warped))
+    frame = dict(matrix=None) if pair is None else dict(matrix=pair.header_mat, fixed_affine=pair.w_fixed,
+                                                        moving_affine=pair.w_moving)
     return _result_class()(
-        transform="flash", params=v0, matrix=None, center=None, spacing=None, warped=warped, final_loss=final,
+        transform="flash", params=v0, **frame, center=None, spacing=None, warped=warped, final_loss=final,
         iterations=its, levels=(LevelReport(1, shape, its, int(np.prod(shape)), fs),), secure=secure,
         time_s=time_s, bytes=nbytes, bytes_per_iteration=per_iteration,
         alpha=alpha, gamma=float(options["gamma"]), power=int(options["power"]), steps=int(options["steps"]),
