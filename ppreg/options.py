@@ -33,7 +33,7 @@ SVF_SYMMETRIC = ("lncc",)
 SECURE = (None, "mpc", "ckks")
 # dense defaults, per optimiser. L-BFGS (the default) was chosen on bench/bench_validation.py's tuning seeds 0-1
 # (8 families, 16 cases) by DESIGN.md item 33's rule, DESIGN.md item 35: with sigma 3 and 30 / 20 iterations it
-# scores mean Dice 0.969 (worst family 0.949), RMSE 0.33 mm (worst 0.53) against Adam's 0.957 (0.937), 0.53 mm
+# scores mean Dice 0.969 (worst family 0.949), RMSE 0.33 mm (worst 0.53) against Adam's 0.957 (0.939), 0.53 mm
 # (0.77). Adam's step and sigma were tuned on the Colin27 case of bench/bench_svf.py (lncc, seed 0); the diffusion
 # weight 0.3 on the tuning seed 0 (against 0.1 / 1.0: the same mean Dice, lower mean and worst RMSE)
 DENSE_OPTIMIZER = "lbfgs"
