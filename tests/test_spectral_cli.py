@@ -64,6 +64,24 @@ def test_flash_moving_on_another_grid_is_resampled_through_the_headers(tmp_path)
     np.testing.assert_allclose(nib.load(tmp_path / "applied.nii.gz").get_fdata(), warped["stored"], atol=1e-2)
 
 
+def test_flash_result_keeps_the_shot_displacement(monkeypatch):
+    """The displacement register_flash shot is the result's: its outputs do not shoot again."""
+    import ppreg.spectral.register as spectral_register
+
+    fixed, moving = _pair()
+    result = register(fixed, moving, transform="flash", flash_options={"band_size": 7, "alpha": 3.0},
+                      max_iterations=40)
+    expected = np.asarray(spectral_register.flash_displacement(
+        result.params, B, alpha=result.alpha, gamma=result.gamma, power=result.power, steps=result.steps))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the displacement was shot again")
+
+    monkeypatch.setattr(spectral_register, "flash_displacement", refuse)
+    np.testing.assert_allclose(result.displacement(), expected, atol=1e-5)
+    np.testing.assert_allclose(result.replace(audit=None).deformation(), expected, atol=1e-5)
+
+
 def test_cli_flash_estimates_alpha(tmp_path):
     """``--estimate-alpha`` (Laplace marginal MAP) moves alpha from its start and still registers."""
     fixed, moving = _pair()

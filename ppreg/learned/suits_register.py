@@ -21,12 +21,12 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
+from ..methods import on_fixed_grid, warp_deformed
 from ..result import LevelReport
 from ..svf import jacobian_determinant
 from . import checkpoint
 from .data import normalize_intensity, pad_to_multiple, unpad
 from .featcnn import FACTOR, FeatCNN
-from ..methods import on_fixed_grid, warp_deformed
 from .register import LearnedResult, resolve_model
 from .suits import MindFeatures, register_features
 

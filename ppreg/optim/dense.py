@@ -35,6 +35,7 @@ def dense_objective(u, moving, fixed, *, loss_fn, regularization, symmetric=Fals
     return loss_fn(fixed, warp(moving, grid + u)) + regularization * diffusion(u)
 
 
+@partial(jax.jit, static_argnames="iterations")  # one executable per shape (cold start, DESIGN.md item 34)
 def halfway_displacement(u, *, iterations: int = 20):
     """The fixed -> moving displacement of a half-way field ``u``: ``(x + u) o (x - u)^-1``.
 

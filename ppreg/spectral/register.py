@@ -293,14 +293,16 @@ def register_result(fixed, moving, *, loss="ssd", secure=None, sampling=None, ma
         nbytes = {p: {"online": snap["sent"][p]["online"], "offline": snap["received"][p]["offline"]}
                   for p in ("party1", "party2")}
         per_iteration = {p: nbytes[p]["online"] / max(its, 1) for p in nbytes}
-    return flash_result(v0, alpha, its, fs, warped, final, options, secure=secure, time_s=time_s, nbytes=nbytes,
+    return flash_result(v0, alpha, its, fs, u, warped, final, options, secure=secure, time_s=time_s, nbytes=nbytes,
                         per_iteration=per_iteration, pair=pair)
 
 
-def flash_result(v0, alpha, its, fs, warped, final, options, *, secure, time_s, nbytes, per_iteration, pair=None):
+def flash_result(v0, alpha, its, fs, u, warped, final, options, *, secure, time_s, nbytes, per_iteration, pair=None):
     """The ``FlashResult`` of a registration (in one process, :func:`register_result`, or party1's of
     three, :func:`ppreg.secure.protocols.flash.register_moving_flash`): ``options`` as :data:`DEFAULTS`;
-    ``pair`` (:class:`ppreg.methods.Pair`, in one process) gives the header start and the affines."""
+    ``u`` the displacement :func:`register_flash` already shot (kept, so writing the outputs does not
+    shoot again); ``pair`` (:class:`ppreg.methods.Pair`, in one process) gives the header start and the
+    affines."""
     from ..result import LevelReport
 
     shape = tuple(np.shape(warped))
@@ -311,4 +313,5 @@ def flash_result(v0, alpha, its, fs, warped, final, options, *, secure, time_s, 
         iterations=its, levels=(LevelReport(1, shape, its, int(np.prod(shape)), fs),), secure=secure,
         time_s=time_s, bytes=nbytes, bytes_per_iteration=per_iteration,
         alpha=alpha, gamma=float(options["gamma"]), power=int(options["power"]), steps=int(options["steps"]),
-        band_size=int(options["band_size"]), sigma=float(options["sigma"]), objectives=fs)
+        band_size=int(options["band_size"]), sigma=float(options["sigma"]), objectives=fs,
+    ).with_deformable(np.asarray(u, np.float32))

@@ -461,7 +461,7 @@ def register_moving_flash(moving, session, *, max_iterations: int | None = None,
     final = session.final_mse(warped, scale)
     session.end()
     per_iteration = {p: (after[p]["online"] - before[p]["online"]) / max(its, 1) for p in ("party1", "party2")}
-    result = flash_result(v0, alpha, its, fs, warped, final, options, secure="mpc",
+    result = flash_result(v0, alpha, its, fs, u, warped, final, options, secure="mpc",
                           time_s={p: session.time[p] for p in ("party1", "party2")}, nbytes=session.bytes_report(),
                           per_iteration=per_iteration)
     return result, info["affine"]
