@@ -118,14 +118,21 @@ def setup_pair(fixed, moving, fixed_a, moving_a, *, transform: str, secure: str 
     m0 = np.eye(fixed_a.ndim + 1)
     if secure is None:
         m0 = index_matrix(initial_transform(fixed_a, w_fixed, moving_a, w_moving, init), w_fixed, w_moving)
-    header_mat = None
-    if transform in DEFORMABLE and secure is None and (moving_a.shape != fixed_a.shape or not np.allclose(
-            m0, np.eye(fixed_a.ndim + 1), atol=1e-9)):
-        header_mat = m0
-        moving_d = warp_linear(moving_a, jnp.asarray(m0, jnp.float32), identity_grid(fixed_a.shape))
-    else:
-        moving_d = moving_a
+    moving_d, header_mat = moving_a, None
+    if transform in DEFORMABLE and secure is None:
+        moving_d, header_mat = resample_onto(moving_a, m0, fixed_a.shape)
     return Pair(fixed_a, moving_a, moving_d, scale, w_fixed, w_moving, axis_spacing(w_fixed), m0, header_mat)
+
+
+def resample_onto(moving_a, m0: np.ndarray, shape: tuple[int, ...]):
+    """The moving image on a grid of ``shape`` through the start ``m0`` (fixed index -> moving index,
+    float64 ``(d+1, d+1)``), linear interpolation; ``(moving_a, None)`` when the grids agree (same
+    shape, ``m0`` the identity), else ``(resampled float32 (*shape), m0)``: the start a deformable
+    result keeps (:func:`warp_from_start`)."""
+    shape = tuple(int(n) for n in shape)
+    if moving_a.shape == shape and np.allclose(m0, np.eye(len(shape) + 1), atol=1e-9):
+        return moving_a, None
+    return warp_linear(moving_a, jnp.asarray(m0, jnp.float32), identity_grid(shape)), m0
 
 
 def on_fixed_grid(fixed, moving) -> Pair:
@@ -189,10 +196,16 @@ def _prepare(pair: Pair, loss: str):
 
 def warp_deformed(pair: Pair, u):
     """The warped image of a deformable result: one interpolation of the original moving image."""
-    grid = identity_grid(pair.fixed.shape)
-    if pair.header_mat is None:
-        return warp_field(pair.moving, u, grid)
-    return warp_linear(pair.moving, jnp.asarray(pair.header_mat, jnp.float32), grid + u)
+    return warp_from_start(pair.moving, pair.header_mat, u)
+
+
+def warp_from_start(moving, header_mat: np.ndarray | None, u):
+    """``moving`` (its own grid) at ``header_mat (x + u(x))`` on the grid of ``u (*shape, d)`` (voxels):
+    a deformable result's warped image in one interpolation (``header_mat`` ``None``: ``x + u(x)``)."""
+    grid = identity_grid(tuple(u.shape[:-1]))
+    if header_mat is None:
+        return warp_field(moving, u, grid)
+    return warp_linear(moving, jnp.asarray(header_mat, jnp.float32), grid + u)
 
 
 def as_key(key):
@@ -514,7 +527,8 @@ def run_method(name: str, pair: Pair, options: dict) -> Fitted:
 
 
 __all__ = ["Fitted", "ImageLoss", "METHODS", "as_key", "Method", "Pair", "check_level", "fit_bspline", "fit_dense",
-           "fit_descent", "fit_linear", "fit_svf", "make_result", "method_name", "resolve_options", "run_method", "setup_pair", "warp_deformed"]
+           "fit_descent", "fit_linear", "fit_svf", "make_result", "method_name", "resample_onto", "resolve_options", "run_method", "setup_pair", "warp_deformed",
+           "warp_from_start"]
 
 
 def make_result(pair: Pair, transform: str, fitted: Fitted, *, levels, spacing, elapsed: float, session=None,

@@ -49,6 +49,10 @@ def main(argv=None) -> None:
     p.add_argument("--lam", type=float, default=DEFAULT_LOSS.lam)
     p.add_argument("--image-sigma", type=float, default=DEFAULT_LOSS.image_sigma)
     p.add_argument("--image-loss", choices=("ssd", "lncc"), default=DEFAULT_LOSS.image_loss)
+    p.add_argument("--sigma", type=float, nargs="+", default=None,
+                   help="training-family velocity smoothing in voxels; several values: a random mixture of scales")
+    p.add_argument("--max-norm", type=float, nargs="+", default=None,
+                   help="training-family velocity bound in voxels; two values: a range drawn per image")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--export", type=Path, default=None, help="also write the shipped form (no optimiser state) here")
     args = p.parse_args(argv)
@@ -57,9 +61,14 @@ def main(argv=None) -> None:
         bank, data = slice_bank("train"), "ppreg.learned.data.slice_bank('train'): Colin27 + MNI152 1 mm slices"
     else:
         bank, data = volume_bank("train"), "ppreg.learned.data.volume_bank('train'): Colin27 at 2 mm"
+    pairs = dict(PAIRS[args.ndim])
+    if args.sigma is not None:
+        pairs["sigma"] = args.sigma[0] if len(args.sigma) == 1 else list(args.sigma)
+    if args.max_norm is not None:
+        pairs["max_norm"] = args.max_norm[0] if len(args.max_norm) == 1 else list(args.max_norm)
     start = time.perf_counter()
     result = train_vxm_diff(bank, ndim=args.ndim, steps=args.steps, batch_size=args.batch_size or BATCH[args.ndim],
-                            seed=args.seed, out=args.out, loss_config=config, pair_options=PAIRS[args.ndim],
+                            seed=args.seed, out=args.out, loss_config=config, pair_options=pairs,
                             crop=CROP[args.ndim], learning_rate=args.learning_rate,
                             checkpoint_every=args.checkpoint_every, data=data)
     if args.export is not None:

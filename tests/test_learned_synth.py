@@ -47,6 +47,37 @@ def test_random_velocity_max_norm_shape_and_determinism():
     assert float(jnp.abs(jnp.diff(v, axis=0)).mean()) / 2.5 < float(jnp.abs(jnp.diff(rough, axis=0)).mean())
 
 
+def test_random_velocity_mixture_of_scales():
+    mixed = synth.random_velocity(_key(), SHAPE, sigma=(1.0, 4.0), max_norm=2.0)
+    assert mixed.shape == (*SHAPE, 2) and bool(jnp.all(jnp.isfinite(mixed)))
+    np.testing.assert_allclose(float(jnp.sqrt(jnp.max(jnp.sum(mixed**2, -1)))), 2.0, rtol=1e-5)
+    np.testing.assert_array_equal(mixed, synth.random_velocity(_key(), SHAPE, sigma=[1.0, 4.0], max_norm=2.0))
+    # over keys, the mixture's roughness spans both single scales' (the weights differ per draw)
+    def roughness(v):
+        return float(jnp.abs(jnp.diff(v, axis=0)).mean())
+    draws = [roughness(synth.random_velocity(_key(i), SHAPE, sigma=(1.0, 4.0), max_norm=1.0)) for i in range(12)]
+    smooth = roughness(synth.random_velocity(_key(), SHAPE, sigma=4.0, max_norm=1.0))
+    rough = roughness(synth.random_velocity(_key(), SHAPE, sigma=1.0, max_norm=1.0))
+    assert smooth < max(draws) and min(draws) < rough and max(draws) - min(draws) > 0.2 * (rough - smooth)
+    with pytest.raises(ValueError, match="sigma"):
+        synth.random_velocity(_key(), SHAPE, sigma=(), max_norm=1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        synth.random_velocity(_key(), SHAPE, sigma=(2.0, -1.0), max_norm=1.0)
+
+
+def test_make_training_pair_max_norm_range():
+    bank = _bank()
+    def relative_motion(max_norm):
+        pair = _jit(functools.partial(synth.make_training_pair, p_inter=0.0, augment=False, sigma=4.0,
+                                      max_norm=max_norm))(_key(3), bank)
+        return float(jnp.abs(pair["fixed"] - pair["moving"]).mean())
+    still = relative_motion((0.0, 0.0))
+    assert still == 0.0  # both images undeformed: the same bank item
+    assert relative_motion((2.0, 3.0)) > 0.0
+    with pytest.raises(ValueError, match="max_norm range"):
+        synth.make_training_pair(_key(), bank, max_norm=(3.0, 1.0))
+
+
 def test_random_velocity_errors():
     with pytest.raises(ValueError, match="shape"):
         synth.random_velocity(_key(), (32,), sigma=2.0, max_norm=1.0)

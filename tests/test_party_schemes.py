@@ -15,7 +15,7 @@ import pytest
 
 from ppreg.cli import enable_compilation_cache
 from ppreg.data import load_sample
-from ppreg.image import Image, save
+from ppreg.image import Image, load, save
 from ppreg.party_cli import party_commands, start_processes, wait_processes
 from ppreg.register import register
 from ppreg.sampling import n_samples
@@ -45,6 +45,13 @@ def _image(name, step, crop=None):
     img = load_sample(name)
     data = np.asarray(img.data)[::step, ::step]
     return Image(data if crop is None else data[crop, crop], img.affine)
+
+
+def _stored_flipped(img):
+    """The same image in world space, stored with its first axis reversed (the affine says so)."""
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, img.data.shape[0] - 1
+    return Image(np.ascontiguousarray(np.asarray(img.data)[::-1]), np.asarray(img.affine) @ flip)
 
 
 def _rotation(deg):
@@ -106,7 +113,8 @@ def sessions(tmp_path_factory):
 
     enable_compilation_cache()  # as `ppreg` does: the processes reuse what the references compile
     images = {"ckks": (_image("BrainProtonDensitySliceBorder20", 4), _image("BrainProtonDensitySliceShifted13x17y", 4)),
-              "flash": (_image("BrainProtonDensitySliceBorder20", 4), _image("BrainProtonDensitySliceBSplined10", 4))}
+              "flash": (_image("BrainProtonDensitySliceBorder20", 4),  # moving stored flipped: resampled via the headers
+                        _stored_flipped(_image("BrainProtonDensitySliceBSplined10", 4)))}
     p, q = _points()
     refs = {
         "ckks": register(*images["ckks"], secure="ckks", **CKKS),
@@ -188,11 +196,15 @@ def test_ckks_over_three_processes_equals_in_process(sessions):
 def test_flash_over_three_processes_equals_in_process(sessions):
     """``--transform flash``: every energy evaluation is a ``flash_eval`` operation run by the fixed
     process (its half of the private products and of the band DFT) and the dealer; the result equals
-    ``register(transform="flash", secure="mpc")`` to fixed-point rounding."""
+    ``register(transform="flash", secure="mpc")`` to fixed-point rounding. The moving file is stored
+    flipped: both start from the headers (party1 resamples it onto the grid party2 announced)."""
     run = sessions["flash"]
     rep, doc, reports = _outputs(run)
     ref = run["ref"]
     assert doc["type"] == "flash" and rep["secure"] == "mpc" and rep["iterations"] == ref.iterations
+    assert ref.matrix is not None and np.allclose(doc["matrix"], ref.matrix, atol=1e-6)  # the header start, kept
+    warped = load(run["work"] / "out" / "warped.nii.gz").data
+    np.testing.assert_allclose(warped, ref.warped, atol=1e-2 * np.abs(ref.warped).max())
     v0 = np.asarray(doc["coefficients_real"]) + 1j * np.asarray(doc["coefficients_imag"])
     assert np.max(np.abs(ref.params)) > 1e-3  # it moved
     np.testing.assert_allclose(v0, ref.params, atol=1e-3 * np.max(np.abs(ref.params)))

@@ -94,17 +94,31 @@ def _check_probability(value, name: str):
     return value
 
 
-def random_velocity(key, shape: tuple[int, ...], *, sigma: float = 8.0, max_norm: float = 4.0) -> jnp.ndarray:
+def _static_sigmas(sigma) -> tuple[float, ...]:
+    """One smoothing scale or several, each a static positive number."""
+    if isinstance(sigma, (tuple, list)):
+        if not sigma:
+            raise ValueError("sigma must be a number or a non-empty sequence of numbers, got an empty sequence")
+        return tuple(_static_positive(s, "sigma") for s in sigma)
+    return (_static_positive(sigma, "sigma"),)
+
+
+def random_velocity(key, shape: tuple[int, ...], *, sigma: float | tuple[float, ...] = 8.0,
+                    max_norm: float = 4.0) -> jnp.ndarray:
     """Random smooth stationary velocity field (the training family's generator).
 
     White Gaussian noise ``(*shape, ndim)``, each component smoothed by a Gaussian of ``sigma``
     voxels (:func:`ppreg.grid.smooth_field`, edge replication), then scaled so that
-    ``max_x |v(x)| = max_norm`` exactly.
+    ``max_x |v(x)| = max_norm`` exactly. With several scales ``sigma = (s_1, ..., s_K)`` the
+    field is a random mixture ``sum_k w_k n_k / rms(n_k)`` of independent noises ``n_k``
+    smoothed by ``s_k``, with weights ``w_k`` uniform in [0, 1] (then scaled the same way):
+    one draw may be smooth, another carry finer detail, so that a network trained on it does
+    not learn a single smoothness.
 
     Args:
         key: JAX PRNG key.
         shape: spatial shape, 2 or 3 axes of at least 2 voxels (static).
-        sigma: smoothing standard deviation in voxels (static, > 0).
+        sigma: smoothing standard deviation in voxels, or a sequence of them (static, > 0).
         max_norm: maximum Euclidean norm of the velocity in voxels (>= 0; may be traced).
 
     Returns:
@@ -117,10 +131,16 @@ def random_velocity(key, shape: tuple[int, ...], *, sigma: float = 8.0, max_norm
     noise as in Hoffmann et al. 2022 (SynthMorph), Sec. II-C.
     """
     shape = _check_shape(shape)
-    sigma = _static_positive(sigma, "sigma")
+    sigmas = _static_sigmas(sigma)
     _check_nonneg(max_norm, "max_norm")
-    noise = jax.random.normal(key, (*shape, len(shape)), jnp.float32)
-    v = smooth_field(noise, sigma)
+    if len(sigmas) == 1:  # the key used as is: the single-scale family draws what it always drew
+        v = smooth_field(jax.random.normal(key, (*shape, len(shape)), jnp.float32), sigmas[0])
+    else:
+        weights = jax.random.uniform(jax.random.fold_in(key, len(sigmas)), (len(sigmas),), jnp.float32)
+        v = jnp.zeros((*shape, len(shape)), jnp.float32)
+        for k, (s, w) in enumerate(zip(sigmas, weights)):
+            n = smooth_field(jax.random.normal(jax.random.fold_in(key, k), (*shape, len(shape)), jnp.float32), s)
+            v = v + w * n / jnp.maximum(jnp.sqrt(jnp.mean(n * n)), _EPS)
     peak = jnp.sqrt(jnp.max(jnp.sum(v * v, axis=-1)))
     return v * (jnp.asarray(max_norm, jnp.float32) / jnp.maximum(peak, _EPS))
 
@@ -328,9 +348,20 @@ def _check_bank(bank) -> tuple[jnp.ndarray, jnp.ndarray]:
     return images.astype(jnp.float32), labels
 
 
+def _max_norms(key, max_norm) -> jnp.ndarray:
+    """The two images' velocity bounds: ``max_norm`` itself, or uniform draws in a range ``(low, high)``."""
+    if isinstance(max_norm, (tuple, list)):
+        if len(max_norm) != 2 or not 0 <= float(max_norm[0]) <= float(max_norm[1]):
+            raise ValueError(f"max_norm range must be (low, high) with 0 <= low <= high, got {max_norm!r}")
+        return jax.random.uniform(key, (2,), jnp.float32, float(max_norm[0]), float(max_norm[1]))
+    _check_nonneg(max_norm, "max_norm")
+    return jnp.full((2,), max_norm, jnp.float32)
+
+
 def make_training_pair(key, bank: dict, *, p_inter: float = 0.5, p_synth: float = 0.0,
                        synth_contrast: str = "shared", n_labels: int = 4, blur_sigma: float = 1.0,
-                       sigma: float = 8.0, max_norm: float = 4.0, steps: int = 7, augment: bool = True,
+                       sigma: float | tuple[float, ...] = 8.0, max_norm: float | tuple[float, float] = 4.0,
+                       steps: int = 7, augment: bool = True,
                        gamma: tuple[float, float] = (0.7, 1.4), bias_strength: float = 0.3,
                        bias_sigma: float = 16.0, noise_std: float = 0.02) -> dict:
     """Draw one random training pair from a bank.
@@ -357,7 +388,9 @@ def make_training_pair(key, bank: dict, *, p_inter: float = 0.5, p_synth: float 
         synth_contrast: ``"shared"`` or ``"independent"`` (static).
         n_labels: label count for the synthesis (static; 4 for the tissue labels 0-3).
         blur_sigma: synthesis blur in voxels (static).
-        sigma, max_norm, steps: training-family deformation (see :func:`random_diffeomorphism`).
+        sigma, max_norm, steps: training-family deformation (see :func:`random_diffeomorphism`);
+            ``max_norm`` may be a range ``(low, high)``, then each image's bound is drawn
+            uniformly in it.
         augment: whether to augment intensities (static).
         gamma, bias_strength, bias_sigma, noise_std: see :func:`augment_intensity`.
 
@@ -392,8 +425,9 @@ def make_training_pair(key, bank: dict, *, p_inter: float = 0.5, p_synth: float 
     else:
         s_m = s_f
     # Both images go through one vmapped pipeline (one trace: half the program to compile).
-    deform = functools.partial(random_diffeomorphism, shape=spatial, sigma=sigma, max_norm=max_norm, steps=steps)
-    u = jax.vmap(deform)(jnp.stack([k_fixed, k_moving]))
+    deform = functools.partial(random_diffeomorphism, shape=spatial, sigma=sigma, steps=steps)
+    u = jax.vmap(lambda k, bound: deform(k, max_norm=bound))(jnp.stack([k_fixed, k_moving]),
+                                                              _max_norms(jax.random.fold_in(key, 1), max_norm))
     pair, pair_labels = jax.vmap(warp_pair)(jnp.stack([images[s_f, i], images[s_m, i]]),
                                             jnp.stack([labels[s_f, i], labels[s_m, i]]), u)
     _check_probability(p_synth, "p_synth")

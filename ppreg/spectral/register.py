@@ -294,20 +294,21 @@ def register_result(fixed, moving, *, loss="ssd", secure=None, sampling=None, ma
                   for p in ("party1", "party2")}
         per_iteration = {p: nbytes[p]["online"] / max(its, 1) for p in nbytes}
     return flash_result(v0, alpha, its, fs, u, warped, final, options, secure=secure, time_s=time_s, nbytes=nbytes,
-                        per_iteration=per_iteration, pair=pair)
+                        per_iteration=per_iteration, matrix=pair.header_mat, fixed_affine=pair.w_fixed,
+                        moving_affine=pair.w_moving)
 
 
-def flash_result(v0, alpha, its, fs, u, warped, final, options, *, secure, time_s, nbytes, per_iteration, pair=None):
+def flash_result(v0, alpha, its, fs, u, warped, final, options, *, secure, time_s, nbytes, per_iteration,
+                 matrix=None, fixed_affine=None, moving_affine=None):
     """The ``FlashResult`` of a registration (in one process, :func:`register_result`, or party1's of
     three, :func:`ppreg.secure.protocols.flash.register_moving_flash`): ``options`` as :data:`DEFAULTS`;
     ``u`` the displacement :func:`register_flash` already shot (kept, so writing the outputs does not
-    shoot again); ``pair`` (:class:`ppreg.methods.Pair`, in one process) gives the header start and the
-    affines."""
+    shoot again); ``matrix`` the header start (fixed index -> moving index, or ``None``) and the two
+    voxel-to-world matrices."""
     from ..result import LevelReport
 
     shape = tuple(np.shape(warped))
-    frame = dict(matrix=None) if pair is None else dict(matrix=pair.header_mat, fixed_affine=pair.w_fixed,
-                                                        moving_affine=pair.w_moving)
+    frame = dict(matrix=matrix, fixed_affine=fixed_affine, moving_affine=moving_affine)
     return _result_class()(
         transform="flash", params=v0, **frame, center=None, spacing=None, warped=warped, final_loss=final,
         iterations=its, levels=(LevelReport(1, shape, its, int(np.prod(shape)), fs),), secure=secure,

@@ -425,7 +425,10 @@ def register_moving_flash(moving, session, *, max_iterations: int | None = None,
     evaluation). The final mean squared error is computed securely. Ends the session.
 
     Args:
-        moving: array or :class:`~ppreg.image.Image` on the fixed grid (2D or 3D).
+        moving: :class:`~ppreg.image.Image` (2D or 3D; on another grid than the fixed image's, it is
+            first resampled onto it through the two headers, as :func:`ppreg.methods.on_fixed_grid`
+            does in one process: party2's description gives its shape and affine), or an array on the
+            fixed grid.
         session: party1's :class:`~ppreg.secure.session.SecureSession` with remote peers.
         max_iterations: descent iterations (default 150); levels: must be ``(1,)``; sampling: ``None``.
         options: FLASH options (band_size, alpha, sigma, optimizer, ...:
@@ -435,12 +438,13 @@ def register_moving_flash(moving, session, *, max_iterations: int | None = None,
         ``(FlashResult, fixed_affine)``.
 
     Raises:
-        ValueError: bad image or options, another grid than the fixed image's.
+        ValueError: bad image or options, an array on another grid than the fixed image's.
     """
-    from ...grid import identity_grid
+    from ...image import Image
+    from ...methods import resample_onto, warp_from_start
     from ...options import as_array, scale_exponent
+    from ...space import index_matrix, reduce_affine, world_affine
     from ...spectral.register import DEFAULTS, flash_result, register_flash
-    from ...warp import warp
     from ..parties import _description
 
     if tuple(levels) != (1,) or sampling is not None:
@@ -448,20 +452,24 @@ def register_moving_flash(moving, session, *, max_iterations: int | None = None,
     moving_a = as_array(moving, "moving")
     own = scale_exponent(moving_a)
     info = _description(session, own, moving_a.ndim)
-    if tuple(info["shape"]) != moving_a.shape:
-        raise ValueError(f"flash needs the moving image on the fixed grid {tuple(info['shape'])}, got {moving_a.shape}")
+    shape, d = tuple(info["shape"]), moving_a.ndim
+    if not isinstance(moving, Image) and shape != moving_a.shape:
+        raise ValueError(f"a moving array has no header: it must be on the fixed grid {shape}, got {moving_a.shape}")
+    w_fixed = reduce_affine(info["affine"], d, "fixed")
+    w_moving = world_affine(moving, d, "moving") if isinstance(moving, Image) else w_fixed
+    moving_d, start = resample_onto(moving_a, index_matrix(np.eye(d + 1), w_fixed, w_moving), shape)
     scale = 2.0 ** max(own, info["exponent"])
     options = {**DEFAULTS, **options}
     before = session.channel.traffic.snapshot()["sent"]
-    v0, alpha, its, fs, u, _ = register_flash(None, moving_a, iterations=150 if max_iterations is None else
+    v0, alpha, its, fs, u, _ = register_flash(None, moving_d, iterations=150 if max_iterations is None else
                                               int(max_iterations), session=session, intensity_scale=scale, **options)
     after = session.channel.traffic.snapshot()["sent"]
     with session.timed("party1"):
-        warped = np.asarray(warp(moving_a, identity_grid(moving_a.shape) + u))
+        warped = np.asarray(warp_from_start(moving_a, start, jnp.asarray(u)))
     final = session.final_mse(warped, scale)
     session.end()
     per_iteration = {p: (after[p]["online"] - before[p]["online"]) / max(its, 1) for p in ("party1", "party2")}
     result = flash_result(v0, alpha, its, fs, u, warped, final, options, secure="mpc",
                           time_s={p: session.time[p] for p in ("party1", "party2")}, nbytes=session.bytes_report(),
-                          per_iteration=per_iteration)
+                          per_iteration=per_iteration, matrix=start, fixed_affine=w_fixed, moving_affine=w_moving)
     return result, info["affine"]
