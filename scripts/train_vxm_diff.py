@@ -13,7 +13,7 @@ then writes the shipped form (weights, config and log, no optimiser state).
 
 Usage (from the repository root; the shipped models)::
 
-    python scripts/train_vxm_diff.py --ndim 2 --steps 6000 --out runs/vxm2d --export ppreg/learned/models/vxm_diff_2d
+    python scripts/train_vxm_diff.py --ndim 2 --steps 9000 --lr-drop 8000 0.1 --out runs/vxm2d --export ppreg/learned/models/vxm_diff_2d
     python scripts/train_vxm_diff.py --ndim 3 --steps 1000 --checkpoint-every 50 --out runs/vxm3d --export ppreg/learned/models/vxm_diff_3d
 """
 
@@ -46,6 +46,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--lr-drop", nargs=2, action="append", default=None, metavar=("STEP", "FACTOR"),
+                   help="multiply the learning rate by FACTOR from optimiser step STEP on (repeatable)")
     p.add_argument("--lam", type=float, default=DEFAULT_LOSS.lam)
     p.add_argument("--image-sigma", type=float, default=DEFAULT_LOSS.image_sigma)
     p.add_argument("--image-loss", choices=("ssd", "lncc"), default=DEFAULT_LOSS.image_loss)
@@ -53,6 +55,8 @@ def main(argv=None) -> None:
                    help="training-family velocity smoothing in voxels; several values: a random mixture of scales")
     p.add_argument("--max-norm", type=float, nargs="+", default=None,
                    help="training-family velocity bound in voxels; two values: a range drawn per image")
+    p.add_argument("--crop", type=int, nargs="+", default=None,
+                   help="train on random crops of this shape (multiples of 16; default: 3D 64^3, 2D whole slices)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--export", type=Path, default=None, help="also write the shipped form (no optimiser state) here")
     args = p.parse_args(argv)
@@ -69,7 +73,8 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     result = train_vxm_diff(bank, ndim=args.ndim, steps=args.steps, batch_size=args.batch_size or BATCH[args.ndim],
                             seed=args.seed, out=args.out, loss_config=config, pair_options=pairs,
-                            crop=CROP[args.ndim], learning_rate=args.learning_rate,
+                            crop=tuple(args.crop) if args.crop else CROP[args.ndim], learning_rate=args.learning_rate,
+                            lr_drops={int(k): float(f) for k, f in args.lr_drop or ()},
                             checkpoint_every=args.checkpoint_every, data=data)
     if args.export is not None:
         saved = checkpoint.load(args.out)

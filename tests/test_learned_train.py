@@ -9,10 +9,11 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ppreg.learned import checkpoint
-from ppreg.learned.train import LOG_FILE, STATE_FILE, train
+from ppreg.learned.train import LOG_FILE, STATE_FILE, adam, train
 from ppreg.learned.vxm import LossConfig, VxmDiff, loss
 
 KWARGS = dict(ndim=2, encoder_features=(4, 8, 8), decoder_features=(8, 8))
@@ -68,6 +69,20 @@ def test_resume_continues_exactly(tmp_path):
     b = jax.tree_util.tree_leaves(checkpoint.load(tmp_path / "b").model)
     for x, y in zip(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def test_adam_rate_drop_keeps_adams_state_and_scales_later_steps():
+    params = {"w": jnp.arange(4.0)}
+    dropped, plain = adam(1e-2, {3: 0.1}), optax.adam(1e-2)
+    s_d, s_p = dropped.init(params), plain.init(params)
+    assert jax.tree_util.tree_structure(s_d) == jax.tree_util.tree_structure(s_p)  # resumes old train states
+    for step in range(6):
+        grads = {"w": jnp.sin(jnp.arange(4.0) + step)}
+        u_d, s_d = dropped.update(grads, s_d, params)
+        u_p, s_p = plain.update(grads, s_p, params)
+        np.testing.assert_allclose(u_d["w"], (1.0 if step < 3 else 0.1) * u_p["w"], rtol=1e-6)
+    with pytest.raises(ValueError, match="drops"):
+        adam(1e-2, {3: 0.0})
 
 
 def test_bad_arguments_are_refused(tmp_path):

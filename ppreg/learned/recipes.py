@@ -70,8 +70,8 @@ def pair_loss(model, key, pair: dict, *, config: LossConfig):
 def train_vxm_diff(bank: dict, *, ndim: int, steps: int, batch_size: int, seed: int = 0, out=None,
                    loss_config: LossConfig = DEFAULT_LOSS, model_kwargs: dict | None = None,
                    pair_options: dict | None = None, crop: tuple[int, ...] | None = None,
-                   learning_rate: float = 1e-3, checkpoint_every: int = 100, data: str = "",
-                   progress: bool = True, resume: bool = True) -> TrainResult:
+                   learning_rate: float = 1e-3, lr_drops: dict | None = None, checkpoint_every: int = 100,
+                   data: str = "", progress: bool = True, resume: bool = True) -> TrainResult:
     """Train a VoxelMorph-diff network on pairs synthesised from ``bank``.
 
     Args:
@@ -86,6 +86,7 @@ def train_vxm_diff(bank: dict, *, ndim: int, steps: int, batch_size: int, seed: 
         pair_options: keyword options of :func:`make_training_pair`.
         crop: train on random crops of this shape (sizes multiples of 16), or ``None``.
         learning_rate: Adam step.
+        lr_drops: ``{step: factor}`` rate drops (:func:`ppreg.learned.train.adam`).
         checkpoint_every: steps per jitted chunk.
         data: a description of the training data, stored in the checkpoint.
         progress, resume: see :func:`ppreg.learned.train.train`.
@@ -112,7 +113,8 @@ def train_vxm_diff(bank: dict, *, ndim: int, steps: int, batch_size: int, seed: 
     bank = {"images": jnp.asarray(bank["images"], jnp.float32), "labels": jnp.asarray(bank["labels"], jnp.int32)}
     return train(model, partial(sample_pair, crop=None if crop is None else tuple(crop), **pair_options),
                  partial(pair_loss, config=loss_config), bank, steps=steps, batch_size=batch_size, key=key_train,
-                 learning_rate=learning_rate, out=out, checkpoint_every=checkpoint_every, architecture=ARCHITECTURE,
+                 learning_rate=learning_rate, lr_drops=lr_drops, out=out, checkpoint_every=checkpoint_every,
+                 architecture=ARCHITECTURE,
                  kwargs=kwargs, training=training, resume=resume, progress=progress)
 
 

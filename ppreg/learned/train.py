@@ -111,8 +111,39 @@ def _load_log(out: Path) -> dict:
         raise checkpoint.CheckpointError(f"{path} is not valid JSON: {exc}") from None
 
 
+def adam(learning_rate: float, drops: dict | None = None) -> optax.GradientTransformation:
+    """Adam whose step is multiplied by ``drops[s]`` from optimiser step ``s`` on (piecewise constant).
+
+    The state is exactly ``optax.adam``'s (the rate is read from Adam's own step count), so a
+    checkpoint trained at a constant rate resumes into a schedule and the run equals one that had
+    the schedule from the start.
+
+    Args:
+        learning_rate: initial step.
+        drops: ``{step: factor}`` (factors compound, as ``optax.piecewise_constant_schedule``);
+            ``None`` or empty: constant.
+
+    Raises:
+        ValueError: a negative step or a non-positive factor.
+    """
+    drops = {int(k): float(v) for k, v in (drops or {}).items()}
+    if any(k < 0 or v <= 0 for k, v in drops.items()):
+        raise ValueError(f"learning-rate drops must be {{step >= 0: factor > 0}}, got {drops}")
+    if not drops:
+        return optax.adam(learning_rate)
+    schedule = optax.piecewise_constant_schedule(learning_rate, drops)
+    base = optax.adam(1.0)
+
+    def update(updates, state, params=None):
+        rate = schedule(state[0].count)  # updates applied so far
+        updates, state = base.update(updates, state, params)
+        return jax.tree.map(lambda u: rate * u, updates), state
+
+    return optax.GradientTransformation(base.init, update)
+
+
 def train(model: eqx.Module, sample_fn: Callable, loss_fn: Callable, data, *, steps: int, batch_size: int,
-          key, learning_rate: float = 1e-4, out=None, checkpoint_every: int = 100, architecture: str | None = None,
+          key, learning_rate: float = 1e-4, lr_drops: dict | None = None, out=None, checkpoint_every: int = 100, architecture: str | None = None,
           kwargs: dict | None = None, training: dict | None = None, resume: bool = True,
           progress: bool = True, scan: bool | None = None) -> TrainResult:
     """Train ``model`` by Adam on batches drawn on the device.
@@ -128,6 +159,7 @@ def train(model: eqx.Module, sample_fn: Callable, loss_fn: Callable, data, *, st
         batch_size: examples per step (sharded over devices when divisible by their count).
         key: PRNG key (fixes the data and the samples; same key, same run).
         learning_rate: Adam step (the paper: 1e-4).
+        lr_drops: ``{step: factor}`` multiplies the step from that optimiser step on (:func:`adam`).
         out: checkpoint folder (model, train state, log), written after every chunk; ``None``: none.
         checkpoint_every: steps per jitted chunk (and per checkpoint).
         architecture, kwargs: the registered architecture name and its constructor kwargs, needed
@@ -155,7 +187,7 @@ def train(model: eqx.Module, sample_fn: Callable, loss_fn: Callable, data, *, st
     if out is not None and architecture is None:
         raise ValueError("writing checkpoints (out=...) needs the architecture name and kwargs")
     start_time = time.perf_counter()
-    optimizer = optax.adam(learning_rate)
+    optimizer = adam(learning_rate, lr_drops)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     opt_state = optimizer.init(params)
     key = jax.random.key(key) if isinstance(key, int) else key
@@ -201,6 +233,8 @@ def train(model: eqx.Module, sample_fn: Callable, loss_fn: Callable, data, *, st
                 _write(out, eqx.combine(params, static), opt_state, key, step, log, architecture=architecture,
                        kwargs=kwargs, training={**(training or {}), "steps_done": step, "steps": steps,
                                                 "batch_size": batch_size, "learning_rate": learning_rate,
+                                                **({"lr_drops": {str(k): v for k, v in lr_drops.items()}}
+                                                   if lr_drops else {}),
                                                 "devices": 1 if mesh is None else mesh.size})
             bar.update(length)
             bar.set_postfix(loss=f"{values[-1]:.4g}")
