@@ -297,7 +297,10 @@ class NetworkChannel(Channel):
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{self.role}: the {ROLE_NAMES[peer]} did not welcome us within {self.timeout:g} s")
             if self._links[peer].lost:
-                raise PeerLostError(f"{self.role}: the {ROLE_NAMES[peer]} disconnected during the handshake")
+                # libzmq drops a connection whose frame is over the limit; the welcome queued before
+                # that frame can be lost with it, so the limit may be why even at this stage
+                raise PeerLostError(f"{self.role}: the {ROLE_NAMES[peer]} disconnected during the handshake (it "
+                                    f"exited, or sent a message over the {self.receive_limit(peer)}-byte limit)")
             self._pump(min(deadline, time.monotonic() + 0.1))
         doc = _parse_handshake(self._inbox[peer].popleft(), "welcome", f"{self.role}: the {ROLE_NAMES[peer]}")
         sid = _unhex(doc.get("session"))
