@@ -114,8 +114,7 @@ def train_vxm_diff(bank: dict, *, ndim: int, steps: int, batch_size: int, seed: 
     return train(model, partial(sample_pair, crop=None if crop is None else tuple(crop), **pair_options),
                  partial(pair_loss, config=loss_config), bank, steps=steps, batch_size=batch_size, key=key_train,
                  learning_rate=learning_rate, lr_drops=lr_drops, out=out, checkpoint_every=checkpoint_every,
-                 architecture=ARCHITECTURE,
-                 kwargs=kwargs, training=training, resume=resume, progress=progress)
+                 architecture=ARCHITECTURE, kwargs=kwargs, training=training, resume=resume, progress=progress)
 
 
 def bank_from_files(images: list, labels: list | None = None, *, multiple: int = 16) -> dict:

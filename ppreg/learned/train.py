@@ -143,9 +143,9 @@ def adam(learning_rate: float, drops: dict | None = None) -> optax.GradientTrans
 
 
 def train(model: eqx.Module, sample_fn: Callable, loss_fn: Callable, data, *, steps: int, batch_size: int,
-          key, learning_rate: float = 1e-4, lr_drops: dict | None = None, out=None, checkpoint_every: int = 100, architecture: str | None = None,
-          kwargs: dict | None = None, training: dict | None = None, resume: bool = True,
-          progress: bool = True, scan: bool | None = None) -> TrainResult:
+          key, learning_rate: float = 1e-4, lr_drops: dict | None = None, out=None, checkpoint_every: int = 100,
+          architecture: str | None = None, kwargs: dict | None = None, training: dict | None = None,
+          resume: bool = True, progress: bool = True, scan: bool | None = None) -> TrainResult:
     """Train ``model`` by Adam on batches drawn on the device.
 
     Args:
@@ -188,6 +188,7 @@ def train(model: eqx.Module, sample_fn: Callable, loss_fn: Callable, data, *, st
         raise ValueError("writing checkpoints (out=...) needs the architecture name and kwargs")
     start_time = time.perf_counter()
     optimizer = adam(learning_rate, lr_drops)
+    schedule = {"lr_drops": {str(k): float(v) for k, v in lr_drops.items()}} if lr_drops else {}
     params, static = eqx.partition(model, eqx.is_inexact_array)
     opt_state = optimizer.init(params)
     key = jax.random.key(key) if isinstance(key, int) else key
@@ -232,9 +233,7 @@ def train(model: eqx.Module, sample_fn: Callable, loss_fn: Callable, data, *, st
             if out is not None:
                 _write(out, eqx.combine(params, static), opt_state, key, step, log, architecture=architecture,
                        kwargs=kwargs, training={**(training or {}), "steps_done": step, "steps": steps,
-                                                "batch_size": batch_size, "learning_rate": learning_rate,
-                                                **({"lr_drops": {str(k): v for k, v in lr_drops.items()}}
-                                                   if lr_drops else {}),
+                                                "batch_size": batch_size, "learning_rate": learning_rate, **schedule,
                                                 "devices": 1 if mesh is None else mesh.size})
             bar.update(length)
             bar.set_postfix(loss=f"{values[-1]:.4g}")
