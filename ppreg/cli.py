@@ -122,7 +122,7 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="svf: ANTs-style half-way (symmetric) update (default: on for clear lncc, else off; "
                         "--no-symmetric: one-sided); with --secure mpc, two half velocities, one per party; "
-                        "dense: fit a half-way field (default off)")
+                        "dense: fit a half-way field (default: on for clear lncc with lbfgs, else off)")
     p.add_argument("--lncc-open", choices=("smoothed", "force"), default="smoothed",
                    help="--secure mpc svf: what each iteration opens to a party: its force smoothed by --fluid-sigma on "
                         "the shares (default) or the raw per-voxel force")

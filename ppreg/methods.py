@@ -174,8 +174,8 @@ def resolve_options(transform: str, loss: str, levels, options: dict) -> dict:
     o["step_size"] = DEFAULT_STEP.get(transform, 0.5) if o.get("step_size") is None else o["step_size"]
     o["regularization"] = (DEFAULT_REGULARIZATION.get(transform, 0.01) if o.get("regularization") is None
                            else o["regularization"])
-    if o.get("symmetric") is None:  # clear svf lncc: half-way by default (DESIGN.md item 33)
-        o["symmetric"] = default_symmetric(transform, loss, o.get("secure"))
+    if o.get("symmetric") is None:  # clear svf / dense (L-BFGS) lncc: half-way by default (DESIGN.md items 33, 38)
+        o["symmetric"] = default_symmetric(transform, loss, o.get("secure"), o["optimizer"])
     return o
 
 

@@ -37,6 +37,9 @@ SECURE = (None, "mpc", "ckks")
 # (0.77). Adam's step and sigma were tuned on the Colin27 case of bench/bench_svf.py (lncc, seed 0); the diffusion
 # weight 0.3 on the tuning seed 0 (against 0.1 / 1.0: the same mean Dice, lower mean and worst RMSE)
 DENSE_OPTIMIZER = "lbfgs"
+# dense with lncc: the half-way field by default with these optimisers (DESIGN.md item 38: the best worst family of
+# the tuning seeds, 0.955 against the one-sided 0.949; Adam's half-way form was not tuned and stays one-sided)
+DENSE_SYMMETRIC = ("lbfgs",)
 DENSE_ITERATIONS = {"lbfgs": (30, 20), "adam": (60, 40)}  # per level: every coarser level, the finest level
 DENSE_LEARNING_RATE = 0.1  # Adam step (level voxels)
 DENSE_DIFFUSION = 0.3  # diffusion weight (loss units per voxel^2 of gradient)
@@ -91,9 +94,14 @@ def unit_range(image):
     return (image - lo) / jnp.maximum(hi - lo, 1e-12)
 
 
-def default_symmetric(transform: str, loss: str, secure) -> bool:
-    """Default of ``symmetric``: True for clear svf with a loss of :data:`SVF_SYMMETRIC`, else False."""
-    return transform.split("+")[-1] == "svf" and loss in SVF_SYMMETRIC and secure is None
+def default_symmetric(transform: str, loss: str, secure, optimizer: str | None = None) -> bool:
+    """Default of ``symmetric``: True for clear svf with a loss of :data:`SVF_SYMMETRIC` (DESIGN.md item
+    33) and for clear dense with one of :data:`DENSE_SYMMETRIC` (the optimiser: ``None`` is
+    :data:`DENSE_OPTIMIZER`; item 38), else False."""
+    if secure is not None or loss not in SVF_SYMMETRIC:
+        return False
+    last = transform.split("+")[-1]
+    return last == "svf" or (last == "dense" and (optimizer or DENSE_OPTIMIZER) in DENSE_SYMMETRIC)
 
 
 def default_iterations(transform: str, levels, family: dict, optimizer: str | None = None):

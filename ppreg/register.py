@@ -114,13 +114,14 @@ def register(
             the L-BFGS change of variables ``u = u0 + G_sigma w``, or smooths each Adam gradient.
         symmetric: svf: ANTs-style half-way update (both images warped to the middle,
             ``fixed o exp(-v/2)`` vs ``moving o exp(v/2)``); see :func:`ppreg.optim.run_svf_level`.
-            Default (None): on for clear svf with lncc, off otherwise (:func:`ppreg.options.default_symmetric`;
-            chosen on the tuning cases of ``bench/bench_validation.py``, DESIGN.md item 33).
+            Default (None): on for clear svf and dense (L-BFGS) with lncc, off otherwise
+            (:func:`ppreg.options.default_symmetric`; chosen on the tuning cases of
+            ``bench/bench_validation.py``, DESIGN.md items 33 and 38).
             With ``secure="mpc"`` (lncc): SyN's two half velocities, one per party, each updated by
             its own force (:func:`ppreg.secure.protocols.lcc.run_svf_level`); ``params`` then stacks both.
             dense: fit a half-way field ``u`` (``fixed o (x - u)`` vs ``moving o (x + u)``; ``params``
             is still the fixed -> moving displacement, :func:`ppreg.optim.halfway_displacement`);
-            default off (DESIGN.md item 35).
+            default on with lncc and L-BFGS, off otherwise (DESIGN.md items 35, 38).
         lncc_open: ``secure="mpc"`` svf: what each iteration opens to a party, ``"smoothed"`` (default:
             its force smoothed by ``fluid_sigma`` on the shares) or ``"force"`` (the raw per-voxel force);
             see :mod:`ppreg.secure.protocols.lcc`.

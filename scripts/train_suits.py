@@ -12,12 +12,18 @@ Training writes resumable checkpoint folders (``--out`` and ``--out``-pretrain: 
 log); ``--export`` then writes the shipped forms (weights, config and log, no optimiser state) to
 ``EXPORT`` (stage 2) and ``EXPORT``_mind (stage 1).
 
-Usage (from the repository root; the shipped model: the stage-1 run of 700 steps, then Algorithm 1 with
-the defaults, lambda 1 and the feature warm-up of ``TRAIN_CONFIG``, for the steps recorded in its
-``config.json``)::
+``--init`` fine-tunes stage 2 from an exported model (fresh Adam state; ``--seed`` then only draws
+new pairs), ``--lr-drop`` lowers stage 2's rate from a step on.
 
-    nice -n 10 python scripts/train_suits.py --pretrain-steps 700 --steps 14000 --out runs/suits2d \\
-        --export ppreg/learned/models/suits_2d
+Usage (from the repository root). The shipped model: the stage-1 run of 700 steps, then Algorithm 1
+with the defaults, lambda 1 and the feature warm-up of ``TRAIN_CONFIG``, for 3000 steps; then 2400
+fine-tuning steps from those weights at seed 1 (its ``config.json`` records both, the earlier run
+under ``training.previous``)::
+
+    nice -n 10 python scripts/train_suits.py --pretrain-steps 700 --steps 3000 --out runs/suits2d \\
+        --export runs/suits2d_s0
+    nice -n 10 python scripts/train_suits.py --pretrain-steps 0 --steps 2400 --init runs/suits2d_s0 --seed 1 \\
+        --lr-drop 1800 0.1 --out runs/suits2d_ft --export ppreg/learned/models/suits_2d
 """
 
 from __future__ import annotations
@@ -60,6 +66,10 @@ def main(argv=None) -> None:
     p.add_argument("--iterations", type=int, default=TRAIN_CONFIG.iterations, help="k_back is drawn from 1..this")
     p.add_argument("--warmup", choices=WARMUPS, default=TRAIN_CONFIG.warmup,
                    help="what drives Algorithm 1's untracked steps (labels: as printed)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start stage 2 from this FeatCNN checkpoint (fine-tuning; needs --pretrain-steps 0)")
+    p.add_argument("--lr-drop", nargs=2, action="append", default=[], metavar=("STEP", "FACTOR"),
+                   help="multiply stage 2's learning rate by FACTOR from optimiser step STEP on (repeatable)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--export", type=Path, default=None, help="also write the shipped forms here (and here_mind)")
     args = p.parse_args(argv)
@@ -70,7 +80,8 @@ def main(argv=None) -> None:
     pre, result = train_suits(slice_bank("train"), pretrain_steps=args.pretrain_steps, steps=args.steps,
                               batch_size=args.batch_size, seed=args.seed, out=args.out, config=config,
                               pretrain_rate=args.pretrain_rate, learning_rate=args.learning_rate,
-                              pair_options=PAIRS, checkpoint_every=args.checkpoint_every, data=data)
+                              pair_options=PAIRS, checkpoint_every=args.checkpoint_every, data=data,
+                              init=args.init, lr_drops={int(k): float(f) for k, f in args.lr_drop} or None)
     if args.export is not None:
         export(args.out, args.export)
         if pre is not None:

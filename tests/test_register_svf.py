@@ -191,13 +191,19 @@ def test_cli_dense_round_trip(pair, tmp_path):
 
 
 def test_symmetric_default_per_loss_and_mode(pair):
-    """Clear svf with lncc is half-way by default, ssd one-sided, secure one-sided (DESIGN.md item 33)."""
+    """Clear svf with lncc is half-way by default, ssd one-sided, secure one-sided (DESIGN.md item 33);
+    clear dense with lncc too when L-BFGS runs it, not with Adam (item 38)."""
     from ppreg.cli import _parser
+    from ppreg.methods import resolve_options
     from ppreg.options import default_symmetric
 
     assert default_symmetric("svf", "lncc", None) and default_symmetric("affine+svf", "lncc", None)
-    assert not any(default_symmetric(t, lo, s) for t, lo, s in [("svf", "lncc", "mpc"), ("svf", "ssd", None),
-                                                                 ("dense", "lncc", None), ("bspline", "ssd", None)])
+    assert default_symmetric("dense", "lncc", None) and default_symmetric("affine+dense", "lncc", None, "lbfgs")
+    assert not any(default_symmetric(t, lo, s, op) for t, lo, s, op in [
+        ("svf", "lncc", "mpc", None), ("svf", "ssd", None, None), ("dense", "ssd", None, None),
+        ("dense", "lncc", None, "adam"), ("bspline", "ssd", None, None)])
+    assert resolve_options("dense", "lncc", LEVELS, {})["symmetric"]
+    assert not resolve_options("dense", "lncc", LEVELS, {"optimizer": "adam"})["symmetric"]
     opts = dict(transform="svf", loss="lncc", levels=LEVELS, max_iterations=40)  # compiled by the tests above
     default, half_way = register(pair[0], pair[1], **opts), register(pair[0], pair[1], symmetric=True, **opts)
     np.testing.assert_array_equal(default.params, half_way.params)

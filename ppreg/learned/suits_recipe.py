@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import checkpoint
 from .featcnn import FeatCNN
 from .recipes import random_crop
 from .suits import SuitsConfig, mind_replicator_loss, suits_loss
@@ -101,7 +102,8 @@ def train_suits(bank: dict, *, pretrain_steps: int, steps: int, batch_size: int 
                 config: SuitsConfig = TRAIN_CONFIG, model_kwargs: dict | None = None, crop=None,
                 pretrain_rate: float = 1e-3, learning_rate: float = 1e-4, n_labels: int = 4,
                 pair_options: dict | None = None, checkpoint_every: int = 25, data: str = "",
-                progress: bool = True, resume: bool = True) -> tuple[TrainResult | None, TrainResult]:
+                progress: bool = True, resume: bool = True, init=None,
+                lr_drops: dict | None = None) -> tuple[TrainResult | None, TrainResult]:
     """Train a 2D FeatCNN: MIND-SSC replicator pre-training, then SUITS Algorithm 1.
 
     Args:
@@ -121,12 +123,17 @@ def train_suits(bank: dict, *, pretrain_steps: int, steps: int, batch_size: int 
         checkpoint_every: steps per checkpoint.
         data: description of the training data stored in the checkpoint.
         progress, resume: see :func:`ppreg.learned.train.train`.
+        init: a FeatCNN checkpoint folder whose weights start stage 2 (fine-tuning, fresh Adam state;
+            needs ``pretrain_steps=0`` and its kwargs equal to ``model_kwargs``), or ``None``.
+        lr_drops: ``{step: factor}`` rate drops of stage 2 (:func:`ppreg.learned.train.adam`).
 
     Returns:
         ``(pretrain_result or None, suits_result)`` (:class:`ppreg.learned.train.TrainResult`).
 
     Raises:
-        ValueError: a bank that is not 2D/3D slices of sizes divisible by 4, bad counts.
+        ValueError: a bank that is not 2D/3D slices of sizes divisible by 4, bad counts, an ``init``
+            with pre-training or of another architecture or kwargs.
+        ppreg.learned.checkpoint.CheckpointError: an unreadable ``init``.
     """
     kwargs = dict(MODEL_KWARGS if model_kwargs is None else model_kwargs)
     shape = np.shape(bank["images"])
@@ -138,13 +145,16 @@ def train_suits(bank: dict, *, pretrain_steps: int, steps: int, batch_size: int 
     if pretrain_steps < 0 or steps < 1:
         raise ValueError(f"need pretrain_steps >= 0 and steps >= 1, got {pretrain_steps}, {steps}")
     key_model, key_pre, key_train = jax.random.split(jax.random.key(seed), 3)
-    model = FeatCNN(**kwargs, key=key_model)
+    model, start = (FeatCNN(**kwargs, key=key_model), None) if init is None else _init_model(init, kwargs,
+                                                                                            pretrain_steps)
     options = dict(pair_options or {}, n_labels=n_labels, crop=None if crop is None else tuple(crop))
     sample = partial(sample_multimodal_pair, **options)
     bank = {"images": jnp.asarray(bank["images"], jnp.float32), "labels": jnp.asarray(bank["labels"], jnp.int32)}
     training = {"data": data, "seed": seed, "pairs": {k: list(v) if isinstance(v, tuple) else v
                                                       for k, v in options.items()},
                 "bank_shape": list(shape), "script": "ppreg.learned.suits_recipe.train_suits"}
+    if start is not None:
+        training["init"] = start
     out = None if out is None else Path(out)
     pre = None
     if pretrain_steps:
@@ -154,12 +164,25 @@ def train_suits(bank: dict, *, pretrain_steps: int, steps: int, batch_size: int 
                     training={**training, "stage": "mind-replicator"}, resume=resume, progress=progress)
         model = pre.model
     result = train(model, sample, partial(_suits_loss, config=config), bank, steps=steps, batch_size=batch_size,
-                   key=key_train, learning_rate=learning_rate, out=out, checkpoint_every=checkpoint_every,
+                   key=key_train, learning_rate=learning_rate, lr_drops=lr_drops, out=out,
+                   checkpoint_every=checkpoint_every,
                    architecture=ARCHITECTURE, kwargs=kwargs,
                    training={**training, "stage": "suits-algorithm-1", "suits": dataclasses.asdict(config),
                              "pretrain_steps": pretrain_steps, "pretrain_rate": pretrain_rate},
                    resume=resume, progress=progress)
     return pre, result
+
+
+def _init_model(init, kwargs: dict, pretrain_steps: int) -> tuple[FeatCNN, dict]:
+    """The FeatCNN of checkpoint ``init``, checked against the run's ``kwargs``, and its record for the
+    training config (path and weights' sha256)."""
+    saved = checkpoint.load(init)
+    if pretrain_steps:
+        raise ValueError("a run from init weights starts at stage 2: pretrain_steps must be 0")
+    if saved.config["architecture"] != ARCHITECTURE or saved.config["kwargs"] != kwargs:
+        raise ValueError(f"init {init} is {saved.config['architecture']} {saved.config['kwargs']}, "
+                         f"not {ARCHITECTURE} {kwargs}")
+    return saved.model, {"path": str(init), "weights_sha256": saved.config["weights_sha256"]}
 
 
 def pretrain_path(out) -> Path:
