@@ -112,9 +112,8 @@ def test_train_suits_from_init_weights(tiny_model, tmp_path):
     start = checkpoint.load(tiny_model)
     _, result = train_suits(bank, pretrain_steps=0, steps=1, batch_size=2, out=tmp_path / "ft", init=tiny_model,
                             learning_rate=0.0, n_labels=n_labels, progress=False)
-    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), jax.tree_util.tree_leaves(start.model),
-                                  jax.tree_util.tree_leaves(result.model))
-    assert all(same) and np.isfinite(result.losses).all()
+    leaves = zip(jax.tree_util.tree_leaves(start.model), jax.tree_util.tree_leaves(result.model))
+    assert all(np.array_equal(a, b) for a, b in leaves) and np.isfinite(result.losses).all()
     record = checkpoint.load(tmp_path / "ft").config["training"]["init"]
     assert record == {"path": str(tiny_model), "weights_sha256": start.config["weights_sha256"]}
     with pytest.raises(ValueError, match="pretrain_steps must be 0"):

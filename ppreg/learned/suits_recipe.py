@@ -145,8 +145,10 @@ def train_suits(bank: dict, *, pretrain_steps: int, steps: int, batch_size: int 
     if pretrain_steps < 0 or steps < 1:
         raise ValueError(f"need pretrain_steps >= 0 and steps >= 1, got {pretrain_steps}, {steps}")
     key_model, key_pre, key_train = jax.random.split(jax.random.key(seed), 3)
-    model, start = (FeatCNN(**kwargs, key=key_model), None) if init is None else _init_model(init, kwargs,
-                                                                                            pretrain_steps)
+    if init is None:
+        model, start = FeatCNN(**kwargs, key=key_model), None
+    else:
+        model, start = _init_model(init, kwargs, pretrain_steps)
     options = dict(pair_options or {}, n_labels=n_labels, crop=None if crop is None else tuple(crop))
     sample = partial(sample_multimodal_pair, **options)
     bank = {"images": jnp.asarray(bank["images"], jnp.float32), "labels": jnp.asarray(bank["labels"], jnp.int32)}
@@ -165,8 +167,7 @@ def train_suits(bank: dict, *, pretrain_steps: int, steps: int, batch_size: int 
         model = pre.model
     result = train(model, sample, partial(_suits_loss, config=config), bank, steps=steps, batch_size=batch_size,
                    key=key_train, learning_rate=learning_rate, lr_drops=lr_drops, out=out,
-                   checkpoint_every=checkpoint_every,
-                   architecture=ARCHITECTURE, kwargs=kwargs,
+                   checkpoint_every=checkpoint_every, architecture=ARCHITECTURE, kwargs=kwargs,
                    training={**training, "stage": "suits-algorithm-1", "suits": dataclasses.asdict(config),
                              "pretrain_steps": pretrain_steps, "pretrain_rate": pretrain_rate},
                    resume=resume, progress=progress)
@@ -176,9 +177,9 @@ def train_suits(bank: dict, *, pretrain_steps: int, steps: int, batch_size: int 
 def _init_model(init, kwargs: dict, pretrain_steps: int) -> tuple[FeatCNN, dict]:
     """The FeatCNN of checkpoint ``init``, checked against the run's ``kwargs``, and its record for the
     training config (path and weights' sha256)."""
-    saved = checkpoint.load(init)
     if pretrain_steps:
         raise ValueError("a run from init weights starts at stage 2: pretrain_steps must be 0")
+    saved = checkpoint.load(init)
     if saved.config["architecture"] != ARCHITECTURE or saved.config["kwargs"] != kwargs:
         raise ValueError(f"init {init} is {saved.config['architecture']} {saved.config['kwargs']}, "
                          f"not {ARCHITECTURE} {kwargs}")
