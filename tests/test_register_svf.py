@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ppreg.grid import identity_grid, level_shape, smooth_field, upsample_field
+from ppreg.losses import lncc
 from ppreg.metrics import field_rmse, folding
 from ppreg.options import SVF_STEPS
 from ppreg import optim
@@ -151,6 +152,19 @@ def test_dense_recovers_known_deformation(pair, optimizer, bound):
     assert _interior_error(r.displacement(), u_true) < bound
     assert all(lv.losses[-1] < lv.losses[0] for lv in r.levels)
     assert folding(r.displacement())["voxels"] == 0
+
+
+def test_dense_lbfgs_reports_the_mean_objective(pair):
+    """L-BFGS minimises the objective summed over voxels (DESIGN.md item 40), but a level's losses stay
+    the mean objective of :func:`ppreg.optim.dense_objective`, and the level lowers it."""
+    fixed, moving, _ = (jnp.asarray(x) for x in pair)
+    terms = dict(loss_fn=lncc, regularization=0.3, symmetric=True)
+    u0 = jnp.zeros(SHAPE + (2,), jnp.float32)
+    u, losses = optim.run_dense_level(u0, moving, fixed, iterations=4, optimizer="lbfgs", learning_rate=0.1,
+                                      sigma=3.0, **terms)
+    start = float(optim.dense_objective(u0, moving, fixed, **terms))
+    assert float(losses[0]) == pytest.approx(start, rel=1e-5)
+    assert float(optim.dense_objective(u, moving, fixed, **terms)) < float(losses[-1]) < start
 
 
 def test_dense_symmetric_is_inverse_consistent(pair):

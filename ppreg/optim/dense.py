@@ -59,7 +59,8 @@ def run_dense_level(u, moving, fixed, *, loss_fn, iterations, optimizer, learnin
     Sobolev-like preconditioner, as the fluid smoothing of demons); ``learning_rate`` is about
     the largest step per voxel per iteration (voxels). ``optimizer="lbfgs"``: optax's L-BFGS
     with its zoom line search on ``w``, with ``u = u0 + G_sigma w`` (a change of variables, so
-    the line search sees the exact objective and gradient; ``learning_rate`` unused). Each
+    the line search sees the exact objective and gradient; the objective is summed over voxels, so that
+    the first step has a useful size; ``learning_rate`` unused). Each
     L-BFGS iteration evaluates the objective once or more (line search): slower per iteration,
     more accurate per iteration (``bench/bench_svf.py --dense``).
 
@@ -73,7 +74,7 @@ def run_dense_level(u, moving, fixed, *, loss_fn, iterations, optimizer, learnin
             middle, as in ANTs SyN, and swapping them negates ``u``.
 
     Returns:
-        ``(u, losses (iterations,))``: the objective before each step.
+        ``(u, losses (iterations,))``: the objective (the mean over voxels) before each step.
 
     Source: Kingma & Ba 2015 (Adam); Nocedal & Wright 2006, Alg. 7.5 (L-BFGS), as in optax.
     The diffusion term is Eq. 4 of Blendowski et al. 2020 (:func:`ppreg.regularizers.diffusion`);
@@ -91,8 +92,11 @@ def run_dense_level(u, moving, fixed, *, loss_fn, iterations, optimizer, learnin
             return optax.apply_updates(u, updates), opt_state, losses.at[i].set(value)
     else:  # L-BFGS on w with u = u0 + G_sigma w: the smoothing is a change of variables, so the line search sees
         # the exact objective and gradient
-        u0 = u
-        smoothed = lambda w: objective(u0 + smooth_field(w, sigma))  # noqa: E731
+        # L-BFGS sees the objective summed over voxels, not averaged: its first step is the raw gradient
+        # with step 1, the mean's is ~1/N of a useful step, and optax's zoom line search then spent 11-20
+        # evaluations on each of the first iterations (86 in 20 instead of 28; DESIGN.md item 40)
+        u0, voxels = u, float(fixed.size)
+        smoothed = lambda w: voxels * objective(u0 + smooth_field(w, sigma))  # noqa: E731
         opt = optax.lbfgs()
         value_and_grad = optax.value_and_grad_from_state(smoothed)
 
@@ -104,7 +108,7 @@ def run_dense_level(u, moving, fixed, *, loss_fn, iterations, optimizer, learnin
 
         w = jnp.zeros_like(u)
         w, _, losses = jax.lax.fori_loop(0, iterations, body, (w, opt.init(w), jnp.zeros((iterations,), jnp.float32)))
-        return u0 + smooth_field(w, sigma), losses
+        return u0 + smooth_field(w, sigma), losses / voxels
 
     init = (u, opt.init(u), jnp.zeros((iterations,), jnp.float32))
     u, _, losses = jax.lax.fori_loop(0, iterations, body, init)
