@@ -63,7 +63,7 @@ def sessions(tmp_path_factory):
         save(fixed, work / "fixed.nii.gz")
         save(runs[case]["moving"], work / "moving.nii.gz")
         commands = party_commands(work, work / "fixed.nii.gz", work / "moving.nii.gz", work / "out", _args(options),
-                                  timeout=60)
+                                  timeout=120)  # beside the other pytest-xdist worker on 2 cores
         for name in commands:  # each process's audit log (ppreg.secure.audit)
             commands[name] += ["--audit", str(work / f"{name}_audit.jsonl")]
         if case == "bspline":  # party2 and the dealer opt in: their default refuses the B-spline (issue 13)
