@@ -10,7 +10,7 @@ image term (``1 + lncc``, lower is better), the KL term and the mean |mu| (half-
 first pair. A recipe that can learn should drive the image term down on pairs it sees over and over.
 
 Usage: python bench/bench_vxm_overfit.py --ndim {2,3} [--pairs 4] [--steps 200] [--max-norm 12]
-       [--out bench/results/bench_vxm_overfit_3d.json]
+       [--encoder-features 16 32 32 32 32 --decoder-features 32 32 32 32] [--out bench/results/bench_vxm_overfit_3d.json]
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from ppreg.learned.vxm import VxmDiff  # noqa: E402
 CROP = {2: None, 3: (48, 48, 48)}
 
 
-def run(ndim: int, pairs: int, steps: int, max_norm: float) -> list[dict]:
+def run(ndim: int, pairs: int, steps: int, max_norm: float, model_kwargs: dict) -> list[dict]:
     """Rows of ``{"step", "image", "kl", "mu_abs", "seconds"}``, one per tenth of ``steps``."""
     bank = volume_bank("train") if ndim == 3 else slice_bank("train")
     bank = {"images": jnp.asarray(bank["images"], jnp.float32), "labels": jnp.asarray(bank["labels"], jnp.int32)}
     options = dict(p_inter=0.0, p_synth=0.0, max_norm=max_norm)
     fixed_pairs = [sample_pair(jax.random.key(100 + i), bank, crop=CROP[ndim], **options) for i in range(pairs)]
-    model = VxmDiff(**MODEL_KWARGS[ndim], key=jax.random.key(0))
+    model = VxmDiff(**model_kwargs, key=jax.random.key(0))
     optimizer = optax.adam(1e-3)
     state = optimizer.init(eqx.filter(model, eqx.is_array))
 
@@ -73,12 +73,19 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--max-norm", type=float, default=12.0)
+    ap.add_argument("--encoder-features", type=int, nargs="+", default=None, help="default: the shipped widths")
+    ap.add_argument("--decoder-features", type=int, nargs="+", default=None, help="default: the shipped widths")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/bench_vxm_overfit_{ndim}d.json)")
     args = ap.parse_args()
     print_header(["step", "image term (block mean)", "KL", "mean |mu| (pair 0)", "seconds"])
-    rows = run(args.ndim, args.pairs, args.steps, args.max_norm)
+    kwargs = dict(MODEL_KWARGS[args.ndim])
+    for name in ("encoder_features", "decoder_features"):
+        if getattr(args, name) is not None:
+            kwargs[name] = tuple(getattr(args, name))
+    rows = run(args.ndim, args.pairs, args.steps, args.max_norm, kwargs)
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"bench_vxm_overfit_{args.ndim}d.json")
-    write_results(out, {"rows": rows}, ndim=args.ndim, pairs=args.pairs, steps=args.steps, max_norm=args.max_norm)
+    write_results(out, {"rows": rows}, ndim=args.ndim, pairs=args.pairs, steps=args.steps, max_norm=args.max_norm,
+                  model_kwargs={k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()})
 
 
 if __name__ == "__main__":
