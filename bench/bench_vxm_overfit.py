@@ -10,12 +10,14 @@ image term (``1 + lncc``, lower is better), the KL term and the mean |mu| (half-
 first pair. A recipe that can learn should drive the image term down on pairs it sees over and over.
 
 Usage: python bench/bench_vxm_overfit.py --ndim {2,3} [--pairs 4] [--steps 200] [--max-norm 12]
-       [--encoder-features 16 32 32 32 32 --decoder-features 32 32 32 32] [--out bench/results/bench_vxm_overfit_3d.json]
+       [--encoder-features 16 32 32 32 32 --decoder-features 32 32 32 32] [--lncc-window 9]
+       [--out bench/results/bench_vxm_overfit_3d.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -36,7 +38,7 @@ from ppreg.learned.vxm import VxmDiff  # noqa: E402
 CROP = {2: None, 3: (48, 48, 48)}
 
 
-def run(ndim: int, pairs: int, steps: int, max_norm: float, model_kwargs: dict) -> list[dict]:
+def run(ndim: int, pairs: int, steps: int, max_norm: float, model_kwargs: dict, config=DEFAULT_LOSS) -> list[dict]:
     """Rows of ``{"step", "image", "kl", "mu_abs", "seconds"}``, one per tenth of ``steps``."""
     bank = volume_bank("train") if ndim == 3 else slice_bank("train")
     bank = {"images": jnp.asarray(bank["images"], jnp.float32), "labels": jnp.asarray(bank["labels"], jnp.int32)}
@@ -49,7 +51,7 @@ def run(ndim: int, pairs: int, steps: int, max_norm: float, model_kwargs: dict) 
     @eqx.filter_jit
     def step(model, state, key, pair):
         (_, terms), grad = eqx.filter_value_and_grad(
-            lambda m: pair_loss(m, key, pair, config=DEFAULT_LOSS), has_aux=True)(model)
+            lambda m: pair_loss(m, key, pair, config=config), has_aux=True)(model)
         updates, state = optimizer.update(grad, state, eqx.filter(model, eqx.is_array))
         return eqx.apply_updates(model, updates), state, terms
 
@@ -75,6 +77,7 @@ def main() -> None:
     ap.add_argument("--max-norm", type=float, default=12.0)
     ap.add_argument("--encoder-features", type=int, nargs="+", default=None, help="default: the shipped widths")
     ap.add_argument("--decoder-features", type=int, nargs="+", default=None, help="default: the shipped widths")
+    ap.add_argument("--lncc-window", type=int, default=DEFAULT_LOSS.lncc_window)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/bench_vxm_overfit_{ndim}d.json)")
     args = ap.parse_args()
     print_header(["step", "image term (block mean)", "KL", "mean |mu| (pair 0)", "seconds"])
@@ -82,9 +85,11 @@ def main() -> None:
     for name in ("encoder_features", "decoder_features"):
         if getattr(args, name) is not None:
             kwargs[name] = tuple(getattr(args, name))
-    rows = run(args.ndim, args.pairs, args.steps, args.max_norm, kwargs)
+    config = dataclasses.replace(DEFAULT_LOSS, lncc_window=args.lncc_window)
+    rows = run(args.ndim, args.pairs, args.steps, args.max_norm, kwargs, config)
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"bench_vxm_overfit_{args.ndim}d.json")
     write_results(out, {"rows": rows}, ndim=args.ndim, pairs=args.pairs, steps=args.steps, max_norm=args.max_norm,
+                  lncc_window=args.lncc_window,
                   model_kwargs={k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()})
 
 
