@@ -24,6 +24,9 @@ its warp by the true field ``u_true``, so ``moving(x + u_true(x)) = fixed(x)``.
 - ``MNI152 3D``: the held-out subject (``volume_bank("test")``) deformed by 3 fields; Dice on its
   reference tissue classes.
 - ``inter-subject 3D``: the real pair of ``volume_bank()``, moving Colin27, fixed MNI152; tissue Dice.
+- ``--validation``: instead of those, the training subject Colin27 under 3 held-out B-spline fields
+  of their own seeds (tissue Dice): the 3D bank has no third subject, so this checks a 3D model (or
+  its training length) without touching MNI152.
 
 Scores per pair: mean Dice of the fixed labels and the moving labels warped by the predicted
 field (nearest neighbour); RMSE of the predicted displacement against ``u_true`` inside the brain
@@ -92,7 +95,7 @@ import peer_voxelmorph as peer
 from common import fmt, print_header, write_results
 
 SAMPLES = 16  # vxm-diff posterior samples for the uncertainty
-SEEDS = {"test slices": 1200, "ITK PD slice": 1300, "MNI152 3D": 1400}  # per family; + case index
+SEEDS = {"test slices": 1200, "ITK PD slice": 1300, "MNI152 3D": 1400, "validation Colin27 3D": 1500}  # + case
 PD_CASES = 3
 MNI_CASES = 3
 PD_MASK = 0.05  # RMSE mask of the PD slice: fixed image > this (image in [0, 1])
@@ -162,6 +165,15 @@ def mni152_volume_cases():
                              bank["reference_tissue"], spacing=2.0)
 
 
+def colin27_validation_cases():
+    """3D validation: the training subject (Colin27) under held-out B-spline fields of their own seeds."""
+    bank = volume_bank("train")
+    for j in range(MNI_CASES):
+        key = jax.random.key(SEEDS["validation Colin27 3D"] + j)
+        yield synthetic_case("validation Colin27 3D", f"Colin27 field {j}", key, bank["images"][0, 0],
+                             bank["labels"][0, 0], bank["labels"][0, 0], spacing=2.0)
+
+
 def inter_subject_volume_cases():
     """The real 3D pair: moving Colin27, fixed MNI152, tissue labels."""
     bank = volume_bank(None)
@@ -171,6 +183,7 @@ def inter_subject_volume_cases():
 
 FAMILIES = {2: (test_slice_cases, pd_slice_cases, inter_subject_slice_cases),
             3: (mni152_volume_cases, inter_subject_volume_cases)}
+VALIDATION = {2: (partial(test_slice_cases, "validation"),), 3: (colin27_validation_cases,)}
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -480,13 +493,12 @@ def parse_args(argv=None):
                     help="the peer's lambda (default: 1 with NCC, 0.01 with MSE)")
     ap.add_argument("--no-timing", action="store_true", help="skip the inference-time table")
     ap.add_argument("--validation", action="store_true",
-                    help="2D: score only the validation slices (for choosing a model; never the test cases)")
+                    help="score only the validation cases (for choosing a model; never the test cases): 2D the "
+                         "validation slices, 3D the training subject under held-out fields")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/bench_learned_{ndim}d.json)")
     args = ap.parse_args(argv)
     args.peers = (args.ndim == 2) if args.peers is None else args.peers
     args.peer_variants = [int(v) for v in args.peer_variants.split(",") if v.strip()]
-    if args.validation and args.ndim != 2:
-        ap.error("--validation is 2D only (the 3D bank has no validation subject)")
     args.out = args.out or f"bench/results/bench_learned_{args.ndim}d{'_validation' if args.validation else ''}.json"
     return args
 
@@ -514,7 +526,7 @@ def main(argv=None):
         print(f"NOTE: {note}", flush=True)
 
     rows = []
-    families = (partial(test_slice_cases, "validation"),) if args.validation else FAMILIES[args.ndim]
+    families = VALIDATION[args.ndim] if args.validation else FAMILIES[args.ndim]
     for family_cases in families:
         for n, case in enumerate(family_cases()):
             if args.cases is not None and n >= args.cases:
