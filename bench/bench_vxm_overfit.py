@@ -36,22 +36,21 @@ from common import print_header, write_results  # noqa: E402
 
 from ppreg.learned.data import slice_bank, volume_bank  # noqa: E402
 from ppreg.learned.recipes import DEFAULT_LOSS, MODEL_KWARGS, pair_loss, sample_pair  # noqa: E402
-from ppreg.learned.vxm import VxmDiff, integrate  # noqa: E402
-from ppreg.grid import identity_grid  # noqa: E402
+from ppreg.learned.vxm import VxmDiff, predict  # noqa: E402
 from ppreg.metrics import mean_dice  # noqa: E402
-from ppreg.warp import interpolate_nearest  # noqa: E402
+from bench_learned import warp_labels  # noqa: E402
 
 CROP = {2: None, 3: (48, 48, 48)}
 
 
-def pair_dice(model, pairs: list[dict] | None = None, fields: list | None = None) -> float:
-    """Mean tissue Dice (labels 1-3) of the moving labels warped by ``exp(mu)`` (or by ``fields``)."""
+def pair_dice(pairs: list[dict], model=None) -> float:
+    """Mean tissue Dice (labels 1-3) of the moving labels warped by ``exp(mu)`` (the identity without a model)."""
     out = []
-    for i, pair in enumerate(pairs):
-        u = fields[i] if fields is not None else integrate(model(pair["fixed"], pair["moving"])[0],
-                                                           pair["fixed"].shape, steps=model.int_steps)
-        warped = interpolate_nearest(pair["moving_labels"], identity_grid(pair["fixed"].shape) + u)
-        out.append(mean_dice(np.asarray(pair["fixed_labels"]), np.asarray(warped), labels=[1, 2, 3]))
+    for pair in pairs:
+        u = (jnp.zeros(pair["fixed"].shape + (pair["fixed"].ndim,)) if model is None
+             else predict(model, pair["fixed"], pair["moving"])["displacement"])
+        warped = warp_labels(pair["moving_labels"], u)
+        out.append(mean_dice(np.asarray(pair["fixed_labels"]), warped, labels=[1, 2, 3]))
     return float(np.mean(out))
 
 
@@ -73,8 +72,7 @@ def run(ndim: int, pairs: int, steps: int, max_norm: float, model_kwargs: dict, 
         updates, state = optimizer.update(grad, state, eqx.filter(model, eqx.is_array))
         return eqx.apply_updates(model, updates), state, terms
 
-    zero = [jnp.zeros(p["fixed"].shape + (ndim,), jnp.float32) for p in fixed_pairs]
-    print(f"identity: tissue Dice {pair_dice(None, fixed_pairs, zero):.4f}", flush=True)
+    print(f"identity: tissue Dice {pair_dice(fixed_pairs):.4f}", flush=True)
     block, rows, images, start = max(1, steps // 10), [], [], time.perf_counter()
     for s in range(steps):
         model, state, terms = step(model, state, jax.random.key(s), fixed_pairs[s % pairs])
@@ -82,7 +80,7 @@ def run(ndim: int, pairs: int, steps: int, max_norm: float, model_kwargs: dict, 
         if (s + 1) % block == 0:
             mu, _ = model(fixed_pairs[0]["fixed"], fixed_pairs[0]["moving"])
             rows.append({"step": s + 1, "image": float(np.mean(images[-block:])), "kl": float(terms["kl"]),
-                         "mu_abs": float(jnp.mean(jnp.abs(mu))), "dice": pair_dice(model, fixed_pairs),
+                         "mu_abs": float(jnp.mean(jnp.abs(mu))), "dice": pair_dice(fixed_pairs, model),
                          "seconds": time.perf_counter() - start})
             r = rows[-1]
             print(f"{r['step']} | {r['image']:.4f} | {r['kl']:.3f} | {r['mu_abs']:.3f} | {r['dice']:.4f} | {r['seconds']:.0f}",
