@@ -2,7 +2,7 @@
 
 Finding 2: in the earlier packed protocol party2 held the key that encrypted ``J`` and returned
 ``forms(c1 s) + 2^16`` noise for any ``c1`` party1 sent, so one query of crafted ``c1`` (sums of
-``3^t 2^17 x^j``) read the whole key, which decrypts ``J``. ``_earlier_party2_forms`` below is that
+``3^t 2^18 x^j``) read the whole key, which decrypts ``J``. ``_earlier_party2_forms`` below is that
 oracle (as ``PackedParty2.respond`` computed it at commit 27d37dc); the attack recovers the key from
 it in one query, and the packed protocol now refuses the query and holds no key at all. Finding 4:
 statistical masks are 2^STATISTICAL_SECURITY_BITS (>= 40) times the bound of what they hide, come
@@ -21,8 +21,8 @@ from ppreg.secure.net.channel import InProcessChannel, ProtocolError  # noqa: E4
 from ppreg.secure.ckks.packed import PackedParty1, PackedParty2, _Seal, pack_ciphertexts  # noqa: E402
 from ppreg.secure.ckks.session import CkksSession  # noqa: E402
 
-DIGITS = 26  # balanced ternary digits of the key per returned number: 2^17 (3^26 - 1) / 2 < q0 / 2
-STEP = 2**17  # above the earlier 2^16 flooding
+DIGITS = 26  # balanced ternary digits of the key per returned number: 2^18 (3^26 - 1) / 2 < q0 / 2
+STEP = 2**18  # twice the earlier 2^16 flood's bound: every flood value, both ends included, rounds away
 
 
 def _setup(channel=None, **kw):
@@ -35,8 +35,8 @@ def _setup(channel=None, **kw):
 
 
 def _key_reading_polys(seal: _Seal, level) -> np.ndarray:
-    """NTT forms at ``q0`` of ``c1 = sum_t 3^t 2^17 x^(N - j_t)``, 26 key coefficients per polynomial:
-    the constant coefficient of ``c1 s`` is ``-sum_t 3^t 2^17 s_(j_t)`` (``+s_0`` for ``j = 0``)."""
+    """NTT forms at ``q0`` of ``c1 = sum_t 3^t 2^18 x^(N - j_t)``, 26 key coefficients per polynomial:
+    the constant coefficient of ``c1 s`` is ``-sum_t 3^t 2^18 s_(j_t)`` (``+s_0`` for ``j = 0``)."""
     n = seal.n
     polys = []
     for first in range(0, n, DIGITS):
@@ -53,7 +53,7 @@ def _read_key(forms: np.ndarray, q0: int, n: int) -> np.ndarray:
     for i, value in enumerate(forms):
         v = int(value) % q0
         v = v - q0 if v > q0 // 2 else v
-        v = round(v / STEP)
+        v = (v + STEP // 2) // STEP  # exact integer rounding: a float loses the low bits of a 58-bit v
         for t in range(min(DIGITS, n - i * DIGITS)):
             digit = ((v + 1) % 3) - 1
             key[i * DIGITS + t] = digit
