@@ -36,9 +36,10 @@ of vxm-diff's predicted standard deviation ``sqrt(uncertainty)`` with its actual
 ``|u_pred - u_true|``, and the spread of that predicted std over the same voxels (its coefficient of
 variation, std / mean: near 0 means an almost constant uncertainty map).
 
-Methods (rows): identity (u = 0); ppreg vxm-diff (``register_vxm``, posterior mean, 16 samples for
-the uncertainty); ppreg classical SVF (``register(fixed, moving, transform="svf", loss="lncc")``;
-every image here is already in [0, 1]); and VoxelMorph 0.3.4 (``bench/peer_voxelmorph.py``, plain
+Methods (rows): identity (u = 0); ppreg vxm-diff (``register_vxm``: posterior mean of the default
+symmetric passes, ``ppreg.options.VXM_PASSES``, 16 samples for the uncertainty) and ppreg vxm-diff
+(1 pass) (VoxelMorph's single forward pass of the same network); ppreg classical SVF
+(``register(fixed, moving, transform="svf", loss="lncc")``; every image here is already in [0, 1]); and VoxelMorph 0.3.4 (``bench/peer_voxelmorph.py``, plain
 ``int_steps=0`` and diffeomorphic ``int_steps=7``), trained on exactly the batches of the ppreg
 model: the seed, steps, batch size, learning rate, pair options and crop are read from the
 checkpoint's ``config["training"]`` and the batches are drawn by ppreg's own sampler
@@ -56,7 +57,8 @@ breaks that and is flagged in ``notes``). A smaller equal-budget comparison than
 made by training a model with fewer steps (``scripts/train_vxm_diff.py --steps N --out DIR``) and
 passing it as ``--model DIR``: the peers then replay that model's batches.
 
-Inference time on CPU: vxm-diff's ``predict`` jitted at batch 1 and at batch 8 (``jax.vmap``) on a
+Inference time on CPU: vxm-diff's ``predict`` jitted (one plain pass, and the default symmetric passes)
+at batch 1 and at batch 8 (``jax.vmap``) on a
 256 x 256 test pair (3D: one 96 x 112 x 96 volume), first call (compilation) apart from the warm
 median of 5 (``block_until_ready``); the peer's ``time_inference`` likewise.
 
@@ -89,6 +91,7 @@ from ppreg.learned.register import register_vxm, resolve_model, shipped_model_pa
 from ppreg.learned.synth import make_test_pair
 from ppreg.learned.vxm import predict
 from ppreg.metrics import field_rmse, folding, mean_dice
+from ppreg.options import VXM_PASSES
 from ppreg.warp import interpolate_nearest
 
 import peer_voxelmorph as peer
@@ -229,8 +232,8 @@ def identity_method(fixed, moving):
     return np.zeros(fixed.shape + (fixed.ndim,), np.float32), None
 
 
-def vxm_method(ckpt, fixed, moving):
-    r = register_vxm(fixed, moving, model=ckpt, samples=SAMPLES)
+def vxm_method(ckpt, fixed, moving, **passes):
+    r = register_vxm(fixed, moving, model=ckpt, samples=SAMPLES, **passes)
     return r.displacement(), r.uncertainty
 
 
@@ -396,14 +399,22 @@ def timing_rows(ckpt, peers: dict, ndim: int) -> list[dict]:
     """Inference time per pair of vxm-diff (jitted predict) and the peers, batch 1 and batched (2D)."""
     fixed, moving = time_pair(ndim)
     f, m, key = jnp.asarray(fixed), jnp.asarray(moving), jax.random.key(0)
-    mean_only = eqx.filter_jit(lambda model, a, b: predict(model, a, b)["displacement"])
-    with_samples = eqx.filter_jit(lambda model, a, b, k: predict(model, a, b, key=k, samples=SAMPLES))
-    batched = eqx.filter_jit(lambda model, a, b: jax.vmap(lambda x, y: predict(model, x, y)["displacement"])(a, b))
-    runs = [("ppreg vxm-diff", 1, lambda: time_jax(mean_only, ckpt.model, f, m)),
-            (f"ppreg vxm-diff + {SAMPLES} samples", 1, lambda: time_jax(with_samples, ckpt.model, f, m, key))]
-    if ndim == 2:
-        fb, mb = jnp.stack([f] * TIME_BATCH), jnp.stack([m] * TIME_BATCH)
-        runs.append(("ppreg vxm-diff", TIME_BATCH, lambda: time_jax(batched, ckpt.model, fb, mb)))
+    passes = VXM_PASSES[ndim]
+    runs = []
+    configs = [("ppreg vxm-diff (1 pass)", 1, False)]
+    if passes > 1:
+        configs.append((f"ppreg vxm-diff ({passes} symmetric passes)", passes, True))
+    for label, p, sym in configs:
+        o = {"passes": p, "symmetric": sym}
+        mean_only = eqx.filter_jit(lambda model, a, b, o=o: predict(model, a, b, **o)["displacement"])
+        with_samples = eqx.filter_jit(lambda model, a, b, k, o=o: predict(model, a, b, key=k, samples=SAMPLES, **o))
+        batched = eqx.filter_jit(
+            lambda model, a, b, o=o: jax.vmap(lambda x, y: predict(model, x, y, **o)["displacement"])(a, b))
+        runs += [(label, 1, partial(time_jax, mean_only, ckpt.model, f, m)),
+                 (f"{label} + {SAMPLES} samples", 1, partial(time_jax, with_samples, ckpt.model, f, m, key))]
+        if ndim == 2:
+            fb, mb = jnp.stack([f] * TIME_BATCH), jnp.stack([m] * TIME_BATCH)
+            runs.append((label, TIME_BATCH, partial(time_jax, batched, ckpt.model, fb, mb)))
     for name, model in peers.items():
         runs.append((name, 1, partial(time_peer, model, fixed, moving, 1)))
         if ndim == 2:
@@ -492,6 +503,9 @@ def parse_args(argv=None):
     ap.add_argument("--peer-reg-weight", type=float, default=None,
                     help="the peer's lambda (default: 1 with NCC, 0.01 with MSE)")
     ap.add_argument("--no-timing", action="store_true", help="skip the inference-time table")
+    ap.add_argument("--passes", default=None,
+                    help="comma-separated counts of symmetric vxm-diff passes, one row each (for choosing the "
+                         "default on --validation); default: the default passes and one plain pass")
     ap.add_argument("--validation", action="store_true",
                     help="score only the validation cases (for choosing a model; never the test cases): 2D the "
                          "validation slices, 3D the training subject under held-out fields")
@@ -511,13 +525,21 @@ def main(argv=None):
     ckpt = resolve_model(model_path, args.ndim)
     notes = []
     peers, peer_info = build_peers(args, ckpt, notes)
-    methods = {"identity": identity_method, "ppreg vxm-diff": partial(vxm_method, ckpt)}
+    methods = {"identity": identity_method}
+    if args.passes:
+        methods.update({f"ppreg vxm-diff ({p} symmetric pass{'' if int(p) == 1 else 'es'})":
+                        partial(vxm_method, ckpt, passes=int(p), symmetric=True) for p in args.passes.split(",")})
+    else:
+        methods["ppreg vxm-diff"] = partial(vxm_method, ckpt)
+    if args.passes or VXM_PASSES[args.ndim] > 1:
+        methods["ppreg vxm-diff (1 pass)"] = partial(vxm_method, ckpt, passes=1, symmetric=False)
     if not args.skip_svf:
         methods["ppreg svf (lncc)"] = svf_method
     methods.update({name: partial(peer_method, model) for name, model in peers.items()})
     budgets = budgets_of(ckpt, peer_info)
     row_budget = {"identity": "-", "ppreg svf (lncc)": "per-pair optimisation",
                   **{name: b["text"] for name, b in budgets.items()}}
+    row_budget.update({name: row_budget["ppreg vxm-diff"] for name in methods if name.startswith("ppreg vxm-diff")})
     equal_budget = None if not peer_info else all(b.get("same_batches_as_ppreg") for b in budgets.values()
                                                  if "same_batches_as_ppreg" in b)
     for name, b in budgets.items():

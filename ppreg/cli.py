@@ -32,7 +32,8 @@ from .bspline import control_grid_shape, displacement
 from .data import load_sample
 from .optim import DENSE_OPTIMIZERS
 from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_ITERATIONS, DENSE_OPTIMIZER,
-                      DENSE_SIGMA, FLUID_SIGMA, FLUID_SIGMA_OTHER, LOSSES, SVF_FINEST_ITERATIONS, TRANSFORMS)
+                      DENSE_SIGMA, FLUID_SIGMA, FLUID_SIGMA_OTHER, LOSSES, SVF_FINEST_ITERATIONS, TRANSFORMS,
+                      VXM_PASSES)
 from .register import register
 from .space import INITS, reduce_affine, world_affine
 from .svf import compose
@@ -106,7 +107,8 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
                    help=f"per level, or one count per level for svf and dense (default "
                         f"{DEFAULTS['gauss-newton']['max_iterations']} linear, {DEFAULTS['bspline']['max_iterations']} "
                         f"bspline; svf: {DEFAULTS['svf']['max_iterations']}, {SVF_FINEST_ITERATIONS} at full "
-                        f"resolution; dense: {_dense_counts('lbfgs')} lbfgs, {_dense_counts('adam')} adam)")
+                        f"resolution; dense: {_dense_counts('lbfgs')} lbfgs, {_dense_counts('adam')} adam; vxm-diff: "
+                        f"network passes, {VXM_PASSES[2]} in 2D, {VXM_PASSES[3]} in 3D)")
     p.add_argument("--spacing", type=int, default=4, help="bspline control-point spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=None,
                    help=f"bspline: bending-energy weight (default {DEFAULT_REGULARIZATION['bspline']}); dense: "
@@ -122,7 +124,8 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
                    help="svf: ANTs-style half-way (symmetric) update (default: on for clear lncc, else off; "
                         "--no-symmetric: one-sided); with --secure mpc, two half velocities, one per party; "
-                        "dense: fit a half-way field (default: on for clear lncc with lbfgs, else off)")
+                        "dense: fit a half-way field (default: on for clear lncc with lbfgs, else off); vxm-diff: "
+                        "average each pass with the swapped pair's estimate (default: on with more than one pass)")
     p.add_argument("--lncc-open", choices=("smoothed", "force"), default="smoothed",
                    help="--secure mpc svf: what each iteration opens to a party: its force smoothed by --fluid-sigma on "
                         "the shares (default) or the raw per-voxel force")

@@ -150,7 +150,10 @@ def register(
             a checkpoint folder or loaded checkpoint; ``None`` takes the model
             shipped for the images' dimensionality.
         samples: ``transform="vxm-diff"``: posterior samples for the uncertainty map (default 16;
-            0: none).
+            0: none). vxm-diff's ``max_iterations`` is its number of network passes and ``symmetric``
+            averages each pass with the swapped pair's estimate (defaults: :data:`ppreg.options.VXM_PASSES`,
+            symmetric when more than one;
+            ``max_iterations=1, symmetric=False`` is VoxelMorph's single forward pass).
             ``transform="suits"`` (SUITS, :func:`ppreg.learned.suits_register.register_suits`; clear,
             multi-modal, the moving image resampled onto the fixed grid like vxm-diff): ``model`` is a
             FeatCNN checkpoint (``None``: the shipped 2D one);
@@ -208,8 +211,10 @@ def register(
         if loss != "ssd" or secure is not None or sampling is not None:
             raise ValueError(f"vxm-diff runs a trained network, clear, with no loss or sampling option; got "
                              f"loss={loss!r}, secure={secure!r}, sampling={sampling!r}")
+        if isinstance(max_iterations, (tuple, list)):
+            raise ValueError(f"vxm-diff takes one pass count, got {max_iterations!r}")
         return register_vxm(fixed, moving, model=model, samples=DEFAULT_SAMPLES if samples is None else samples,
-                            key=key)
+                            key=key, passes=max_iterations, symmetric=symmetric)
     if "+" in str(transform):
         return _register_pipeline(fixed, moving, transform=transform, loss=loss, secure=secure, sampling=sampling,
                                   levels=levels, max_iterations=max_iterations, tol=tol, damping=damping,

@@ -14,7 +14,7 @@ then writes the shipped form (weights, config and log, no optimiser state).
 Usage (from the repository root; the shipped models)::
 
     python scripts/train_vxm_diff.py --ndim 2 --steps 9000 --lr-drop 8000 0.1 --out runs/vxm2d --export ppreg/learned/models/vxm_diff_2d
-    python scripts/train_vxm_diff.py --ndim 3 --steps 2000 --out runs/vxm3d --export ppreg/learned/models/vxm_diff_3d
+    python scripts/train_vxm_diff.py --ndim 3 --steps 3000 --out runs/vxm3d --export ppreg/learned/models/vxm_diff_3d
 """
 
 from __future__ import annotations

@@ -100,6 +100,7 @@ def test_register_help_states_the_defaults_register_uses(capsys):
     """The numbers ``ppreg register --help`` quotes are the ones registration resolves (they once drifted:
     the help said diffusion weight 0.1 after the dense default became 0.3)."""
     from ppreg.methods import resolve_options
+    from ppreg.options import VXM_PASSES
 
     with pytest.raises(SystemExit):
         main(["register", "--help"])
@@ -115,7 +116,8 @@ def test_register_help_states_the_defaults_register_uses(capsys):
     assert (f"(default {rigid['max_iterations']} linear, {bspline['max_iterations']} bspline; svf: "
             f"{svf['max_iterations'][0]}, {svf['max_iterations'][-1]} at full resolution; dense: "
             f"{dense['max_iterations'][0]}, {dense['max_iterations'][-1]} at full resolution {dense['optimizer']}, "
-            f"{adam['max_iterations'][0]}, {adam['max_iterations'][-1]} at full resolution adam)") in text
+            f"{adam['max_iterations'][0]}, {adam['max_iterations'][-1]} at full resolution adam; vxm-diff: network "
+            f"passes, {VXM_PASSES[2]} in 2D, {VXM_PASSES[3]} in 3D)") in text
     assert f"dense: optax optimiser ({dense['optimizer']})" in text
 
 

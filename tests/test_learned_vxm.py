@@ -8,11 +8,13 @@ import pytest
 from scipy import ndimage
 
 from ppreg.learned.unet import UNet
-from ppreg.learned.vxm import (LossConfig, VxmDiff, boundary, integrate, kl_term, loss, predict, sample_velocity,
-                               squared_distance)
+from ppreg.learned.vxm import (LossConfig, VxmDiff, boundary, integrate, kl_term, loss, posterior, predict,
+                               sample_velocity, squared_distance)
 from ppreg.metrics import folding
 from ppreg.regularizers import graph_degree, laplacian_prior, smoothed_trace_weights
+from ppreg.svf import compose
 from ppreg.svf import exp as svf_exp
+from ppreg.warp import warp_displacement
 
 SHAPE = (32, 32)
 SMALL = dict(encoder_features=(4, 8, 8), decoder_features=(8, 8))
@@ -155,6 +157,29 @@ def test_posterior_samples_give_variance_and_no_folding():
     out = predict(model, fixed, moving, key=jax.random.key(0), samples=8)
     assert out["variance"].shape == SHAPE and float(jnp.mean(out["variance"])) > 0
     assert folding(np.asarray(out["displacement"]))["voxels"] == 0
+
+
+def test_symmetric_posterior_is_antisymmetric_and_passes_compose():
+    """The symmetric estimate for (m, f) is the negated one for (f, m) with the same spread; one plain pass
+    is the network's own exp(mu); a second pass registers the residual and composes after the first."""
+    fixed, moving = _pair()
+    model = _model(1)  # a fresh head predicts ~1e-5 voxels: scale it up to a real velocity
+    model = eqx.tree_at(lambda m: m.mu_head.weight, model, 1e5 * model.mu_head.weight)
+    mu, log_sigma = posterior(model, fixed, moving, symmetric=True)
+    mu_back, log_sigma_back = posterior(model, moving, fixed, symmetric=True)
+    np.testing.assert_allclose(mu, -mu_back, atol=1e-6)
+    np.testing.assert_allclose(log_sigma, log_sigma_back, atol=1e-6)
+    assert float(jnp.max(jnp.abs(mu))) > 0.03
+    assert float(jnp.max(jnp.abs(mu - model(fixed, moving)[0]))) > 0.3  # the average is not one direction
+    one = predict(model, fixed, moving)
+    np.testing.assert_allclose(one["displacement"], integrate(model(fixed, moving)[0], SHAPE), atol=1e-6)
+    two = predict(model, fixed, moving, passes=2, key=jax.random.key(0), samples=4)
+    residual = predict(model, fixed, warp_displacement(moving, one["displacement"]))
+    np.testing.assert_allclose(two["velocity"], residual["velocity"], atol=1e-5)
+    np.testing.assert_allclose(two["displacement"], compose(one["displacement"], residual["displacement"]), atol=1e-5)
+    assert float(jnp.mean(two["variance"])) > 0 and folding(np.asarray(two["displacement"]))["voxels"] == 0
+    with pytest.raises(ValueError, match="passes"):
+        predict(model, fixed, moving, passes=0)
 
 
 def test_vmap_over_a_batch_equals_the_loop():

@@ -3,8 +3,9 @@
 A moving image on another grid is first resampled onto the fixed one through the headers
 (:func:`ppreg.methods.on_fixed_grid`, as the classical transforms start). Both images are scaled
 into [0, 1] (:func:`ppreg.learned.data.normalize_intensity`), padded centrally with zeros to a
-multiple of the network's size divisor, registered in one forward pass (the posterior mean
-``exp(mu)``), and the displacement is cropped back to the fixed grid. ``K`` posterior samples give
+multiple of the network's size divisor, registered by the posterior mean ``exp(mu)`` of one network pass
+(3D) or a few symmetric passes (2D; :func:`ppreg.learned.vxm.predict`), and the
+displacement is cropped back to the fixed grid. ``K`` posterior samples give
 the voxelwise variance of the displacement (``uncertainty.nii.gz``).
 """
 
@@ -22,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..methods import on_fixed_grid, warp_deformed
-from ..options import DENSE_FIELD_FILE
+from ..options import DENSE_FIELD_FILE, VXM_PASSES
 from ..result import LevelReport, Result
 from . import checkpoint
 from .data import normalize_intensity, pad_to_multiple, unpad
-from .vxm import VxmDiff, predict
+from .vxm import VxmDiff, check_passes, predict
 
 UNCERTAINTY_FILE = "uncertainty.nii.gz"
 DEFAULT_SAMPLES = 16  # posterior samples for the uncertainty map
@@ -97,11 +98,12 @@ def resolve_model(model, ndim: int, *, cls: type = VxmDiff, shipped=None) -> che
 
 
 @eqx.filter_jit
-def _predict(model, fixed, moving, key, samples):
-    return predict(model, fixed, moving, key=key, samples=samples)
+def _predict(model, fixed, moving, key, samples, passes, symmetric):
+    return predict(model, fixed, moving, key=key, samples=samples, passes=passes, symmetric=symmetric)
 
 
-def register_vxm(fixed, moving, *, model=None, samples: int = DEFAULT_SAMPLES, key=0) -> LearnedResult:
+def register_vxm(fixed, moving, *, model=None, samples: int = DEFAULT_SAMPLES, key=0, passes: int | None = None,
+                 symmetric: bool | None = None) -> LearnedResult:
     """Register ``moving`` to ``fixed`` with a trained VoxelMorph-diff network.
 
     Args:
@@ -112,12 +114,17 @@ def register_vxm(fixed, moving, *, model=None, samples: int = DEFAULT_SAMPLES, k
             loaded :class:`~ppreg.learned.checkpoint.Checkpoint`.
         samples: posterior samples ``K`` for the uncertainty map (0: none).
         key: int seed or PRNG key of the samples.
+        passes: network passes, each registering the residual (:func:`ppreg.learned.vxm.predict`);
+            ``None``: :data:`ppreg.options.VXM_PASSES` of the dimensionality (1 is VoxelMorph's single pass, the
+            fastest).
+        symmetric: average each pass with the swapped pair's estimate (:func:`ppreg.learned.vxm.posterior`);
+            ``None``: on when ``passes > 1``.
 
     Returns:
         :class:`LearnedResult` (``transform="vxm-diff"``).
 
     Raises:
-        ValueError: bad images (non-finite, all zero, 2D against 3D), wrong model.
+        ValueError: bad images (non-finite, all zero, 2D against 3D), wrong model, ``passes < 1``.
 
     Source: Dalca et al. 2019 (VoxelMorph-diff), Sec. 2.4.
     """
@@ -126,11 +133,13 @@ def register_vxm(fixed, moving, *, model=None, samples: int = DEFAULT_SAMPLES, k
     fixed_a = pair.fixed
     if int(samples) != samples or samples < 0:
         raise ValueError(f"samples must be a non-negative int, got {samples!r}")
+    passes = check_passes(VXM_PASSES.get(fixed_a.ndim, 1) if passes is None else passes)
+    symmetric = passes > 1 if symmetric is None else bool(symmetric)
     ckpt = resolve_model(model, fixed_a.ndim)
     f, pads = pad_to_multiple(normalize_intensity(np.asarray(fixed_a)), ckpt.model.multiple)
     m, _ = pad_to_multiple(normalize_intensity(np.asarray(pair.moving_d)), ckpt.model.multiple)
     key = jax.random.key(key) if isinstance(key, int) else key
-    out = _predict(ckpt.model, jnp.asarray(f), jnp.asarray(m), key, int(samples))
+    out = _predict(ckpt.model, jnp.asarray(f), jnp.asarray(m), key, int(samples), passes, symmetric)
     u = np.asarray(unpad(out["displacement"], pads), np.float32)
     if not np.all(np.isfinite(u)):
         raise FloatingPointError("the network produced a non-finite displacement")
@@ -140,11 +149,13 @@ def register_vxm(fixed, moving, *, model=None, samples: int = DEFAULT_SAMPLES, k
     zero = {"online": 0, "offline": 0}
     return LearnedResult(
         transform="vxm-diff", params=u, matrix=pair.header_mat, center=None, spacing=None, warped=warped,
-        final_loss=float(np.mean((warped - np.asarray(fixed_a)) ** 2)), iterations=1,
-        levels=(LevelReport(1, shape, 1, int(np.prod(shape)), np.zeros(0, np.float32)),), secure=None,
+        final_loss=float(np.mean((warped - np.asarray(fixed_a)) ** 2)),
+        iterations=passes,
+        levels=(LevelReport(1, shape, passes, int(np.prod(shape)), np.zeros(0, np.float32)),), secure=None,
         time_s={"party1": time.perf_counter() - start, "party2": 0.0},
         bytes={"party1": dict(zero), "party2": dict(zero)}, bytes_per_iteration={"party1": 0.0, "party2": 0.0},
         fixed_affine=pair.w_fixed, moving_affine=pair.w_moving, uncertainty=uncertainty,
         model={"architecture": ckpt.config.get("architecture"), "path": str(ckpt.path),
-               "weights_sha256": ckpt.config.get("weights_sha256"), "samples": int(samples)},
+               "weights_sha256": ckpt.config.get("weights_sha256"), "samples": int(samples),
+               "passes": passes, "symmetric": symmetric},
     )

@@ -32,7 +32,7 @@ import equinox as eqx
 from ..grid import smooth_field, upsample_field
 from ..losses import lncc
 from ..regularizers import smoothed_trace_weights, vmdiff_kl
-from ..svf import _sample_clamped
+from ..svf import _sample_clamped, compose
 from ..svf import exp as svf_exp
 from ..warp import warp_displacement
 from .checkpoint import register_architecture
@@ -362,35 +362,89 @@ def loss(model: VxmDiff, key, fixed: jnp.ndarray, moving: jnp.ndarray, config: L
     return total, {"image": image, "kl": kl, "surface": surface}
 
 
-def predict(model: VxmDiff, fixed: jnp.ndarray, moving: jnp.ndarray, *, key=None, samples: int = 0) -> dict:
+def posterior(model: VxmDiff, fixed: jnp.ndarray, moving: jnp.ndarray, *, symmetric: bool = False):
+    """``(mu, log_sigma)`` of the velocity registering ``moving`` to ``fixed``.
+
+    ``symmetric``: the network also registers the swapped pair, whose velocity estimates ``-z``
+    (``exp(-z)`` is the inverse map); the two estimates are averaged, ``mu = (mu_fm - mu_mf) / 2``,
+    with the variance of an average of two independent Gaussians, ``(sigma_fm^2 + sigma_mf^2) / 4``.
+    (The two directions are two calls: on XLA's CPU backend a batch of two is slower than two calls.)
+
+    Args:
+        model: :class:`VxmDiff`.
+        fixed, moving: float32 ``(*spatial)`` in [0, 1], sizes divisible by ``model.multiple``.
+        symmetric: average with the swapped pair's negated estimate.
+
+    Returns:
+        ``(mu, log_sigma)``: float32 ``(*spatial // 2, ndim)`` each, half-resolution voxels.
+
+    Raises:
+        ValueError: see :meth:`VxmDiff.__call__`.
+    """
+    if not symmetric:
+        return model(fixed, moving)
+    mu, log_sigma = model(fixed, moving)
+    mu_back, log_sigma_back = model(moving, fixed)
+    return 0.5 * (mu - mu_back), 0.5 * jnp.logaddexp(2.0 * log_sigma, 2.0 * log_sigma_back) - np.log(2.0)
+
+
+def check_passes(passes) -> int:
+    """``passes`` as an int; ValueError unless it is an integer >= 1 (not a bool)."""
+    if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1:
+        raise ValueError(f"passes must be an int >= 1, got {passes!r}")
+    return int(passes)
+
+
+def predict(model: VxmDiff, fixed: jnp.ndarray, moving: jnp.ndarray, *, key=None, samples: int = 0,
+            passes: int = 1, symmetric: bool = False) -> dict:
     """Register one pair: the posterior-mean displacement and, with samples, its voxelwise variance.
+
+    With ``passes > 1`` the network registers what is left: pass ``p`` registers ``fixed`` to
+    ``moving`` warped by the displacement of the passes before it and composes its map after theirs
+    (``u <- compose(u, exp(mu_p))``: a composition of diffeomorphisms). The network under-registers
+    large motions (it shrinks towards its prior), so the residual pair is smaller and closer to what
+    it was trained on. The posterior samples are drawn from the last pass (the residual's
+    uncertainty, composed after the earlier passes' mean).
 
     Args:
         model: :class:`VxmDiff`.
         fixed, moving: float32 ``(*spatial)`` in [0, 1], sizes divisible by ``model.multiple``.
         key: PRNG key for the posterior samples (needed when ``samples > 0``).
         samples: ``K`` posterior samples for the uncertainty (static; 0: none).
+        passes: network passes (static; >= 1; 1 is VoxelMorph's single forward pass).
+        symmetric: each pass averages the pair's and the swapped pair's estimates (:func:`posterior`).
 
     Returns:
-        dict with ``displacement`` float32 ``(*spatial, ndim)`` (``exp(mu)``, full-resolution
-        voxels), ``velocity`` float32 ``(*spatial // 2, ndim)`` (``mu``, half-resolution voxels),
-        ``log_sigma`` (same shape), and with samples ``variance`` float32 ``(*spatial)``: the sum over
-        components of the sample variance of the displacement, voxels^2.
+        dict with ``displacement`` float32 ``(*spatial, ndim)`` (the composed ``exp(mu_p)``,
+        full-resolution voxels), ``velocity`` float32 ``(*spatial // 2, ndim)`` (the last pass's
+        ``mu``, half-resolution voxels), ``log_sigma`` (same shape), and with samples ``variance``
+        float32 ``(*spatial)``: the sum over components of the sample variance of the displacement,
+        voxels^2.
 
     Raises:
-        ValueError: ``samples > 0`` without a key; see :meth:`VxmDiff.__call__`.
+        ValueError: ``samples > 0`` without a key, ``passes < 1``; see :meth:`VxmDiff.__call__`.
 
-    Source: Dalca et al. 2019, Sec. 2.4 (test time: ``phi = exp(mu)``; Sigma gives the uncertainty).
+    Source: Dalca et al. 2019, Sec. 2.4 (test time: ``phi = exp(mu)``; Sigma gives the uncertainty);
+    the passes and the symmetric average are ppreg's test-time refinement (bench/README.md).
     """
-    mu, log_sigma = model(fixed, moving)
-    out = {"displacement": integrate(mu, fixed.shape, steps=model.int_steps), "velocity": mu, "log_sigma": log_sigma}
-    if samples:
-        if key is None:
-            raise ValueError("samples > 0 needs a PRNG key")
+    passes = check_passes(passes)
+    if samples and key is None:
+        raise ValueError("samples > 0 needs a PRNG key")
+    shape, steps = fixed.shape, model.int_steps
 
+    before = None  # the displacement of the passes before the last
+    mu, log_sigma = posterior(model, fixed, moving, symmetric=symmetric)
+    u = integrate(mu, shape, steps=steps)
+    for _ in range(passes - 1):  # unrolled: XLA's CPU backend runs convolutions in a loop body far slower
+        before = u
+        mu, log_sigma = posterior(model, fixed, warp_displacement(moving, u), symmetric=symmetric)
+        u = compose(u, integrate(mu, shape, steps=steps))
+    out = {"displacement": u, "velocity": mu, "log_sigma": log_sigma}
+    if samples:
         def draw(k):
             z = sample_velocity(k, mu, log_sigma, covariance=model.covariance, smooth_sigma=model.smooth_sigma)
-            return integrate(z, fixed.shape, steps=model.int_steps)
+            last = integrate(z, shape, steps=steps)
+            return last if before is None else compose(before, last)
 
         fields = jax.vmap(draw)(jax.random.split(key, samples))
         out["variance"] = jnp.sum(jnp.var(fields, axis=0), axis=-1)
