@@ -37,9 +37,10 @@ of vxm-diff's predicted standard deviation ``sqrt(uncertainty)`` with its actual
 variation, std / mean: near 0 means an almost constant uncertainty map).
 
 Methods (rows): identity (u = 0); ppreg vxm-diff (``register_vxm``: posterior mean of the default
-symmetric passes, ``ppreg.options.VXM_PASSES``, 16 samples for the uncertainty) and ppreg vxm-diff
-(1 pass) (VoxelMorph's single forward pass of the same network); ppreg classical SVF
-(``register(fixed, moving, transform="svf", loss="lncc")``; every image here is already in [0, 1]); and VoxelMorph 0.3.4 (``bench/peer_voxelmorph.py``, plain
+passes, ``ppreg.options.VXM_PASSES``, 16 samples for the uncertainty); where the default has more than
+one pass (or with ``--passes``), ppreg vxm-diff (1 pass) (VoxelMorph's single forward pass of the same
+network); ppreg classical SVF (``register(fixed, moving, transform="svf", loss="lncc")``; every image
+here is already in [0, 1]); and VoxelMorph 0.3.4 (``bench/peer_voxelmorph.py``, plain
 ``int_steps=0`` and diffeomorphic ``int_steps=7``), trained on exactly the batches of the ppreg
 model: the seed, steps, batch size, learning rate, pair options and crop are read from the
 checkpoint's ``config["training"]`` and the batches are drawn by ppreg's own sampler
@@ -57,13 +58,14 @@ breaks that and is flagged in ``notes``). A smaller equal-budget comparison than
 made by training a model with fewer steps (``scripts/train_vxm_diff.py --steps N --out DIR``) and
 passing it as ``--model DIR``: the peers then replay that model's batches.
 
-Inference time on CPU: vxm-diff's ``predict`` jitted (one plain pass, and the default symmetric passes)
-at batch 1 and at batch 8 (``jax.vmap``) on a
-256 x 256 test pair (3D: one 96 x 112 x 96 volume), first call (compilation) apart from the warm
-median of 5 (``block_until_ready``); the peer's ``time_inference`` likewise.
+Inference time on CPU: vxm-diff's ``predict`` jitted (one plain pass, and the default symmetric passes
+where there are several) at batch 1 and at batch 8 (``jax.vmap``) on a 256 x 256 test pair (3D: one
+96 x 112 x 96 volume), first call (compilation) apart from the warm median of 5
+(``block_until_ready``); the peer's ``time_inference`` likewise.
 
 Usage: python bench/bench_learned.py [--ndim 2|3] [--model PATH] [--cases N] [--skip-svf]
-       [--peers | --no-peers] [--peer-variants 0,7] [--peer-steps N] [--validation] [--out PATH]
+       [--peers | --no-peers] [--peer-variants 0,7] [--peer-steps N] [--validation] [--passes 1,2,4]
+       [--out PATH]
 """
 
 from __future__ import annotations
@@ -399,6 +401,7 @@ def timing_rows(ckpt, peers: dict, ndim: int) -> list[dict]:
     """Inference time per pair of vxm-diff (jitted predict) and the peers, batch 1 and batched (2D)."""
     fixed, moving = time_pair(ndim)
     f, m, key = jnp.asarray(fixed), jnp.asarray(moving), jax.random.key(0)
+    fb, mb = jnp.stack([f] * TIME_BATCH), jnp.stack([m] * TIME_BATCH)
     passes = VXM_PASSES[ndim]
     runs = []
     configs = [("ppreg vxm-diff (1 pass)", 1, False)]
@@ -413,7 +416,6 @@ def timing_rows(ckpt, peers: dict, ndim: int) -> list[dict]:
         runs += [(label, 1, partial(time_jax, mean_only, ckpt.model, f, m)),
                  (f"{label} + {SAMPLES} samples", 1, partial(time_jax, with_samples, ckpt.model, f, m, key))]
         if ndim == 2:
-            fb, mb = jnp.stack([f] * TIME_BATCH), jnp.stack([m] * TIME_BATCH)
             runs.append((label, TIME_BATCH, partial(time_jax, batched, ckpt.model, fb, mb)))
     for name, model in peers.items():
         runs.append((name, 1, partial(time_peer, model, fixed, moving, 1)))

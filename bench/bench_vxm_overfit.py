@@ -4,9 +4,9 @@ The shipped 3D model stayed near the identity after 1000-3900 random-pair steps,
 down to the CPU budget. This probe takes the budget out: it draws ``--pairs`` training pairs once (the
 *train* split, each image deformed by its own random diffeomorphism bounded by ``--max-norm`` voxels, no
 label synthesis, no inter-subject pairs; 3D on random 48^3 crops of Colin27 at 2 mm), then cycles Adam
-(``--learning-rate``, 1e-3) over those same pairs with the shipped network widths (``MODEL_KWARGS``) and loss (``DEFAULT_LOSS``:
-Eq. 6 of Dalca et al. 2019, lncc window 9, bidirectional). It prints, per tenth of the run, the mean
-image term (``1 + lncc``, lower is better), the KL term, the mean |mu| (half-resolution voxels) on the
+(``--learning-rate``, 1e-3) over those same pairs with the shipped network widths (``MODEL_KWARGS``) and
+loss (``DEFAULT_LOSS``: Eq. 6 of Dalca et al. 2019, lncc window 9, bidirectional). It prints, per tenth
+of the run, the mean image term (``1 + lncc``, lower is better), the KL term, the mean |mu| (half-resolution voxels) on the
 first pair and the mean tissue Dice of all pairs (moving labels warped by ``exp(mu)``; the identity's
 Dice is printed first). A recipe that can learn should drive the image term down and the Dice up on
 pairs it sees over and over. The identity's Dice also tells whether the pairs need registering at all:
@@ -83,8 +83,8 @@ def run(ndim: int, pairs: int, steps: int, max_norm: float, model_kwargs: dict, 
                          "mu_abs": float(jnp.mean(jnp.abs(mu))), "dice": pair_dice(fixed_pairs, model),
                          "seconds": time.perf_counter() - start})
             r = rows[-1]
-            print(f"{r['step']} | {r['image']:.4f} | {r['kl']:.3f} | {r['mu_abs']:.3f} | {r['dice']:.4f} | {r['seconds']:.0f}",
-                  flush=True)
+            print(f"{r['step']} | {r['image']:.4f} | {r['kl']:.3f} | {r['mu_abs']:.3f} | {r['dice']:.4f} | "
+                  f"{r['seconds']:.0f}", flush=True)
     return rows
 
 
