@@ -58,8 +58,9 @@ breaks that and is flagged in ``notes``). A smaller equal-budget comparison than
 made by training a model with fewer steps (``scripts/train_vxm_diff.py --steps N --out DIR``) and
 passing it as ``--model DIR``: the peers then replay that model's batches.
 
-Inference time on CPU: vxm-diff's ``predict`` jitted (one plain pass, and the default symmetric passes
-where there are several) at batch 1 and at batch 8 (``jax.vmap``) on a 256 x 256 test pair (3D: one
+Inference time on CPU: vxm-diff's ``predict`` (one plain pass, and the default symmetric passes where
+there are several) at batch 1 as ``register_vxm`` runs it (a host loop of compiled passes) and at batch 8
+(one jitted ``jax.vmap``, 2D) on a 256 x 256 test pair (3D: one
 96 x 112 x 96 volume), first call (compilation) apart from the warm median of 5
 (``block_until_ready``); the peer's ``time_inference`` likewise.
 
@@ -398,7 +399,8 @@ def time_pair(ndim: int):
 
 
 def timing_rows(ckpt, peers: dict, ndim: int) -> list[dict]:
-    """Inference time per pair of vxm-diff (jitted predict) and the peers, batch 1 and batched (2D)."""
+    """Inference time per pair of vxm-diff (predict as register_vxm runs it; batched: one jitted vmap) and the
+    peers, batch 1 and batched (2D)."""
     fixed, moving = time_pair(ndim)
     f, m, key = jnp.asarray(fixed), jnp.asarray(moving), jax.random.key(0)
     fb, mb = jnp.stack([f] * TIME_BATCH), jnp.stack([m] * TIME_BATCH)
@@ -409,8 +411,10 @@ def timing_rows(ckpt, peers: dict, ndim: int) -> list[dict]:
         configs.append((f"ppreg vxm-diff ({passes} symmetric passes)", passes, True))
     for label, p, sym in configs:
         o = {"passes": p, "symmetric": sym}
-        mean_only = eqx.filter_jit(lambda model, a, b, o=o: predict(model, a, b, **o)["displacement"])
-        with_samples = eqx.filter_jit(lambda model, a, b, k, o=o: predict(model, a, b, key=k, samples=SAMPLES, **o))
+        # batch 1 as register_vxm runs it: a host loop of compiled passes
+        mean_only = lambda model, a, b, o=o: predict(model, a, b, jit_each_pass=True, **o)["displacement"]  # noqa: E731
+        with_samples = lambda model, a, b, k, o=o: predict(  # noqa: E731
+            model, a, b, key=k, samples=SAMPLES, jit_each_pass=True, **o)
         batched = eqx.filter_jit(
             lambda model, a, b, o=o: jax.vmap(lambda x, y: predict(model, x, y, **o)["displacement"])(a, b))
         runs += [(label, 1, partial(time_jax, mean_only, ckpt.model, f, m)),

@@ -160,3 +160,15 @@ def test_gradient_central_differences():
     np.testing.assert_allclose(g[:, 1:-1, 1], (img[:, 2:] - img[:, :-2]) / 2, atol=1e-6)
     np.testing.assert_allclose(g[0, :, 0], img[1] - img[0], atol=1e-6)  # one-sided at borders
     np.testing.assert_allclose(g[:, -1, 1], img[:, -1] - img[:, -2], atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, coarse_factor, fine_factor", [((33, 21), 3, 1), ((17, 18, 19), 4, 2), ((20, 14), 2, 1)])
+def test_upsample_field_is_linear_interpolation_at_the_finer_level_centres(shape, coarse_factor, fine_factor):
+    """The separable matrix form equals interpolating the coarse field at the finer voxels' positions."""
+    from ppreg.warp import interpolate
+
+    field = jax.random.normal(jax.random.key(0), G.level_shape(shape, coarse_factor) + (len(shape),))
+    positions = (G.level_coordinates(shape, fine_factor) - (coarse_factor - 1) / 2.0) / coarse_factor
+    upper = jnp.asarray(field.shape[:-1], jnp.float32) - 1.0
+    expected = interpolate(field, jnp.clip(positions, 0.0, upper))
+    np.testing.assert_allclose(G.upsample_field(field, shape, coarse_factor, fine_factor), expected, atol=1e-5)

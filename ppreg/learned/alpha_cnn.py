@@ -56,6 +56,7 @@ import optax
 
 from . import checkpoint
 from .checkpoint import register_architecture
+from .conv import apply
 
 __all__ = ["AlphaCNN", "BatchNorm", "alpha_loss", "fit_alpha_cnn", "init_optimizer", "make_optimizer", "network_alpha",
            "predict_alpha", "resolve_alpha_model", "shipped_alpha_path", "train_step", "trainable_filter"]
@@ -122,7 +123,7 @@ class _Block(eqx.Module):
         self.pool = bool(pool)
 
     def __call__(self, x: jnp.ndarray, train: bool):
-        y, stats = self.norm(jax.vmap(self.conv)(x), train)
+        y, stats = self.norm(jax.vmap(lambda v: apply(self.conv, v))(x), train)
         y = self.act(y)
         if self.pool:
             nd = y.ndim - 2

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import equinox as eqx
 
 from .checkpoint import register_architecture
+from .conv import apply
 
 __all__ = ["FeatCNN", "LAYERS", "count_parameters", "parameter_count"]
 
@@ -171,7 +172,7 @@ class FeatCNN(eqx.Module):
             raise ValueError(f"FeatCNN spatial sizes must be positive multiples of {self.multiple}, got {spatial}")
         layers = self.stems[stream] + self.trunk
         for i, conv in enumerate(layers):
-            x = conv(x)
+            x = apply(conv, x)
             if i < len(layers) - 1:
                 mean = jnp.mean(x, axis=tuple(range(1, x.ndim)), keepdims=True)
                 var = jnp.var(x, axis=tuple(range(1, x.ndim)), keepdims=True)

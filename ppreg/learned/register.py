@@ -3,9 +3,9 @@
 A moving image on another grid is first resampled onto the fixed one through the headers
 (:func:`ppreg.methods.on_fixed_grid`, as the classical transforms start). Both images are scaled
 into [0, 1] (:func:`ppreg.learned.data.normalize_intensity`), padded centrally with zeros to a
-multiple of the network's size divisor, registered by the posterior mean ``exp(mu)`` of one network pass
-(3D) or a few symmetric passes (2D; :func:`ppreg.learned.vxm.predict`), and the
-displacement is cropped back to the fixed grid. ``K`` posterior samples give
+multiple of the network's size divisor, registered by the posterior mean of
+:data:`ppreg.options.VXM_PASSES` symmetric network passes (:func:`ppreg.learned.vxm.predict`, run as a
+host loop of compiled passes), and the displacement is cropped back to the fixed grid. ``K`` posterior samples give
 the voxelwise variance of the displacement (``uncertainty.nii.gz``).
 """
 
@@ -17,7 +17,6 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,11 +96,6 @@ def resolve_model(model, ndim: int, *, cls: type = VxmDiff, shipped=None) -> che
     return ckpt
 
 
-@eqx.filter_jit
-def _predict(model, fixed, moving, key, samples, passes, symmetric):
-    return predict(model, fixed, moving, key=key, samples=samples, passes=passes, symmetric=symmetric)
-
-
 def register_vxm(fixed, moving, *, model=None, samples: int = DEFAULT_SAMPLES, key=0, passes: int | None = None,
                  symmetric: bool | None = None) -> LearnedResult:
     """Register ``moving`` to ``fixed`` with a trained VoxelMorph-diff network.
@@ -139,7 +133,8 @@ def register_vxm(fixed, moving, *, model=None, samples: int = DEFAULT_SAMPLES, k
     f, pads = pad_to_multiple(normalize_intensity(np.asarray(fixed_a)), ckpt.model.multiple)
     m, _ = pad_to_multiple(normalize_intensity(np.asarray(pair.moving_d)), ckpt.model.multiple)
     key = jax.random.key(key) if isinstance(key, int) else key
-    out = _predict(ckpt.model, jnp.asarray(f), jnp.asarray(m), key, int(samples), passes, symmetric)
+    out = predict(ckpt.model, jnp.asarray(f), jnp.asarray(m), key=key, samples=int(samples), passes=passes,
+                  symmetric=symmetric, jit_each_pass=True)
     u = np.asarray(unpad(out["displacement"], pads), np.float32)
     if not np.all(np.isfinite(u)):
         raise FloatingPointError("the network produced a non-finite displacement")

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import equinox as eqx
 
+from .conv import apply
+
 LEAK = 0.2  # LeakyReLU slope of VoxelMorph
 
 
@@ -102,11 +104,11 @@ class UNet(eqx.Module):
                              f"{self.multiple}, got shape {x.shape}")
         feats = []
         for conv in self.encoder:
-            x = jax.nn.leaky_relu(conv(x), LEAK)
+            x = jax.nn.leaky_relu(apply(conv, x), LEAK)
             feats.append(x)
         skips = feats[1:-1][::-1]
         for i, conv in enumerate(self.decoder):
-            x = jax.nn.leaky_relu(conv(x), LEAK)
+            x = jax.nn.leaky_relu(apply(conv, x), LEAK)
             if i < len(skips):
                 x = jnp.concatenate([_upsample(x), skips[i]], axis=0)
         return x
