@@ -13,33 +13,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import print_header, write_results  # noqa: E402
+from common import print_header, time_jax, write_results  # noqa: E402
 
 from ppreg.learned.conv import apply  # noqa: E402
 from ppreg.learned.register import resolve_model  # noqa: E402
 from ppreg.learned.unet import LEAK, _upsample  # noqa: E402
 
 FULL, CROP = (96, 112, 96), (48, 48, 48)
-
-
-def warm_median(fn, *args, repeats: int) -> float:
-    """Seconds: the median of ``repeats`` calls after a first (compiling) one."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def layer_inputs(model, x):
@@ -77,8 +64,8 @@ def main():
     for shape, kind, fns in ((FULL, "forward", fwd), (CROP, "gradient", grad)):
         x = jax.random.uniform(jax.random.key(0), (2, *shape))
         for name, conv, h in layer_inputs(model, x):
-            t_native = warm_median(fns["native"], conv, h, repeats=args.repeats)
-            t_ours = warm_median(fns["ours"], conv, h, repeats=args.repeats)
+            t_native = time_jax(fns["native"], conv, h, repeats=args.repeats)["warm_s"]
+            t_ours = time_jax(fns["ours"], conv, h, repeats=args.repeats)["warm_s"]
             diff = float(jnp.max(jnp.abs(fwd["native"](conv, h) - fwd["ours"](conv, h))))
             rows.append({"layer": name, "pass": kind, "input": list(h.shape), "native_s": t_native,
                          "depth_batched_s": t_ours, "max_abs_diff": diff})
@@ -92,9 +79,9 @@ def main():
         print(f"all convolutions | {kind} | | {n * 1e3:.1f} | {o * 1e3:.1f} | {n / o:.1f}x |")
     x = jax.random.uniform(jax.random.key(0), (2, *FULL))
     xc = jax.random.uniform(jax.random.key(0), (2, *CROP))
-    net = warm_median(eqx.filter_jit(lambda m, a, b: m(a, b)), model, x[0], x[1], repeats=args.repeats)
-    net_grad = warm_median(eqx.filter_jit(eqx.filter_grad(lambda m, a, b: sum(jnp.sum(jnp.sin(t)) for t in m(a, b)))),
-                           model, xc[0], xc[1], repeats=args.repeats)
+    net = time_jax(eqx.filter_jit(lambda m, a, b: m(a, b)), model, x[0], x[1], repeats=args.repeats)["warm_s"]
+    net_grad = time_jax(eqx.filter_jit(eqx.filter_grad(lambda m, a, b: sum(jnp.sum(jnp.sin(t)) for t in m(a, b)))),
+                           model, xc[0], xc[1], repeats=args.repeats)["warm_s"]
     print(f"whole network as ppreg runs it: forward {FULL} {net * 1e3:.0f} ms, gradient {CROP} {net_grad * 1e3:.0f} ms")
     write_results(args.out, {"rows": rows, "totals": totals, "network_forward_s": net, "network_gradient_s": net_grad,
                              "full_shape": list(FULL), "crop_shape": list(CROP)})

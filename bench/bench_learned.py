@@ -98,7 +98,7 @@ from ppreg.options import VXM_PASSES
 from ppreg.warp import interpolate_nearest
 
 import peer_voxelmorph as peer
-from common import fmt, print_header, write_results
+from common import fmt, print_header, time_jax, write_results
 
 SAMPLES = 16  # vxm-diff posterior samples for the uncertainty
 SEEDS = {"test slices": 1200, "ITK PD slice": 1300, "MNI152 3D": 1400, "validation Colin27 3D": 1500}  # + case
@@ -377,19 +377,6 @@ def build_peers(args, ckpt, notes) -> tuple[dict, dict]:
 
 # ---------------------------------------------------------------------------------------------- timing
 
-def time_jax(fn, *args) -> dict:
-    """First call (compile + run) and the warm median of :data:`TIME_REPEATS` calls, seconds."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    warm = []
-    for _ in range(TIME_REPEATS):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        warm.append(time.perf_counter() - t0)
-    return {"first_s": first, "warm_s": statistics.median(warm)}
-
-
 def time_pair(ndim: int):
     """The pair timed: the first test case, 2D padded/cropped to 256 x 256."""
     case = next(FAMILIES[ndim][0]())
@@ -417,10 +404,11 @@ def timing_rows(ckpt, peers: dict, ndim: int) -> list[dict]:
             model, a, b, key=k, samples=SAMPLES, jit_each_pass=True, **o)
         batched = eqx.filter_jit(
             lambda model, a, b, o=o: jax.vmap(lambda x, y: predict(model, x, y, **o)["displacement"])(a, b))
-        runs += [(label, 1, partial(time_jax, mean_only, ckpt.model, f, m)),
-                 (f"{label} + {SAMPLES} samples", 1, partial(time_jax, with_samples, ckpt.model, f, m, key))]
+        runs += [(label, 1, partial(time_jax, mean_only, ckpt.model, f, m, repeats=TIME_REPEATS)),
+                 (f"{label} + {SAMPLES} samples", 1, partial(time_jax, with_samples, ckpt.model, f, m, key,
+                                                             repeats=TIME_REPEATS))]
         if ndim == 2:
-            runs.append((label, TIME_BATCH, partial(time_jax, batched, ckpt.model, fb, mb)))
+            runs.append((label, TIME_BATCH, partial(time_jax, batched, ckpt.model, fb, mb, repeats=TIME_REPEATS)))
     for name, model in peers.items():
         runs.append((name, 1, partial(time_peer, model, fixed, moving, 1)))
         if ndim == 2:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 
 import jax
@@ -35,6 +36,20 @@ def timed_twice(fn):
     t0 = time.perf_counter()
     result = fn()
     return result, first, time.perf_counter() - t0
+
+
+def time_jax(fn, *args, repeats: int = 5) -> dict:
+    """``{"first_s", "warm_s"}``: the first call of ``fn(*args)`` (compile + run) and the warm median of
+    ``repeats`` more calls, seconds (``jax.block_until_ready`` on each result)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    warm = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        warm.append(time.perf_counter() - t0)
+    return {"first_s": first, "warm_s": statistics.median(warm)}
 
 
 def fmt(value, spec: str) -> str:
