@@ -45,7 +45,7 @@ DENSE_LEARNING_RATE = 0.1  # Adam step (level voxels)
 DENSE_DIFFUSION = 0.3  # diffusion weight (loss units per voxel^2 of gradient)
 # smoothing of the update variable (lbfgs) or of each gradient (adam), level voxels
 DENSE_SIGMA = {"lbfgs": 3.0, "adam": 2.0}
-VXM_PASSES = {2: 4, 3: 4}  # vxm-diff: network passes per dimensionality, symmetric when > 1 (learned/models/README.md)
+VXM_PASSES = {2: 4, 3: 6}  # vxm-diff: network passes per dimensionality, symmetric when > 1 (learned/models/README.md)
 DENSE_FIELD_FILE = "dense_displacement.nii.gz"  # dense: the deformable part, beside transform.json
 FIXED_HALF_FILE = "fixed_velocity.nii.gz"  # two-party symmetric svf: party2's half velocity
 DEFAULTS = {  # per optimiser: max_iterations (per level), tol (voxels), damping

@@ -29,7 +29,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from .grid import gradient, identity_grid
+from .grid import gradient, identity_grid, upsample_field
 from .warp import interpolate
 
 
@@ -171,6 +171,30 @@ def exp(velocity: jnp.ndarray, *, steps: int = 7) -> jnp.ndarray:
     check_field(velocity, "velocity")
     u = velocity * jnp.asarray(0.5**steps, velocity.dtype)
     return jax.lax.fori_loop(0, steps, _square, u)
+
+
+def exp_upsampled(velocity: jnp.ndarray, full_shape: tuple[int, ...], factor: int, *, steps: int = 7) -> jnp.ndarray:
+    """Full-resolution displacement of ``exp(velocity)`` for a velocity stored on a coarser level.
+
+    Scaling and squaring on the level of shrink ``factor`` (:func:`ppreg.grid.level_shape`), then
+    linear upsampling (:func:`ppreg.grid.upsample_field`) with the values multiplied by ``factor``
+    (level voxels to full-resolution voxels). A smooth field loses nothing by it, and the
+    squarings cost ``factor^d`` times less.
+
+    Args:
+        velocity: float32 ``(*level_shape(full_shape, factor), ndim)`` in level voxels.
+        full_shape: the full-resolution spatial shape.
+        factor: the level's shrink factor (static int >= 1).
+        steps: squarings ``T`` (:func:`exp`).
+
+    Returns:
+        float32 ``(*full_shape, ndim)`` displacement in full-resolution voxels.
+
+    Source: Dalca et al. 2019 (VoxelMorph-diff), Sec. 1.2 and 2.3 (the velocity "at every two
+    voxels", integrated and then upsampled).
+    """
+    u = exp(velocity, steps=steps)
+    return u if factor == 1 else float(factor) * upsample_field(u, tuple(full_shape), factor, 1)
 
 
 def _square(_, u):

@@ -1,6 +1,7 @@
 """vxm-diff registration: register(transform="vxm-diff"), the CLI (register, apply, train), the shipped models."""
 
 import json
+import shutil
 
 import jax
 import nibabel as nib
@@ -36,6 +37,18 @@ def tiny_model(tmp_path_factory):
     train_vxm_diff(bank, ndim=2, steps=4, batch_size=2, out=out, model_kwargs=TINY, checkpoint_every=4,
                    loss_config=LossConfig(lam=1.0), progress=False)
     return out
+
+
+def test_a_resumed_run_with_new_pair_options_records_them(tiny_model, tmp_path):
+    out = tmp_path / "vxm"
+    shutil.copytree(tiny_model, out)
+    images = np.stack(_blobs())[:, None]
+    bank = {"images": images, "labels": (images > 0.5).astype(np.int32)}
+    train_vxm_diff(bank, ndim=2, steps=6, batch_size=2, out=out, model_kwargs=TINY, checkpoint_every=2,
+                   loss_config=LossConfig(lam=1.0), pair_options={"deform_factor": 2}, progress=False)
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["steps_done"] == 6 and training["pairs"] == {"deform_factor": 2}
+    assert training["pairs_history"] == [{"from_step": 0, "pairs": {}}, {"from_step": 4, "pairs": {"deform_factor": 2}}]
 
 
 def test_register_api_outputs_and_no_recompilation(tiny_model):

@@ -99,6 +99,38 @@ def test_random_diffeomorphism_is_exp_of_velocity_and_does_not_fold():
     assert 1.0 < float(jnp.abs(u).max()) <= 4.5  # default: a few voxels
 
 
+def test_random_diffeomorphism_on_a_coarser_level():
+    from ppreg.svf import exp, exp_upsampled
+
+    u = synth.random_diffeomorphism(_key(2), SHAPE, sigma=4.0, max_norm=2.0, factor=2)
+    v = synth.random_velocity(_key(2), (16, 16), sigma=2.0, max_norm=1.0)  # level voxels: sigma, bound halved
+    np.testing.assert_allclose(u, exp_upsampled(v, SHAPE, 2), atol=1e-6)
+    assert u.shape == (*SHAPE, 2) and folding(u)["voxels"] == 0
+    assert 0.5 < float(jnp.abs(u).max()) <= 2.5  # the bound is in full-resolution voxels
+    np.testing.assert_array_equal(exp_upsampled(v, (16, 16), 1), exp(v))
+    # a constant level velocity c is the translation factor * c at full resolution
+    np.testing.assert_allclose(exp_upsampled(jnp.full((16, 16, 2), 0.75), SHAPE, 2), 1.5, atol=1e-6)
+    with pytest.raises(ValueError, match="factor"):
+        synth.random_diffeomorphism(_key(), SHAPE, factor=0)
+
+
+def test_make_training_pair_on_a_crop_is_a_crop_of_the_whole_pair():
+    bank, crop = _bank(), (16, 16)
+    pair = functools.partial(synth.make_training_pair, augment=False, sigma=4.0, max_norm=2.0, p_inter=0.5)
+    for i in range(3):
+        whole = _jit(pair)(_key(i), bank)
+        part = _jit(functools.partial(pair, crop=crop))(_key(i), bank)
+        assert all(x.shape == crop for x in part.values())
+        windows = [{k: x[a:a + 16, b:b + 16] for k, x in whole.items()} for a in (0, 16) for b in (0, 16)]
+        match = [w for w in windows if np.allclose(w["fixed"], part["fixed"], atol=1e-5)
+                 and np.allclose(w["moving"], part["moving"], atol=1e-5)]
+        assert len(match) >= 1, "the crop is not one of the whole pair's 16-aligned windows"
+        np.testing.assert_array_equal(match[0]["fixed_labels"], part["fixed_labels"])
+        np.testing.assert_array_equal(match[0]["moving_labels"], part["moving_labels"])
+    with pytest.raises(ValueError, match="does not fit"):
+        synth.make_training_pair(_key(), bank, crop=(48, 16))
+
+
 def test_bspline_family_parameters_bound_and_no_folding():
     u = synth.random_bspline_displacement(_key(3), (64, 64))
     assert u.shape == (64, 64, 2) and u.dtype == jnp.float32

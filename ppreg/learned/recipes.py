@@ -11,6 +11,7 @@ convolutional network trains on crops and registers whole volumes), and minimise
 from __future__ import annotations
 
 import dataclasses
+import json
 from functools import partial
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..image import load
+from . import checkpoint
 from .data import center_crop_or_pad, normalize_intensity
-from .synth import make_training_pair
+from .synth import crop_starts, make_training_pair
 from .train import TrainResult, train
 from .vxm import LossConfig, VxmDiff, loss
 
@@ -47,24 +49,39 @@ def random_crop(key, pair: dict, crop: tuple[int, ...], multiple: int = 16) -> d
     Raises:
         ValueError: a crop larger than the image.
     """
-    shape = next(iter(pair.values())).shape
-    if len(crop) != len(shape) or any(c > n for c, n in zip(crop, shape)):
-        raise ValueError(f"crop {crop} does not fit the images of shape {shape}")
-    starts = [multiple * jax.random.randint(k, (), 0, (n - c) // multiple + 1)
-              for k, n, c in zip(jax.random.split(key, len(shape)), shape, crop)]
-    return {name: jax.lax.dynamic_slice(x, starts, crop) for name, x in pair.items()}
+    starts = crop_starts(key, next(iter(pair.values())).shape, tuple(crop), multiple)
+    return {name: jax.lax.dynamic_slice(x, tuple(starts), crop) for name, x in pair.items()}
 
 
 def sample_pair(key, bank: dict, *, crop: tuple[int, ...] | None = None, **pair_options) -> dict:
-    """:func:`make_training_pair`, then :func:`random_crop` when ``crop`` is given."""
-    k_pair, k_crop = jax.random.split(key)
-    pair = make_training_pair(k_pair, bank, **pair_options)
-    return pair if crop is None else random_crop(k_crop, pair, tuple(crop))
+    """:func:`make_training_pair` on a random ``crop`` (warped and augmented on the crop only), or
+    on the whole grid when ``crop`` is None."""
+    return make_training_pair(jax.random.split(key)[0], bank, crop=None if crop is None else tuple(crop),
+                              **pair_options)
 
 
 def pair_loss(model, key, pair: dict, *, config: LossConfig):
     """:func:`ppreg.learned.vxm.loss` on a pair dict (labels passed for the surface term)."""
     return loss(model, key, pair["fixed"], pair["moving"], config, pair["fixed_labels"], pair["moving_labels"])
+
+
+def _pairs_history(out: Path, pair_options: dict) -> dict:
+    """``{"pairs_history": [...]}`` when a resumed run changes the pair options, else ``{}``.
+
+    Each entry is ``{"from_step", "pairs"}``: the options the saved steps were drawn with, then the
+    new ones from the saved step count on, so that the checkpoint says how every step was trained.
+    """
+    if not (out / checkpoint.TRAIN_STATE_FILE).exists():
+        return {}
+    try:
+        saved = json.loads((out / checkpoint.CONFIG_FILE).read_text())["training"]
+    except (OSError, ValueError, KeyError):
+        return {}  # train() refuses the folder with a clear error
+    pair_options = json.loads(json.dumps(pair_options))  # tuples as the JSON lists they are saved as
+    history = saved.get("pairs_history") or [{"from_step": 0, "pairs": saved.get("pairs", {})}]
+    if history[-1]["pairs"] == pair_options:
+        return {"pairs_history": history} if len(history) > 1 else {}
+    return {"pairs_history": [*history, {"from_step": int(saved.get("steps_done", 0)), "pairs": pair_options}]}
 
 
 def train_vxm_diff(bank: dict, *, ndim: int, steps: int, batch_size: int, seed: int = 0, out=None,
@@ -110,6 +127,8 @@ def train_vxm_diff(bank: dict, *, ndim: int, steps: int, batch_size: int, seed: 
     training = {"data": data, "seed": seed, "loss": dataclasses.asdict(loss_config), "pairs": pair_options,
                 "crop": None if crop is None else list(crop), "bank_shape": list(images),
                 "script": "ppreg.learned.recipes.train_vxm_diff"}
+    if out is not None and resume:
+        training.update(_pairs_history(Path(out), pair_options))
     bank = {"images": jnp.asarray(bank["images"], jnp.float32), "labels": jnp.asarray(bank["labels"], jnp.int32)}
     return train(model, partial(sample_pair, crop=None if crop is None else tuple(crop), **pair_options),
                  partial(pair_loss, config=loss_config), bank, steps=steps, batch_size=batch_size, key=key_train,

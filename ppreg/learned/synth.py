@@ -43,9 +43,9 @@ import jax
 import jax.numpy as jnp
 
 from ..bspline import control_grid_shape, displacement as bspline_displacement
-from ..grid import gaussian_blur, identity_grid, smooth_field
-from ..svf import exp as svf_exp
-from ..warp import interpolate_nearest, warp_displacement
+from ..grid import gaussian_blur, identity_grid, level_shape, smooth_field
+from ..svf import exp as svf_exp, exp_upsampled
+from ..warp import interpolate, interpolate_nearest, warp_displacement
 
 __all__ = [
     "random_velocity",
@@ -55,6 +55,7 @@ __all__ = [
     "augment_intensity",
     "synth_from_labels",
     "warp_pair",
+    "crop_starts",
     "make_training_pair",
     "make_test_pair",
 ]
@@ -146,8 +147,13 @@ def random_velocity(key, shape: tuple[int, ...], *, sigma: float | tuple[float, 
 
 
 def random_diffeomorphism(key, shape: tuple[int, ...], *, sigma: float = 8.0, max_norm: float = 4.0,
-                          steps: int = 7) -> jnp.ndarray:
+                          steps: int = 7, factor: int = 1) -> jnp.ndarray:
     """Random diffeomorphic displacement ``exp(v)`` of a :func:`random_velocity` (TRAINING family).
+
+    With ``factor > 1`` the velocity is drawn and integrated on the level of that shrink factor
+    (``sigma / factor``, ``max_norm / factor`` in level voxels) and upsampled
+    (:func:`ppreg.svf.exp_upsampled`): the same family of smooth fields for ``sigma`` well above
+    ``factor``, at ``factor^d`` times less work (one 96 x 112 x 96 draw: 0.18-0.22 -> 0.04 s on 2 CPU cores).
 
     Args:
         key: JAX PRNG key.
@@ -155,6 +161,7 @@ def random_diffeomorphism(key, shape: tuple[int, ...], *, sigma: float = 8.0, ma
         sigma: velocity smoothing in voxels (static).
         max_norm: maximum velocity norm in voxels.
         steps: scaling-and-squaring steps (static int >= 0).
+        factor: the level to draw and integrate on (static int >= 1; 1: full resolution).
 
     Returns:
         float32 ``(*shape, ndim)`` displacement in voxels (:func:`ppreg.svf.exp`).
@@ -164,7 +171,19 @@ def random_diffeomorphism(key, shape: tuple[int, ...], *, sigma: float = 8.0, ma
 
     Source: Dalca et al. 2019 (VoxelMorph-diff), Eq. 1 and Sec. 1.2 (scaling and squaring).
     """
-    return svf_exp(random_velocity(key, shape, sigma=sigma, max_norm=max_norm), steps=steps)
+    factor = _check_factor(factor)
+    if factor == 1:
+        return svf_exp(random_velocity(key, shape, sigma=sigma, max_norm=max_norm), steps=steps)
+    sigmas = tuple(s / factor for s in _static_sigmas(sigma))
+    v = random_velocity(key, level_shape(_check_shape(shape), factor), sigma=sigmas if len(sigmas) > 1 else sigmas[0],
+                        max_norm=max_norm / factor)
+    return exp_upsampled(v, shape, factor, steps=steps)
+
+
+def _check_factor(factor) -> int:
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"factor must be a static int >= 1, got {factor!r}")
+    return factor
 
 
 def random_bspline_displacement(key, shape: tuple[int, ...], *, spacing: int = 16,
@@ -306,28 +325,47 @@ def synth_from_labels(key, labels: jnp.ndarray, *, n_labels: int, blur_sigma: fl
     return _minmax(gaussian_blur(means[index], float(blur_sigma)))
 
 
-def warp_pair(image: jnp.ndarray, labels: jnp.ndarray, displacement: jnp.ndarray):
+def warp_pair(image: jnp.ndarray, labels: jnp.ndarray, displacement: jnp.ndarray, origin=None):
     """Warp an image (linear) and its label map (nearest neighbour) by one displacement.
 
     Args:
         image: float ``(*spatial)``.
         labels: integer ``(*spatial)`` label map.
-        displacement: float32 ``(*spatial, ndim)`` in voxels (pull-back).
+        displacement: float32 ``(*spatial, ndim)`` in voxels (pull-back), or with ``origin`` a
+            window ``(*window, ndim)`` of it.
+        origin: optional int ``(ndim,)`` index of the window's first voxel in the image (may be
+            traced): the output is the window of the whole warp, ``out[x] = image(origin + x +
+            u(x))``, computed on the window only.
 
     Returns:
-        ``(warped_image float32 (*spatial), warped_labels (*spatial) in labels.dtype)``; points
-        outside the grid read 0 (background).
+        ``(warped_image float32, warped_labels in labels.dtype)``, each ``(*spatial)`` or
+        ``(*window)``; points outside the grid read 0 (background).
 
     Raises:
         ValueError: shapes do not match.
     """
     image = jnp.asarray(image, jnp.float32)
     labels = jnp.asarray(labels)
-    if image.shape != labels.shape or displacement.shape != (*image.shape, image.ndim):
+    grid = displacement.shape[:-1] if origin is not None else image.shape
+    if image.shape != labels.shape or displacement.shape != (*grid, image.ndim):
         raise ValueError(f"image {image.shape}, labels {labels.shape} and displacement {displacement.shape} "
-                         "must be (*spatial), (*spatial) and (*spatial, ndim)")
-    coords = identity_grid(image.shape) + displacement
-    return warp_displacement(image, displacement), interpolate_nearest(labels, coords)
+                         "must be (*spatial), (*spatial) and (*spatial or *window, ndim)")
+    coords = identity_grid(grid) + displacement
+    if origin is not None:
+        coords = coords + jnp.asarray(origin, jnp.float32)
+    return interpolate(image, coords), interpolate_nearest(labels, coords)
+
+
+def crop_starts(key, shape: tuple[int, ...], crop: tuple[int, ...], multiple: int = 16) -> jnp.ndarray:
+    """A random crop's first voxel: int32 ``(ndim,)``, each a multiple of ``multiple``, uniform.
+
+    Raises:
+        ValueError: a crop that does not fit ``shape``.
+    """
+    if len(crop) != len(shape) or any(c > n for c, n in zip(crop, shape)):
+        raise ValueError(f"crop {tuple(crop)} does not fit the images of shape {tuple(shape)}")
+    return jnp.stack([multiple * jax.random.randint(k, (), 0, (n - c) // multiple + 1)
+                      for k, n, c in zip(jax.random.split(key, len(shape)), shape, crop)])
 
 
 def _as_labels(labels) -> jnp.ndarray:
@@ -361,7 +399,8 @@ def _max_norms(key, max_norm) -> jnp.ndarray:
 def make_training_pair(key, bank: dict, *, p_inter: float = 0.5, p_synth: float = 0.0,
                        synth_contrast: str = "shared", n_labels: int = 4, blur_sigma: float = 1.0,
                        sigma: float | tuple[float, ...] = 8.0, max_norm: float | tuple[float, float] = 4.0,
-                       steps: int = 7, augment: bool = True,
+                       steps: int = 7, deform_factor: int = 1, crop: tuple[int, ...] | None = None,
+                       augment: bool = True,
                        gamma: tuple[float, float] = (0.7, 1.4), bias_strength: float = 0.3,
                        bias_sigma: float = 16.0, noise_std: float = 0.02) -> dict:
     """Draw one random training pair from a bank.
@@ -391,6 +430,12 @@ def make_training_pair(key, bank: dict, *, p_inter: float = 0.5, p_synth: float 
         sigma, max_norm, steps: training-family deformation (see :func:`random_diffeomorphism`);
             ``max_norm`` may be a range ``(low, high)``, then each image's bound is drawn
             uniformly in it.
+        deform_factor: the level the deformations are drawn on (``factor`` of
+            :func:`random_diffeomorphism`; static).
+        crop: static shape of a random crop (:func:`crop_starts`, offsets multiples of 16), or
+            ``None``. The deformations are drawn on the whole grid and the images are sampled
+            inside the crop only, so the pair is the crop of the whole pair up to the steps that
+            look at the whole image (steps 3-4's blur edges and min-max normalisations).
         augment: whether to augment intensities (static).
         gamma, bias_strength, bias_sigma, noise_std: see :func:`augment_intensity`.
 
@@ -425,11 +470,15 @@ def make_training_pair(key, bank: dict, *, p_inter: float = 0.5, p_synth: float 
     else:
         s_m = s_f
     # Both images go through one vmapped pipeline (one trace: half the program to compile).
-    deform = functools.partial(random_diffeomorphism, shape=spatial, sigma=sigma, steps=steps)
+    deform = functools.partial(random_diffeomorphism, shape=spatial, sigma=sigma, steps=steps, factor=deform_factor)
     u = jax.vmap(lambda k, bound: deform(k, max_norm=bound))(jnp.stack([k_fixed, k_moving]),
                                                               _max_norms(jax.random.fold_in(key, 1), max_norm))
-    pair, pair_labels = jax.vmap(warp_pair)(jnp.stack([images[s_f, i], images[s_m, i]]),
-                                            jnp.stack([labels[s_f, i], labels[s_m, i]]), u)
+    origin = None
+    if crop is not None:
+        origin = crop_starts(jax.random.fold_in(key, 2), spatial, tuple(crop))
+        u = jax.lax.dynamic_slice(u, (0, *origin, 0), (2, *crop, len(spatial)))
+    pair, pair_labels = jax.vmap(functools.partial(warp_pair, origin=origin))(
+        jnp.stack([images[s_f, i], images[s_m, i]]), jnp.stack([labels[s_f, i], labels[s_m, i]]), u)
     _check_probability(p_synth, "p_synth")
     if isinstance(p_synth, jax.core.Tracer) or float(p_synth) > 0:
         synth_keys = jnp.stack([k_synth_f, k_synth_f if synth_contrast == "shared" else k_synth_m])

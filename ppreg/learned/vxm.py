@@ -29,11 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 import equinox as eqx
 
-from ..grid import smooth_field, upsample_field
+from ..grid import smooth_field
 from ..losses import lncc
 from ..regularizers import smoothed_trace_weights, vmdiff_kl
-from ..svf import _sample_clamped, compose
-from ..svf import exp as svf_exp
+from ..svf import _sample_clamped, compose, exp_upsampled
 from ..warp import warp_displacement
 from .checkpoint import register_architecture
 from .conv import apply
@@ -167,7 +166,7 @@ def integrate(velocity: jnp.ndarray, full_shape: tuple[int, ...], *, steps: int 
     """Full-resolution displacement of ``exp(velocity)`` for a half-resolution velocity.
 
     Scaling and squaring on the half-resolution grid, then linear upsampling (values doubled: half-
-    resolution voxels to full-resolution voxels; :func:`ppreg.grid.upsample_field`).
+    resolution voxels to full-resolution voxels; :func:`ppreg.svf.exp_upsampled`).
 
     Args:
         velocity: float32 ``(*full_shape // 2, ndim)``, half-resolution voxels.
@@ -179,7 +178,7 @@ def integrate(velocity: jnp.ndarray, full_shape: tuple[int, ...], *, steps: int 
 
     Source: Dalca et al. 2019, Sec. 1.2 and 2.3 (velocity "at every two voxels").
     """
-    return 2.0 * upsample_field(svf_exp(velocity, steps=steps), tuple(full_shape), 2, 1)
+    return exp_upsampled(velocity, full_shape, 2, steps=steps)
 
 
 def sample_velocity(key, mu: jnp.ndarray, log_sigma: jnp.ndarray, *, covariance: str = "diagonal",
