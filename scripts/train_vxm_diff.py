@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     p.add_argument("--deform-factor", type=int, default=None,
                    help="draw the training deformations on the level of this shrink factor (2: half resolution)")
     p.add_argument("--crop", type=int, nargs="+", default=None,
-                   help="train on random crops of this shape (multiples of 16; default: 3D 64^3, 2D whole slices)")
+                   help="train on random crops of this shape (multiples of 16; default: 3D 48^3, 2D whole slices)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--export", type=Path, default=None, help="also write the shipped form (no optimiser state) here")
     args = p.parse_args(argv)
