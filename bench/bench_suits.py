@@ -16,8 +16,9 @@ Cases (none used for training or tuning):
 
 Rows: identity; SUITS (the shipped ``suits_2d``); the same Gauss-Newton iteration (15 steps) on the
 MIND-replicator features SUITS started from (``suits_2d_mind``) and on hand-made MIND-SSC
-(``MindFeatures``); each of the three with its own lambda, the best of :data:`LAMBDAS` on 4 pairs of
-the *validation* slices made the same way (``--no-tune``: the paper's 10 for all); ppreg SVF with MI and with MIND (``register(..., transform="svf", loss=...)``;
+(``MindFeatures``); each of the three with its own regulariser and lambda, the best of :data:`SETTINGS`
+(the diffusion term on the total displacement, Eq. 4, or on each update) on the 24 pairs of the
+*validation* slices made the same way (``--no-tune``: the paper's Eq. 4 with lambda 10 for all); ppreg SVF with MI and with MIND (``register(..., transform="svf", loss=...)``;
 ppreg's B-spline takes SSD only); SimpleITK B-spline with Mattes MI (mesh ~16 px refined x2 twice,
 32 bins on a random 25 % of the pixels, LBFGS2 50 iterations per level, shrink 4,2,1, smoothing
 2,1,0 px; when SimpleITK is installed).
@@ -50,7 +51,10 @@ from common import fmt, print_header, write_results
 
 SEED = 20260  # test-pair seeds (training used seed 0's streams)
 CLASSES = (1, 2, 3)  # tissue classes: CSF, grey matter, white matter
-LAMBDAS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0)  # diffusion weights tried on the validation split, per feature type
+# (regularize, lambda) tried on the validation split, per feature type: the diffusion term on the total
+# displacement (the paper's Eq. 4) or on each update (fluid-like)
+SETTINGS = (*(("total", lam) for lam in (0.25, 0.5, 1.0, 2.0, 5.0, 10.0)),
+            *(("update", lam) for lam in (2.5, 5.0, 10.0, 20.0, 40.0)))
 
 
 # ----------------------------------------------------------------------------------------------- cases
@@ -95,21 +99,24 @@ def synthetic_cases(limit=None, split="test", every=1):
 
 # --------------------------------------------------------------------------------------------- methods
 
-def suits_method(model, lam):
-    return lambda fixed, moving: register_suits(fixed, moving, model=model, lam=lam).displacement()
+def suits_method(model, setting):
+    regularize, lam = setting
+    return lambda fixed, moving: register_suits(fixed, moving, model=model, lam=lam,
+                                                regularize=regularize).displacement()
 
 
-def tune_lambdas(feature_models: dict, cases: list) -> tuple[dict, list]:
-    """For each feature model, the lambda of :data:`LAMBDAS` with the lowest mean RMSE on ``cases``."""
+def tune_settings(feature_models: dict, cases: list) -> tuple[dict, list]:
+    """For each feature model, the (regularize, lambda) of :data:`SETTINGS` with the lowest mean RMSE on
+    ``cases``."""
     chosen, rows = {}, []
     for name, model in feature_models.items():
         means = {}
-        for lam in LAMBDAS:
-            fn = suits_method(model, lam)
-            means[lam] = float(np.mean([field_rmse(fn(c["fixed"], c["moving"]), c["u_true"], mask=c["mask"])["voxels"]
-                                        for c in cases]))
-            rows.append({"method": name, "lambda": lam, "rmse_mean": means[lam]})
-            print(f"validation {name:<32} lambda {lam:<5} RMSE {means[lam]:.4f}", flush=True)
+        for setting in SETTINGS:
+            fn = suits_method(model, setting)
+            means[setting] = float(np.mean([field_rmse(fn(c["fixed"], c["moving"]), c["u_true"],
+                                                       mask=c["mask"])["voxels"] for c in cases]))
+            rows.append({"method": name, "regularize": setting[0], "lambda": setting[1], "rmse_mean": means[setting]})
+            print(f"validation {name:<32} {setting[0]:<6} lambda {setting[1]:<5} RMSE {means[setting]:.4f}", flush=True)
         chosen[name] = min(means, key=means.get)
     return chosen, rows
 
@@ -145,9 +152,9 @@ def feature_models(model, mind_model) -> dict:
     return {"SUITS": model, "GN on MIND-pretrained FeatCNN": mind_model, "GN on MIND-SSC": MindFeatures(2)}
 
 
-def methods(features: dict, lambdas: dict) -> dict:
+def methods(features: dict, settings: dict) -> dict:
     out = {"identity": identity_method,
-           **{name: suits_method(m, lambdas[name]) for name, m in features.items()},
+           **{name: suits_method(m, settings[name]) for name, m in features.items()},
            "ppreg SVF MI": svf_method("mi"), "ppreg SVF MIND": svf_method("mind")}
     if sitk is not None:
         out["SimpleITK B-spline MI"] = sitk_bspline_mi
@@ -218,16 +225,20 @@ def main(argv=None):
     ap.add_argument("--mind-model", default=None, help="its MIND-replicator stage (default: MODEL + '_mind')")
     ap.add_argument("--out", default="bench/results/bench_suits.json")
     ap.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
-                    help="pick each feature type's lambda on validation pairs (default; else the paper's 10)")
+                    help="pick each feature type's regulariser and lambda on validation pairs (default; else the "
+                         "paper's Eq. 4 with lambda 10)")
+    ap.add_argument("--validation-every", type=int, default=1,
+                    help="tune on every N-th validation slice pair (default 1: all 24)")
     args = ap.parse_args(argv)
     mind_model = args.mind_model or args.model.rstrip("/") + "_mind"
     features = feature_models(args.model, mind_model)
     if args.tune:
-        lambdas, tuning = tune_lambdas(features, list(synthetic_cases(split="validation", every=6)))
+        settings, tuning = tune_settings(features, list(synthetic_cases(split="validation",
+                                                                        every=args.validation_every)))
     else:
-        lambdas, tuning = {name: 10.0 for name in features}, []
-    print(f"lambdas: {lambdas}", flush=True)
-    table, warm, rows = methods(features, lambdas), set(), []
+        settings, tuning = {name: ("total", 10.0) for name in features}, []
+    print(f"settings (regularize, lambda): {settings}", flush=True)
+    table, warm, rows = methods(features, settings), set(), []
     real = real_case()
     print(f"reference field of the real pair: SVF vs B-spline (both PD vs PD) RMSE {real['reference_spread_vox']:.3f} "
           "voxels in the brain", flush=True)
@@ -240,7 +251,7 @@ def main(argv=None):
     summary = summarize(rows)
     print_summary(summary)
     write_results(args.out, {"summary": summary, "rows": rows,
-                             "reference_spread_vox": real["reference_spread_vox"], "lambdas": lambdas,
+                             "reference_spread_vox": real["reference_spread_vox"], "settings": settings,
                              "tuning": tuning,
                              "models": {"suits": args.model, "mind": mind_model}},
                   bench="bench_suits", jnp_dtype=str(jnp.zeros(()).dtype))

@@ -98,23 +98,29 @@ def _features(key, shape=(6, 7), channels=3, shift=1):
     return fix, mov
 
 
-def _energy(z, fix, mov, u, lam):
-    """Eq. 4 linearised about u, with the regulariser on u + z, written independently of gn_step."""
+def _energy(z, fix, mov, u, lam, regularize="total"):
+    """Eq. 4 linearised about u, with the regulariser on u + z (or on z alone), written independently of
+    gn_step."""
     g = jnp.stack(jnp.gradient(mov, axis=(0, 1)), axis=-1)
     data = jnp.einsum("...ck,...k->...c", g, z) + mov - fix
-    w = u + z
+    w = u + z if regularize == "total" else z
     reg = sum(jnp.sum(jnp.diff(w, axis=a) ** 2) for a in range(2))
     return 0.5 * jnp.sum(data**2) + 0.5 * lam * reg
 
 
-def test_gn_step_minimises_the_linearised_energy():
+@pytest.mark.parametrize("regularize", ["total", "update"])
+def test_gn_step_minimises_the_linearised_energy(regularize):
     fix, mov = _features(jax.random.key(5))
     u = 0.3 * jax.random.normal(jax.random.key(6), (*fix.shape[:-1], 2))
     with jax.enable_x64(True):
         fix, mov, u = (x.astype(jnp.float64) for x in (fix, mov, u))
-        z = jax.jit(lambda f, m, uu: gn_step(f, m, uu, lam=0.7, tol=1e-12, maxiter=500))(fix, mov, u)
-        grad = jax.jit(jax.grad(_energy))(z, fix, mov, u, 0.7)
+        z = jax.jit(lambda f, m, uu: gn_step(f, m, uu, lam=0.7, tol=1e-12, maxiter=500,
+                                             regularize=regularize))(fix, mov, u)
+        grad = jax.jit(jax.grad(_energy), static_argnums=5)(z, fix, mov, u, 0.7, regularize)
         assert float(jnp.max(jnp.abs(grad))) < 1e-8
+        # the other regulariser's energy is not stationary there (u is not smooth)
+        other = "update" if regularize == "total" else "total"
+        assert float(jnp.max(jnp.abs(jax.grad(_energy)(z, fix, mov, u, 0.7, other)))) > 1e-3
         # L is the graph Laplacian: v^T L v = sum over edges of squared differences
         v = jax.random.normal(jax.random.key(7), (5, 4, 1), jnp.float64)
         assert float(jnp.sum(v * laplacian(v))) == pytest.approx(
@@ -127,6 +133,11 @@ def test_gn_step_identity_gives_zero():
     z = gn_step(fix, fix, u, lam=5.0)
     assert z.shape == u.shape
     np.testing.assert_array_equal(z, 0.0)
+    # regularising the update only, equal features leave any displacement where it is
+    u_rough = jax.random.normal(jax.random.key(9), u.shape)
+    np.testing.assert_array_equal(gn_step(fix, fix, u_rough, lam=5.0, regularize="update"), 0.0)
+    with pytest.raises(ValueError, match="regularize must be one of"):
+        gn_step(fix, fix, u, lam=5.0, regularize="fluid")
     # and its implicit gradient there is finite
     g = jax.jit(jax.grad(lambda m: jnp.sum(gn_step(fix, m, u, lam=5.0) ** 2 + gn_step(fix, m, u, lam=5.0))))(fix)
     assert bool(jnp.all(jnp.isfinite(g)))

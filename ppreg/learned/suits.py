@@ -31,7 +31,9 @@ the face-neighbour grid (Neumann borders; ``v^T L v = sum over edges (v_i - v_j)
     (sum_c g_c g_c^T) z + lambda L z = - sum_c r_c g_c - lambda L u          (Eq. 6)
 
 a symmetric positive (semi-)definite system: the paper's block matrix ``A`` with the channel sums
-written out.
+written out. ``regularize="update"`` puts the diffusion term on ``z`` alone (``b`` loses
+``- lambda L u``): the test-time default of :func:`ppreg.learned.suits_register.register_suits`,
+chosen on validation pairs (DESIGN.md item 46).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ __all__ = [
     "warp_clamped",
 ]
 
+REGULARIZE = ("total", "update")  # what the diffusion term of gn_step acts on: u + z (Eq. 4) or z
+
 
 # ----------------------------------------------------------------------------------------------
 # Checks and small helpers
@@ -72,6 +76,11 @@ __all__ = [
 def _check_lam(lam) -> None:
     if isinstance(lam, (int, float)) and not lam > 0:
         raise ValueError(f"lam must be > 0 (the system is singular without regularisation), got {lam!r}")
+
+
+def _check_regularize(regularize) -> None:
+    if regularize not in REGULARIZE:
+        raise ValueError(f"regularize must be one of {REGULARIZE}, got {regularize!r}")
 
 
 def _check_features(feat_fix, feat_mov, u=None) -> int:
@@ -386,13 +395,18 @@ def _pcg_unrolled(matvec, b, inv_diag, iterations: int):
 
 
 def gn_step(feat_fix: jnp.ndarray, feat_mov: jnp.ndarray, u: jnp.ndarray, *, lam, maxiter: int = 200,
-            tol: float = 1e-5, matrix_gradient: bool = True, implicit: bool = True) -> jnp.ndarray:
+            tol: float = 1e-5, matrix_gradient: bool = True, implicit: bool = True,
+            regularize: str = "total") -> jnp.ndarray:
     """One diffusion-regularised Gauss-Newton update ``z = Delta u`` on feature maps (Eq. 4-6).
 
     Solves ``A z = b`` with, per voxel and displacement component (see the module docstring and
     DESIGN.md item 27 for the derivation),
 
         A z = (sum_c g_c g_c^T) z + lambda L z,     b = - sum_c (R_mov,c - R_fix,c) g_c - lambda L u,
+
+    (``regularize="total"``, Eq. 4: the diffusion term on ``u + z``). ``regularize="update"`` drops
+    ``- lambda L u`` from ``b``: the diffusion term on the update ``z`` only (a fluid-like
+    regulariser, as in demons; the result of several steps then depends on their number),
 
     ``g_c = grad R_mov,c`` the central-difference gradient of the (already warped) moving features,
     ``L`` the grid-graph Laplacian (:func:`laplacian`). ``A`` is symmetric positive semi-definite,
@@ -414,6 +428,8 @@ def gn_step(feat_fix: jnp.ndarray, feat_mov: jnp.ndarray, u: jnp.ndarray, *, lam
             gradients in ``A`` as constants, as the paper did ("the influence ... was negligible").
         implicit: ``True``: ``custom_linear_solve`` (the implicit backward pass). ``False``: a PCG of
             exactly ``maxiter`` iterations differentiated by unrolling (for tests / reference).
+        regularize: ``"total"`` (Eq. 4, Brox et al.: ``lambda/2 (u+z)^T L (u+z)``) or ``"update"``
+            (``lambda/2 z^T L z``).
 
     Returns:
         float ``(*spatial, ndim)``: the update ``Delta u^{k-1}`` in voxels of this grid. Identical
@@ -421,16 +437,19 @@ def gn_step(feat_fix: jnp.ndarray, feat_mov: jnp.ndarray, u: jnp.ndarray, *, lam
 
     Raises:
         ValueError: features of different shapes or channel counts, wrong rank, ``u`` not
-            ``(*spatial, ndim)``, ``lam <= 0`` (a Python number).
+            ``(*spatial, ndim)``, ``lam <= 0`` (a Python number), an unknown ``regularize``.
 
     Source: Blendowski et al. 2020, Eq. 4-6 (Sec. 3.2.1) and Eq. 7-9, Algorithm 2 (Sec. 3.2.2);
     Brox et al. 2004 for regularising the total displacement ``u + Delta u``.
     """
     ndim = _check_features(feat_fix, feat_mov, u)
     _check_lam(lam)
+    _check_regularize(regularize)
     g = feature_gradient(feat_mov)  # (*s, C, ndim)
     r = feat_mov - feat_fix  # (*s, C)
-    b = -jnp.einsum("...c,...ck->...k", r, g) - lam * laplacian(u, ndim=ndim)
+    b = -jnp.einsum("...c,...ck->...k", r, g)
+    if regularize == "total":
+        b = b - lam * laplacian(u, ndim=ndim)
     g_mat = g if matrix_gradient else jax.lax.stop_gradient(g)
     gram = jnp.einsum("...ck,...cl->...kl", g_mat, g_mat)  # (*s, ndim, ndim)
 
@@ -598,7 +617,7 @@ def make_train_step(optimizer: optax.GradientTransformation, config: SuitsConfig
 
 def register_features(model: FeatCNN, fixed: jnp.ndarray, moving: jnp.ndarray, *, iterations: int = 15,
                       lam: float = 10.0, gamma: float = 1.0, cg_maxiter: int = 200, cg_tol: float = 1e-5,
-                      smooth: bool = True) -> jnp.ndarray:
+                      smooth: bool = True, regularize: str = "total") -> jnp.ndarray:
     """SUITS registration at test time: ``iterations`` Gauss-Newton steps on FeatCNN features (Eq. 2).
 
     Each step warps the moving image at full resolution by the current displacement, computes the
@@ -612,22 +631,25 @@ def register_features(model: FeatCNN, fixed: jnp.ndarray, moving: jnp.ndarray, *
         gamma: step size (1).
         cg_maxiter, cg_tol: of :func:`gn_step`.
         smooth: 5-voxel averaging after upsampling.
+        regularize: what the diffusion term acts on, see :func:`gn_step` (``"total"``: Eq. 4).
 
     Returns:
         float32 ``(*spatial, ndim)``: the full-resolution displacement in voxels; warp with
         ``ppreg.warp.warp_displacement(moving, u)`` (or :func:`warp_clamped`).
 
     Raises:
-        ValueError: shapes differ or do not fit the model, ``lam <= 0``.
+        ValueError: shapes differ or do not fit the model, ``lam <= 0``, an unknown ``regularize``.
     """
     _check_pair(fixed, moving, model)
     _check_lam(lam)
+    _check_regularize(regularize)
     full = tuple(jnp.shape(fixed))
     feat_fix = model(fixed, 0)
 
     def body(_, u):
         feat_mov = model(warp_clamped(moving, upsample_displacement(u, full, smooth=smooth)), 1)
-        return u + gamma * gn_step(feat_fix, feat_mov, u, lam=lam, maxiter=cg_maxiter, tol=cg_tol)
+        return u + gamma * gn_step(feat_fix, feat_mov, u, lam=lam, maxiter=cg_maxiter, tol=cg_tol,
+                                   regularize=regularize)
 
     u = jax.lax.fori_loop(0, int(iterations), body, jnp.zeros((*feat_fix.shape[:-1], len(full)), feat_fix.dtype))
     return upsample_displacement(u, full, smooth=smooth)

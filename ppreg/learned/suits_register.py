@@ -28,7 +28,7 @@ from . import checkpoint
 from .data import normalize_intensity, pad_to_multiple, unpad
 from .featcnn import FACTOR, FeatCNN
 from .register import LearnedResult, resolve_model
-from .suits import MindFeatures, register_features
+from .suits import REGULARIZE, MindFeatures, register_features
 
 __all__ = ["JACOBIAN_FILE", "SHIPPED_SUITS", "SuitsResult", "register_suits", "resolve_suits_model",
            "shipped_suits_path"]
@@ -36,7 +36,10 @@ __all__ = ["JACOBIAN_FILE", "SHIPPED_SUITS", "SuitsResult", "register_suits", "r
 SHIPPED_SUITS = {2: "suits_2d"}  # folders in ppreg/learned/models
 JACOBIAN_FILE = "jacobian.nii.gz"
 DEFAULT_ITERATIONS = 15  # the paper's test-time setting (Sec. 4.2)
-DEFAULT_LAM = 0.5  # chosen on validation pairs for the shipped model (bench/bench_suits.py; the paper: 10)
+# Chosen for the shipped model on the 24 validation-slice pairs (bench/bench_suits.py, DESIGN.md item 46):
+# the diffusion term on each update, weight 10 (the paper's Eq. 4 puts it on the total displacement).
+DEFAULT_REGULARIZE = "update"
+DEFAULT_LAM = 10.0
 
 
 @dataclass(frozen=True)
@@ -71,12 +74,12 @@ def resolve_suits_model(model, ndim: int) -> checkpoint.Checkpoint:
 
 
 @eqx.filter_jit
-def _register(model, fixed, moving, iterations, lam):
-    return register_features(model, fixed, moving, iterations=iterations, lam=lam)
+def _register(model, fixed, moving, iterations, lam, regularize):
+    return register_features(model, fixed, moving, iterations=iterations, lam=lam, regularize=regularize)
 
 
 def register_suits(fixed, moving, *, model=None, iterations: int = DEFAULT_ITERATIONS,
-                   lam: float = DEFAULT_LAM) -> SuitsResult:
+                   lam: float = DEFAULT_LAM, regularize: str = DEFAULT_REGULARIZE) -> SuitsResult:
     """Register ``moving`` to ``fixed`` (two modalities, one grid) with a trained SUITS FeatCNN.
 
     Args:
@@ -88,16 +91,19 @@ def register_suits(fixed, moving, *, model=None, iterations: int = DEFAULT_ITERA
             feature module called as ``model(image, stream)`` (a :class:`FeatCNN` or
             :class:`ppreg.learned.suits.MindFeatures`, the hand-made baseline).
         iterations: Gauss-Newton steps (the paper: 15).
-        lam: diffusion weight lambda (default 0.5: the best of 0.25-10 for the shipped model on validation
-            pairs, bench/bench_suits.py; the paper uses 10 for its 3D CT/MR features).
+        lam: diffusion weight lambda (the paper uses 10 for its 3D CT/MR features).
+        regularize: ``"update"`` (default: the diffusion term on each Gauss-Newton update, fluid-like)
+            or ``"total"`` (the paper's Eq. 4: on the whole displacement). The defaults, update and
+            lambda 10, scored best for the shipped model on the 24 validation-slice pairs among total
+            with lambda 0.25-10 and update with lambda 2.5-40 (bench/bench_suits.py; DESIGN.md item 46).
 
     Returns:
         :class:`SuitsResult` (``transform="suits"``): ``params`` the float32 displacement
         ``(*fixed.shape, d)`` in voxels, ``warped`` the linearly warped moving image.
 
     Raises:
-        ValueError: bad images (non-finite, all zero, 2D against 3D), a wrong model, ``iterations < 1``
-            or ``lam <= 0``. FloatingPointError: a non-finite displacement.
+        ValueError: bad images (non-finite, all zero, 2D against 3D), a wrong model, ``iterations < 1``,
+            ``lam <= 0`` or an unknown ``regularize``. FloatingPointError: a non-finite displacement.
 
     Source: Blendowski et al. 2020, Sec. 3.2.1 (Eq. 2, 4-6) and Sec. 4.2 (test-time settings).
     """
@@ -110,6 +116,8 @@ def register_suits(fixed, moving, *, model=None, iterations: int = DEFAULT_ITERA
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
     if not float(lam) > 0:
         raise ValueError(f"lam must be > 0, got {lam!r}")
+    if regularize not in REGULARIZE:
+        raise ValueError(f"regularize must be one of {REGULARIZE}, got {regularize!r}")
     if isinstance(model, (FeatCNN, MindFeatures)):
         if model.ndim != fixed_a.ndim:
             raise ValueError(f"the feature module is {model.ndim}D, got {fixed_a.ndim}D images")
@@ -120,7 +128,7 @@ def register_suits(fixed, moving, *, model=None, iterations: int = DEFAULT_ITERA
                                  "weights_sha256": ckpt.config.get("weights_sha256")}
     f, pads = pad_to_multiple(normalize_intensity(np.asarray(fixed_a)), FACTOR)
     m, _ = pad_to_multiple(normalize_intensity(np.asarray(pair.moving_d)), FACTOR)
-    u = _register(net, jnp.asarray(f), jnp.asarray(m), int(iterations), float(lam))
+    u = _register(net, jnp.asarray(f), jnp.asarray(m), int(iterations), float(lam), regularize)
     u = np.asarray(unpad(u, pads), np.float32)
     if not np.all(np.isfinite(u)):
         raise FloatingPointError("the SUITS iteration produced a non-finite displacement")
@@ -134,5 +142,5 @@ def register_suits(fixed, moving, *, model=None, iterations: int = DEFAULT_ITERA
         secure=None, time_s={"party1": time.perf_counter() - start, "party2": 0.0},
         bytes={"party1": dict(zero), "party2": dict(zero)}, bytes_per_iteration={"party1": 0.0, "party2": 0.0},
         fixed_affine=pair.w_fixed, moving_affine=pair.w_moving,
-        model={**info, "iterations": int(iterations), "lam": float(lam)},
+        model={**info, "iterations": int(iterations), "lam": float(lam), "regularize": regularize},
     )
