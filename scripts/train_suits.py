@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ppreg.learned import checkpoint
 from ppreg.learned.data import slice_bank
-from ppreg.learned.suits import WARMUPS
+from ppreg.learned.suits import REGULARIZE, WARMUPS
 from ppreg.learned.suits_recipe import TRAIN_CONFIG, pretrain_path, train_suits
 
 PAIRS = {"p_inter": 0.5, "p_synth": 0.8}
@@ -66,6 +66,8 @@ def main(argv=None) -> None:
     p.add_argument("--iterations", type=int, default=TRAIN_CONFIG.iterations, help="k_back is drawn from 1..this")
     p.add_argument("--warmup", choices=WARMUPS, default=TRAIN_CONFIG.warmup,
                    help="what drives Algorithm 1's untracked steps (labels: as printed)")
+    p.add_argument("--regularize", choices=REGULARIZE, default=TRAIN_CONFIG.regularize,
+                   help="what the diffusion term of every step acts on: total (Eq. 4) or update")
     p.add_argument("--init", type=Path, default=None,
                    help="start stage 2 from this FeatCNN checkpoint (fine-tuning; needs --pretrain-steps 0)")
     p.add_argument("--lr-drop", nargs=2, action="append", default=[], metavar=("STEP", "FACTOR"),
@@ -75,7 +77,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     data = "ppreg.learned.data.slice_bank('train'): Colin27 + MNI152 1 mm slices, tissue labels"
     config = dataclasses.replace(TRAIN_CONFIG, lam=args.lam, iterations=args.iterations,
-                                 warmup=args.warmup)
+                                 warmup=args.warmup, regularize=args.regularize)
     start = time.perf_counter()
     pre, result = train_suits(slice_bank("train"), pretrain_steps=args.pretrain_steps, steps=args.steps,
                               batch_size=args.batch_size, seed=args.seed, out=args.out, config=config,

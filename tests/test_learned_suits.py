@@ -1,6 +1,8 @@
 """SUITS foundation (Blendowski et al. 2020): FeatCNN, the Gauss-Newton step and its implicit gradient,
 the MIND replicator and Algorithm 1 losses, checkpoints, refusal of bad input. CI-sized (2D 32x32)."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -302,6 +304,15 @@ def test_feature_warmup_starts_the_tracked_step_where_test_time_registration_is(
     assert np.isfinite(norm) and norm > 0
     with pytest.raises(ValueError, match="warmup"):
         SuitsConfig(warmup="oracle")
+    # the same identity with the diffusion term on each update (the test-time default)
+    update = dataclasses.replace(config, regularize="update")
+    loss_u, _ = eqx.filter_jit(lambda m: suits_loss(m, key, batch, config=update))(model)
+    u = register_features(model, batch["fixed"], batch["moving"], iterations=3, lam=1.0, cg_maxiter=40, cg_tol=1e-4,
+                          regularize="update")
+    expected = cross_entropy(warp_clamped(batch["moving_labels"], u), batch["fixed_labels"])
+    np.testing.assert_allclose(float(loss_u), float(expected), rtol=1e-5)
+    with pytest.raises(ValueError, match="regularize"):
+        SuitsConfig(regularize="fluid")
 
 
 def test_register_features_shapes():

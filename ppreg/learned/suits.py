@@ -485,6 +485,8 @@ class SuitsConfig:
         warmup: what drives the ``k_back - 1`` untracked steps: ``"labels"`` (Algorithm 1: the
             block-averaged label maps) or ``"features"`` (the network's own features, without gradient:
             the state the tracked step starts from is then the one test-time registration reaches).
+        regularize: what the diffusion term of every step acts on, see :func:`gn_step` (``"total"``:
+            Eq. 4).
     """
 
     iterations: int = 15
@@ -495,12 +497,14 @@ class SuitsConfig:
     smooth: bool = True
     matrix_gradient: bool = True
     warmup: str = "labels"
+    regularize: str = "total"
 
     def __post_init__(self):
         if int(self.iterations) < 1 or not self.lam > 0 or not self.gamma > 0 or int(self.cg_maxiter) < 1:
             raise ValueError(f"need iterations >= 1, lam > 0, gamma > 0, cg_maxiter >= 1, got {self}")
         if self.warmup not in WARMUPS:
             raise ValueError(f"warmup must be one of {WARMUPS}, got {self.warmup!r}")
+        _check_regularize(self.regularize)
 
 
 def _check_batch(model: FeatCNN, batch: dict) -> None:
@@ -556,7 +560,7 @@ def suits_loss(model: FeatCNN, key, batch: dict, *, config: SuitsConfig = SuitsC
 
     rep_fix = block_mean(s_fix, FACTOR, ndim=ndim)
     rep_mov = block_mean(s_mov, FACTOR, ndim=ndim)
-    step = dict(lam=config.lam, maxiter=config.cg_maxiter, tol=config.cg_tol)
+    step = dict(lam=config.lam, maxiter=config.cg_maxiter, tol=config.cg_tol, regularize=config.regularize)
 
     feat_fix = model(fixed, 0)
     params, static = eqx.partition(model, eqx.is_array)
