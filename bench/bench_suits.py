@@ -229,14 +229,21 @@ def main(argv=None):
                          "paper's Eq. 4 with lambda 10)")
     ap.add_argument("--validation-every", type=int, default=1,
                     help="tune on every N-th validation slice pair (default 1: all 24)")
+    ap.add_argument("--setting", nargs=3, action="append", default=[], metavar=("ROW", "REGULARIZE", "LAMBDA"),
+                    help="fix a feature row's setting instead of tuning it (e.g. a value an earlier run chose)")
     args = ap.parse_args(argv)
     mind_model = args.mind_model or args.model.rstrip("/") + "_mind"
     features = feature_models(args.model, mind_model)
-    if args.tune:
-        settings, tuning = tune_settings(features, list(synthetic_cases(split="validation",
-                                                                        every=args.validation_every)))
-    else:
-        settings, tuning = {name: ("total", 10.0) for name in features}, []
+    fixed = {row: (reg, float(lam)) for row, reg, lam in args.setting}
+    unknown = set(fixed) - set(features)
+    if unknown:
+        ap.error(f"--setting rows must be among {sorted(features)}, got {sorted(unknown)}")
+    settings, tuning = dict(fixed), []
+    rest = {name: m for name, m in features.items() if name not in fixed}
+    if args.tune and rest:
+        chosen, tuning = tune_settings(rest, list(synthetic_cases(split="validation", every=args.validation_every)))
+        settings.update(chosen)
+    settings.update({name: ("total", 10.0) for name in rest if name not in settings})
     print(f"settings (regularize, lambda): {settings}", flush=True)
     table, warm, rows = methods(features, settings), set(), []
     real = real_case()
@@ -252,6 +259,7 @@ def main(argv=None):
     print_summary(summary)
     write_results(args.out, {"summary": summary, "rows": rows,
                              "reference_spread_vox": real["reference_spread_vox"], "settings": settings,
+                             "settings_given": fixed,
                              "tuning": tuning,
                              "models": {"suits": args.model, "mind": mind_model}},
                   bench="bench_suits", jnp_dtype=str(jnp.zeros(()).dtype))

@@ -13,7 +13,8 @@ log); ``--export`` then writes the shipped forms (weights, config and log, no op
 ``EXPORT`` (stage 2) and ``EXPORT``_mind (stage 1).
 
 ``--init`` fine-tunes stage 2 from an exported model (fresh Adam state; ``--seed`` then only draws
-new pairs), ``--lr-drop`` lowers stage 2's rate from a step on.
+new pairs), ``--lr-drop`` lowers stage 2's rate from a step on, ``--regularize update`` trains with the
+test-time step (the diffusion term on each update; tried in DESIGN.md item 46, not shipped).
 
 Usage (from the repository root). The shipped model: the stage-1 run of 700 steps, then Algorithm 1
 with the defaults, lambda 1 and the feature warm-up of ``TRAIN_CONFIG``, for 3000 steps; then 2400
