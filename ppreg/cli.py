@@ -32,8 +32,8 @@ from .bspline import control_grid_shape, displacement
 from .data import load_sample
 from .optim import DENSE_OPTIMIZERS
 from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_ITERATIONS, DENSE_OPTIMIZER,
-                      DENSE_SIGMA, FLUID_SIGMA, FLUID_SIGMA_OTHER, LOSSES, SVF_FINEST_ITERATIONS, TRANSFORMS,
-                      VXM_PASSES)
+                      DENSE_SIGMA, FLUID_SIGMA, FLUID_SIGMA_OTHER, LOSSES, SUITS_LAMBDA, SVF_FINEST_ITERATIONS,
+                      TRANSFORMS, VXM_PASSES)
 from .register import register
 from .space import INITS, reduce_affine, world_affine
 from .svf import compose
@@ -112,7 +112,8 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", type=int, default=4, help="bspline control-point spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=None,
                    help=f"bspline: bending-energy weight (default {DEFAULT_REGULARIZATION['bspline']}); dense: "
-                        f"diffusion weight (default {DEFAULT_REGULARIZATION['dense']})")
+                        f"diffusion weight (default {DEFAULT_REGULARIZATION['dense']}); suits: diffusion weight "
+                        f"lambda of each Gauss-Newton update (default {SUITS_LAMBDA:g})")
     p.add_argument("--step-size", type=float, default=None,
                    help=f"svf: largest velocity update, level voxels ({DEFAULT_STEP['svf']}); dense: Adam learning "
                         f"rate ({DEFAULT_STEP['dense']})")

@@ -46,6 +46,8 @@ DENSE_DIFFUSION = 0.3  # diffusion weight (loss units per voxel^2 of gradient)
 # smoothing of the update variable (lbfgs) or of each gradient (adam), level voxels
 DENSE_SIGMA = {"lbfgs": 3.0, "adam": 2.0}
 VXM_PASSES = {2: 4, 3: 6}  # vxm-diff: network passes per dimensionality, symmetric when > 1 (learned/models/README.md)
+# suits: diffusion weight of each Gauss-Newton update, chosen on the validation slices (DESIGN.md item 46)
+SUITS_LAMBDA = 10.0
 DENSE_FIELD_FILE = "dense_displacement.nii.gz"  # dense: the deformable part, beside transform.json
 FIXED_HALF_FILE = "fixed_velocity.nii.gz"  # two-party symmetric svf: party2's half velocity
 DEFAULTS = {  # per optimiser: max_iterations (per level), tol (voxels), damping

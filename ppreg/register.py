@@ -101,7 +101,8 @@ def register(
             when refined).
         regularization: bspline: bending-energy weight (on images scaled into [-1, 1]; default
             0.01); dense: diffusion weight (:func:`ppreg.regularizers.diffusion`, default
-            :data:`DENSE_DIFFUSION`).
+            :data:`DENSE_DIFFUSION`); suits: the diffusion weight lambda of each Gauss-Newton update
+            (default :data:`ppreg.learned.suits_register.DEFAULT_LAM`).
         cg_iterations: bspline conjugate-gradient iterations per Gauss-Newton step.
         bins: histogram bins of ``loss="mi"``.
         step_size: svf: largest update of the velocity per iteration, in voxels of the level
@@ -196,7 +197,7 @@ def register(
         return register_result(fixed, moving, loss=loss, secure=secure, sampling=sampling,
                                max_iterations=max_iterations, **flash_options)
     if transform == "suits":
-        from .learned.suits_register import DEFAULT_ITERATIONS, register_suits
+        from .learned.suits_register import DEFAULT_ITERATIONS, DEFAULT_LAM, register_suits
 
         if loss != "ssd" or secure is not None or sampling is not None or samples is not None:
             raise ValueError(f"suits runs a trained feature network, clear, with no loss, sampling or samples "
@@ -204,7 +205,8 @@ def register(
         if isinstance(max_iterations, (tuple, list)):
             raise ValueError(f"suits takes one iteration count, got {max_iterations!r}")
         return register_suits(fixed, moving, model=model,
-                              iterations=DEFAULT_ITERATIONS if max_iterations is None else max_iterations)
+                              iterations=DEFAULT_ITERATIONS if max_iterations is None else max_iterations,
+                              lam=DEFAULT_LAM if regularization is None else regularization)
     if transform == "vxm-diff":
         from .learned.register import DEFAULT_SAMPLES, register_vxm
 

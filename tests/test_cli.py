@@ -100,6 +100,7 @@ def test_register_help_states_the_defaults_register_uses(capsys):
     """The numbers ``ppreg register --help`` quotes are the ones registration resolves (they once drifted:
     the help said diffusion weight 0.1 after the dense default became 0.3)."""
     from ppreg.methods import resolve_options
+    from ppreg.learned.suits_register import DEFAULT_LAM
     from ppreg.options import VXM_PASSES
 
     with pytest.raises(SystemExit):
@@ -111,6 +112,7 @@ def test_register_help_states_the_defaults_register_uses(capsys):
     rigid = resolve_options("rigid", "ssd", (4, 2, 1), {})
     assert f"dense: diffusion weight (default {dense['regularization']})" in text
     assert f"bending-energy weight (default {bspline['regularization']})" in text
+    assert f"suits: diffusion weight lambda of each Gauss-Newton update (default {DEFAULT_LAM:g})" in text
     assert f"level voxels ({svf['step_size']}); dense: Adam learning rate ({dense['step_size']})" in text
     adam = resolve_options("dense", "lncc", (4, 2, 1), {"optimizer": "adam"})
     assert (f"(default {rigid['max_iterations']} linear, {bspline['max_iterations']} bspline; svf: "

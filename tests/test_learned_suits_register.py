@@ -148,8 +148,9 @@ def test_register_api_and_cli_outputs(tmp_path, tiny_model):
     odd = register_suits(fixed[:30, :27], moving[:30, :27], model=tiny_model, iterations=2)  # padded to 4
     assert odd.displacement().shape == (30, 27, 2)
     doc = register_and_apply(tmp_path, fixed, 1 - moving, "--transform", "suits", "--model", str(tiny_model),
-                             "--max-iterations", "3")
+                             "--max-iterations", "3", "--regularization", "5")
     assert doc["type"] == "dense" and doc["method"] == "suits" and doc["model"]["iterations"] == 3
+    assert doc["model"]["lam"] == 5.0 and doc["model"]["regularize"] == "update"
     jac = nib.load(doc["_outdir"] / JACOBIAN_FILE).get_fdata()
     assert jac.shape == (32, 32) and np.all(np.isfinite(jac))
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..methods import on_fixed_grid, warp_deformed
+from ..options import SUITS_LAMBDA
 from ..result import LevelReport
 from ..svf import jacobian_determinant
 from . import checkpoint
@@ -39,7 +40,7 @@ DEFAULT_ITERATIONS = 15  # the paper's test-time setting (Sec. 4.2)
 # Chosen for the shipped model on the 24 validation-slice pairs (bench/bench_suits.py, DESIGN.md item 46):
 # the diffusion term on each update, weight 10 (the paper's Eq. 4 puts it on the total displacement).
 DEFAULT_REGULARIZE = "update"
-DEFAULT_LAM = 10.0
+DEFAULT_LAM = SUITS_LAMBDA
 
 
 @dataclass(frozen=True)
