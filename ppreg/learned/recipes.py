@@ -56,6 +56,7 @@ def random_crop(key, pair: dict, crop: tuple[int, ...], multiple: int = 16) -> d
 def sample_pair(key, bank: dict, *, crop: tuple[int, ...] | None = None, **pair_options) -> dict:
     """:func:`make_training_pair` on a random ``crop`` (warped and augmented on the crop only), or
     on the whole grid when ``crop`` is None."""
+    # split(key)[0]: the key the whole-grid pair was always drawn with, so uncropped runs draw the same pairs
     return make_training_pair(jax.random.split(key)[0], bank, crop=None if crop is None else tuple(crop),
                               **pair_options)
 

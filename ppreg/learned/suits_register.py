@@ -29,7 +29,7 @@ from . import checkpoint
 from .data import normalize_intensity, pad_to_multiple, unpad
 from .featcnn import FACTOR, FeatCNN
 from .register import LearnedResult, resolve_model
-from .suits import REGULARIZE, MindFeatures, register_features
+from .suits import MindFeatures, _check_regularize, register_features
 
 __all__ = ["JACOBIAN_FILE", "SHIPPED_SUITS", "SuitsResult", "register_suits", "resolve_suits_model",
            "shipped_suits_path"]
@@ -117,8 +117,7 @@ def register_suits(fixed, moving, *, model=None, iterations: int = DEFAULT_ITERA
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
     if not float(lam) > 0:
         raise ValueError(f"lam must be > 0, got {lam!r}")
-    if regularize not in REGULARIZE:
-        raise ValueError(f"regularize must be one of {REGULARIZE}, got {regularize!r}")
+    _check_regularize(regularize)
     if isinstance(model, (FeatCNN, MindFeatures)):
         if model.ndim != fixed_a.ndim:
             raise ValueError(f"the feature module is {model.ndim}D, got {fixed_a.ndim}D images")
