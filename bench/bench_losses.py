@@ -1,7 +1,8 @@
 """Per-call time of the warp and the image losses, unbatched and vmapped, value and gradient.
 
 Ops: ``ppreg.warp.warp`` (linear interpolation of a full image at a displaced grid: the fixed grid
-under a small affine), and the losses ``ssd``, ``ncc``, ``lncc`` (window 5),
+under a small affine; value, and value+grad with respect to the coordinates), the diffusion
+regulariser on that grid's displacement (value+grad), and the losses ``ssd``, ``ncc``, ``lncc`` (window 5),
 ``mutual_information`` (32 bins) and ``mind`` (radius 1, dilation 2), each as its value and as
 ``jax.value_and_grad`` with respect to the warped image.
 
@@ -32,6 +33,7 @@ import numpy as np
 from ppreg import losses
 from ppreg.data import load_sample
 from ppreg.grid import identity_grid
+from ppreg.regularizers import diffusion
 from ppreg.transforms import apply_matrix, image_center, matrix
 from ppreg.warp import warp
 
@@ -70,16 +72,22 @@ def make_data(dims):
     # a wrapper, not jax.jit(warp): that would share its compile cache with the timed warp row
     warp_jit = jax.jit(lambda image, c: warp(image, c))
     warped = jnp.stack([warp_jit(moving, c) for c in coords])
+    grid = identity_grid(fixed.shape)
     return {
         "shape": tuple(fixed.shape),
-        "single": {"image": (moving, coords[0]), "pair": (fixed, warped[0])},
-        "batched": {"image": (jnp.stack([moving] * BATCH), coords), "pair": (jnp.stack([fixed] * BATCH), warped)},
+        "single": {"image": (moving, coords[0]), "pair": (fixed, warped[0]), "field": (coords[0] - grid,)},
+        "batched": {"image": (jnp.stack([moving] * BATCH), coords), "pair": (jnp.stack([fixed] * BATCH), warped),
+                    "field": (coords - grid,)},
     }
 
 
 def functions():
-    """(op, kind, mode, fn): kind picks the inputs ("image": (moving, coords), "pair": (fixed, warped))."""
+    """(op, kind, mode, fn): kind picks the inputs ("image": (moving, coords), "pair": (fixed, warped),
+    "field": (displacement,))."""
     yield "warp", "image", "value", warp
+    # the gradient with respect to the coordinates: what every registration step takes through a warp
+    yield "warp", "image", "value+grad", jax.value_and_grad(lambda image, c: jnp.sum(warp(image, c)), argnums=1)
+    yield "diffusion", "field", "value+grad", jax.value_and_grad(diffusion)
     for name, loss in LOSSES.items():
         yield name, "pair", "value", loss
         yield name, "pair", "value+grad", jax.value_and_grad(loss, argnums=1)
