@@ -7,8 +7,8 @@ margin the edge value is used (zero derivative across the edge). Outside points 
 fill value and have zero gradient.
 
 The coordinate gradient of :func:`interpolate` is written by hand (the exact derivative
-of the multilinear interpolant), so reverse-mode through a warp costs one extra gather
-instead of the scatter-add that autodiff of ``map_coordinates`` produces.
+of the multilinear interpolant), so reverse-mode through a warp costs gathers of the
+per-axis differences instead of the scatter-add that autodiff of ``map_coordinates`` produces.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def interpolate_gradient(image: jnp.ndarray, coords: jnp.ndarray) -> jnp.ndarray
     The derivative along axis ``k`` is the interpolant, over the other axes, of the forward
     difference along ``k`` read at the cell's lower corner: ``2^(ndim-1)`` gathers per axis, each
     axis its own output (as one fused loop over the stacked ``(..., ndim)`` corner terms, XLA's CPU
-    backend took 3x as long; bench/README.md "interpolate_gradient").
+    backend took 2-3x as long; DESIGN.md item 47).
     """
     ndim = coords.shape[-1]
     _check(image, coords, ndim)
