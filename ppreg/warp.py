@@ -57,11 +57,12 @@ def _lerp_gather(image, base, frac, axes):
     flat = image.reshape((-1,) + image.shape[ndim:])
     total = 0.0
     for corner in itertools.product((0, 1), repeat=len(axes)):
-        weight = 1.0
+        weight = None  # stays None with no axes (the derivative of a 1D image)
         for c, k in zip(corner, axes):
-            weight = weight * (frac[..., k] if c else 1.0 - frac[..., k])
+            w = frac[..., k] if c else 1.0 - frac[..., k]
+            weight = w if weight is None else weight * w
         value = jnp.take(flat, idx + sum(c * strides[k] for c, k in zip(corner, axes)), axis=0)
-        total = total + _expand(weight, value) * value
+        total = total + (value if weight is None else _expand(weight, value) * value)
     return total
 
 

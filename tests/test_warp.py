@@ -9,7 +9,7 @@ from jax.test_util import check_grads
 from ppreg.grid import identity_grid
 from ppreg.warp import inside_mask, interpolate, interpolate_gradient, warp, warp_displacement
 
-SHAPES = {2: (24, 20), 3: (10, 9, 8)}
+SHAPES = {1: (12,), 2: (24, 20), 3: (10, 9, 8)}
 N_CHANNELS = 3
 N_POINTS = 32
 
@@ -118,7 +118,7 @@ def test_exact_for_bilinear_image():
     np.testing.assert_allclose(_interp(img, pts), f(pts), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("ndim", [1, 2, 3])
 @pytest.mark.parametrize("channels", [False, True])
 def test_coordinate_gradient_matches_finite_differences(ndim, channels):
     """Inside a cell the interpolant is multilinear, so central differences that stay in
