@@ -40,7 +40,7 @@ import numpy as np
 from ppreg import register
 from ppreg.data import load_sample
 from ppreg.learned.data import slice_bank
-from ppreg.learned.suits import MindFeatures
+from ppreg.learned.suits import REGULARIZE, MindFeatures
 from ppreg.learned.suits_register import register_suits, shipped_suits_path
 from ppreg.learned.synth import augment_intensity, make_test_pair, synth_from_labels
 from ppreg.metrics import dice, field_rmse, folding, hd95
@@ -218,6 +218,19 @@ def print_summary(summary):
                           fmt(s["time_s"], ".2f")]), flush=True)
 
 
+def _setting(ap, regularize: str, lam: str) -> tuple[str, float]:
+    """One ``--setting``'s (regularize, lambda), or an argparse error naming the bad value."""
+    if regularize not in REGULARIZE:
+        ap.error(f"--setting REGULARIZE must be one of {REGULARIZE}, got {regularize!r}")
+    try:
+        value = float(lam)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value) or value <= 0:
+        ap.error(f"--setting LAMBDA must be a positive number, got {lam!r}")
+    return regularize, value
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=None, help="at most this many synthetic pairs (quick checks)")
@@ -232,9 +245,9 @@ def main(argv=None):
     ap.add_argument("--setting", nargs=3, action="append", default=[], metavar=("ROW", "REGULARIZE", "LAMBDA"),
                     help="fix a feature row's setting instead of tuning it (e.g. a value an earlier run chose)")
     args = ap.parse_args(argv)
+    fixed = {row: _setting(ap, reg, lam) for row, reg, lam in args.setting}
     mind_model = args.mind_model or args.model.rstrip("/") + "_mind"
     features = feature_models(args.model, mind_model)
-    fixed = {row: (reg, float(lam)) for row, reg, lam in args.setting}
     unknown = set(fixed) - set(features)
     if unknown:
         ap.error(f"--setting rows must be among {sorted(features)}, got {sorted(unknown)}")
