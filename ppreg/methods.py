@@ -32,8 +32,8 @@ from .bspline import control_grid_shape, displacement, refine
 from .grid import downsample, gaussian_blur, gradient, identity_grid, level_coordinates, level_shape
 from .losses import LNCC_FLAT_FLOOR, lncc, mind, mutual_information, ncc, ssd
 from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_OPTIMIZER, DENSE_SIGMA,
-                      FLUID_SIGMA, FLUID_SIGMA_OTHER, SVF_STEPS, as_array, check_finite, default_iterations,
-                      default_symmetric, scale_exponent, unit_range)
+                      FLUID_SIGMA, FLUID_SIGMA_OTHER, SVF_LOOP_TOLERANCE, SVF_STEPS, as_array, check_finite,
+                      default_iterations, default_symmetric, scale_exponent, unit_range)
 from .pyramid import coarse_to_fine_core, level_reports
 from .result import LevelReport, Result, warp_field, warp_linear
 from .sampling import n_samples
@@ -240,7 +240,8 @@ def fit_svf(fixed_u, moving_u, *, loss, levels, iterations, step, fluid_sigma, d
 
     Source: Vercauteren et al. 2009 (log-domain demons); Avants et al. 2008 (SyN's half-way update).
     """
-    opts = dict(step=step, sigma_fluid=fluid_sigma, sigma_diff=diffusion_sigma, steps=SVF_STEPS)
+    opts = dict(step=step, sigma_fluid=fluid_sigma, sigma_diff=diffusion_sigma, steps=SVF_STEPS,
+                tolerance=SVF_LOOP_TOLERANCE)
 
     def run_level(li, velocity, moving, fixed, count):
         return optim.run_svf_level(velocity, moving, fixed, loss_fn=loss, symmetric=symmetric, iterations=count,

@@ -26,6 +26,9 @@ FLUID_SIGMA = {"lncc": 3.0, "mind": 3.0}  # svf update smoothing (voxels) per lo
 FLUID_SIGMA_OTHER = 2.0  # svf update smoothing (voxels) for the other losses
 LINEAR_STAGE_LOSS = {"lncc": "ncc", "mind": "mi"}  # pipelines: local losses run their global kin on the linear stage
 SVF_STEPS = 6  # squarings in exp(v)
+# clear svf: the loop's exps take the fewest squarings (at most SVF_STEPS) whose start vector is at most this many
+# voxels (ppreg.svf.exp's tolerance; None: always SVF_STEPS); the result's exp keeps SVF_STEPS (DESIGN.md item 48)
+SVF_LOOP_TOLERANCE = 0.5
 # clear svf: losses whose default is the half-way (symmetric) update, chosen on the tuning part of
 # bench/bench_validation.py (DESIGN.md item 33); secure runs stay one-sided unless asked (the fixed party
 # would reveal its half velocity)

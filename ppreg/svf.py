@@ -145,23 +145,32 @@ def _check_steps(steps, name: str = "steps") -> int:
     return steps
 
 
-@partial(jax.jit, static_argnames="steps")  # one compiled kernel per shape when called eagerly
-def exp(velocity: jnp.ndarray, *, steps: int = 7) -> jnp.ndarray:
+@partial(jax.jit, static_argnames=("steps", "tolerance"))  # one compiled kernel per shape when called eagerly
+def exp(velocity: jnp.ndarray, *, steps: int = 7, tolerance: float | None = None) -> jnp.ndarray:
     """Group exponential of a stationary velocity field by scaling and squaring.
 
     ``u <- velocity / 2^steps``, then ``steps`` times ``u <- compose(u, u)``; the result is the
     displacement of ``phi = exp(v)``, the time-1 flow of ``d phi / dt = v(phi)``.
 
+    With ``tolerance``, the count adapts to the field as ITK's
+    ``ExponentialDisplacementFieldImageFilter`` does: the fewest squarings ``T <= steps`` with
+    ``max_x |velocity(x)| / 2^T <= tolerance`` voxels. The error of the first step, ``x + v / 2^T``
+    for the flow of ``v / 2^T``, grows with that start; DESIGN.md item 48 measures it. The count is
+    then a traced value, so reverse-mode differentiation through this call is not available.
+
     Args:
         velocity: float32 ``(*spatial, ndim)`` stationary velocity in voxels (per unit time).
-        steps: number of squarings ``T`` (static Python int >= 0; the paper uses 7).
+        steps: number of squarings ``T`` (static Python int >= 0; the paper uses 7); with
+            ``tolerance``, the most squarings.
+        tolerance: ``None`` (exactly ``steps`` squarings) or the largest start vector in voxels
+            (static positive float).
 
     Returns:
         float32 ``(*spatial, ndim)`` displacement in voxels. Borders as in :func:`compose`.
 
     Raises:
-        ValueError: if ``steps`` is not a non-negative int, or ``velocity`` is not a vector
-            field (:func:`check_field`).
+        ValueError: if ``steps`` is not a non-negative int, ``tolerance`` is not ``None`` or a
+            positive number, or ``velocity`` is not a vector field (:func:`check_field`).
 
     Source: Dalca et al. 2019 (VoxelMorph-diff), Eq. 1 and Sec. 1.2 "scaling and squaring"
     (Arsigny et al. 2006): ``phi^(1/2^T) = x + v / 2^T``, ``phi^(1/2^(t-1)) = phi^(1/2^t) o
@@ -169,8 +178,13 @@ def exp(velocity: jnp.ndarray, *, steps: int = 7) -> jnp.ndarray:
     """
     steps = _check_steps(steps)
     check_field(velocity, "velocity")
-    u = velocity * jnp.asarray(0.5**steps, velocity.dtype)
-    return jax.lax.fori_loop(0, steps, _square, u)
+    if tolerance is None:
+        return jax.lax.fori_loop(0, steps, _square, velocity * jnp.asarray(0.5**steps, velocity.dtype))
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
+        raise ValueError(f"tolerance must be None or a positive number of voxels, got {tolerance!r}")
+    largest = jnp.max(jnp.linalg.norm(velocity, axis=-1))
+    count = jnp.clip(jnp.ceil(jnp.log2(largest / tolerance)), 0, steps).astype(jnp.int32)
+    return jax.lax.fori_loop(0, count, _square, velocity * jnp.exp2(-count.astype(velocity.dtype)))
 
 
 def exp_upsampled(velocity: jnp.ndarray, full_shape: tuple[int, ...], factor: int, *, steps: int = 7) -> jnp.ndarray:

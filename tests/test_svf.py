@@ -190,6 +190,18 @@ def test_invert_gives_the_inverse_map():
         svf.invert(u, iterations=-1)
 
 
+def test_exp_with_a_tolerance_takes_the_fewest_squarings_that_meet_it():
+    """exp(v, steps=S, tolerance=t) is exp(v, steps=T) with T the smallest count <= S such that
+    max |v| / 2^T <= t: exactly that call's result, not just close to it."""
+    v = _smooth_field(SHAPES[2], 1.0, seed=2)
+    largest = float(np.max(np.linalg.norm(v, axis=-1)))
+    adaptive = jax.jit(svf.exp, static_argnames=("steps", "tolerance"))
+    for tolerance, expected in [(2.0 * largest, 0), (largest / 3.0, 2), (largest / 5.0, 3), (largest / 1000.0, 5)]:
+        got = np.asarray(adaptive(v, steps=5, tolerance=tolerance))
+        np.testing.assert_array_equal(got, np.asarray(svf.exp(v, steps=expected)),
+                                      err_msg=f"tolerance {tolerance:.3f} should take {expected} squarings")
+
+
 def test_errors():
     u = np.zeros((6, 5, 2), np.float32)
     with pytest.raises(ValueError, match=r"u and v shapes differ: \(6, 5, 2\) vs \(5, 6, 2\)"):
@@ -201,3 +213,6 @@ def test_errors():
     for steps in (-1, 2.0, True):
         with pytest.raises(ValueError, match="steps must be a non-negative Python int"):
             svf.exp(u, steps=steps)
+    for tolerance in (0.0, -1.0, True, "0.5"):
+        with pytest.raises(ValueError, match="tolerance must be None or a positive number of voxels"):
+            svf.exp(u, tolerance=tolerance)

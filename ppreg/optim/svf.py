@@ -21,9 +21,10 @@ from ..warp import warp
 # exp keeps the map diffeomorphic.
 
 
-@partial(jax.jit, static_argnames=("loss_fn", "iterations", "sigma_fluid", "sigma_diff", "steps", "symmetric"))
+@partial(jax.jit, static_argnames=("loss_fn", "iterations", "sigma_fluid", "sigma_diff", "steps", "symmetric",
+                                   "tolerance"))
 def run_svf_level(velocity, moving, fixed, *, loss_fn, iterations, step, sigma_fluid, sigma_diff, steps,
-                  symmetric=False):
+                  symmetric=False, tolerance=None):
     """Fixed-count SVF loop on one pyramid level (jitted ``lax.fori_loop``).
 
     Each iteration takes a demons-style force ``-dL/dI_w * grad I_w`` (fluid-smoothed, scaled so
@@ -39,6 +40,8 @@ def run_svf_level(velocity, moving, fixed, *, loss_fn, iterations, step, sigma_f
         loss_fn: ``loss_fn(fixed, warped) -> scalar`` (static, hashable).
         iterations; step (voxels); sigma_fluid, sigma_diff (voxels); steps: squarings of exp.
         symmetric: half-way (forward/backward) update.
+        tolerance: ``None`` (``steps`` squarings) or the largest start vector of the loop's exps in
+            voxels (:func:`ppreg.svf.exp`: at most ``steps`` squarings, fewer for a small velocity).
 
     Returns:
         ``(velocity, losses (iterations,))``: the loss before each iteration (at the half-way
@@ -51,12 +54,12 @@ def run_svf_level(velocity, moving, fixed, *, loss_fn, iterations, step, sigma_f
 
     def forces(v):
         if not symmetric:
-            w = warp(moving, grid + svf_exp(v, steps=steps))
+            w = warp(moving, grid + svf_exp(v, steps=steps, tolerance=tolerance))
             loss, dloss = jax.value_and_grad(lambda x: loss_fn(fixed, x))(w)
             return loss, -dloss[..., None] * gradient(w)
         half = max(steps - 1, 0)  # exp(+-v/2) with one squaring fewer starts from exp(v)'s v / 2^steps: same accuracy
-        wm = warp(moving, grid + svf_exp(0.5 * v, steps=half))
-        wf = warp(fixed, grid + svf_exp(-0.5 * v, steps=half))
+        wm = warp(moving, grid + svf_exp(0.5 * v, steps=half, tolerance=tolerance))
+        wf = warp(fixed, grid + svf_exp(-0.5 * v, steps=half, tolerance=tolerance))
         loss, (dfix, dmov) = jax.value_and_grad(lambda a, b: loss_fn(a, b), argnums=(0, 1))(wf, wm)
         return loss, dfix[..., None] * gradient(wf) - dmov[..., None] * gradient(wm)
 
