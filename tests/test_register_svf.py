@@ -163,7 +163,8 @@ def test_dense_lbfgs_reports_the_mean_objective(pair):
     u, losses = optim.run_dense_level(u0, moving, fixed, iterations=4, optimizer="lbfgs", learning_rate=0.1,
                                       sigma=3.0, **terms)
     start = float(optim.dense_objective(u0, moving, fixed, **terms))
-    assert float(losses[0]) == pytest.approx(start, rel=1e-5)
+    # float32 sums in another order inside the loop (1.5e-5 apart on one CPU); a sum, not a mean, would be 1920x
+    assert float(losses[0]) == pytest.approx(start, rel=1e-4)
     assert float(optim.dense_objective(u, moving, fixed, **terms)) < float(losses[-1]) < start
 
 

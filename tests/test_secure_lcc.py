@@ -303,17 +303,23 @@ def test_raw_mode_opens_the_force_smoothed_mode_only_its_smoothing(images, clear
     assert views["force"][1] == views["smoothed"][1]  # the same messages reach party1 in both modes
 
 
-def test_smoothed_registration_stays_close_to_clear(images):
+def test_smoothed_registration_stays_close_to_clear(images, monkeypatch):
     """register(secure="mpc", transform="svf", loss="lncc"): the smoothed mode (default) and the raw mode
-    both end within 1e-3 px RMS of the clear registration (the same update: the Gaussian is linear)."""
+    both end within 1e-3 px RMS of the clear registration with the same exps (the same update: the Gaussian
+    is linear). The secure loop keeps the fixed count of squarings (a count that followed party1's velocity
+    would show in its timing, DESIGN.md item 48), so it is within 0.02 px of the clear default as well."""
+    import ppreg.methods
     from ppreg.register import register
 
     fixed, moving = images
     opts = dict(transform="svf", loss="lncc", levels=(2, 1), max_iterations=4, symmetric=False)  # clear: one-sided too
+    adaptive_u = register(fixed, moving, **opts).displacement()
+    monkeypatch.setattr(ppreg.methods, "SVF_LOOP_TOLERANCE", None)
     clear_u = register(fixed, moving, **opts).displacement()
     assert np.max(np.abs(clear_u)) > 0.3  # it moved
     for mode in ("smoothed", "force"):
         u = register(fixed, moving, secure="mpc", lncc_open=mode, **opts).displacement()
         assert np.sqrt(np.mean(np.sum((u - clear_u) ** 2, -1))) < 1e-3, mode
+        assert np.sqrt(np.mean(np.sum((u - adaptive_u) ** 2, -1))) < 0.02, mode
     with pytest.raises(ValueError, match="lncc_open"):
         register(fixed, moving, secure="mpc", lncc_open="raw", **opts)
