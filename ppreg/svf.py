@@ -152,8 +152,8 @@ def exp(velocity: jnp.ndarray, *, steps: int = 7, tolerance: float | None = None
     ``u <- velocity / 2^steps``, then ``steps`` times ``u <- compose(u, u)``; the result is the
     displacement of ``phi = exp(v)``, the time-1 flow of ``d phi / dt = v(phi)``.
 
-    With ``tolerance``, the count adapts to the field as ITK's
-    ``ExponentialDisplacementFieldImageFilter`` does: the fewest squarings ``T <= steps`` with
+    With ``tolerance``, the count adapts to the largest vector, as in ITK's
+    ``ExponentialDisplacementFieldImageFilter``: the fewest squarings ``T <= steps`` with
     ``max_x |velocity(x)| / 2^T <= tolerance`` voxels. The error of the first step, ``x + v / 2^T``
     for the flow of ``v / 2^T``, grows with that start; DESIGN.md item 48 measures it. The count is
     then a traced value, so reverse-mode differentiation through this call is not available.
