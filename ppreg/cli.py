@@ -33,7 +33,7 @@ from .data import load_sample
 from .optim import DENSE_OPTIMIZERS
 from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_ITERATIONS, DENSE_OPTIMIZER,
                       DENSE_SIGMA, FLUID_SIGMA, FLUID_SIGMA_OTHER, LOSSES, SUITS_LAMBDA, SVF_FINEST_ITERATIONS,
-                      TRANSFORMS, VXM_PASSES)
+                      SVF_FINEST_ITERATIONS_OTHER, TRANSFORMS, VXM_PASSES)
 from .register import register
 from .space import INITS, reduce_affine, world_affine
 from .svf import compose
@@ -106,8 +106,8 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-iterations", type=_iterations, default=None,
                    help=f"per level, or one count per level for svf and dense (default "
                         f"{DEFAULTS['gauss-newton']['max_iterations']} linear, {DEFAULTS['bspline']['max_iterations']} "
-                        f"bspline; svf: {DEFAULTS['svf']['max_iterations']}, {SVF_FINEST_ITERATIONS} at full "
-                        f"resolution; dense: {_dense_counts('lbfgs')} lbfgs, {_dense_counts('adam')} adam; vxm-diff: "
+                        f"bspline; svf: {DEFAULTS['svf']['max_iterations']}, {SVF_FINEST_ITERATIONS['lncc']} (lncc) or "
+                        f"{SVF_FINEST_ITERATIONS_OTHER} at full resolution; dense: {_dense_counts('lbfgs')} lbfgs, {_dense_counts('adam')} adam; vxm-diff: "
                         f"network passes, {VXM_PASSES[2]} in 2D, {VXM_PASSES[3]} in 3D)")
     p.add_argument("--spacing", type=int, default=4, help="bspline control-point spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=None,

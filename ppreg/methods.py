@@ -166,7 +166,7 @@ def resolve_options(transform: str, loss: str, levels, options: dict) -> dict:
     if transform == "dense" and o["optimizer"] not in optim.DENSE_OPTIMIZERS:
         raise ValueError(f"unknown optimizer {o['optimizer']!r}; expected one of {optim.DENSE_OPTIMIZERS}")
     if o.get("max_iterations") is None:
-        o["max_iterations"] = default_iterations(transform, levels, family, o["optimizer"])
+        o["max_iterations"] = default_iterations(transform, levels, family, o["optimizer"], loss)
     if isinstance(o["max_iterations"], list):
         o["max_iterations"] = tuple(o["max_iterations"])
     o["tol"] = family["tol"] if o.get("tol") is None else o["tol"]

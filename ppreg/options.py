@@ -62,9 +62,11 @@ DEFAULTS = {  # per optimiser: max_iterations (per level), tol (voxels), damping
 }
 DEFAULT_STEP = {"svf": 0.5, "dense": DENSE_LEARNING_RATE}  # step_size: svf largest update, dense Adam rate (voxels)
 DEFAULT_REGULARIZATION = {"bspline": 0.01, "dense": DENSE_DIFFUSION}
-# The finest svf level runs fewer iterations: one costs about 8x a half-resolution one (3D), and on the
-# Colin27 case of bench/bench_svf.py 60 instead of 40 gains only 0.02-0.03 mm of RMSE (0.17-0.21 mm).
-SVF_FINEST_ITERATIONS = 40
+# The finest svf level runs fewer iterations: one costs about 8x a half-resolution one (3D). Per loss: lncc's 30
+# was chosen on bench/bench_validation.py's tuning seeds by DESIGN.md item 48's rule, half-way and one-sided (40
+# before; 20 moved the mean RMSE by more than 0.01 mm; ssd at 30 failed the rule and keeps 40; DESIGN.md item 49)
+SVF_FINEST_ITERATIONS = {"lncc": 30}
+SVF_FINEST_ITERATIONS_OTHER = 40  # the other losses
 
 
 def as_array(x, name):
@@ -110,15 +112,16 @@ def default_symmetric(transform: str, loss: str, secure, optimizer: str | None =
     return last == "svf" or (last == "dense" and (optimizer or DENSE_OPTIMIZER) in DENSE_SYMMETRIC)
 
 
-def default_iterations(transform: str, levels, family: dict, optimizer: str | None = None):
-    """Default ``max_iterations``: the family's per level; svf: :data:`SVF_FINEST_ITERATIONS` at the finest
-    of several levels; dense: :data:`DENSE_ITERATIONS` of ``optimizer``."""
+def default_iterations(transform: str, levels, family: dict, optimizer: str | None = None, loss: str | None = None):
+    """Default ``max_iterations``: the family's per level; svf: :data:`SVF_FINEST_ITERATIONS` of ``loss`` (else
+    :data:`SVF_FINEST_ITERATIONS_OTHER`) at the finest of several levels; dense: :data:`DENSE_ITERATIONS` of
+    ``optimizer``."""
     if transform == "dense":
         coarse, finest = DENSE_ITERATIONS[optimizer]
         return (coarse,) * (len(levels) - 1) + (finest,) if len(levels) > 1 else coarse
     count = family["max_iterations"]
     if transform == "svf" and len(levels) > 1:
-        return (count,) * (len(levels) - 1) + (SVF_FINEST_ITERATIONS,)
+        return (count,) * (len(levels) - 1) + (SVF_FINEST_ITERATIONS.get(loss, SVF_FINEST_ITERATIONS_OTHER),)
     return count
 
 

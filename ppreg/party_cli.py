@@ -42,6 +42,7 @@ from pathlib import Path
 import zmq
 
 from ._atomic import atomic_write_text, publish_folder, staged_folder
+from .options import SVF_FINEST_ITERATIONS
 from .result import Result
 from .sampling import METHODS
 from .secure.net import keys
@@ -122,7 +123,8 @@ def add_parsers(sub, *, levels_type, fraction_type, iterations_type) -> None:
                         "running count; see ppreg.secure.audit); its totals go into --report and report.json")
     p.add_argument("--levels", type=levels_type, default=(4, 2, 1), help="pyramid shrink factors (default 4,2,1)")
     p.add_argument("--max-iterations", type=iterations_type, default=None,
-                   help="per level, or one count per level for svf (default 100; bspline 15; svf 60, 40 at the finest)")
+                   help=f"per level, or one count per level for svf (default 100; bspline 15; svf 60, "
+                        f"{SVF_FINEST_ITERATIONS['lncc']} at the finest)")
     p.add_argument("--seed", type=int, default=0, help="public sampling seed (default 0)")
     p.add_argument("--frac-bits", type=int, default=16, help="fixed-point fractional bits")
 

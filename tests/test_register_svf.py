@@ -205,6 +205,21 @@ def test_cli_dense_round_trip(pair, tmp_path):
     assert doc["type"] == "dense" and (doc["_outdir"] / doc["displacement"]).exists()
 
 
+def test_finest_svf_iterations_per_loss():
+    """svf's default finest count is per loss (DESIGN.md item 49): 30 for lncc, clear and secure, 40 for the
+    others; one level runs the family's count, and dense keeps its optimiser's counts."""
+    from ppreg.methods import resolve_options
+    from ppreg.options import DEFAULTS, DENSE_ITERATIONS, default_iterations
+
+    coarse = DEFAULTS["svf"]["max_iterations"]
+    assert resolve_options("svf", "lncc", (4, 2, 1), {})["max_iterations"] == (coarse, coarse, 30)
+    assert resolve_options("svf", "lncc", (4, 2, 1), {"secure": "mpc"})["max_iterations"] == (coarse, coarse, 30)
+    for loss in ("ssd", "mi", "mind"):
+        assert resolve_options("svf", loss, (2, 1), {})["max_iterations"] == (coarse, 40)
+    assert default_iterations("svf", (1,), DEFAULTS["svf"], loss="lncc") == coarse
+    assert resolve_options("dense", "lncc", (2, 1), {})["max_iterations"] == DENSE_ITERATIONS["lbfgs"]
+
+
 def test_symmetric_default_per_loss_and_mode(pair):
     """Clear svf with lncc is half-way by default, ssd one-sided, secure one-sided (DESIGN.md item 33);
     clear dense with lncc too when L-BFGS runs it, not with Adam (item 38)."""
