@@ -107,7 +107,8 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
                    help=f"per level, or one count per level for svf and dense (default "
                         f"{DEFAULTS['gauss-newton']['max_iterations']} linear, {DEFAULTS['bspline']['max_iterations']} "
                         f"bspline; svf: {DEFAULTS['svf']['max_iterations']}, {SVF_FINEST_ITERATIONS['lncc']} (lncc) or "
-                        f"{SVF_FINEST_ITERATIONS_OTHER} at full resolution; dense: {_dense_counts('lbfgs')} lbfgs, {_dense_counts('adam')} adam; vxm-diff: "
+                        f"{SVF_FINEST_ITERATIONS_OTHER} at full resolution; dense: {_dense_counts('lbfgs')} lbfgs, "
+                        f"{_dense_counts('adam')} adam; vxm-diff: "
                         f"network passes, {VXM_PASSES[2]} in 2D, {VXM_PASSES[3]} in 3D)")
     p.add_argument("--spacing", type=int, default=4, help="bspline control-point spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=None,

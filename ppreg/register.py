@@ -91,8 +91,8 @@ def register(
             smoothing, at full resolution; factors must halve (e.g. 4,2,1).
         max_iterations: per level (default 100 Gauss-Newton, 200 descent, 15 bspline; svf runs
             exactly this many, default 60 per level and :data:`SVF_FINEST_ITERATIONS` (30 for lncc, 40 for
-            the other losses) at the last, or a sequence with one count per level; dense: :data:`DENSE_ITERATIONS` of the
-            optimiser, 30 and 20 at the last for lbfgs).
+            the other losses) at the last, or a sequence with one count per level; dense:
+            :data:`DENSE_ITERATIONS` of the optimiser, 30 and 20 at the last for lbfgs).
         tol: stop a level when the RMS displacement of a step is <= ``tol`` voxels
             (default 1e-3 linear, 1e-2 bspline); for descent, the minimum step length.
         damping: Levenberg-Marquardt weight (default 1e-3 linear, relative to diag H;

@@ -119,8 +119,8 @@ def test_register_help_states_the_defaults_register_uses(capsys):
     assert f"level voxels ({svf['step_size']}); dense: Adam learning rate ({dense['step_size']})" in text
     adam = resolve_options("dense", "lncc", (4, 2, 1), {"optimizer": "adam"})
     assert (f"(default {rigid['max_iterations']} linear, {bspline['max_iterations']} bspline; svf: "
-            f"{svf['max_iterations'][0]}, {svf['max_iterations'][-1]} (lncc) or {svf_ssd['max_iterations'][-1]} at full "
-            f"resolution; dense: "
+            f"{svf['max_iterations'][0]}, {svf['max_iterations'][-1]} (lncc) or {svf_ssd['max_iterations'][-1]} "
+            f"at full resolution; dense: "
             f"{dense['max_iterations'][0]}, {dense['max_iterations'][-1]} at full resolution {dense['optimizer']}, "
             f"{adam['max_iterations'][0]}, {adam['max_iterations'][-1]} at full resolution adam; vxm-diff: network "
             f"passes, {VXM_PASSES[2]} in 2D, {VXM_PASSES[3]} in 3D)") in text

@@ -206,8 +206,8 @@ def test_cli_dense_round_trip(pair, tmp_path):
 
 
 def test_finest_svf_iterations_per_loss():
-    """svf's default finest count is per loss (DESIGN.md item 49): 30 for lncc, clear and secure, 40 for the
-    others; one level runs the family's count, and dense keeps its optimiser's counts."""
+    """svf's default finest count is per loss (DESIGN.md item 49): 30 for lncc (also with ``secure`` set), 40
+    for the others; one level runs the family's count, and dense keeps its optimiser's counts."""
     from ppreg.methods import resolve_options
     from ppreg.options import DEFAULTS, DENSE_ITERATIONS, default_iterations
 

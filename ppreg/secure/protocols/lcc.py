@@ -981,7 +981,8 @@ def register_moving_lcc(moving, session, *, transform: str = "svf", levels: tupl
         raise ValueError(f"the secure lncc registration runs transform='svf', got {transform!r}")
     moving_a = as_array(moving, "moving")
     family = DEFAULTS["svf"]
-    max_iterations = default_iterations("svf", levels, family, loss="lncc") if max_iterations is None else max_iterations
+    if max_iterations is None:
+        max_iterations = default_iterations("svf", levels, family, loss="lncc")
     step_size = DEFAULT_STEP["svf"] if step_size is None else step_size
     check_options("svf", "lncc", "mpc", None, levels, moving_a.ndim, max_iterations, family["tol"], 0.0)
     own = scale_exponent(moving_a)
