@@ -233,13 +233,15 @@ def test_missing_tenseal_names_the_extra(monkeypatch, slices):
 
 
 def test_v1_registers_shifted_slice(slices):
-    """Level 4 (64 x 55 voxels, 28 partitions of 128 slots): the coarsest level that still lands within
-    0.1 px of (17, 13). Each v1 iteration costs about 128 rotations per partition, so both runs stop after
-    6 of the 12 iterations the clear run takes to converge: there the clear iterate is already within
-    0.05 px of (17, 13) (the test took 320 s on 2 cores with all 12)."""
-    clear = register(*slices, transform="translation", levels=(4,), max_iterations=6)
-    r = register(*slices, transform="translation", levels=(4,), max_iterations=6, secure="ckks", ckks_variant="v1")
-    np.testing.assert_allclose(r.params, [17.0, 13.0], atol=0.1)
+    """Level 8 (27 x 23 voxels, 5 partitions of 128 slots), 4 iterations: the secure iterate stays within
+    0.05 px of the clear one, which is within 0.3 px of (17, 13) there (0.04 of a level-8 voxel; the clear
+    run converges to (17.26, 12.84) at this level). Each v1 iteration costs about 128 rotations per partition,
+    so level 4 (28 partitions) took 160-450 s on 2 cores; its finer known answer is the packed scheme's
+    test, which runs the same Gauss-Newton loop."""
+    clear = register(*slices, transform="translation", levels=(8,), max_iterations=4)
+    r = register(*slices, transform="translation", levels=(8,), max_iterations=4, secure="ckks", ckks_variant="v1")
+    assert r.iterations == clear.iterations == 4
+    np.testing.assert_allclose(r.params, [17.0, 13.0], atol=0.3)
     assert displacement_rmse(r.matrix, clear.matrix, slices[0].shape)["voxels"] <= 0.05
 
 
