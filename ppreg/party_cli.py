@@ -42,12 +42,11 @@ from pathlib import Path
 import zmq
 
 from ._atomic import atomic_write_text, publish_folder, staged_folder
-from .options import SVF_FINEST_ITERATIONS
+from .options import SECURE_SSD_TRANSFORMS, SVF_FINEST_ITERATIONS
 from .result import Result
 from .sampling import METHODS
 from .secure.net import keys
 from .secure.net.channel import ProtocolError
-from .secure.parties import TRANSFORMS
 from .secure.policy import load_policy
 
 ROLES = {"moving": "party1", "fixed": "party2", "dealer": "dealer"}
@@ -98,7 +97,7 @@ def add_parsers(sub, *, levels_type, fraction_type, iterations_type) -> None:
     p.add_argument("--policy", type=Path, default=None,
                    help="fixed, dealer: what this process agrees to compute (JSON, or TOML for *.toml; default: the "
                         "built-in policy, see the README)")
-    p.add_argument("--transform", choices=TRANSFORMS + ("svf", "flash"), default="rigid",
+    p.add_argument("--transform", choices=SECURE_SSD_TRANSFORMS + ("svf", "flash"), default="rigid",
                    help="svf: with --loss lncc; flash: ssd, --levels 1")
     p.add_argument("--band-size", type=int, default=None, help="flash: odd Fourier band size per axis (default 15)")
     p.add_argument("--alpha", type=float, default=None, help="flash: smoothness weight of L (default 100)")

@@ -18,8 +18,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .learned.recipes import DEFAULT_LOSS, MODEL_KWARGS, bank_from_files, describe_files, train_vxm_diff
-from .learned.suits_recipe import train_suits
+from .options import VXM_TRAIN_LOSS
 
 NIFTI = (".nii", ".nii.gz")
 
@@ -40,10 +39,11 @@ def add_parsers(sub) -> None:
                    help="suits: MIND-SSC replicator steps before Algorithm 1 (default: --steps / 2)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per step (default 4)")
     p.add_argument("--learning-rate", type=float, default=None, help="Adam step (default 1e-3; suits: 2e-4)")
-    p.add_argument("--image-loss", choices=("ssd", "lncc"), default=DEFAULT_LOSS.image_loss)
-    p.add_argument("--image-sigma", type=float, default=DEFAULT_LOSS.image_sigma,
-                   help=f"sigma_I of the image term (default {DEFAULT_LOSS.image_sigma})")
-    p.add_argument("--lam", type=float, default=DEFAULT_LOSS.lam, help=f"prior precision lambda ({DEFAULT_LOSS.lam})")
+    p.add_argument("--image-loss", choices=("ssd", "lncc"), default=VXM_TRAIN_LOSS["image_loss"])
+    p.add_argument("--image-sigma", type=float, default=VXM_TRAIN_LOSS["image_sigma"],
+                   help=f"sigma_I of the image term (default {VXM_TRAIN_LOSS['image_sigma']})")
+    p.add_argument("--lam", type=float, default=VXM_TRAIN_LOSS["lam"],
+                   help=f"prior precision lambda ({VXM_TRAIN_LOSS['lam']})")
     p.add_argument("--unidirectional", action="store_true", help="warp only the moving image (default: both ways)")
     p.add_argument("--surface-sigma", type=float, default=None,
                    help="sigma_s (voxels) of the surface term of Eq. 10-11 (needs --labels; default off)")
@@ -72,6 +72,9 @@ def _paths(items: list[Path], what: str, error) -> list[Path]:
 
 def run_train(args, error) -> int:
     """Run ``ppreg train``; ``error`` is the CLI's user-facing exception class."""
+    # the learned stack (equinox, the networks) loads here, not when any ppreg command starts
+    from .learned.recipes import DEFAULT_LOSS, MODEL_KWARGS, bank_from_files, describe_files, train_vxm_diff
+
     images = _paths(args.images, "--images", error)
     labels = None if args.labels is None else _paths(args.labels, "--labels", error)
     missing = [str(p) for p in images + (labels or []) if not p.exists()]
@@ -105,6 +108,9 @@ def run_train(args, error) -> int:
 
 def _run_suits(args, images, labels, error) -> int:
     """``ppreg train suits``: both stages of :func:`ppreg.learned.suits_recipe.train_suits`."""
+    from .learned.recipes import bank_from_files, describe_files
+    from .learned.suits_recipe import train_suits
+
     if labels is None:
         raise error("suits trains on label maps (Algorithm 1's cross entropy, the synthesised contrast): pass --labels")
     pretrain = args.steps // 2 if args.pretrain_steps is None else args.pretrain_steps

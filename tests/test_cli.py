@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -125,6 +127,24 @@ def test_register_help_states_the_defaults_register_uses(capsys):
             f"{adam['max_iterations'][0]}, {adam['max_iterations'][-1]} at full resolution adam; vxm-diff: network "
             f"passes, {VXM_PASSES[2]} in 2D, {VXM_PASSES[3]} in 3D)") in text
     assert f"dense: optax optimiser ({dense['optimizer']})" in text
+
+
+def test_starting_ppreg_leaves_the_learned_and_secure_stacks_to_their_subcommands(capsys):
+    """Every ``ppreg`` command imports ``ppreg.cli``; the learned networks (equinox) and the secure parties
+    (TenSEAL, the protocols) load only in the subcommands that run them (about 0.5 s of a 3.4-s start,
+    DESIGN.md item 50), while ``ppreg train --help`` still quotes the defaults training uses."""
+    from ppreg.learned.recipes import DEFAULT_LOSS
+
+    script = ("import sys, ppreg.cli; print(sorted(m for m in ('ppreg.learned', 'ppreg.secure.parties', 'equinox', "
+              "'tenseal') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"sigma_I of the image term (default {DEFAULT_LOSS.image_sigma})" in text
+    assert f"prior precision lambda ({DEFAULT_LOSS.lam})" in text
 
 
 def test_rerun_removes_stale_outputs_of_an_earlier_run_only(tmp_path):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..image import load
+from ..options import VXM_TRAIN_LOSS
 from . import checkpoint
 from .data import center_crop_or_pad, normalize_intensity
 from .synth import crop_starts, make_training_pair
@@ -31,7 +32,7 @@ MODEL_KWARGS = {  # default widths: 2D as VoxelMorph; 3D halved to meet 1.5 s pe
     2: {"ndim": 2, "encoder_features": [16, 32, 32, 32, 32], "decoder_features": [32, 32, 32, 32]},
     3: {"ndim": 3, "encoder_features": [8, 16, 16, 16, 16], "decoder_features": [16, 16, 16, 16]},
 }
-DEFAULT_LOSS = LossConfig(image_loss="lncc", image_sigma=0.2, lam=20.0, bidirectional=True)
+DEFAULT_LOSS = LossConfig(**VXM_TRAIN_LOSS)
 
 
 def random_crop(key, pair: dict, crop: tuple[int, ...], multiple: int = 16) -> dict:

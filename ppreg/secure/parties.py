@@ -40,7 +40,7 @@ from .. import optim
 from ..bspline import control_grid_shape, displacement
 from ..grid import identity_grid, level_coordinates, level_shape
 from ..image import Image
-from ..options import DEFAULTS, as_array, check_finite, check_options, scale_exponent
+from ..options import DEFAULTS, SECURE_SSD_TRANSFORMS, as_array, check_finite, check_options, scale_exponent
 from ..result import LevelReport, Result, warp_field, warp_linear
 from ..sampling import n_samples
 from ..transforms import KINDS, image_center, params_from_matrix
@@ -58,7 +58,6 @@ from .audit import AuditLog, attach
 from .roles import DealerRole, FixedRole, RemotePeers, decode_json, op_summary
 from .session import SecureSession
 
-TRANSFORMS = KINDS + ("bspline",)  # what a secure (MPC) SSD registration runs, in one process or three
 # imported here so that every process registers their followers' handlers
 PROTOCOLS = (bspline, lcc, points, flash, ckks_remote)
 
@@ -256,9 +255,9 @@ def check_scheme(secure: str, loss: str, transform: str, ckks_variant: str = "pa
                          f"{KINDS}, got secure={secure!r}, loss={loss!r}, transform={transform!r}")
     if transform == "flash" and (loss != "ssd" or secure != "mpc"):
         raise ValueError(f"the flash transform runs the ssd loss under mpc, got loss={loss!r}, secure={secure!r}")
-    if secure == "ckks" and not (loss == "points" or (loss == "ssd" and transform in TRANSFORMS)):
-        raise ValueError(f"secure='ckks' over processes runs the ssd loss with {TRANSFORMS} or point clouds, got "
-                         f"loss={loss!r}, transform={transform!r}")
+    if secure == "ckks" and not (loss == "points" or (loss == "ssd" and transform in SECURE_SSD_TRANSFORMS)):
+        raise ValueError(f"secure='ckks' over processes runs the ssd loss with {SECURE_SSD_TRANSFORMS} or point "
+                         f"clouds, got loss={loss!r}, transform={transform!r}")
 
 
 @dataclass(frozen=True)
@@ -359,8 +358,8 @@ def register_moving(moving, session: SecureSession, *, transform: str = "rigid",
         ValueError: bad image or options, or a fixed image of another dimensionality.
         OverflowError, FloatingPointError: as :func:`ppreg.register`.
     """
-    if transform not in TRANSFORMS:
-        raise ValueError(f"secure (mpc) registration runs the transforms {TRANSFORMS}, got {transform!r}")
+    if transform not in SECURE_SSD_TRANSFORMS:
+        raise ValueError(f"secure (mpc) registration runs the transforms {SECURE_SSD_TRANSFORMS}, got {transform!r}")
     moving_a = as_array(moving, "moving")
     ndim = moving_a.ndim
     family = DEFAULTS["bspline" if transform == "bspline" else "gauss-newton"]
