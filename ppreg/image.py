@@ -53,7 +53,8 @@ class Image:
     Raises:
         ValueError: ``data`` is not 2D/3D or holds non-finite values (the
             message gives their count), or ``affine`` is not a finite 4x4
-            matrix.
+            matrix with last row ``(0, 0, 0, 1)``. (A singular affine is refused where
+            it is inverted, naming the image: :func:`ppreg.space.world_affine`.)
     """
 
     data: np.ndarray
@@ -70,10 +71,12 @@ class Image:
                 f"Image.data has {n_bad} non-finite voxel(s) (NaN or inf) "
                 f"out of {data.size}"
             )
-        if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-            raise ValueError(
-                f"Image.affine must be a finite 4x4 matrix, got shape {affine.shape}"
-            )
+        if affine.shape != (4, 4):
+            raise ValueError(f"Image.affine must be a 4x4 matrix, got shape {affine.shape}")
+        if not np.all(np.isfinite(affine)):
+            raise ValueError("Image.affine holds NaN or inf")
+        if not np.array_equal(affine[3], [0.0, 0.0, 0.0, 1.0]):
+            raise ValueError(f"Image.affine's last row must be (0, 0, 0, 1) (an affine map), got {affine[3].tolist()}")
         object.__setattr__(self, "data", data)
         object.__setattr__(self, "affine", affine)
 

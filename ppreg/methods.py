@@ -159,7 +159,9 @@ def resolve_options(transform: str, loss: str, levels, options: dict) -> dict:
     ``options["secure"]``, absent: clear), ``optimizer`` (dense).
 
     Raises:
-        ValueError: dense with an unknown ``optimizer``."""
+        ValueError: dense with an unknown ``optimizer``; ``step_size`` not finite and > 0;
+            ``regularization``, ``fluid_sigma`` or ``diffusion_sigma`` not finite and >= 0;
+            ``spacing`` or ``cg_iterations`` not an integer >= 1."""
     o = dict(options, transform=transform, loss=loss, levels=tuple(levels))
     family = DEFAULTS[transform if transform in DEFORMABLE else "gauss-newton" if loss == "ssd" else "descent"]
     o["optimizer"] = DENSE_OPTIMIZER if o.get("optimizer") is None else o["optimizer"]
@@ -176,7 +178,27 @@ def resolve_options(transform: str, loss: str, levels, options: dict) -> dict:
                            else o["regularization"])
     if o.get("symmetric") is None:  # clear svf / dense (L-BFGS) lncc: half-way by default (DESIGN.md items 33, 38)
         o["symmetric"] = default_symmetric(transform, loss, o.get("secure"), o["optimizer"])
+    _check_numbers(o)
     return o
+
+
+def _check_numbers(o: dict) -> None:
+    """Refuse option values no method can use (a zero step would return the identity silently)."""
+    def finite(name, lowest, strict=False):
+        value = o.get(name)
+        if value is None:
+            return
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+        if not (ok and np.isfinite(value) and (value > lowest if strict else value >= lowest)):
+            raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {lowest}, got {value!r}")
+
+    finite("step_size", 0, strict=True)
+    for name in ("regularization", "fluid_sigma", "diffusion_sigma"):
+        finite(name, 0)
+    for name in ("spacing", "cg_iterations"):
+        value = o.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def method_name(transform: str, loss: str) -> str:

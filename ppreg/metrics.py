@@ -54,6 +54,26 @@ def _check_same_shape(a: np.ndarray, b: np.ndarray, names: str) -> None:
         raise ValueError(f"{names} shapes differ: {a.shape} vs {b.shape}")
 
 
+def _check_labels(a: np.ndarray, name: str) -> None:
+    if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
+        return
+    bad = ~np.isfinite(a) | (a != np.round(a))
+    if bad.any():
+        raise ValueError(f"{name} must hold integer labels, got {int(bad.sum())} non-integer or non-finite "
+                         f"value(s), e.g. {a[bad].flat[0].item()!r} (an intensity image or a linearly interpolated "
+                         "label map?)")
+
+
+def _binary(mask, name: str) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.dtype != bool:
+        bad = (m != 0) & (m != 1)
+        if bad.any():
+            raise ValueError(f"{name} must be boolean or 0/1, got {int(bad.sum())} other value(s), e.g. "
+                             f"{m[bad].flat[0].item()!r}")
+    return m.astype(bool)
+
+
 def _spacing(spacing, ndim: int) -> np.ndarray:
     if spacing is None:
         return np.ones(ndim)
@@ -67,7 +87,8 @@ def dice(labels_a, labels_b, *, labels=None) -> dict:
     """Dice overlap ``2 |A_l & B_l| / (|A_l| + |B_l|)`` of each label of two label maps.
 
     Args:
-        labels_a, labels_b: integer label maps ``(*spatial)`` on the same grid (0 = background).
+        labels_a, labels_b: integer label maps ``(*spatial)`` on the same grid (0 = background);
+            float maps are accepted when every value is a whole number.
         labels: the labels to score; default: every non-zero label present in either map.
             A label absent from both maps is skipped (left out of the result).
 
@@ -76,12 +97,15 @@ def dice(labels_a, labels_b, *, labels=None) -> dict:
         in increasing label order.
 
     Raises:
-        ValueError: if the shapes differ.
+        ValueError: if the shapes differ, or a map holds a value that is not a whole number (NaN,
+            inf, or a fraction: an intensity image or a linearly interpolated label map).
 
     Source: Dice 1945; the overlap score of Dalca et al. 2019 (VoxelMorph-diff), Sec. 4.1.2.
     """
     a, b = np.asarray(labels_a), np.asarray(labels_b)
     _check_same_shape(a, b, "labels_a and labels_b")
+    _check_labels(a, "labels_a")
+    _check_labels(b, "labels_b")
     if labels is None:
         candidates = np.union1d(np.unique(a), np.unique(b))
         candidates = candidates[candidates != 0]
@@ -138,11 +162,11 @@ def hd95(mask_a, mask_b, *, spacing=None) -> float:
 
     Raises:
         ValueError: if the shapes differ, ``spacing`` is not ``ndim`` positive numbers, or a
-            mask is empty (the message names ``mask_a`` or ``mask_b``).
+            mask is empty or holds a value other than 0/1 (the message names ``mask_a`` or ``mask_b``).
 
     Source: the 95% Hausdorff distance of Blendowski et al. 2020 (SUITS), Table 2.
     """
-    a, b = np.asarray(mask_a).astype(bool), np.asarray(mask_b).astype(bool)
+    a, b = _binary(mask_a, "mask_a"), _binary(mask_b, "mask_b")
     _check_same_shape(a, b, "mask_a and mask_b")
     sp = _spacing(spacing, a.ndim)
     for name, mask in (("mask_a", a), ("mask_b", b)):
@@ -166,11 +190,16 @@ def folding(displacement) -> dict:
         that number over the number of voxels.
 
     Raises:
-        ValueError: if ``displacement`` is not a vector field (:func:`ppreg.svf.check_field`).
+        ValueError: if ``displacement`` is not a vector field (:func:`ppreg.svf.check_field`) or
+            holds NaN or inf (a diverged field would otherwise count as fold-free).
 
     Source: Dalca et al. 2019 (VoxelMorph-diff), Sec. 4.1.2 (folding voxels ``|J_phi(p)| <= 0``).
     """
-    det = np.asarray(_jacobian_determinant(jnp.asarray(displacement, jnp.float32)))
+    u = np.asarray(displacement, np.float32)
+    n_bad = int(u.size - np.count_nonzero(np.isfinite(u)))
+    if n_bad:
+        raise ValueError(f"displacement has {n_bad} non-finite value(s) (NaN or inf): folding is undefined")
+    det = np.asarray(_jacobian_determinant(jnp.asarray(u)))
     count = int(np.count_nonzero(det <= 0))
     return {"voxels": count, "fraction": count / det.size}
 

@@ -128,6 +128,11 @@ def default_iterations(transform: str, levels, family: dict, optimizer: str | No
 
 
 def check_options(transform, loss, secure, sampling, levels, ndim, max_iterations, tol, damping):
+    if not levels:
+        raise ValueError("levels must list at least one shrink factor")
+    if any(isinstance(f, bool) or not isinstance(f, (int, float, np.integer, np.floating))
+           or not float(f).is_integer() or f < 1 for f in levels):
+        raise ValueError(f"levels must be integer shrink factors >= 1 (e.g. 4,2,1), got {tuple(levels)}")
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
     if loss not in LOSSES:
@@ -164,8 +169,6 @@ def check_options(transform, loss, secure, sampling, levels, ndim, max_iteration
         raise ValueError(f"secure='ckks' supports {KINDS + ('bspline',)} in this version, got {transform!r}")
     if sampling is not None and sampling not in METHODS:
         raise ValueError(f"unknown sampling {sampling!r}; expected one of {METHODS} or None")
-    if not levels:
-        raise ValueError("levels must list at least one shrink factor")
 
 
 @jax.jit

@@ -33,7 +33,7 @@ INITS = ("header", "center", "moments")
 
 def check_init(init: str) -> None:
     """Raise ValueError for an ``init`` other than :data:`INITS`."""
-    if init not in INITS:
+    if not isinstance(init, str) or init not in INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
 
 

@@ -110,8 +110,12 @@ def test_image_validation():
         Image(np.zeros((2, 2)), np.eye(3))
     bad = np.eye(4)
     bad[0, 3] = np.inf
-    with pytest.raises(ValueError, match="4x4"):
+    with pytest.raises(ValueError, match="NaN or inf"):
         Image(np.zeros((2, 2)), bad)
+    projective = np.eye(4)
+    projective[3, 0] = 0.5
+    with pytest.raises(ValueError, match=r"last row must be \(0, 0, 0, 1\)"):
+        Image(np.zeros((2, 2)), projective)
     img = Image(np.zeros((2, 3), np.uint8), np.eye(4, dtype=np.float32))
     assert img.data.dtype == np.float32 and img.affine.dtype == np.float64
     assert (img.ndim, img.shape) == (2, (2, 3))
@@ -123,6 +127,8 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
     atomic_write_text(target, "new ✓")
     assert target.read_text(encoding="utf-8") == "new ✓"
     assert os.listdir(tmp_path) == ["out.json"]
+    with pytest.raises(FileNotFoundError, match=r"directory .*missing does not exist"):
+        atomic_write_text(tmp_path / "missing" / "out.json", "x")
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,14 @@ def test_dice_errors():
         dice(a, a.T)
     with pytest.raises(ValueError, match="no label to score"):
         mean_dice(a, a)
+    # whole numbers stored as floats are labels; a fraction or a NaN is not (an interpolated map)
+    whole = _square().astype(np.float32) * 3.0
+    assert dice(whole, whole) == {3: 1.0}
+    for bad in (0.5, np.nan):
+        smeared = whole.copy()
+        smeared[0, 0] = bad
+        with pytest.raises(ValueError, match="labels_b must hold integer labels, got 1 non-integer"):
+            dice(whole, smeared)
 
 
 # --- hd95 -----------------------------------------------------------------------------------
@@ -98,6 +106,10 @@ def test_hd95_errors():
         hd95(a, a.T)
     with pytest.raises(ValueError, match="spacing must be 2 positive"):
         hd95(a, a, spacing=(1.0, 0.0))
+    soft = a.astype(np.float32)
+    soft[soft > 0] = 0.5  # a probability map, not a mask
+    with pytest.raises(ValueError, match="mask_b must be boolean or 0/1, got .* e.g. 0.5"):
+        hd95(a, soft)
 
 
 # --- folding ----------------------------------------------------------------------------------
@@ -120,6 +132,15 @@ def test_folding_counts_folded_voxels():
     fold = np.zeros(SHAPE2 + (2,), np.float32)
     fold[..., 0] = (phi0 - np.arange(24))[:, None]
     assert folding(fold) == {"voxels": 20, "fraction": pytest.approx(20 / 480)}
+
+
+def test_folding_refuses_a_non_finite_field():
+    """A diverged (NaN) field has no Jacobian: it must not be reported as fold-free."""
+    u = np.zeros(SHAPE2 + (2,), np.float32)
+    u[3, 4, 1] = np.nan
+    u[5, 6, 0] = np.inf
+    with pytest.raises(ValueError, match="2 non-finite value"):
+        folding(u)
 
 
 def test_folding_3d():

@@ -142,6 +142,13 @@ def test_3d_rigid_recovers_known_transform():
     (dict(sampling="random"), "unknown sampling"),
     (dict(levels=()), "at least one"),
     (dict(levels=(300,)), "too large"),
+    (dict(levels=(0,)), "integer shrink factors >= 1"),
+    (dict(transform="svf", levels=(2.5, 1)), "integer shrink factors >= 1"),
+    (dict(transform="svf", step_size=0.0), "step_size must be a finite number > 0"),
+    (dict(transform="svf", fluid_sigma=float("nan")), "fluid_sigma must be a finite number >= 0"),
+    (dict(transform="dense", regularization=-1.0), "regularization must be a finite number >= 0"),
+    (dict(transform="bspline", cg_iterations=0), "cg_iterations must be an integer >= 1"),
+    (dict(init=np.eye(3)), "unknown init"),
     (dict(damping=-1.0), "non-negative"),
     (dict(max_iterations=0), "positive integer"),
 ])
