@@ -130,8 +130,7 @@ def default_iterations(transform: str, levels, family: dict, optimizer: str | No
 def check_options(transform, loss, secure, sampling, levels, ndim, max_iterations, tol, damping):
     if not levels:
         raise ValueError("levels must list at least one shrink factor")
-    if any(isinstance(f, bool) or not isinstance(f, (int, float, np.integer, np.floating))
-           or not float(f).is_integer() or f < 1 for f in levels):
+    if any(isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 1 for f in levels):
         raise ValueError(f"levels must be integer shrink factors >= 1 (e.g. 4,2,1), got {tuple(levels)}")
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
