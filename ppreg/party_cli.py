@@ -39,18 +39,28 @@ import tempfile
 import time
 from pathlib import Path
 
-import zmq
-
 from ._atomic import atomic_write_text, publish_folder, staged_folder
 from .options import SECURE_SSD_TRANSFORMS, SVF_FINEST_ITERATIONS
 from .result import Result
 from .sampling import METHODS
-from .secure.net import keys
-from .secure.net.channel import ProtocolError
-from .secure.policy import load_policy
 
 ROLES = {"moving": "party1", "fixed": "party2", "dealer": "dealer"}
-SESSION_ERRORS = (ProtocolError, TimeoutError, ConnectionError, zmq.ZMQError)
+
+
+def _keys_module():
+    """``ppreg.secure.net.keys``, imported when a party command runs (``ppreg register`` never needs it)."""
+    from .secure.net import keys
+
+    return keys
+
+
+def _session_errors() -> tuple:
+    """What ends a session without a result: a malformed or refused message, a timeout, a lost peer."""
+    import zmq
+
+    from .secure.net.channel import ProtocolError
+
+    return ProtocolError, TimeoutError, ConnectionError, zmq.ZMQError
 
 
 class SessionError(Exception):
@@ -130,7 +140,7 @@ def add_parsers(sub, *, levels_type, fraction_type, iterations_type) -> None:
 
 def run_keygen(args, error) -> int:
     try:
-        secret, public = keys.write_keypair(args.name, overwrite=args.force)
+        secret, public = _keys_module().write_keypair(args.name, overwrite=args.force)
     except (FileExistsError, FileNotFoundError, RuntimeError) as exc:
         raise error(str(exc)) from None
     print(f"wrote {secret} (secret, mode 0600: keep it) and {public} (give it to the peers)")
@@ -145,6 +155,7 @@ def _need(args, error, *names):
 
 def _keys(args, error, *public_args):
     try:
+        keys = _keys_module()
         own = keys.load_keypair(args.key)
         return own, [keys.load_public(p) for p in public_args]
     except (FileNotFoundError, PermissionError, ValueError) as exc:
@@ -218,7 +229,7 @@ def _run_role(args, error, load_image, write_outputs, policy, log, limits) -> in
                 atomic_write_text(args.report, json.dumps(dict(report, role=role), indent=2) + "\n")
             _print_moving(result, report["wall_s"], args.output, args.secure)
             return 0
-    except SESSION_ERRORS as exc:
+    except _session_errors() as exc:
         raise SessionError(str(exc) if str(exc).startswith(ROLES[role]) else f"{ROLES[role]}: {exc}") from None
     except (ValueError, ImportError) as exc:  # bad addresses, images or options; --secure ckks without TenSEAL
         raise error(f"{role}: {exc}") from None
@@ -236,6 +247,7 @@ def _policy(args, error):
     if args.role == "moving":
         raise error("--policy is for the fixed party and the dealer (the moving party leads)")
     from .secure import parties  # noqa: F401 - registers every protocol's operations (names a policy may list)
+    from .secure.policy import load_policy
 
     try:
         return load_policy(args.policy)
@@ -354,7 +366,7 @@ def party_commands(workdir: Path, fixed: Path, moving: Path, outdir: Path, optio
     (``policy``: the ``--policy`` file of the fixed party and the dealer; ``None``: their default)."""
     for name in ROLES:
         if not (workdir / f"{name}.key").exists():
-            keys.write_keypair(workdir / name)
+            _keys_module().write_keypair(workdir / name)
     dealer, moving_at = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     base = [sys.executable, "-m", "ppreg.cli", "party", "--timeout", str(timeout)]
     k = {name: str(workdir / f"{name}.key") for name in ROLES}

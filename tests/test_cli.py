@@ -131,12 +131,13 @@ def test_register_help_states_the_defaults_register_uses(capsys):
 
 def test_starting_ppreg_leaves_the_learned_and_secure_stacks_to_their_subcommands(capsys):
     """Every ``ppreg`` command imports ``ppreg.cli``; the learned networks (equinox) and the secure parties
-    (TenSEAL, the protocols) load only in the subcommands that run them (about 0.5 s of a 3.4-s start,
-    DESIGN.md item 50), while ``ppreg train --help`` still quotes the defaults training uses."""
+    (TenSEAL, the protocols, ZeroMQ and the key files) load only in the subcommands that run them (about
+    0.6 s of a 3.4-s start, DESIGN.md items 50-51), while ``ppreg train --help`` still quotes the defaults
+    training uses."""
     from ppreg.learned.recipes import DEFAULT_LOSS
 
-    script = ("import sys, ppreg.cli; print(sorted(m for m in ('ppreg.learned', 'ppreg.secure.parties', 'equinox', "
-              "'tenseal') if m in sys.modules))")
+    script = ("import sys, ppreg.cli; print(sorted(m for m in ('ppreg.learned', 'ppreg.secure', 'equinox', "
+              "'tenseal', 'zmq') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
