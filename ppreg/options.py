@@ -164,8 +164,8 @@ def check_options(transform, loss, secure, sampling, levels, ndim, max_iteration
         raise ValueError(f"tol and damping must be non-negative, got tol={tol!r}, damping={damping!r}")
     if secure not in SECURE:
         raise ValueError(f"unknown secure mode {secure!r}; expected one of {SECURE}")
-    if secure == "ckks" and transform not in KINDS + ("bspline",):
-        raise ValueError(f"secure='ckks' supports {KINDS + ('bspline',)} in this version, got {transform!r}")
+    if secure == "ckks" and transform not in SECURE_SSD_TRANSFORMS:
+        raise ValueError(f"secure='ckks' supports {SECURE_SSD_TRANSFORMS} in this version, got {transform!r}")
     if sampling is not None and sampling not in METHODS:
         raise ValueError(f"unknown sampling {sampling!r}; expected one of {METHODS} or None")
 

@@ -47,13 +47,6 @@ from .sampling import METHODS
 ROLES = {"moving": "party1", "fixed": "party2", "dealer": "dealer"}
 
 
-def _keys_module():
-    """``ppreg.secure.net.keys``, imported when a party command runs (``ppreg register`` never needs it)."""
-    from .secure.net import keys
-
-    return keys
-
-
 def _session_errors() -> tuple:
     """What ends a session without a result: a malformed or refused message, a timeout, a lost peer."""
     import zmq
@@ -139,8 +132,10 @@ def add_parsers(sub, *, levels_type, fraction_type, iterations_type) -> None:
 
 
 def run_keygen(args, error) -> int:
+    from .secure.net import keys  # the secure stack loads in the party commands only, not at every start
+
     try:
-        secret, public = _keys_module().write_keypair(args.name, overwrite=args.force)
+        secret, public = keys.write_keypair(args.name, overwrite=args.force)
     except (FileExistsError, FileNotFoundError, RuntimeError) as exc:
         raise error(str(exc)) from None
     print(f"wrote {secret} (secret, mode 0600: keep it) and {public} (give it to the peers)")
@@ -154,8 +149,9 @@ def _need(args, error, *names):
 
 
 def _keys(args, error, *public_args):
+    from .secure.net import keys
+
     try:
-        keys = _keys_module()
         own = keys.load_keypair(args.key)
         return own, [keys.load_public(p) for p in public_args]
     except (FileNotFoundError, PermissionError, ValueError) as exc:
@@ -364,9 +360,11 @@ def party_commands(workdir: Path, fixed: Path, moving: Path, outdir: Path, optio
                    timeout: float = 120.0, policy: Path | None = None) -> dict[str, list[str]]:
     """Key pairs in ``workdir`` and the three ``ppreg party`` command lines on free loopback ports
     (``policy``: the ``--policy`` file of the fixed party and the dealer; ``None``: their default)."""
+    from .secure.net import keys
+
     for name in ROLES:
         if not (workdir / f"{name}.key").exists():
-            _keys_module().write_keypair(workdir / name)
+            keys.write_keypair(workdir / name)
     dealer, moving_at = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     base = [sys.executable, "-m", "ppreg.cli", "party", "--timeout", str(timeout)]
     k = {name: str(workdir / f"{name}.key") for name in ROLES}
