@@ -248,6 +248,69 @@ def jacobian_transpose(field: jnp.ndarray, spacing: int, ctrl_shape: tuple[int, 
 
 
 @functools.lru_cache(maxsize=None)
+def _bending_grams(n: int, spacing: int) -> np.ndarray:
+    """``(3, n_ctrl, n_ctrl)`` Gram matrices ``M^T M`` of ``M = B``, ``D1 B``, ``D2 B`` along one axis.
+
+    ``D1`` and ``D2`` are the 1D stencils of :func:`ppreg.regularizers.hessian` as matrices:
+    central first differences (one-sided at the borders, ``np.gradient``) and the compact second
+    difference whose border rows copy their neighbour's.
+    """
+    eye = np.eye(n)
+    first = np.gradient(eye, axis=0)
+    second = np.zeros((n, n))
+    for i in range(1, n - 1):
+        second[i, i - 1 : i + 2] = (1.0, -2.0, 1.0)
+    second[0], second[-1] = second[1], second[-2]
+    b = _basis(n, spacing).astype(np.float64)
+    grams = np.stack([(m @ b).T @ (m @ b) for m in (eye, first, second)]).astype(np.float32)
+    grams.setflags(write=False)
+    return grams
+
+
+def bending_gradient(coefficients: jnp.ndarray, shape: tuple[int, ...], spacing: int) -> jnp.ndarray:
+    """Gradient of ``regularizers.bending_energy(displacement(c), reduction="mean")`` w.r.t. ``c``,
+    computed on the control grid.
+
+    The bending energy of the FFD is a quadratic form ``0.5 c^T Q c`` (so this is ``Q c``, and
+    the energy itself is ``0.5 <c, bending_gradient(c)>``). Each finite-difference second derivative
+    ``d_jl u`` is separable, ``(prod_a M_a) c`` with ``M_a`` one of ``B_a``, ``D1 B_a``, ``D2 B_a``,
+    so ``Q = (1/N) [sum_j (x)_a G_a^(jj) + 2 sum_{j<l} (x)_a G_a^(jl)]`` with per-axis Gram
+    matrices ``G = M^T M`` of size ``(n_ctrl_a, n_ctrl_a)``: no full-resolution field is formed,
+    which is what makes a Gauss-Newton-CG step on a 3D image cheap (DESIGN.md item 53). Linear in
+    ``c``; jit-able with ``shape`` and ``spacing`` static.
+
+    Args:
+        coefficients: float32 ``(*control_grid_shape(shape, spacing), ndim)``.
+        shape: spatial image shape, 2 or 3 axes, at least 3 voxels each.
+        spacing: control point spacing in voxels (integer ``>= 2``).
+
+    Returns:
+        float32 ``(*ctrl_shape, ndim)``; units 1/voxel^2 (the energy's, per voxel).
+
+    Raises:
+        ValueError: for a bad shape, an axis under 3 voxels, or coefficients of the wrong shape.
+        TypeError: for a non-integer spacing.
+
+    Source: Rueckert et al. 1999, the smoothness term ``C_smooth`` (as
+    :func:`ppreg.regularizers.bending_energy` discretises it).
+    """
+    coefficients = _checked_coefficients(coefficients, shape, spacing)
+    if min(shape) < 3:
+        raise ValueError(f"second derivatives need at least 3 voxels per axis, got shape {tuple(shape)}")
+    grams = [_bending_grams(n, spacing) for n in shape]
+    ndim = len(shape)
+    out = jnp.zeros_like(coefficients)
+    for j in range(ndim):
+        for l in range(j, ndim):
+            order = [0] * ndim
+            order[j] += 1
+            order[l] += 1
+            term = mode_products([g[o] for g, o in zip(grams, order)], coefficients)
+            out = out + (1.0 if j == l else 2.0) * term
+    return out / math.prod(shape)
+
+
+@functools.lru_cache(maxsize=None)
 def _subdivision(n_coarse: int, n_fine: int) -> np.ndarray:
     """``(n_fine, n_coarse)`` cubic B-spline subdivision (knot insertion at midpoints)."""
     mat = np.zeros((n_fine, n_coarse), np.float32)

@@ -218,3 +218,35 @@ def test_refine_reproduces_the_displacement(ndim, spacing):
     coarse_u = _disp(coef, shape, spacing)
     fine_u = _disp(fine, shape, spacing // 2)
     np.testing.assert_allclose(fine_u, coarse_u, atol=1e-4)  # every voxel, borders included
+
+
+# --- bending energy on the control grid ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape,spacing", [((24, 20), 4), ((31, 17), 5), ((5, 6), 2), ((10, 9, 8), 4)])
+def test_bending_gradient_equals_autodiff_of_the_dense_energy(shape, spacing):
+    from ppreg.regularizers import bending_energy
+
+    coef = _coefficients(shape, spacing, seed=11)
+    dense = jax.jit(jax.value_and_grad(lambda c: bending_energy(B.displacement(c, shape, spacing))))
+    energy, expected = dense(coef)
+    got = jax.jit(B.bending_gradient, static_argnums=(1, 2))(coef, shape, spacing)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
+    np.testing.assert_allclose(0.5 * jnp.vdot(coef, got), energy, rtol=1e-5)  # quadratic: E = c.Qc / 2
+
+
+def test_bending_gradient_is_zero_for_an_affine_displacement():
+    shape, spacing = SHAPES[3], SPACING
+    ctrl = B.control_grid_shape(shape, spacing)
+    positions = [(np.arange(n) - 1.0) * spacing for n in ctrl]  # B-splines reproduce linear functions
+    grid = np.stack(np.meshgrid(*positions, indexing="ij"), axis=-1)
+    coef = jnp.asarray(grid @ np.array([[0.1, -0.2, 0.05], [0.3, 0.0, 0.1], [0.0, 0.2, -0.1]]).T + 1.5, jnp.float32)
+    u = _disp(coef, shape, spacing)
+    np.testing.assert_allclose(u[1, 2, 3], np.array([[0.1, -0.2, 0.05], [0.3, 0.0, 0.1], [0.0, 0.2, -0.1]])
+                               @ [1.0, 2.0, 3.0] + 1.5, atol=1e-4)
+    assert float(jnp.abs(B.bending_gradient(coef, shape, spacing)).max()) < 1e-5
+
+
+def test_bending_gradient_refuses_axes_under_three_voxels():
+    with pytest.raises(ValueError, match="at least 3 voxels"):
+        B.bending_gradient(jnp.zeros(B.control_grid_shape((2, 9), 2) + (2,)), (2, 9), 2)

@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..bspline import displacement, jacobian_transpose
+from ..bspline import bending_gradient, displacement, jacobian_transpose
 from ..grid import identity_grid
-from ..regularizers import bending_energy
 from ..warp import inside_mask, interpolate
 
 
@@ -57,8 +56,8 @@ def bspline_step(coeffs, a, idx, data_term, *, shape, spacing, lam, damping, cg_
     n = int(np.prod(shape))
     k = a.shape[0]
 
-    def reg_grad(c):
-        return jax.grad(lambda cc: lam * bending_energy(displacement(cc, shape, spacing)))(c)
+    def reg_grad(c):  # lam Q c on the control grid (bspline.bending_gradient), the energy being quadratic
+        return lam * bending_gradient(c, shape, spacing)
 
     grad = (2.0 / k) * data_term + reg_grad(coeffs)
     mu = damping * (2.0 / n) * jnp.mean(jnp.sum(a * a, axis=-1)) * (151.0 / 315.0 * spacing) ** d
