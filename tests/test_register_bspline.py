@@ -1,13 +1,17 @@
 """B-spline FFD registration: known deformation recovered, identity, no folding, CLI round trip."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ppreg.bspline import control_grid_shape, displacement
+from ppreg.data import load_sample
 from ppreg.grid import identity_grid
 from ppreg.metrics import field_rmse, folding
+from ppreg.optim.bspline import unfolded_fraction
 from ppreg.register import register
+from ppreg.svf import jacobian_determinant
 from ppreg.warp import warp
 from cli_helpers import register_and_apply
 from synthetic import textured_image
@@ -59,3 +63,52 @@ def test_cli_bspline_round_trip(pair, tmp_path):
                              "--levels", "2,1")
     assert doc["type"] == "bspline" and doc["spacing"] == SPACING
     assert np.shape(doc["coefficients"]) == control_grid_shape(SHAPE, SPACING) + (2,)
+
+
+# --- the fold guard of each Gauss-Newton step ----------------------------------------------------
+
+_fraction = jax.jit(lambda c, d, halvings: unfolded_fraction(_u(c), _u(d), halvings), static_argnums=2)
+_min_det = jax.jit(lambda c: jacobian_determinant(_u(c)).min())
+
+
+def _u(c):
+    return displacement(c, SHAPE, SPACING)
+
+
+def _bump(amplitude):
+    """Coefficients with two control points pushed apart along axis 0: folds when ``amplitude`` is large."""
+    c = np.zeros(control_grid_shape(SHAPE, SPACING) + (2,), np.float32)
+    c[5, 5, 0] = amplitude
+    c[6, 5, 0] = -amplitude
+    return jnp.asarray(c)
+
+
+def test_fold_guard_takes_the_largest_fold_free_halving():
+    zero, delta = _bump(0.0), _bump(8.0)
+    assert float(_min_det(delta)) <= 0.0  # the full step folds
+    t = float(_fraction(zero, delta, 8))
+    assert 0.0 < t < 1.0
+    assert float(_min_det(t * delta)) > 0.0 and float(_min_det(2 * t * delta)) <= 0.0
+    assert float(_fraction(zero, 0.01 * delta, 8)) == 1.0  # a small step is kept whole
+    assert float(_fraction(zero, 1e4 * delta, 2)) == 0.0  # folds at every t tried: rejected
+
+
+def test_fold_guard_does_not_make_a_folded_start_worse():
+    start = _bump(8.0)
+    assert float(_min_det(start)) <= 0.0
+    assert float(_fraction(start, _bump(4.0), 8)) == 0.0  # deepens the fold at every t: rejected
+    assert float(_fraction(start, -0.5 * start, 8)) == 1.0  # unfolding is kept whole
+    elsewhere = np.zeros(start.shape, np.float32)
+    elsewhere[2, 2, 1] = 0.5  # a small step away from the fold
+    assert float(_fraction(start, jnp.asarray(elsewhere), 8)) == 1.0
+
+
+def test_bspline_on_two_contrasts_does_not_fold():
+    """T1 moving onto a proton-density slice with SSD: the unguarded Gauss-Newton steps fold 31 % of the
+    voxels (3,086 of 9,919, measured); every accepted step of the guarded loop keeps ``det J > 0``."""
+    fixed = load_sample("BrainProtonDensitySlice").data[::2, ::2]
+    moving = load_sample("BrainT1Slice").data[::2, ::2]
+    r = register(fixed, moving, transform="bspline", levels=LEVELS)
+    assert folding(r.displacement())["voxels"] == 0
+    assert r.final_loss < 0.9 * float(np.mean((fixed - moving) ** 2))
+    assert r.levels[0].iterations >= 1

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..bspline import bending_gradient, displacement, jacobian_transpose
 from ..grid import identity_grid
+from ..svf import determinant, jacobian_planes
 from ..warp import inside_mask, interpolate
 
 
@@ -48,9 +49,10 @@ def bspline_step(coeffs, a, idx, data_term, *, shape, spacing, lam, damping, cg_
             cg_iterations: conjugate-gradient iterations.
 
     Returns:
-        ``(coeffs + delta, RMS displacement of delta over the grid in voxels)`` with
+        ``(coeffs + t delta, RMS displacement of t delta over the grid in voxels)`` with
         ``(H + lam H_BE + mu) delta = -((2/k) data_term + lam grad BE)``,
-        ``H v = (2/k) B_s^T (a (a . B_s v))``.
+        ``H v = (2/k) B_s^T (a (a . B_s v))`` and ``t`` from :func:`unfolded_fraction` (1 unless the
+        full step would fold).
     """
     d = len(shape)
     n = int(np.prod(shape))
@@ -69,8 +71,52 @@ def bspline_step(coeffs, a, idx, data_term, *, shape, spacing, lam, damping, cg_
         return (2.0 / k) * jacobian_transpose(dense.reshape(shape + (d,)), spacing) + reg_grad(v) + mu * v
 
     delta, _ = jax.scipy.sparse.linalg.cg(hvp, -grad, maxiter=cg_iterations)
-    step = jnp.sqrt(jnp.mean(jnp.sum(displacement(delta, shape, spacing) ** 2, axis=-1)))
-    return coeffs + delta, step
+    u_delta = displacement(delta, shape, spacing)
+    t = unfolded_fraction(displacement(coeffs, shape, spacing), u_delta)
+    return coeffs + t * delta, t * jnp.sqrt(jnp.mean(jnp.sum(u_delta ** 2, axis=-1)))
+
+
+FOLD_HALVINGS = 8  # a step that still folds after this many halvings is rejected (the loop then stops)
+
+
+def unfolded_fraction(u, u_delta, halvings=FOLD_HALVINGS):
+    """Largest ``t`` in ``1, 1/2, ..., 2^-halvings`` (else 0) such that ``u + t u_delta`` does not fold.
+
+    "Does not fold": the smallest Jacobian determinant of ``x + u(x) + t u_delta(x)`` over the grid
+    (central differences, as :func:`ppreg.metrics.folding` counts) stays above 0, or, when ``u``
+    already folds, at or above the smallest determinant of ``x + u(x)``: a fold-free field stays
+    fold-free and a folded one does not get worse. A cubic FFD is not diffeomorphic by construction (Rueckert et al. 1999 penalise bending
+    only): this backtracking keeps the B-spline output fold-free (DESIGN.md item 53).
+
+    Args:
+        u, u_delta: float32 ``(*shape, d)`` current displacement and the step's, voxels.
+        halvings: static number of halvings to try.
+
+    Returns:
+        float32 scalar ``t``.
+    """
+    jac, jac_delta = jacobian_planes(u, identity=True), jacobian_planes(u_delta)
+    current = jnp.min(determinant(jac))
+
+    def unfolded(m):  # fold-free, or no worse than an already folded start
+        return (m > 0.0) | ((current <= 0.0) & (m >= current))
+
+    def cond(state):
+        _, good, i = state
+        return ~good & (i <= halvings)
+
+    def body(state):
+        t, _, i = state
+        t = 0.5 * t
+        return t, unfolded(jnp.min(determinant(_axpy(t, jac_delta, jac)))), i + 1
+
+    t, good, _ = jax.lax.while_loop(cond, body, (jnp.float32(2.0), jnp.bool_(False), jnp.int32(0)))
+    return jnp.where(good, t, 0.0)
+
+
+def _axpy(t, x, y):
+    """``t x + y`` entry by entry for nested lists of arrays."""
+    return [[t * a + b for a, b in zip(rx, ry)] for rx, ry in zip(x, y)]
 
 
 @partial(jax.jit, static_argnames=("shape", "spacing", "max_iterations", "tol", "lam", "damping", "cg_iterations"))
