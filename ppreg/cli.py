@@ -168,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--init", choices=INITS, default="header",
                      help="starting alignment in world (mm) space: header (the images' affines, default), center "
                           "(centres of mass) or moments (centres and principal axes); clear registration")
+    reg.add_argument("--histogram-matching", action="store_true",
+                     help="match the moving image's histogram to the fixed one's before registering (SSD across "
+                          "intensity scales; the written warped image keeps the moving image's own intensities)")
     app = sub.add_parser("apply", help="resample an image with a saved transform onto a reference grid")
     app.add_argument("image", type=Path, help="image (or label map) in the moving image's grid")
     app.add_argument("-t", "--transform", type=Path, required=True, action="append",
@@ -216,6 +219,7 @@ def _run_register(args) -> int:
                                              ("sigma", args.sigma), ("estimate_alpha", args.estimate_alpha or None))
                            if v is not None},
             model=args.model, samples=args.samples, lncc_open=args.lncc_open, init=args.init, audit=args.audit,
+            histogram_matching=args.histogram_matching,
         )
         if result.fixed_affine is None:  # drivers that register on one grid: world through the images' headers
             result = result.replace(fixed_affine=world_affine(fixed, fixed.ndim, "fixed"),

@@ -25,7 +25,8 @@ from .image import Image
 from .methods import (Fitted, as_key, check_level, finish_linear, fit_linear, linear_frame, linear_start,
                       make_result, method_name, resolve_options, run_method, setup_pair, warp_deformed)
 from .options import LINEAR_STAGE_LOSS, PIPELINES, TRANSFORMS, as_array, check_options, scale_exponent
-from .result import LevelReport, Result, warp_linear
+from .intensity import match_histogram
+from .result import LevelReport, Result, warp_field, warp_linear
 from .space import check_init
 from .transforms import KINDS
 
@@ -62,6 +63,7 @@ def register(
     lncc_open: str = "smoothed",
     audit=None,
     init: str = "header",
+    histogram_matching: bool = False,
 ) -> Result:
     """Register ``moving`` to ``fixed`` by Gauss-Newton on SSD.
 
@@ -162,6 +164,10 @@ def register(
         init: the starting world transform (fixed mm -> moving mm, :func:`ppreg.space.initial_transform`):
             ``"header"`` (default: the images' affines align them), ``"center"`` (centres of mass) or
             ``"moments"`` (centres and principal axes); clear registration only.
+        histogram_matching: clear registration: match the moving image's histogram to the fixed one's
+            first (:func:`ppreg.intensity.match_histogram`, as ANTs' ``--use-histogram-matching``) for
+            SSD between scans of different intensity scales; ``Result.warped`` and ``final_loss`` are
+            of the original moving image.
 
     Physical space (:mod:`ppreg.space`): an :class:`~ppreg.image.Image` carries its voxel-to-world affine
     ``W`` (a plain array: the identity, so arrays keep the index-space behaviour exactly). Linear
@@ -186,6 +192,8 @@ def register(
     B-spline FFD: Rueckert et al. 1999 (IEEE TMI 18(8)), with the bending energy. MI: Mattes
     et al. 2003 (IEEE TMI 22(1)); Eq. 7-8 of Taiello et al. 2024.
     """
+    if histogram_matching:
+        return _register_matched(dict(locals()))
     check_init(init)
     if init != "header" and (secure is not None or transform in ("flash", "vxm-diff", "suits")):
         raise ValueError(f"init={init!r} applies to clear registration (not secure={secure!r}, transform="
@@ -249,6 +257,20 @@ def register(
         fitted = run_method(method_name(transform, loss), pair, o)
     return make_result(pair, transform, fitted, levels=levels, spacing=spacing, session=session, secure=secure,
                        elapsed=time.perf_counter() - start)
+
+
+def _register_matched(args: dict) -> Result:
+    """:func:`register` on the histogram-matched moving image; the warped image and loss of the original."""
+    if args["secure"] is not None:
+        raise ValueError("histogram_matching needs both images in one place: clear registration only "
+                         f"(got secure={args['secure']!r})")
+    fixed, moving = args["fixed"], args["moving"]
+    fixed_a, moving_a = as_array(fixed, "fixed"), as_array(moving, "moving")
+    matched = match_histogram(moving_a, fixed_a)
+    result = register(**{**args, "moving": Image(matched, moving.affine) if isinstance(moving, Image) else matched,
+                         "histogram_matching": False})
+    warped = warp_field(jnp.asarray(moving_a), jnp.asarray(result.displacement()), identity_grid(fixed_a.shape))
+    return result.replace(warped=np.asarray(warped), final_loss=float(jnp.mean((warped - fixed_a) ** 2)))
 
 
 def _register_bspline_loop(pair, o, secure, ckks_variant):
