@@ -42,7 +42,7 @@ def test_register_matches_then_reports_the_original_moving_image():
     plain = register(FIXED, SHIFTED, transform="rigid")
     brighter = 1.6 * SHIFTED + 10.0
     matched = register(FIXED, brighter, transform="rigid", histogram_matching=True)
-    np.testing.assert_allclose(matched.params, plain.params, atol=0.02)  # the matched image is SHIFTED (to float rounding)
+    np.testing.assert_allclose(matched.params, plain.params, atol=0.02)  # matched: SHIFTED to float rounding
     inside = plain.warped > 0
     error = np.abs(matched.warped[inside] - (1.6 * plain.warped[inside] + 10.0))  # the original's intensities
     assert error.mean() < 1e-3 * brighter.max() and error.max() < 0.02 * brighter.max()  # (edges: 0.005 px apart)

@@ -85,8 +85,9 @@ def unfolded_fraction(u, u_delta, halvings=FOLD_HALVINGS):
     "Does not fold": the smallest Jacobian determinant of ``x + u(x) + t u_delta(x)`` over the grid
     (central differences, as :func:`ppreg.metrics.folding` counts) stays above 0, or, when ``u``
     already folds, at or above the smallest determinant of ``x + u(x)``: a fold-free field stays
-    fold-free and a folded one does not get worse. A cubic FFD is not diffeomorphic by construction (Rueckert et al. 1999 penalise bending
-    only): this backtracking keeps the B-spline output fold-free (DESIGN.md item 53).
+    fold-free and a folded one does not get worse. A cubic FFD is not diffeomorphic by construction
+    (Rueckert et al. 1999 penalise bending only): this backtracking keeps the B-spline output fold-free
+    (DESIGN.md item 53). It reads only the coefficients, which the secure loops' party1 holds.
 
     Args:
         u, u_delta: float32 ``(*shape, d)`` current displacement and the step's, voxels.
