@@ -129,7 +129,7 @@ def register_batch(fixed_list, moving_list, *, transform: str = "rigid", loss: s
             the other pairs still run.
         **options: the other clear options of :func:`ppreg.register` (max_iterations, tol, damping,
             spacing, regularization, cg_iterations, bins, step_size, fluid_sigma, diffusion_sigma,
-            symmetric, optimizer, key, sampling, fraction), one value for every pair.
+            symmetric, optimizer, key, sampling, fraction, histogram_matching), one value for every pair.
 
     Returns:
         a list of ``B`` :class:`~ppreg.result.Result` in input order, each equal to ``register(fixed_list[i],
@@ -148,6 +148,9 @@ def register_batch(fixed_list, moving_list, *, transform: str = "rigid", loss: s
         raise ValueError(f"unknown mixed={mixed!r}; expected one of {MIXED}")
     if errors not in ("raise", "return"):
         raise ValueError(f"unknown errors={errors!r}; expected 'raise' or 'return'")
+    if options.pop("histogram_matching", False):
+        return _register_batch_matched(fixed_list, moving_list, transform=transform, loss=loss, levels=levels,
+                                       init=init, mixed=mixed, devices=devices, errors=errors, **options)
     unbatched = _UNBATCHED & {k for k, v in options.items() if v is not None}
     if unbatched or transform in ("flash", "vxm-diff", "suits"):
         raise ValueError(f"register_batch runs clear registration (not {sorted(unbatched) or transform}); "
@@ -237,7 +240,35 @@ def _register_batch_pipeline(fixed_list, moving_list, *, transform, loss, levels
     second = register_batch([fixed_list[i] for i in ok], [aligned_moving(fixed_list[i], first[i]) for i in ok],
                             transform=deform, loss=loss, levels=levels, **common, **deform_kw)
     out = list(first)
-    for i, res in zip(ok, second):  # an error's "pair j" is its place among the first stage's successes
+    for i, res in zip(ok, second):
         out[i] = (pipeline_result(fixed_list[i], moving_list[i], transform, first[i], res) if isinstance(res, Result)
-                  else type(res)(f"pair {i}: {str(res).split(': ', 1)[-1]}"))
+                  else _renumbered(res, i))
+    return out
+
+
+def _renumbered(exc: Exception, i: int) -> Exception:
+    """A sub-batch error (``"pair j: ..."``, ``j`` its place in the sub-batch) renamed to pair ``i``."""
+    return type(exc)(f"pair {i}: {str(exc).split(': ', 1)[-1]}")
+
+
+def _register_batch_matched(fixed_list, moving_list, *, errors, **kw) -> list:
+    """``histogram_matching=True``: each moving image matched to its fixed one
+    (:func:`ppreg.intensity.match_moving`), the batch registered, and each result given the warped image
+    and loss of its original moving image, as :func:`ppreg.register` does."""
+    from .intensity import match_moving
+
+    out: list = [None] * len(fixed_list)
+    ok, matched = [], []
+    for i, (fixed, moving) in enumerate(zip(fixed_list, moving_list)):
+        try:
+            matched.append(match_moving(fixed, moving))
+            ok.append(i)
+        except (ValueError, TypeError) as exc:
+            _fail(out, i, exc, errors)
+    if not ok:
+        return out
+    results = register_batch([fixed_list[i] for i in ok], matched, errors=errors, **kw)
+    for i, res in zip(ok, results):
+        out[i] = (res.with_moving(as_array(fixed_list[i], "fixed"), as_array(moving_list[i], "moving"))
+                  if isinstance(res, Result) else _renumbered(res, i))
     return out

@@ -119,7 +119,7 @@ def _options(args, error) -> dict:
                 max_iterations=args.max_iterations, key=args.seed, sampling=args.sampling, fraction=args.fraction,
                 spacing=args.spacing, regularization=args.regularization, bins=args.bins, step_size=args.step_size,
                 fluid_sigma=args.fluid_sigma, diffusion_sigma=args.diffusion_sigma, symmetric=args.symmetric,
-                optimizer=args.optimizer)
+                optimizer=args.optimizer, histogram_matching=args.histogram_matching)
 
 
 def _label_dice(result, fixed_labels, moving_labels) -> float:

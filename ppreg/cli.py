@@ -154,6 +154,9 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
                         "a trained AlphaCNN folder (default: the shipped 2D model)")
     p.add_argument("--samples", type=int, default=None,
                    help="vxm-diff: posterior samples for uncertainty.nii.gz (default 16; 0: none)")
+    p.add_argument("--histogram-matching", action="store_true",
+                   help="clear: match the moving image's histogram to the fixed one's before registering (SSD across "
+                        "intensity scales; the written warped image keeps the moving image's own intensities)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -168,9 +171,6 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--init", choices=INITS, default="header",
                      help="starting alignment in world (mm) space: header (the images' affines, default), center "
                           "(centres of mass) or moments (centres and principal axes); clear registration")
-    reg.add_argument("--histogram-matching", action="store_true",
-                     help="match the moving image's histogram to the fixed one's before registering (SSD across "
-                          "intensity scales; the written warped image keeps the moving image's own intensities)")
     app = sub.add_parser("apply", help="resample an image with a saved transform onto a reference grid")
     app.add_argument("image", type=Path, help="image (or label map) in the moving image's grid")
     app.add_argument("-t", "--transform", type=Path, required=True, action="append",

@@ -14,6 +14,9 @@ import numbers
 
 import numpy as np
 
+from .image import Image
+from .options import as_array
+
 
 def _foreground_quantiles(x: np.ndarray, match_points: int, name: str) -> np.ndarray:
     above = x[x > x.mean()]
@@ -58,3 +61,14 @@ def match_histogram(source, reference, *, match_points: int = 15) -> np.ndarray:
     xp, first = np.unique(xp, return_index=True)  # tied quantiles (few grey levels): keep one of each
     fp = np.maximum.accumulate(fp[first])
     return np.interp(src, xp, fp).astype(np.float32)  # xp spans src's range: nothing to extrapolate
+
+
+def match_moving(fixed, moving):
+    """``moving`` (array or :class:`~ppreg.image.Image`) with its histogram matched to ``fixed``'s
+    (:func:`match_histogram`), of the same kind: an Image keeps its affine.
+
+    Raises:
+        ValueError, TypeError: as :func:`match_histogram` and :func:`ppreg.options.as_array`.
+    """
+    matched = match_histogram(as_array(moving, "moving"), as_array(fixed, "fixed"))
+    return Image(matched, moving.affine) if isinstance(moving, Image) else matched

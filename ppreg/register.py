@@ -25,8 +25,8 @@ from .image import Image
 from .methods import (Fitted, as_key, check_level, finish_linear, fit_linear, linear_frame, linear_start,
                       make_result, method_name, resolve_options, run_method, setup_pair, warp_deformed)
 from .options import LINEAR_STAGE_LOSS, PIPELINES, TRANSFORMS, as_array, check_options, scale_exponent
-from .intensity import match_histogram
-from .result import LevelReport, Result, warp_field, warp_linear
+from .intensity import match_moving
+from .result import LevelReport, Result, warp_linear
 from .space import check_init
 from .transforms import KINDS
 
@@ -265,12 +265,8 @@ def _register_matched(args: dict) -> Result:
         raise ValueError("histogram_matching needs both images in one place: clear registration only "
                          f"(got secure={args['secure']!r})")
     fixed, moving = args["fixed"], args["moving"]
-    fixed_a, moving_a = as_array(fixed, "fixed"), as_array(moving, "moving")
-    matched = match_histogram(moving_a, fixed_a)
-    result = register(**{**args, "moving": Image(matched, moving.affine) if isinstance(moving, Image) else matched,
-                         "histogram_matching": False})
-    warped = warp_field(jnp.asarray(moving_a), jnp.asarray(result.displacement()), identity_grid(fixed_a.shape))
-    return result.replace(warped=np.asarray(warped), final_loss=float(jnp.mean((warped - fixed_a) ** 2)))
+    result = register(**{**args, "moving": match_moving(fixed, moving), "histogram_matching": False})
+    return result.with_moving(as_array(fixed, "fixed"), as_array(moving, "moving"))
 
 
 def _register_bspline_loop(pair, o, secure, ckks_variant):

@@ -96,13 +96,21 @@ class Result:
 
     def replace(self, **changes) -> "Result":
         """:func:`dataclasses.replace` that keeps the computed displacement when ``changes`` leave the
-        transform alone (affines, audit, times)."""
+        transform and grid alone (affines, audit, times, a warped image of the same shape)."""
         new = dataclasses.replace(self, **changes)
-        if not changes.keys() & {"transform", "params", "matrix", "spacing", "warped"}:
+        regrid = "warped" in changes and np.shape(changes["warped"]) != np.shape(self.warped)
+        if not (regrid or changes.keys() & {"transform", "params", "matrix", "spacing"}):
             for name in ("_deformable", "_displacement"):
                 if name in self.__dict__:
                     object.__setattr__(new, name, self.__dict__[name])
         return new
+
+    def with_moving(self, fixed, moving) -> "Result":
+        """This transform's warped image and ``final_loss`` for another moving image on the same grid
+        (the original of a histogram-matched one): ``fixed (*fixed.shape)``, ``moving`` float arrays."""
+        warped = warp_field(jnp.asarray(moving, jnp.float32), jnp.asarray(self.displacement()),
+                            identity_grid(np.shape(fixed)))
+        return self.replace(warped=np.asarray(warped), final_loss=float(jnp.mean((warped - jnp.asarray(fixed)) ** 2)))
 
     def with_deformable(self, u) -> "Result":
         """This result, told the deformable part ``u`` (float32 numpy ``(*shape, d)``, voxels, before

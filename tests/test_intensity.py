@@ -7,6 +7,7 @@ from ppreg.cli import main
 from ppreg.data import load_sample
 from ppreg.image import Image, load, save
 from ppreg.intensity import match_histogram
+from ppreg.batch import register_batch
 from ppreg.register import register
 
 FIXED = np.asarray(load_sample("BrainProtonDensitySlice").data, np.float32)[::4, ::4]
@@ -65,3 +66,15 @@ def test_cli_flag_writes_the_warped_original(tmp_path):
     inside = plain > 0
     error = np.abs(warped[inside] - (1.6 * plain[inside] + 10.0))
     assert error.mean() < 2e-3 * (1.6 * SHIFTED.max() + 10.0)
+
+
+def test_register_batch_matches_each_pair_like_register():
+    brighter = 1.6 * SHIFTED + 10.0
+    results = register_batch([FIXED, FIXED, FIXED], [brighter, np.full_like(SHIFTED, 7.0), 0.5 * SHIFTED],
+                             transform="rigid", histogram_matching=True, errors="return")
+    single = register(FIXED, brighter, transform="rigid", histogram_matching=True)
+    np.testing.assert_allclose(results[0].params, single.params, atol=1e-3)
+    np.testing.assert_allclose(results[0].warped, single.warped, atol=1e-2 * brighter.max())
+    assert isinstance(results[1], ValueError) and str(results[1]).startswith("pair 1:")
+    assert "constant" in str(results[1])
+    assert results[2].warped.max() < 0.6 * SHIFTED.max()  # the original (darker) moving image, warped
