@@ -1,8 +1,8 @@
 """Intensity standardisation before registration: histogram matching.
 
 SSD assumes one intensity scale for both images; scans of two subjects or two scanners rarely share
-one (DESIGN.md items 52-53: elastix's example pair, the moving image 1.6 times as bright, and Colin27
-against MNI152, twice as bright, both push SSD into sheared or folding maps). ANTs and ITK users
+one (DESIGN.md items 52 and 54: on elastix's example pair, the moving image 1.6 times as bright, and on
+Colin27 against MNI152, half as bright, SSD finds sheared or folding maps). ANTs and ITK users
 match the moving image's histogram to the fixed one's first (``antsRegistration
 --use-histogram-matching``, ``itk::HistogramMatchingImageFilter``); ``register(...,
 histogram_matching=True)`` and ``ppreg register --histogram-matching`` do the same.
@@ -59,7 +59,7 @@ def match_histogram(source, reference, *, match_points: int = 15) -> np.ndarray:
     xp = np.concatenate([[src.min()], _foreground_quantiles(src, match_points, "source")])
     fp = np.concatenate([[ref.min()], _foreground_quantiles(ref, match_points, "reference")])
     xp, first = np.unique(xp, return_index=True)  # tied quantiles (few grey levels): keep one of each
-    fp = np.maximum.accumulate(fp[first])
+    fp = fp[first]
     return np.interp(src, xp, fp).astype(np.float32)  # xp spans src's range: nothing to extrapolate
 
 
