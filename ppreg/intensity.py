@@ -25,7 +25,7 @@ def _foreground_quantiles(x: np.ndarray, match_points: int, name: str) -> np.nda
     return np.quantile(above, np.linspace(0.0, 1.0, match_points + 2))
 
 
-def match_histogram(source, reference, *, match_points: int = 15) -> np.ndarray:
+def match_histogram(source, reference, *, match_points: int = 12) -> np.ndarray:
     """Map ``source``'s intensities so that its histogram matches ``reference``'s.
 
     A monotone piecewise-linear map through ``match_points + 2`` corresponding quantiles of the two
@@ -35,8 +35,8 @@ def match_histogram(source, reference, *, match_points: int = 15) -> np.ndarray:
     Args:
         source: ``(*spatial)`` real array (the moving image's voxels).
         reference: real array (the fixed image's voxels).
-        match_points: quantiles between the foreground's ends, an integer >= 1 (ITK's default is 7,
-            ANTs asks for 15).
+        match_points: quantiles between the foreground's ends, an integer >= 1 (12 as in
+            ``antsRegistration --use-histogram-matching``; ITK's own default is 7).
 
     Returns:
         float32 array of ``source``'s shape, in ``reference``'s intensity units.
