@@ -155,12 +155,17 @@ def _box_sum(x, window, axes):
     return x
 
 
-def _box_count(shape, window):
-    """Number of in-image voxels in each box window (numpy, static): the box sum of ones."""
-    count = np.ones(())
-    for n in shape:
+def _box_count(shape, window, dtype=jnp.float32):
+    """Number of in-image voxels in each box window (the box sum of ones), ``dtype`` ``(*shape)``.
+
+    Built as the product of one small count per axis: as one full-size array it was a constant that
+    made up most of a compiled 3D svf registration (7 MB of its 9.7 MB of HLO text; DESIGN.md item 55).
+    """
+    count = jnp.ones((), dtype)
+    for axis, n in enumerate(shape):
         i = np.arange(n)
-        count = count[..., None] * (np.minimum(i + window // 2, n - 1) - np.maximum(i - window // 2, 0) + 1)
+        per_axis = np.minimum(i + window // 2, n - 1) - np.maximum(i - window // 2, 0) + 1
+        count = count * jnp.asarray(per_axis, dtype).reshape([n if k == axis else 1 for k in range(len(shape))])
     return count
 
 
@@ -239,7 +244,7 @@ def lncc(
     terms = jnp.stack([f, w, f * f, w * w, f * w], axis=0)
     if mask is None:  # unmasked: the count is static
         s_f, s_w, s_ff, s_ww, s_fw = _box_sum(terms, window, range(1, 1 + len(shape)))
-        n = jnp.asarray(_box_count(shape, window), f.dtype)
+        n = _box_count(shape, window, f.dtype)
     else:
         sums = _box_sum(jnp.concatenate([weights[None], weights * terms]), window, range(1, 1 + len(shape)))
         n, s_f, s_w, s_ff, s_ww, s_fw = sums
@@ -561,7 +566,7 @@ def mind_ssc(image: jnp.ndarray, *, radius: int = 1, dilation: int = 2) -> jnp.n
         shifted[offset] = _shift_edge(image, axis, dilation * offset[axis])
     squares = jnp.stack([(shifted[p] - shifted[q]) ** 2 for p, q in pairs], axis=-1)
     window = 2 * radius + 1
-    dist = _box_sum(squares, window, range(len(shape))) / _box_count(shape, window)[..., None].astype(squares.dtype)
+    dist = _box_sum(squares, window, range(len(shape))) / _box_count(shape, window, squares.dtype)[..., None]
     dist = dist - jnp.min(dist, axis=-1, keepdims=True)
     var = jnp.mean(dist, axis=-1, keepdims=True)
     mean_var = jnp.mean(var)

@@ -1,13 +1,13 @@
 """One clear registration method per entry of :data:`METHODS`, split into the three stages that
-:func:`ppreg.register` (one pair, eager between levels) and :func:`ppreg.batch.register_batch` (many
-pairs of one shape, ``jax.jit(jax.vmap(fit))``) share:
+:func:`ppreg.register` (one pair, ``jax.jit(fit)``: :func:`whole_fit`) and :func:`ppreg.batch.register_batch`
+(many pairs of one shape, ``jax.jit(jax.vmap(fit))``) share:
 
 - ``plan(pair, options) -> (arrays, shared, static)``: host-side, per pair: the arrays the fit takes
   (one per pair; batched along a leading axis), the arrays every pair shares (the PRNG key), and the
   hashable static options (what a compilation depends on);
 - ``fit(*arrays, *shared, on_level=None, **static) -> (output, stats)``: the optimisation, pure JAX
-  (traceable under ``jit`` and ``vmap``); ``on_level(li, factor, x)`` is the eager finiteness check
-  after each level, ``None`` under a trace;
+  (traceable under ``jit`` and ``vmap``); ``on_level(li, factor, x)`` is called after each level (by
+  :func:`whole_fit`, to return whether ``x`` is finite), or ``None``;
 - ``finish(pair, output, stats, options) -> Fitted``: host-side: parameters, warped image and
   per-level reports.
 
@@ -32,10 +32,10 @@ from .bspline import control_grid_shape, displacement, refine
 from .grid import downsample, gaussian_blur, gradient, identity_grid, level_coordinates, level_shape
 from .losses import LNCC_FLAT_FLOOR, lncc, mind, mutual_information, ncc, ssd
 from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_OPTIMIZER, DENSE_SIGMA,
-                      FLUID_SIGMA, FLUID_SIGMA_OTHER, SVF_LOOP_TOLERANCE, SVF_STEPS, as_array, check_finite,
+                      FLUID_SIGMA, FLUID_SIGMA_OTHER, SVF_LOOP_TOLERANCE, SVF_STEPS, as_array, check_finite, diverged,
                       default_iterations, default_symmetric, scale_exponent, unit_range)
 from .pyramid import coarse_to_fine_core, level_reports
-from .result import LevelReport, Result, warp_field, warp_linear
+from .result import LevelReport, Result, mean_squared_error, warp_field, warp_linear
 from .sampling import n_samples
 from .space import (axis_factors, axis_sigmas, axis_spacing, index_matrix, initial_transform, voxel_frame,
                     world_affine, world_matrix)
@@ -224,10 +224,7 @@ def warp_deformed(pair: Pair, u):
 def warp_from_start(moving, header_mat: np.ndarray | None, u):
     """``moving`` (its own grid) at ``header_mat (x + u(x))`` on the grid of ``u (*shape, d)`` (voxels):
     a deformable result's warped image in one interpolation (``header_mat`` ``None``: ``x + u(x)``)."""
-    grid = identity_grid(tuple(u.shape[:-1]))
-    if header_mat is None:
-        return warp_field(moving, u, grid)
-    return warp_linear(moving, jnp.asarray(header_mat, jnp.float32), grid + u)
+    return warp_field(moving, u, None if header_mat is None else jnp.asarray(header_mat, jnp.float32))
 
 
 def as_key(key):
@@ -242,28 +239,29 @@ def _plan_svf(pair, o):
                   step=float(o["step_size"]), symmetric=bool(o["symmetric"]),
                   fluid_sigma=axis_sigmas(FLUID_SIGMA.get(o["loss"], FLUID_SIGMA_OTHER) if o["fluid_sigma"] is None
                                           else o["fluid_sigma"], pair.spacing),
-                  diffusion_sigma=axis_sigmas(o["diffusion_sigma"], pair.spacing))
+                  diffusion_sigma=axis_sigmas(o["diffusion_sigma"], pair.spacing), tolerance=SVF_LOOP_TOLERANCE)
     return _prepare(pair, o["loss"]), (), static
 
 
 def fit_svf(fixed_u, moving_u, *, loss, levels, iterations, step, fluid_sigma, diffusion_sigma, symmetric,
-            on_level=None):
+            tolerance=SVF_LOOP_TOLERANCE, on_level=None):
     """Coarse-to-fine SVF (clear :func:`ppreg.optim.run_svf_level` per level; the secure run is
     :func:`ppreg.secure.protocols.lcc.register_moving_lcc`).
 
     Args:
         fixed_u, moving_u: float32 ``(*shape)`` images on one grid (scaled, see :func:`_prepare`).
         loss: :class:`ImageLoss`; levels: shrink factors; iterations: per level (int or sequence);
-        step, fluid_sigma, diffusion_sigma, symmetric: as :func:`ppreg.optim.run_svf_level` (voxels).
-        on_level: eager per-level check, or ``None`` (traced).
+        step, fluid_sigma, diffusion_sigma, symmetric, tolerance: as :func:`ppreg.optim.run_svf_level`
+            (voxels; the plan passes :data:`ppreg.options.SVF_LOOP_TOLERANCE`, so that compiled fits are
+            keyed on it).
+        on_level: called after each level (:func:`whole_fit`: finiteness flags), or ``None``.
 
     Returns:
         ``(velocity (*shape, d) float32, full-resolution voxels, losses per level)``.
 
     Source: Vercauteren et al. 2009 (log-domain demons); Avants et al. 2008 (SyN's half-way update).
     """
-    opts = dict(step=step, sigma_fluid=fluid_sigma, sigma_diff=diffusion_sigma, steps=SVF_STEPS,
-                tolerance=SVF_LOOP_TOLERANCE)
+    opts = dict(step=step, sigma_fluid=fluid_sigma, sigma_diff=diffusion_sigma, steps=SVF_STEPS, tolerance=tolerance)
 
     def run_level(li, velocity, moving, fixed, count):
         return optim.run_svf_level(velocity, moving, fixed, loss_fn=loss, symmetric=symmetric, iterations=count,
@@ -537,21 +535,56 @@ def check_level(li, factor, x):
     check_finite(x, li, factor)
 
 
+_WHOLE_FITS: dict = {}  # (method, static options) -> (jitted whole fit, the (level, factor) of each flag)
+
+
+def whole_fit(name: str, static: dict):
+    """A method's whole ``fit`` as one jitted program (cached per static options) that also returns
+    whether the transform is finite after each level: ``fn(*arrays, *shared) -> (output, stats, finite
+    (n_levels,) bool)``, with the ``(level, factor)`` of each flag in the second item.
+
+    One program instead of one per level plus the small eager operations between levels (downsampling,
+    scaling, the finiteness checks), each of which XLA compiles on its own: 1.7-1.9 s less compilation
+    in a cold 3D svf registration (DESIGN.md item 55).
+    """
+    key = (name, tuple(sorted(static.items())))
+    if key not in _WHOLE_FITS:
+        fit, levels = METHODS[name].fit, []
+
+        def traced(*args):
+            flags = []
+
+            def on_level(li, factor, x):
+                flags.append(jnp.all(jnp.isfinite(x)))
+                if len(levels) < len(flags):
+                    levels.append((li, factor))
+
+            out, stats = fit(*args, on_level=on_level, **static)
+            return out, stats, jnp.stack(flags)
+
+        _WHOLE_FITS[key] = (jax.jit(traced), levels)
+    return _WHOLE_FITS[key]
+
+
 def run_method(name: str, pair: Pair, options: dict) -> Fitted:
-    """One pair through a method, eager between levels (each level one jitted loop).
+    """One pair through a method: its whole coarse-to-fine ``fit`` as one jitted call (:func:`whole_fit`).
 
     Raises:
-        FloatingPointError: the transform is not finite after a level.
+        FloatingPointError: the transform is not finite after a level (the first such level is named).
     """
     method = METHODS[name]
     arrays, shared, static = method.plan(pair, options)
-    out, stats = method.fit(*arrays, *shared, on_level=check_level, **static)
+    fn, levels = whole_fit(name, static)
+    out, stats, finite = fn(*arrays, *shared)
+    bad = np.flatnonzero(~np.asarray(finite))
+    if bad.size:
+        raise diverged(*levels[bad[0]])
     return method.finish(pair, out, stats, options)
 
 
 __all__ = ["Fitted", "ImageLoss", "METHODS", "as_key", "Method", "Pair", "check_level", "fit_bspline", "fit_dense",
            "fit_descent", "fit_linear", "fit_svf", "make_result", "method_name", "resample_onto", "resolve_options", "run_method", "setup_pair", "warp_deformed",
-           "warp_from_start"]
+           "warp_from_start", "whole_fit"]
 
 
 def make_result(pair: Pair, transform: str, fitted: Fitted, *, levels, spacing, elapsed: float, session=None,
@@ -565,7 +598,7 @@ def make_result(pair: Pair, transform: str, fitted: Fitted, *, levels, spacing, 
     reports = fitted.reports
     iterations = sum(r.iterations for r in reports)
     if session is None:
-        final = float(jnp.mean((fitted.warped - fixed_a) ** 2))
+        final = mean_squared_error(fitted.warped, fixed_a)
         time_s = {"party1": elapsed, "party2": 0.0}
         zero = {"online": 0, "offline": 0}
         nbytes, per_iter = {"party1": dict(zero), "party2": dict(zero)}, {"party1": 0.0, "party2": 0.0}

@@ -29,8 +29,9 @@ FLUID_SIGMA_OTHER = 2.0  # svf update smoothing (voxels) for the other losses
 LINEAR_STAGE_LOSS = {"lncc": "ncc", "mind": "mi"}  # pipelines: local losses run their global kin on the linear stage
 SVF_STEPS = 6  # squarings in exp(v)
 # clear svf: the loop's exps take the fewest squarings (at most SVF_STEPS) whose start vector is at most this many
-# voxels (ppreg.svf.exp's tolerance; None: always SVF_STEPS); the result's exp keeps SVF_STEPS (DESIGN.md item 48)
-SVF_LOOP_TOLERANCE = 0.5
+# voxels (ppreg.svf.exp's tolerance; None: always SVF_STEPS); the result's exp keeps SVF_STEPS (DESIGN.md items
+# 48 and 55)
+SVF_LOOP_TOLERANCE = 1.0
 # clear svf: losses whose default is the half-way (symmetric) update, chosen on the tuning part of
 # bench/bench_validation.py (DESIGN.md item 33); secure runs stay one-sided unless asked (the fixed party
 # would reveal its half velocity)
@@ -91,7 +92,7 @@ def scale_exponent(image, name: str = "image") -> int:
     Raises:
         ValueError: for an all-zero image (the message names it by ``name``).
     """
-    peak = float(jnp.max(jnp.abs(image)))
+    peak = float(np.max(np.abs(np.asarray(image))))  # on the host: no compilation
     if peak == 0.0:
         raise ValueError(f"{name} is all zero: nothing to register")
     return math.ceil(math.log2(peak))
@@ -176,7 +177,12 @@ def all_finite(x):
     return jnp.all(jnp.isfinite(x))
 
 
+def diverged(li, factor) -> FloatingPointError:
+    """The error of a transform that is not finite after pyramid level ``li`` (shrink ``factor``)."""
+    return FloatingPointError(f"registration diverged at pyramid level {li} (factor {factor}): "
+                              "the transform is not finite; try more damping or coarser levels")
+
+
 def check_finite(x, li, factor):
     if not bool(all_finite(x)):
-        raise FloatingPointError(f"registration diverged at pyramid level {li} (factor {factor}): "
-                                 "the transform is not finite; try more damping or coarser levels")
+        raise diverged(li, factor)

@@ -20,13 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .bspline import displacement
-from .grid import identity_grid
 from .image import Image
 from .methods import (Fitted, as_key, check_level, finish_linear, fit_linear, linear_frame, linear_start,
                       make_result, method_name, resolve_options, run_method, setup_pair, warp_deformed)
 from .options import LINEAR_STAGE_LOSS, PIPELINES, TRANSFORMS, as_array, check_options, scale_exponent
 from .intensity import match_moving
-from .result import LevelReport, Result, warp_linear
+from .result import LevelReport, Result, mean_squared_error, warp_field
 from .space import check_init
 from .transforms import KINDS
 
@@ -384,13 +383,12 @@ def pipeline_result(fixed, moving, transform: str, first: Result, second: Result
     interpolation of the original moving image."""
     deform = transform.split("+")[1]
     moving_a = as_array(moving, "moving")
-    grid = identity_grid(second.warped.shape)
     u = second.deformation()
-    warped = warp_linear(moving_a, jnp.asarray(first.matrix, jnp.float32), grid + jnp.asarray(u))
+    warped = warp_field(moving_a, jnp.asarray(u), jnp.asarray(first.matrix, jnp.float32))
     fixed_a = as_array(fixed, "fixed")
     return Result(
         transform=transform, params=second.params, matrix=first.matrix, center=first.center, spacing=second.spacing,
-        warped=np.asarray(warped), final_loss=float(jnp.mean((warped - fixed_a) ** 2)),
+        warped=np.asarray(warped), final_loss=mean_squared_error(warped, fixed_a),
         iterations=first.iterations + second.iterations, levels=first.levels + second.levels, secure=None,
         time_s={p: first.time_s[p] + second.time_s[p] for p in first.time_s}, bytes=first.bytes,
         bytes_per_iteration=first.bytes_per_iteration, fixed_affine=first.fixed_affine,

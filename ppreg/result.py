@@ -108,9 +108,8 @@ class Result:
     def with_moving(self, fixed, moving) -> "Result":
         """This transform's warped image and ``final_loss`` for another moving image on the same grid
         (the original of a histogram-matched one): ``fixed (*fixed.shape)``, ``moving`` float arrays."""
-        warped = warp_field(jnp.asarray(moving, jnp.float32), jnp.asarray(self.displacement()),
-                            identity_grid(np.shape(fixed)))
-        return self.replace(warped=np.asarray(warped), final_loss=float(jnp.mean((warped - jnp.asarray(fixed)) ** 2)))
+        warped = warp_field(jnp.asarray(moving, jnp.float32), jnp.asarray(self.displacement()))
+        return self.replace(warped=np.asarray(warped), final_loss=mean_squared_error(warped, fixed))
 
     def with_deformable(self, u) -> "Result":
         """This result, told the deformable part ``u`` (float32 numpy ``(*shape, d)``, voxels, before
@@ -299,6 +298,12 @@ def deformable_displacement(kind: str, params, shape: tuple[int, ...], spacing: 
     return displacement(jnp.asarray(params), tuple(shape), spacing)
 
 
+def mean_squared_error(warped, fixed) -> float:
+    """Mean squared difference of two images of one shape (float64 on the host: no compilation)."""
+    diff = np.asarray(warped, np.float64) - np.asarray(fixed, np.float64)
+    return float(np.mean(diff * diff))
+
+
 @jax.jit
 def warp_linear(moving, mat, grid):
     """``moving`` resampled at ``mat`` applied to ``grid`` (float32 ``(d+1, d+1)`` voxel matrix,
@@ -307,7 +312,9 @@ def warp_linear(moving, mat, grid):
 
 
 @jax.jit
-def warp_field(moving, u, grid):
-    """``moving`` resampled at ``grid + u`` (displacement ``u (*shape, d)`` in voxels): the warped
-    image of a deformable result."""
-    return warp(moving, grid + u)
+def warp_field(moving, u, mat=None):
+    """``moving`` resampled at ``x + u(x)`` for every voxel ``x`` of the grid of ``u (*shape, d)``
+    (voxels), or at ``mat (x + u(x))`` (float32 ``(d+1, d+1)`` voxel matrix): the warped image of a
+    deformable result, the grid built inside the one compiled call."""
+    points = identity_grid(u.shape[:-1]) + u
+    return warp(moving, points if mat is None else apply_matrix(mat, points))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppreg import optim
+from ppreg import methods, optim
 from ppreg.data import load_sample
 from ppreg.grid import identity_grid
 from ppreg.metrics import displacement_rmse
@@ -106,12 +106,16 @@ def test_no_recompilation_on_second_call(images):
     fixed, moving = images["BrainProtonDensitySliceBorder20"], images["BrainProtonDensitySliceShifted13x17y"]
     register(fixed, moving, transform="translation", levels=(2,), max_iterations=5)
     register(fixed, moving, transform="translation", secure="mpc", levels=(2,), max_iterations=3, seeds=SEEDS)
-    sizes = (optim.run_level._cache_size(), secure_session._local_terms._cache_size(),
-             secure_session._update._cache_size())
+
+    def sizes():  # the clear run is one compiled whole fit (methods.whole_fit), the secure one per step
+        whole = [fn._cache_size() for fn, _ in methods._WHOLE_FITS.values()]
+        return whole, secure_session._local_terms._cache_size(), secure_session._update._cache_size()
+
+    before = sizes()
+    assert sum(before[0]) >= 1
     register(fixed * 0.5 + 1.0, moving, transform="translation", levels=(2,), max_iterations=5)
     register(fixed, moving * 0.9, transform="translation", secure="mpc", levels=(2,), max_iterations=3, seeds=SEEDS)
-    assert (optim.run_level._cache_size(), secure_session._local_terms._cache_size(),
-            secure_session._update._cache_size()) == sizes
+    assert sizes() == before
 
 
 def test_identity_pair_gives_identity(images):
@@ -183,5 +187,22 @@ def test_divergence_is_reported(images, monkeypatch):
         return mat * jnp.nan, jnp.int32(1), jnp.zeros(kwargs["max_iterations"])
 
     monkeypatch.setattr(optim, "run_level", diverging)
+    monkeypatch.setattr(methods, "_WHOLE_FITS", {})  # trace the patched level, not a cached whole fit
     with pytest.raises(FloatingPointError, match="diverged at pyramid level 0"):
         register(fixed, fixed, transform="affine", levels=(8,))
+
+
+def test_divergence_names_the_first_bad_level(images, monkeypatch):
+    """The whole coarse-to-fine fit is one compiled call; the error still names the level after which
+    the field stopped being finite (here the second of three)."""
+    fixed = images["BrainProtonDensitySliceBorder20"][::4, ::4]
+    real = optim.run_svf_level
+
+    def diverging(velocity, moving, fixed, **kwargs):
+        v, losses = real(velocity, moving, fixed, **kwargs)
+        return (v * jnp.nan, losses) if fixed.shape[0] > 20 else (v, losses)  # levels 1 and 2 (factor 2, 1)
+
+    monkeypatch.setattr(optim, "run_svf_level", diverging)
+    monkeypatch.setattr(methods, "_WHOLE_FITS", {})
+    with pytest.raises(FloatingPointError, match=r"diverged at pyramid level 1 \(factor 2\)"):
+        register(fixed, fixed, transform="svf", levels=(4, 2, 1), max_iterations=2)

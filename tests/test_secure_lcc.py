@@ -307,7 +307,8 @@ def test_smoothed_registration_stays_close_to_clear(images, monkeypatch):
     """register(secure="mpc", transform="svf", loss="lncc"): the smoothed mode (default) and the raw mode
     both end within 1e-3 px RMS of the clear registration with the same exps (the same update: the Gaussian
     is linear). The secure loop keeps the fixed count of squarings (a count that followed party1's velocity
-    would show in its timing, DESIGN.md item 48), so it is within 0.02 px of the clear default as well."""
+    would show in its timing, DESIGN.md item 48), so it differs from the clear default by the adaptive exps'
+    error: with their 1-voxel tolerance (item 55) 0.039 px RMS on this pair (0.0085 px at 0.5 voxels)."""
     import ppreg.methods
     from ppreg.register import register
 
@@ -320,6 +321,6 @@ def test_smoothed_registration_stays_close_to_clear(images, monkeypatch):
     for mode in ("smoothed", "force"):
         u = register(fixed, moving, secure="mpc", lncc_open=mode, **opts).displacement()
         assert np.sqrt(np.mean(np.sum((u - clear_u) ** 2, -1))) < 1e-3, mode
-        assert np.sqrt(np.mean(np.sum((u - adaptive_u) ** 2, -1))) < 0.02, mode
+        assert np.sqrt(np.mean(np.sum((u - adaptive_u) ** 2, -1))) < 0.06, mode
     with pytest.raises(ValueError, match="lncc_open"):
         register(fixed, moving, secure="mpc", lncc_open="raw", **opts)

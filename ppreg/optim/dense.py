@@ -6,7 +6,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from ..grid import identity_grid, smooth_field
 from ..regularizers import diffusion
@@ -80,6 +79,8 @@ def run_dense_level(u, moving, fixed, *, loss_fn, iterations, optimizer, learnin
     The diffusion term is Eq. 4 of Blendowski et al. 2020 (:func:`ppreg.regularizers.diffusion`);
     the half-way space of Avants et al. 2008 (SyN).
     """
+    import optax  # here, not at the top: 0.2 s of every command's start-up (DESIGN.md item 55)
+
     objective = partial(dense_objective, moving=moving, fixed=fixed, loss_fn=loss_fn, regularization=regularization,
                         symmetric=symmetric)
     if optimizer == "adam":

@@ -380,7 +380,7 @@ def register_moving(moving, session: SecureSession, *, transform: str = "rigid",
                           sampling=sampling, fraction=fraction, max_iterations=max_iterations, tol=tol,
                           lam=regularization, damping=damping, cg_iterations=cg_iterations, shape=shape)
         reports = [LevelReport(f, tuple(shape), it, k, np.full(it, np.nan)) for f, it, k in its]
-        warped = warp_field(moving_a, displacement(coeffs, shape, spacing), identity_grid(shape))
+        warped = warp_field(moving_a, displacement(coeffs, shape, spacing))
         params, mat, center = np.asarray(coeffs), None, None
     else:
         for f in levels:

@@ -245,7 +245,7 @@ def _local_terms(image, *, window, eps, floor, quantum):
     std = jnp.round(_standardise(image, ones, eps) * quantum) / quantum
     var0 = jnp.mean((image - jnp.mean(image)) ** 2)
     axes = range(image.ndim)
-    n = jnp.asarray(_box_count(image.shape, window), image.dtype)
+    n = _box_count(image.shape, window, image.dtype)
     box = _box_sum(std, window, axes)
     local_mean = box / n
     var = jnp.maximum(_box_sum(std * std, window, axes) - box * local_mean, 0.0)
@@ -1013,7 +1013,7 @@ def register_moving_lcc(moving, session, *, transform: str = "svf", levels: tupl
         velocity = jnp.stack([velocity, session.step({"op": "lcc_halves"}, after=receive)])
     with session.timed("party1"):
         u = deformable_displacement("svf", velocity, tuple(shape), None)
-        warped = warp_field(moving_a, u, identity_grid(shape))
+        warped = warp_field(moving_a, u)
     final = session.final_mse(warped, 2.0 ** max(own, info["exponent"]))
     session.end()
     iterations = sum(r.iterations for r in reports)
