@@ -176,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     app.add_argument("-t", "--transform", type=Path, required=True, action="append",
                      help="transform.json or displacement.nii.gz written by 'ppreg register', or ITK/ANTs files "
                           "(itk_linear.mat/.txt, an ITK displacement field such as itk_warp.nii.gz), repeatable "
-                          "in antsApplyTransforms order (the last is applied first)")
+                          "in antsApplyTransforms order: a fixed point goes through the first -t first, so "
+                          "ppreg's ITK files are '-t itk_warp.nii.gz -t itk_linear.mat'")
     app.add_argument("-r", "--reference", type=Path, required=True, help="the fixed image (output grid)")
     app.add_argument("-o", "--output", type=Path, required=True, help="output NIfTI file")
     app.add_argument("--interpolation", choices=("linear", "nearest"), default="linear",
@@ -351,9 +352,11 @@ def _sibling_field(path: Path, name: str, shape: tuple[int, ...], what: str) -> 
 def _itk_coords(paths: list[Path], reference: Image, image: Image) -> np.ndarray:
     """Image voxel coordinates of every reference voxel through ITK transform files (world space).
 
-    Reference voxel ``x`` goes to world ``W_ref x`` (RAS+ mm; 2D: z = 0), through the transforms from
-    the last listed to the first (antsApplyTransforms' order), and to the image's continuous index
-    through its affine. Returns float32 ``(*reference.shape, d)``.
+    Reference voxel ``x`` goes to world ``W_ref x`` (RAS+ mm; 2D: z = 0), through the transforms in the
+    order listed, and to the image's continuous index through its affine. That is what
+    ``antsApplyTransforms -t T1 -t T2`` does (``p -> T2(T1(p))``: its "last -t is applied first" speaks
+    of the image, not of the point; checked against ANTsPy in tests/test_interop_itk.py). Returns float32
+    ``(*reference.shape, d)``.
     """
     d = reference.ndim
     try:
@@ -366,7 +369,7 @@ def _itk_coords(paths: list[Path], reference: Image, image: Image) -> np.ndarray
         raise CLIError(str(exc)) from None
     grid = np.asarray(identity_grid(reference.shape), np.float64).reshape(-1, d)
     pts = np.concatenate([grid, np.zeros((grid.shape[0], 3 - d))], axis=1) @ w_ref[:3, :3].T + w_ref[:3, 3]
-    for apply in reversed(maps):
+    for apply in maps:
         pts = apply(pts)
     if d == 2 and np.abs(pts[:, 2]).max() > 1e-3:  # ppreg writes 2D transforms with z the identity
         raise CLIError(f"the transforms {', '.join(map(str, paths))} move points of the 2D reference out of its plane "

@@ -11,9 +11,10 @@ ITK's convention is ppreg's pull-back: a transform maps a FIXED physical point t
 point, in LPS mm (ITK's axes; nibabel's RAS+ with x and y negated). The whole map is the field first,
 then the linear part, ``p -> T(p + d(p))``, which is what
 
-    antsApplyTransforms -d 3 -i MOVING -r FIXED -t itk_linear.mat -t itk_warp.nii.gz -o OUT
+    antsApplyTransforms -d 3 -i MOVING -r FIXED -t itk_warp.nii.gz -t itk_linear.mat -o OUT
 
-applies (ANTs applies the last ``-t`` first), and SimpleITK's ``CompositeTransform([linear, field])``.
+applies (a point goes through the first ``-t`` first; ANTs' "the last is applied first" speaks of the
+moving image), and SimpleITK's ``CompositeTransform([linear, field])``.
 The files are written and read by nitransforms (``nitransforms.io.itk``), not by hand; its ITK
 formats are 3D, so a 2D registration is written as its 3D embedding (z the identity, the 2D world the
 first two world axes, as ITK reads a 2D NIfTI): apply it to the 2D images stored as one-slice 3D

@@ -392,5 +392,5 @@ def pipeline_result(fixed, moving, transform: str, first: Result, second: Result
         iterations=first.iterations + second.iterations, levels=first.levels + second.levels, secure=None,
         time_s={p: first.time_s[p] + second.time_s[p] for p in first.time_s}, bytes=first.bytes,
         bytes_per_iteration=first.bytes_per_iteration, fixed_affine=first.fixed_affine,
-        moving_affine=first.moving_affine,
+        moving_affine=first.moving_affine, linear_params=first.params,
     ).with_deformable(u)

@@ -63,6 +63,8 @@ class Result:
             (:func:`ppreg.space.world_affine`: RAS+ mm as nibabel reads NIfTI; 2D: the first two world
             axes); ``None`` (results of the secure, spectral and learned drivers): the images share
             one grid, identity.
+        linear_params: a pipeline: float64 ``(P,)`` parameters of its linear stage (as ``params`` of
+            that stage's result; written as the linear part of ``transform.json``); else ``None``.
     """
 
     transform: str
@@ -81,6 +83,7 @@ class Result:
     audit: dict | None = None
     fixed_affine: np.ndarray | None = field(default=None, repr=False)
     moving_affine: np.ndarray | None = field(default=None, repr=False)
+    linear_params: np.ndarray | None = field(default=None, repr=False)
 
     def displacement(self) -> np.ndarray:
         """Dense displacement ``u(x) = W(x) - x`` on the fixed grid: float32 ``(*fixed.shape, d)``, voxels.
@@ -240,10 +243,11 @@ class Result:
                 "convention": "u(x) = sum_j beta3(x / spacing - (j - 1)) c_j per axis (voxels, array axis order); "
                               "warped(x) = moving(x + u(x))",
             }
+        params = self.params if self.linear_params is None else self.linear_params
         return {
             "type": kind,
             "matrix": np.asarray(self.matrix).tolist(),
-            "parameters": np.asarray(self.params).tolist(),
+            "parameters": np.asarray(params).tolist(),
             "center": np.asarray(self.center).tolist(),
             "convention": "matrix maps a fixed voxel index (array axis order) to a moving voxel index; parameters "
                           "are those of the world transform about center (fixed world mm; voxel indices when the "

@@ -47,6 +47,9 @@ def test_pipeline_cli_round_trip(pair, tmp_path):
                              "--max-iterations", "40")
     assert doc["type"] == "rigid+svf"
     assert doc["linear"]["type"] == "rigid" and doc["deformable"]["type"] == "svf"
+    # the linear part holds the rigid stage's 3 parameters, not the velocity field
+    assert np.shape(doc["linear"]["parameters"]) == (3,)
+    assert abs(doc["linear"]["parameters"][0] - 0.14) < 0.04
 
 
 @pytest.mark.parametrize("kwargs, error", [(dict(transform="rigid+svf", secure="mpc"), "runs clear"),
