@@ -31,9 +31,9 @@ from .sampling import METHODS
 from .bspline import control_grid_shape, displacement
 from .data import load_sample
 from .optim import DENSE_OPTIMIZERS
-from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_ITERATIONS, DENSE_OPTIMIZER,
-                      DENSE_SIGMA, FLUID_SIGMA, FLUID_SIGMA_OTHER, LOSSES, SUITS_LAMBDA, SVF_FINEST_ITERATIONS,
-                      SVF_FINEST_ITERATIONS_OTHER, TRANSFORMS, VXM_PASSES)
+from .options import (BSPLINE_LBFGS_BENDING, BSPLINE_LBFGS_ITERATIONS, DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS,
+                      DEFORMABLE, DENSE_ITERATIONS, DENSE_OPTIMIZER, DENSE_SIGMA, FLUID_SIGMA, FLUID_SIGMA_OTHER, LOSSES,
+                      SUITS_LAMBDA, SVF_FINEST_ITERATIONS, SVF_FINEST_ITERATIONS_OTHER, TRANSFORMS, VXM_PASSES)
 from .register import register
 from .space import INITS, reduce_affine, world_affine
 from .svf import compose
@@ -93,7 +93,9 @@ def _fraction(text: str) -> float:
 def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transform", choices=TRANSFORMS, default="rigid")
     p.add_argument("--loss", choices=LOSSES, default="ssd",
-                   help="ssd, mi (Mattes mutual information, multi-modal), ncc, lncc (local NCC, svf) or mind (MIND-SSC, svf)")
+                   help="ssd, mi (Mattes mutual information, multi-modal), ncc, lncc (local NCC: svf, dense, "
+                        "bspline) or mind (MIND-SSC: svf, dense, bspline); bspline with a loss other than ssd runs "
+                        "L-BFGS")
     p.add_argument("--bins", type=int, default=32, help="histogram bins for --loss mi (default 32)")
     p.add_argument("--secure", choices=("none", "mpc", "ckks"), default="none",
                    help="none: clear; mpc: two-party secret sharing with a dealer; ckks: homomorphic encryption "
@@ -106,13 +108,15 @@ def _add_registration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-iterations", type=_iterations, default=None,
                    help=f"per level, or one count per level for svf and dense (default "
                         f"{DEFAULTS['gauss-newton']['max_iterations']} linear, {DEFAULTS['bspline']['max_iterations']} "
-                        f"bspline; svf: {DEFAULTS['svf']['max_iterations']}, {SVF_FINEST_ITERATIONS['lncc']} (lncc) or "
+                        f"bspline (ssd), {BSPLINE_LBFGS_ITERATIONS} bspline (other losses, L-BFGS); svf: "
+                        f"{DEFAULTS['svf']['max_iterations']}, {SVF_FINEST_ITERATIONS['lncc']} (lncc) or "
                         f"{SVF_FINEST_ITERATIONS_OTHER} at full resolution; dense: {_dense_counts('lbfgs')} lbfgs, "
                         f"{_dense_counts('adam')} adam; vxm-diff: "
                         f"network passes, {VXM_PASSES[2]} in 2D, {VXM_PASSES[3]} in 3D)")
     p.add_argument("--spacing", type=int, default=4, help="bspline control-point spacing in voxels (default 4)")
     p.add_argument("--regularization", type=float, default=None,
-                   help=f"bspline: bending-energy weight (default {DEFAULT_REGULARIZATION['bspline']}); dense: "
+                   help=f"bspline: bending-energy weight (default {DEFAULT_REGULARIZATION['bspline']} with ssd, "
+                        f"{BSPLINE_LBFGS_BENDING} with another loss); dense: "
                         f"diffusion weight (default {DEFAULT_REGULARIZATION['dense']}); suits: diffusion weight "
                         f"lambda of each Gauss-Newton update (default {SUITS_LAMBDA:g})")
     p.add_argument("--step-size", type=float, default=None,

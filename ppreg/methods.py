@@ -31,9 +31,9 @@ from . import optim
 from .bspline import control_grid_shape, displacement, refine
 from .grid import downsample, gaussian_blur, gradient, identity_grid, level_coordinates, level_shape
 from .losses import LNCC_FLAT_FLOOR, lncc, mind, mutual_information, ncc, ssd
-from .options import (DEFAULT_REGULARIZATION, DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_OPTIMIZER, DENSE_SIGMA,
+from .options import (DEFAULT_STEP, DEFAULTS, DEFORMABLE, DENSE_OPTIMIZER, DENSE_SIGMA,
                       FLUID_SIGMA, FLUID_SIGMA_OTHER, SVF_LOOP_TOLERANCE, SVF_STEPS, as_array, check_finite, diverged,
-                      default_iterations, default_symmetric, scale_exponent, unit_range)
+                      default_iterations, default_regularization, default_symmetric, scale_exponent, unit_range)
 from .pyramid import coarse_to_fine_core, level_reports
 from .result import LevelReport, Result, mean_squared_error, warp_field, warp_linear
 from .sampling import n_samples
@@ -174,7 +174,7 @@ def resolve_options(transform: str, loss: str, levels, options: dict) -> dict:
     o["tol"] = family["tol"] if o.get("tol") is None else o["tol"]
     o["damping"] = family["damping"] if o.get("damping") is None else o["damping"]
     o["step_size"] = DEFAULT_STEP.get(transform, 0.5) if o.get("step_size") is None else o["step_size"]
-    o["regularization"] = (DEFAULT_REGULARIZATION.get(transform, 0.01) if o.get("regularization") is None
+    o["regularization"] = (default_regularization(transform, loss) if o.get("regularization") is None
                            else o["regularization"])
     if o.get("symmetric") is None:  # clear svf / dense (L-BFGS) lncc: half-way by default (DESIGN.md items 33, 38)
         o["symmetric"] = default_symmetric(transform, loss, o.get("secure"), o["optimizer"])
@@ -319,20 +319,30 @@ def _finish_dense(pair, u, losses, o):
 
 def _plan_bspline(pair, o):
     static = dict(levels=o["levels"], spacing=int(o["spacing"]), max_iterations=int(o["max_iterations"]),
-                  tol=float(o["tol"]), lam=float(o["regularization"]), damping=float(o["damping"]),
-                  cg_iterations=int(o["cg_iterations"]), voxel_size=tuple(float(s) for s in pair.spacing))
+                  lam=float(o["regularization"]), voxel_size=tuple(float(s) for s in pair.spacing))
+    if o["loss"] != "ssd":
+        return _prepare(pair, o["loss"]), (), dict(static, loss=ImageLoss(o["loss"], o["bins"]))
+    static.update(tol=float(o["tol"]), damping=float(o["damping"]), cg_iterations=int(o["cg_iterations"]))
     return (pair.fixed / pair.scale, pair.moving_d / pair.scale), (), static
 
 
-def fit_bspline(fixed_s, moving_s, *, levels, spacing, max_iterations, tol, lam, damping, cg_iterations,
-                voxel_size=None, on_level=None):
-    """Coarse-to-fine Gauss-Newton-CG for the B-spline coefficients (full resolution, smoothed images;
-    the smoothing sigma ``factor / 2`` is in finest-voxel units per axis of ``voxel_size`` mm).
+def fit_bspline(fixed_s, moving_s, *, levels, spacing, max_iterations, lam, tol=None, damping=None,
+                cg_iterations=None, loss=None, voxel_size=None, on_level=None):
+    """Coarse-to-fine B-spline fit: Gauss-Newton-CG on SSD (``loss=None``), else L-BFGS on ``loss``
+    (:func:`ppreg.optim.run_bspline_lbfgs_level`), at full resolution with smoothed images (the smoothing
+    sigma ``factor / 2`` is in finest-voxel units per axis of ``voxel_size`` mm).
+
+    Args:
+        fixed_s, moving_s: float32 ``(*shape)`` on one grid (SSD: the common scale; else [0, 1]).
+        levels, spacing: shrink factors (the control spacing is ``spacing * factor``) and the finest spacing.
+        max_iterations: Gauss-Newton iterations (at most, per level) or L-BFGS iterations (per level).
+        lam: bending-energy weight; tol, damping, cg_iterations: Gauss-Newton only.
+        loss: :class:`ImageLoss` for L-BFGS, or ``None`` (SSD, Gauss-Newton).
 
     Returns:
         ``(coefficients (*control_grid_shape, d) float32, [(iterations, losses) per level])``.
 
-    Source: Rueckert et al. 1999 (IEEE TMI 18(8)).
+    Source: Rueckert et al. 1999 (IEEE TMI 18(8)); Klein et al. 2010 (elastix, other metrics).
     """
     shape = fixed_s.shape
     spacings = [int(spacing) * int(f) for f in levels]
@@ -345,10 +355,15 @@ def fit_bspline(fixed_s, moving_s, *, levels, spacing, max_iterations, tol, lam,
         if voxel_size is not None and sigma > 0:
             sigma = axis_sigmas(sigma, np.asarray(voxel_size))
         m, f = gaussian_blur(moving_s, sigma), gaussian_blur(fixed_s, sigma)
-        stack = jnp.concatenate([m[..., None], gradient(m)], axis=-1)
-        coeffs, it, losses = optim.run_bspline_level(
-            coeffs, stack, f, shape=shape, spacing=sp, max_iterations=max_iterations, tol=tol, lam=lam,
-            damping=damping, cg_iterations=cg_iterations)
+        if loss is None:
+            stack = jnp.concatenate([m[..., None], gradient(m)], axis=-1)
+            coeffs, it, losses = optim.run_bspline_level(
+                coeffs, stack, f, shape=shape, spacing=sp, max_iterations=max_iterations, tol=tol, lam=lam,
+                damping=damping, cg_iterations=cg_iterations)
+        else:
+            coeffs, losses = optim.run_bspline_lbfgs_level(coeffs, m, f, loss_fn=loss, shape=shape, spacing=sp,
+                                                           iterations=max_iterations, lam=lam)
+            it = max_iterations
         stats.append((it, losses))
         if on_level is not None:
             on_level(li, factor, coeffs)

@@ -65,6 +65,11 @@ DEFAULTS = {  # per optimiser: max_iterations (per level), tol (voxels), damping
 }
 DEFAULT_STEP = {"svf": 0.5, "dense": DENSE_LEARNING_RATE}  # step_size: svf largest update, dense Adam rate (voxels)
 DEFAULT_REGULARIZATION = {"bspline": 0.01, "dense": DENSE_DIFFUSION}
+# bspline on a loss other than ssd (L-BFGS on the coefficients, [0, 1] images; DESIGN.md item 56): iterations per
+# level and the bending-energy weight, chosen with lncc on bench/bench_validation.py's tuning seeds among 0.01, 1, 3
+# and 10 (1: the best mean Dice 0.973, worst family 0.950 and mean RMSE 0.28 mm)
+BSPLINE_LBFGS_ITERATIONS = 30
+BSPLINE_LBFGS_BENDING = 1.0
 # The finest svf level runs fewer iterations: one costs about 8x a half-resolution one (3D). Per loss: lncc's 30
 # was chosen on bench/bench_validation.py's tuning seeds by DESIGN.md item 48's rule, half-way and one-sided (40
 # before; 20 moved the mean RMSE by more than 0.01 mm; ssd at 30 failed the rule and keeps 40; DESIGN.md item 49)
@@ -115,14 +120,24 @@ def default_symmetric(transform: str, loss: str, secure, optimizer: str | None =
     return last == "svf" or (last == "dense" and (optimizer or DENSE_OPTIMIZER) in DENSE_SYMMETRIC)
 
 
+def default_regularization(transform: str, loss: str) -> float:
+    """Default ``regularization``: bspline :data:`BSPLINE_LBFGS_BENDING` with a loss other than ssd, else
+    :data:`DEFAULT_REGULARIZATION` of the transform (0.01 where it names none)."""
+    if transform == "bspline" and loss != "ssd":
+        return BSPLINE_LBFGS_BENDING
+    return DEFAULT_REGULARIZATION.get(transform, 0.01)
+
+
 def default_iterations(transform: str, levels, family: dict, optimizer: str | None = None, loss: str | None = None):
     """Default ``max_iterations``: the family's per level; svf: :data:`SVF_FINEST_ITERATIONS` of ``loss`` (else
     :data:`SVF_FINEST_ITERATIONS_OTHER`) at the finest of several levels; dense: :data:`DENSE_ITERATIONS` of
-    ``optimizer``."""
+    ``optimizer``; bspline with a loss other than ssd: :data:`BSPLINE_LBFGS_ITERATIONS`."""
     if transform == "dense":
         coarse, finest = DENSE_ITERATIONS[optimizer]
         return (coarse,) * (len(levels) - 1) + (finest,) if len(levels) > 1 else coarse
     count = family["max_iterations"]
+    if transform == "bspline" and loss not in (None, "ssd"):
+        return BSPLINE_LBFGS_ITERATIONS
     if transform == "svf" and len(levels) > 1:
         return (count,) * (len(levels) - 1) + (SVF_FINEST_ITERATIONS.get(loss, SVF_FINEST_ITERATIONS_OTHER),)
     return count
@@ -143,11 +158,15 @@ def check_options(transform, loss, secure, sampling, levels, ndim, max_iteration
                              "with loss='lncc')")
         if levels and levels[-1] != 1:
             raise ValueError(f"{transform} levels must end at full resolution (1), got {levels}")
-    elif loss != "ssd" and (transform == "bspline" or (secure is not None and (secure, loss) != ("mpc", "mi"))
-                            or sampling == "gms" or loss in ("lncc", "mind")):
+    elif transform == "bspline":
+        if loss != "ssd" and (secure is not None or sampling is not None):
+            raise ValueError(f"bspline with loss {loss!r} runs clear with every voxel in this version; secure and "
+                             "sampled bspline registration use ssd")
+    elif loss != "ssd" and ((secure is not None and (secure, loss) != ("mpc", "mi")) or sampling == "gms"
+                            or loss in ("lncc", "mind")):
         raise ValueError(f"loss {loss!r} is available for clear registration (mi, ncc: linear transforms with full "
-                         "or URS sampling, mi also with secure='mpc'; lncc, mind: svf); bspline and secure "
-                         "registration use ssd")
+                         "or URS sampling, mi also with secure='mpc'; lncc, mind: svf, dense, bspline); other secure "
+                         "registrations use ssd (secure svf: also lncc)")
     if transform == "bspline":
         if ndim not in (2, 3):
             raise ValueError(f"transforms support 2D and 3D images, got ndim={ndim}")

@@ -79,7 +79,10 @@ def register(
             given options); the result maps ``x`` to ``A (x + u(x))``.
         loss: ``"ssd"`` (Gauss-Newton), ``"mi"`` (Mattes mutual information) or ``"ncc"``
             (global normalised cross-correlation); mi and ncc use regular-step gradient
-            descent on linear transforms, each image scaled into [0, 1] by its own range.
+            descent on linear transforms, each image scaled into [0, 1] by its own range;
+            ``"lncc"`` (local NCC, ANTs CC) and ``"mind"`` (MIND-SSC) for the deformable transforms.
+            bspline with a loss other than ssd runs L-BFGS on the coefficients
+            (:func:`ppreg.optim.run_bspline_lbfgs_level`; elastix's B-spline with MI or NCC).
         secure: ``None`` (clear) or ``"mpc"`` (two-party additive secret sharing with a
             dealer, :mod:`ppreg.secure.protocols.linear`; linear transforms; with ``loss="mi"``, full or
             URS sampling, :mod:`ppreg.secure.protocols.mi`) or ``"ckks"`` (see
@@ -90,7 +93,8 @@ def register(
         levels: coarse-to-fine factors. Linear: pyramid shrink factors (Gaussian sigma =
             factor / 2 voxels). Bspline: control spacing = ``spacing * factor`` with the same
             smoothing, at full resolution; factors must halve (e.g. 4,2,1).
-        max_iterations: per level (default 100 Gauss-Newton, 200 descent, 15 bspline; svf runs
+        max_iterations: per level (default 100 Gauss-Newton, 200 descent, 15 bspline with ssd,
+            :data:`~ppreg.options.BSPLINE_LBFGS_ITERATIONS` L-BFGS iterations with another loss; svf runs
             exactly this many, default 60 per level and :data:`SVF_FINEST_ITERATIONS` (30 for lncc, 40 for
             the other losses) at the last, or a sequence with one count per level; dense:
             :data:`DENSE_ITERATIONS` of the optimiser, 30 and 20 at the last for lbfgs).
@@ -100,10 +104,11 @@ def register(
             0.1 bspline, relative to the mean data-Hessian diagonal).
         spacing: bspline control-point spacing at the finest level, voxels (even, >= 4
             when refined).
-        regularization: bspline: bending-energy weight (on images scaled into [-1, 1]; default
-            0.01); dense: diffusion weight (:func:`ppreg.regularizers.diffusion`, default
-            :data:`DENSE_DIFFUSION`); suits: the diffusion weight lambda of each Gauss-Newton update
-            (default :data:`ppreg.learned.suits_register.DEFAULT_LAM`).
+        regularization: bspline: bending-energy weight (ssd on images scaled into [-1, 1]: default
+            0.01; another loss on [0, 1] images: :data:`~ppreg.options.BSPLINE_LBFGS_BENDING`); dense:
+            diffusion weight (:func:`ppreg.regularizers.diffusion`, default :data:`DENSE_DIFFUSION`);
+            suits: the diffusion weight lambda of each Gauss-Newton update (default
+            :data:`ppreg.learned.suits_register.DEFAULT_LAM`).
         cg_iterations: bspline conjugate-gradient iterations per Gauss-Newton step.
         bins: histogram bins of ``loss="mi"``.
         step_size: svf: largest update of the velocity per iteration, in voxels of the level

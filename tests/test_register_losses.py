@@ -49,7 +49,8 @@ def test_descent_losses_decrease(slices):
     assert r.levels[-1].losses[-1] < -0.99  # NCC near 1 at the optimum
 
 
-@pytest.mark.parametrize("kwargs", [dict(transform="bspline"), dict(secure="ckks"), dict(sampling="gms")])
+@pytest.mark.parametrize("kwargs", [dict(transform="bspline", sampling="urs"), dict(secure="ckks"),
+                                    dict(sampling="gms")])
 def test_mi_unsupported_combinations(slices, kwargs):
     fixed = slices["BrainProtonDensitySliceBorder20"]
     with pytest.raises(ValueError, match="use ssd"):
