@@ -164,7 +164,18 @@ def run_bspline_level(coeffs, moving_stack, fixed, *, shape, spacing, max_iterat
 # that autodiff handles exactly; the bending term's gradient is Q c on the control grid.
 
 def bspline_objective(coeffs, moving, fixed, *, loss_fn, shape, spacing, lam):
-    """``loss_fn(fixed, moving o (x + B c)) + lam * bending_energy(B c)`` (the mean energy per voxel)."""
+    """``loss_fn(fixed, moving o (x + B c)) + lam * bending_energy(B c)`` (the mean energy per voxel).
+
+    Args:
+        coeffs: float32 ``(*control_grid_shape(shape, spacing), d)`` coefficients, voxels.
+        moving, fixed: float32 ``(*shape)`` images on one grid (the moving one is sampled at ``x + B c``,
+            zero outside).
+        loss_fn: ``loss_fn(fixed, warped) -> scalar``; shape, spacing: grid and control spacing (voxels).
+        lam: bending-energy weight.
+
+    Returns:
+        float32 scalar, differentiable in ``coeffs`` (the warp's analytic coordinate VJP, then ``B^T``).
+    """
     u = displacement(coeffs, shape, spacing)
     bending = 0.5 * jnp.sum(coeffs * bending_gradient(coeffs, shape, spacing))
     return loss_fn(fixed, warp(moving, identity_grid(shape) + u)) + lam * bending
