@@ -116,11 +116,14 @@ def test_register_help_states_the_defaults_register_uses(capsys):
     svf_ssd = resolve_options("svf", "ssd", (4, 2, 1), {})
     rigid = resolve_options("rigid", "ssd", (4, 2, 1), {})
     assert f"dense: diffusion weight (default {dense['regularization']})" in text
-    assert f"bending-energy weight (default {bspline['regularization']})" in text
+    bspline_lncc = resolve_options("bspline", "lncc", (4, 2, 1), {})
+    assert (f"bending-energy weight (default {bspline['regularization']} with ssd, "
+            f"{bspline_lncc['regularization']} with another loss)") in text
     assert f"suits: diffusion weight lambda of each Gauss-Newton update (default {DEFAULT_LAM:g})" in text
     assert f"level voxels ({svf['step_size']}); dense: Adam learning rate ({dense['step_size']})" in text
     adam = resolve_options("dense", "lncc", (4, 2, 1), {"optimizer": "adam"})
-    assert (f"(default {rigid['max_iterations']} linear, {bspline['max_iterations']} bspline; svf: "
+    assert (f"(default {rigid['max_iterations']} linear, {bspline['max_iterations']} bspline (ssd), "
+            f"{bspline_lncc['max_iterations']} bspline (other losses, L-BFGS); svf: "
             f"{svf['max_iterations'][0]}, {svf['max_iterations'][-1]} (lncc) or {svf_ssd['max_iterations'][-1]} "
             f"at full resolution; dense: "
             f"{dense['max_iterations'][0]}, {dense['max_iterations'][-1]} at full resolution {dense['optimizer']}, "

@@ -224,6 +224,8 @@ def test_killed_fixed_party_stops_the_others_cleanly(sessions):
     for name in ("moving", "dealer"):
         assert procs[name].returncode == 1, (name, results[name])
         err = results[name][1].strip().splitlines()[-1]
-        assert err.startswith("ppreg: error: ") and ("fixed party" in err or "disconnected" in err), err
+        # the moving party may see the dealer leave first (it stops when the fixed party drops): also clean
+        lost = ("fixed party", "disconnected", "lost the connection")
+        assert err.startswith("ppreg: error: ") and any(s in err for s in lost), err
     assert not out.exists()
     assert not [p for p in work.iterdir() if p.name.startswith(".out_killed")]  # no staging left
